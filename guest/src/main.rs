@@ -1,0 +1,167 @@
+//! Guest kernel: boots on the pyvmm ABI (docs/ABI.md), reports to the host
+//! over I/O ports, runs in-guest tests and scenarios chosen on the command
+//! line.
+//!
+//! Built for `x86_64-unknown-none` (soft-float, no SSE, no red zone): on
+//! KVM-PVM hosts every CPL0 instruction is emulated and SSE at CPL0 kills the
+//! VM.
+
+#![no_std]
+#![no_main]
+
+pub mod abi;
+pub mod arch;
+pub mod boot;
+pub mod cmdline;
+pub mod image;
+pub mod report;
+pub mod serial;
+
+use abi::{exit, memtype, port, Backend, BootInfo, ReportKind};
+use arch::x86_64 as cpu;
+use cmdline::Cmdline;
+use core::panic::PanicInfo;
+use core::sync::atomic::{AtomicBool, Ordering};
+use report::Report;
+
+/// Kernel entry. The host enters here in long mode with RDI = direct-map
+/// address of the `BootInfo` and RSP on the 64 KiB boot stack (docs/ABI.md,
+/// "Entry state"). Interrupts are off and IDTR has limit 0.
+#[no_mangle]
+pub extern "sysv64" fn _start(boot_info: &'static BootInfo) -> ! {
+    if let Err(e) = boot::validate(boot_info) {
+        // Without a valid BootInfo the physical load address is unknown, so
+        // reports (which carry physical addresses) are not sent.
+        println!("kernel: invalid BootInfo: {:?}", e);
+        exit_with(exit::FAULT);
+    }
+    image::init(boot_info.kernel_phys_start);
+    let cmdline = match boot::cmdline(boot_info) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("kernel: bad command line ({:?}), ignoring it", e);
+            Cmdline::EMPTY
+        }
+    };
+
+    print_banner(boot_info, cmdline);
+    let rdrand = cpu::has_rdrand();
+    report::send(ReportKind::Info, |r| {
+        r.kv_hex("kaslr_slide", boot_info.kaslr_slide)
+            .kv("rdrand", rdrand as u8)
+            .kv_hex("kernel_virt", image::virt_start())
+            .kv_hex("kernel_phys", image::phys_start())
+            .kv("backend", Backend::from_raw(boot_info.backend).name())
+            .kv("tsc_khz", boot_info.tsc_khz)
+            .kv("ram_size", boot_info.ram_size);
+    });
+
+    match cmdline.get("scenario") {
+        Some("panic") => panic!("scenario panic"),
+        Some("triplefault") => scenario_triple_fault(),
+        Some("loop") => loop {
+            core::hint::spin_loop();
+        },
+        Some("hlt") => cpu::halt_forever(),
+        Some("pagefault") => scenario_page_fault(),
+        Some(other) if !other.is_empty() => println!("kernel: unknown scenario '{}', ignored", other),
+        _ => {}
+    }
+
+    println!("kernel: READY");
+    report::send(ReportKind::Ready, |_| {});
+
+    let (tests, failures) = (0u32, 0u32);
+    report::send(ReportKind::Summary, |r| {
+        r.kv("tests", tests).kv("failures", failures);
+    });
+    println!("SUMMARY: {} tests, {} failures", tests, failures);
+    exit_with(if failures == 0 { exit::SUCCESS } else { exit::TEST_FAILURE })
+}
+
+fn print_banner(bi: &'static BootInfo, cmdline: Cmdline) {
+    println!("kernel: pyvmm guest kernel {}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "kernel: image virt {:#x}..{:#x} phys {:#x}..{:#x} slide {:#x}",
+        image::virt_start(),
+        image::virt_end(),
+        bi.kernel_phys_start,
+        bi.kernel_phys_end,
+        bi.kaslr_slide
+    );
+    println!(
+        "kernel: ram {} MiB, backend {}, tsc {} kHz, cmdline '{}'",
+        bi.ram_size >> 20,
+        Backend::from_raw(bi.backend).name(),
+        bi.tsc_khz,
+        cmdline.as_str()
+    );
+
+    // Pages per descriptor type, in order of first appearance.
+    const MAX_TYPES: usize = 16;
+    let mut types = [(0u32, 0u64, 0u32); MAX_TYPES];
+    let mut n = 0;
+    for d in boot::memory_map(bi) {
+        match types[..n].iter_mut().find(|t| t.0 == d.typ) {
+            Some(t) => {
+                t.1 += d.number_of_pages;
+                t.2 += 1;
+            }
+            None if n < MAX_TYPES => {
+                types[n] = (d.typ, d.number_of_pages, 1);
+                n += 1;
+            }
+            None => {}
+        }
+    }
+    println!("kernel: memory map, {} descriptors:", bi.memmap_count);
+    for &(typ, pages, count) in &types[..n] {
+        println!("kernel:   {:<14} {:>8} KiB in {} ranges", memtype::name(typ), pages * 4, count);
+    }
+}
+
+/// Loads an IDT with limit 0 and raises #UD: the CPU cannot deliver the
+/// exception, then not the #DF, so KVM reports SHUTDOWN.
+fn scenario_triple_fault() -> ! {
+    println!("kernel: scenario triplefault");
+    let idtr = cpu::DescriptorTablePointer { limit: 0, base: 0 };
+    // SAFETY: deliberately breaks exception delivery; the VM ends here.
+    unsafe {
+        cpu::lidt(&idtr);
+        core::arch::asm!("ud2", options(noreturn));
+    }
+}
+
+/// Reads an address in the unmapped user half.
+fn scenario_page_fault() -> ! {
+    println!("kernel: scenario pagefault");
+    const UNMAPPED: u64 = 0x0000_0000_dead_b000;
+    // SAFETY: deliberately faults; nothing after it runs unless a handler
+    // resumes, which the page-fault handler never does for this address.
+    let v = unsafe { core::ptr::read_volatile(UNMAPPED as *const u64) };
+    panic!("read of unmapped {:#x} returned {:#x}", UNMAPPED, v);
+}
+
+/// Ends the run with `code` (exit device), never returns.
+pub fn exit_with(code: u32) -> ! {
+    cpu::outl(port::EXIT, code);
+    cpu::halt_forever()
+}
+
+static PANICKING: AtomicBool = AtomicBool::new(false);
+
+#[panic_handler]
+fn panic(info: &PanicInfo) -> ! {
+    if PANICKING.swap(true, Ordering::Relaxed) {
+        // A panic while panicking: report nothing more, just stop.
+        serial::Serial::write_bytes(b"PANIC (nested)\n");
+        exit_with(exit::PANIC);
+    }
+    let (file, line, col) = info.location().map_or(("?", 0, 0), |l| (l.file(), l.line(), l.column()));
+    println!("PANIC at {}:{}:{}: {}", file, line, col, info.message());
+    if let Some(mut r) = Report::emergency(ReportKind::Panic) {
+        r.kv("msg", info.message()).kv("file", file).kv("line", line).kv("col", col);
+        r.send();
+    }
+    exit_with(exit::PANIC)
+}

@@ -1,0 +1,262 @@
+"""Build the guest kernel (guest/) with whichever Rust toolchain can do it here.
+
+Two toolchains are supported (see shared/HOST.md for why):
+
+* Debian's own Rust (``apt-get install cargo-web rustc-web rust-web-src``):
+  ``/usr/bin/cargo`` + ``/usr/bin/rustc`` + library source in
+  ``/usr/lib/rustlib/src/rust/library``. ``core``/``alloc`` are rebuilt for
+  ``x86_64-unknown-none`` with ``-Z build-std`` (``RUSTC_BOOTSTRAP=1``), and
+  cargo's crates-io source is pointed at the library's vendored crates, so
+  the build is fully offline.
+* rustup stable with ``rustup target add x86_64-unknown-none`` (prebuilt
+  no-SSE ``core``/``alloc``; no build-std).
+
+The kernel is linked by GNU ld as a static PIE at 0xFFFFFFFF80000000. GNU ld
+marks a PIE whose first segment is not at address 0 as ET_EXEC even though it
+keeps ``_DYNAMIC``, ``DF_1_PIE`` and the ``R_X86_64_RELATIVE`` entries, so
+after linking the e_type is set back to ET_DYN (see ``_mark_pie``); the host
+only applies a KASLR slide to ET_DYN images.
+
+The result is copied to ``guest/target/kernel-<profile>`` with a stamp file
+next to it recording a hash of the guest sources and the toolchain; cargo is
+not run again while that hash matches.
+
+Usage: ``python -m vmm.guest_build [--debug] [--force] [--quiet]`` prints the
+kernel path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GUEST_DIR = REPO_ROOT / "guest"
+TARGET = "x86_64-unknown-none"
+
+# Debian's toolchain layout (packages cargo-web, rustc-web, rust-web-src).
+DEBIAN_CARGO = Path("/usr/bin/cargo")
+DEBIAN_RUSTC = Path("/usr/bin/rustc")
+DEBIAN_LIBRARY_SRC = Path("/usr/lib/rustlib/src/rust/library")
+
+INSTALL_HINT = (
+    "no Rust toolchain can build the guest kernel: install Debian's "
+    "(apt-get install cargo-web rustc-web rust-web-src) or run "
+    "`rustup target add x86_64-unknown-none`"
+)
+
+# Bump when the build recipe below changes in a way that changes the output.
+RECIPE_VERSION = 1
+
+# Files whose content determines the kernel (relative to guest/).
+_SOURCE_FILES = ("Cargo.toml", "Cargo.lock", ".cargo/config.toml", "linker.ld", "build.rs")
+_SOURCE_DIRS = ("src",)
+
+# Environment variables that would silently change what cargo builds.
+_SCRUBBED_ENV = (
+    "RUSTFLAGS",
+    "CARGO_ENCODED_RUSTFLAGS",
+    "CARGO_BUILD_RUSTFLAGS",
+    "CARGO_TARGET_DIR",
+    "CARGO_BUILD_TARGET",
+    "CARGO_BUILD_TARGET_DIR",
+    "RUSTUP_TOOLCHAIN",
+)
+
+# ELF constants used by _mark_pie.
+_ET_EXEC, _ET_DYN = 2, 3
+_PT_DYNAMIC = 2
+_DT_NULL, _DT_FLAGS_1 = 0, 0x6FFFFFFB
+_DF_1_PIE = 0x08000000
+
+
+class GuestBuildError(RuntimeError):
+    """The guest kernel could not be built (message says why, in one line or a cargo tail)."""
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    kind: str  # "debian" or "rustup"
+    cargo: Path
+    rustc: Path
+    extra_args: tuple[str, ...] = ()
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def identity(self) -> str:
+        """Changes whenever the compiler binary changes (path, size, mtime)."""
+        st = self.rustc.stat()
+        return f"{self.kind}:{self.rustc}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _debian_toolchain() -> Toolchain | None:
+    vendor = DEBIAN_LIBRARY_SRC / "vendor"
+    if not (DEBIAN_CARGO.is_file() and DEBIAN_RUSTC.is_file() and (DEBIAN_LIBRARY_SRC / "core").is_dir()):
+        return None
+    args = [
+        "-Z", "build-std=core,alloc",
+        "-Z", "build-std-features=compiler-builtins-mem",
+    ]
+    if vendor.is_dir():
+        # The library's own dependencies (compiler_builtins, ...) come from
+        # its vendored copies: no crate registry is reachable.
+        args += [
+            "--config", 'source.crates-io.replace-with="rust-library-vendor"',
+            "--config", f'source.rust-library-vendor.directory="{vendor}"',
+        ]
+    return Toolchain("debian", DEBIAN_CARGO, DEBIAN_RUSTC, tuple(args), {"RUSTC_BOOTSTRAP": "1"})
+
+
+def _rustup_toolchain() -> Toolchain | None:
+    rustup = shutil.which("rustup") or str(Path.home() / ".cargo" / "bin" / "rustup")
+    if not Path(rustup).is_file():
+        return None
+    try:
+        # Resolve the proxies to the real binaries of the active toolchain.
+        cargo = subprocess.run([rustup, "which", "cargo"], capture_output=True, text=True, check=True).stdout.strip()
+        rustc = subprocess.run([rustup, "which", "rustc"], capture_output=True, text=True, check=True).stdout.strip()
+        sysroot = subprocess.run([rustc, "--print", "sysroot"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    if not (Path(sysroot) / "lib" / "rustlib" / TARGET / "lib").is_dir():
+        return None
+    return Toolchain("rustup", Path(cargo), Path(rustc))
+
+
+def find_toolchain() -> Toolchain:
+    """Debian's toolchain if installed, else rustup with the target; else GuestBuildError."""
+    tc = _debian_toolchain() or _rustup_toolchain()
+    if tc is None:
+        raise GuestBuildError(INSTALL_HINT)
+    return tc
+
+
+def default_kernel_path(release: bool = True) -> Path:
+    """Where build_guest() puts the kernel ELF."""
+    return GUEST_DIR / "target" / f"kernel-{'release' if release else 'debug'}"
+
+
+def source_hash(toolchain: Toolchain | None = None, release: bool = True) -> str:
+    """SHA-256 over the guest sources, the build recipe and the toolchain."""
+    h = hashlib.sha256()
+    h.update(f"recipe={RECIPE_VERSION} release={release}\n".encode())
+    if toolchain is not None:
+        h.update(f"toolchain={toolchain.identity()}\n".encode())
+    files = [GUEST_DIR / f for f in _SOURCE_FILES]
+    for d in _SOURCE_DIRS:
+        files += sorted(p for p in (GUEST_DIR / d).rglob("*") if p.is_file())
+    for path in files:
+        if not path.is_file():
+            continue
+        h.update(f"{path.relative_to(GUEST_DIR).as_posix()}\0{path.stat().st_size}\0".encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _stamp_path(kernel: Path) -> Path:
+    return kernel.with_name(kernel.name + ".stamp")
+
+
+def _is_current(kernel: Path, digest: str) -> bool:
+    try:
+        stamp = json.loads(_stamp_path(kernel).read_text())
+        return stamp.get("sources") == digest and stamp.get("kernel_sha256") == hashlib.sha256(kernel.read_bytes()).hexdigest()
+    except (OSError, ValueError):
+        return False
+
+
+def _mark_pie(image: bytearray) -> bool:
+    """Set e_type to ET_DYN on an ET_EXEC image that GNU ld linked as a PIE.
+
+    Returns True if the image is (now) a relocatable static PIE: it has a
+    PT_DYNAMIC whose DT_FLAGS_1 carries DF_1_PIE.
+    """
+    if image[:4] != b"\x7fELF" or image[4] != 2 or image[5] != 1:
+        raise GuestBuildError("cargo output is not a little-endian ELF64 file")
+    (e_type,) = struct.unpack_from("<H", image, 16)
+    (e_phoff,) = struct.unpack_from("<Q", image, 32)
+    e_phentsize, e_phnum = struct.unpack_from("<HH", image, 54)
+    for i in range(e_phnum):
+        p_type, _flags, p_offset, _va, _pa, p_filesz = struct.unpack_from("<IIQQQQ", image, e_phoff + i * e_phentsize)
+        if p_type != _PT_DYNAMIC:
+            continue
+        for off in range(p_offset, p_offset + p_filesz - 15, 16):
+            tag, val = struct.unpack_from("<qQ", image, off)
+            if tag == _DT_NULL:
+                break
+            if tag == _DT_FLAGS_1 and val & _DF_1_PIE:
+                if e_type == _ET_EXEC:
+                    struct.pack_into("<H", image, 16, _ET_DYN)
+                return True
+    return e_type == _ET_DYN
+
+
+def _run_cargo(tc: Toolchain, release: bool) -> Path:
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+    env.update(tc.extra_env)
+    env["RUSTC"] = str(tc.rustc)
+    # The toolchain's own bin dir first, so nothing resolves to rustup proxies.
+    env["PATH"] = f"{tc.rustc.parent}{os.pathsep}{env.get('PATH', '')}"
+    cmd = [str(tc.cargo), "build", "--offline", "--target", TARGET, *tc.extra_args]
+    if release:
+        cmd.append("--release")
+    try:
+        proc = subprocess.run(cmd, cwd=GUEST_DIR, env=env, capture_output=True, text=True)
+    except OSError as e:
+        raise GuestBuildError(f"cannot run {tc.cargo}: {e}") from e
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-40:])
+        raise GuestBuildError(f"cargo build of the guest kernel failed ({tc.kind} toolchain, exit {proc.returncode}):\n{tail}")
+    out = GUEST_DIR / "target" / TARGET / ("release" if release else "debug") / "kernel"
+    if not out.is_file():
+        raise GuestBuildError(f"cargo succeeded but {out} is missing")
+    return out
+
+
+def build_guest(release: bool = True, force: bool = False, quiet: bool = False) -> Path:
+    """Build the guest kernel if its sources changed; return the ELF's path."""
+    tc = find_toolchain()
+    kernel = default_kernel_path(release)
+    digest = source_hash(tc, release)
+    if not force and _is_current(kernel, digest):
+        return kernel
+    if not quiet:
+        print(f"building guest kernel (cargo, {tc.kind} toolchain, first build ~30 s)...", file=sys.stderr, flush=True)
+    image = bytearray(_run_cargo(tc, release).read_bytes())
+    _mark_pie(image)
+    kernel.parent.mkdir(parents=True, exist_ok=True)
+    tmp = kernel.with_name(f".{kernel.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(image)
+    tmp.chmod(0o755)
+    os.replace(tmp, kernel)
+    stamp = {"sources": digest, "kernel_sha256": hashlib.sha256(image).hexdigest(), "toolchain": tc.kind}
+    stamp_tmp = tmp.with_suffix(".stamp")
+    stamp_tmp.write_text(json.dumps(stamp, indent=1) + "\n")
+    os.replace(stamp_tmp, _stamp_path(kernel))
+    return kernel
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vmm.guest_build", description=__doc__.splitlines()[0])
+    ap.add_argument("--debug", action="store_true", help="debug profile instead of release")
+    ap.add_argument("--force", action="store_true", help="run cargo even if the sources did not change")
+    ap.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    args = ap.parse_args(argv)
+    try:
+        path = build_guest(release=not args.debug, force=args.force, quiet=args.quiet)
+    except GuestBuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
