@@ -1,0 +1,96 @@
+"""Pin the ctypes mirrors to <linux/kvm.h> (values from the installed header)."""
+
+import ctypes as C
+
+import pytest
+
+from vmm import kvm_abi as K
+
+SIZES = {
+    "kvm_run": 2352,
+    "kvm_regs": 144,
+    "kvm_sregs": 312,
+    "kvm_segment": 24,
+    "kvm_dtable": 16,
+    "kvm_userspace_memory_region": 32,
+    "kvm_cpuid2": 8,
+    "kvm_cpuid_entry2": 40,
+    "kvm_translation": 24,
+    "kvm_dirty_log": 16,
+    "kvm_guest_debug": 72,
+    "kvm_msrs": 8,
+    "kvm_msr_entry": 16,
+    "kvm_debug_exit_arch": 32,
+}
+
+OFFSETS = [
+    ("kvm_run", "immediate_exit", 1),
+    ("kvm_run", "exit_reason", 8),
+    ("kvm_run", "cr8", 16),
+    ("kvm_run", "u", 32),
+    ("kvm_run", "kvm_valid_regs", 288),
+    ("kvm_run", "s", 304),
+    ("kvm_regs", "rip", 128),
+    ("kvm_regs", "rflags", 136),
+    ("kvm_sregs", "gdt", 192),
+    ("kvm_sregs", "cr0", 224),
+    ("kvm_sregs", "efer", 264),
+    ("kvm_sregs", "apic_base", 272),
+    ("kvm_sregs", "interrupt_bitmap", 280),
+    ("kvm_translation", "physical_address", 8),
+    ("kvm_translation", "valid", 16),
+    ("kvm_guest_debug", "arch", 8),
+    ("kvm_userspace_memory_region", "userspace_addr", 24),
+]
+
+IOCTLS = {
+    "KVM_GET_API_VERSION": 0xAE00,
+    "KVM_CREATE_VM": 0xAE01,
+    "KVM_CHECK_EXTENSION": 0xAE03,
+    "KVM_GET_VCPU_MMAP_SIZE": 0xAE04,
+    "KVM_CREATE_VCPU": 0xAE41,
+    "KVM_RUN": 0xAE80,
+    "KVM_GET_REGS": 0x8090AE81,
+    "KVM_SET_REGS": 0x4090AE82,
+    "KVM_GET_SREGS": 0x8138AE83,
+    "KVM_SET_SREGS": 0x4138AE84,
+    "KVM_SET_USER_MEMORY_REGION": 0x4020AE46,
+    "KVM_GET_SUPPORTED_CPUID": 0xC008AE05,
+    "KVM_SET_CPUID2": 0x4008AE90,
+    "KVM_TRANSLATE": 0xC018AE85,
+    "KVM_GET_DIRTY_LOG": 0x4010AE42,
+    "KVM_SET_GUEST_DEBUG": 0x4048AE9B,
+    "KVM_GET_MSRS": 0xC008AE88,
+    "KVM_SET_MSRS": 0x4008AE89,
+    "KVM_SET_TSS_ADDR": 0xAE47,
+    "KVM_GET_TSC_KHZ": 0xAEA3,
+    "KVM_GET_STATS_FD": 0xAECE,
+    "KVM_SET_IDENTITY_MAP_ADDR": 0x4008AE48,
+}
+
+
+@pytest.mark.parametrize("name,size", sorted(SIZES.items()))
+def test_struct_sizes(name, size):
+    assert C.sizeof(getattr(K, name)) == size
+
+
+@pytest.mark.parametrize("struct,field,offset", OFFSETS)
+def test_field_offsets(struct, field, offset):
+    assert getattr(getattr(K, struct), field).offset == offset
+
+
+@pytest.mark.parametrize("name,value", sorted(IOCTLS.items()))
+def test_ioctl_numbers(name, value):
+    assert getattr(K, name) == value
+
+
+def test_exit_union_members_sit_at_offset_32():
+    run = K.kvm_run()
+    base = C.addressof(run)
+    for member in ("io", "mmio", "internal", "fail_entry", "system_event"):
+        assert C.addressof(getattr(run.u, member)) - base == 32
+
+
+def test_flexible_array_helpers():
+    assert C.sizeof(K.kvm_cpuid2_with(3)) == 8 + 3 * 40
+    assert C.sizeof(K.kvm_msrs_with(2)) == 8 + 2 * 16

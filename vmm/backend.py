@@ -1,0 +1,69 @@
+"""Which hardware-virtualization backend KVM uses on this host.
+
+On a VMX (Intel) or SVM (AMD) host, guest code runs at hardware speed. On
+KVM-PVM (a KVM guest inside a cloud VM, no hardware virtualization), guest
+code at CPL0 is executed by KVM's instruction emulator: every in-guest figure
+must say which backend produced it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .abi import Backend
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    backend: Backend
+    module: str
+    cpu_model: str
+    detail: str
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    @property
+    def banner(self) -> str:
+        return f"KVM backend: {self.name} ({self.detail}); CPU: {self.cpu_model}"
+
+    def to_json(self) -> dict:
+        return {"backend": self.name, "module": self.module, "cpu_model": self.cpu_model, "detail": self.detail}
+
+
+def _cpu_model(cpuinfo: str) -> str:
+    for line in cpuinfo.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def detect_backend(sys_module: str = "/sys/module", cpuinfo_path: str = "/proc/cpuinfo") -> BackendInfo:
+    """Look at the loaded KVM vendor module (the authority) and the CPU flags."""
+    try:
+        with open(cpuinfo_path) as f:
+            cpuinfo = f.read()
+    except OSError:
+        cpuinfo = ""
+    model = _cpu_model(cpuinfo)
+    loaded = {m for m in ("kvm_pvm", "kvm_intel", "kvm_amd") if os.path.isdir(os.path.join(sys_module, m))}
+    if "kvm_pvm" in loaded:
+        return BackendInfo(Backend.PVM, "kvm_pvm", model, "CPL0 guest code emulated, CPL3 native")
+    if "kvm_intel" in loaded:
+        return BackendInfo(Backend.VMX, "kvm_intel", model, "hardware virtualization")
+    if "kvm_amd" in loaded:
+        return BackendInfo(Backend.SVM, "kvm_amd", model, "hardware virtualization")
+    return BackendInfo(Backend.UNKNOWN, "none", model, "no KVM vendor module found")
+
+
+def host_has_1g_pages(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
+    try:
+        with open(cpuinfo_path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "pdpe1gb" in line.split()
+    except OSError:
+        pass
+    return False

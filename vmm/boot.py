@@ -1,0 +1,327 @@
+"""Host-side boot: everything the guest finds in memory at its first instruction.
+
+Each step is one function with its own error type:
+
+- ``build_memory_map``: the UEFI-like map the guest receives (also what
+  ``vmm.py memmap`` prints);
+- ``load_kernel``: PT_LOAD segments copied to their physical addresses and
+  R_X86_64_RELATIVE relocations applied for the KASLR slide;
+- ``build_page_tables``: direct map of all RAM plus each kernel segment at its
+  (slid) virtual address with its own permissions;
+- ``write_boot_info``: GDT, memory map, command line and BootInfo.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import os
+import random
+import struct
+import time
+from dataclasses import dataclass, field
+
+from mm.addr import PageSize
+from mm.flags import PteFlags
+from mm.frames import BumpFrameAllocator
+from mm.mapper import Mapper
+from mm.memmap import MemoryMap, MemoryType
+
+from . import gdt
+from .abi import BOOT_FLAG_DIRECT_MAP_1G, BOOT_INFO_MAGIC, BOOT_INFO_SIZE, BOOT_INFO_VERSION, BootInfo
+from .elf import KernelImage, KernelImageError, Segment
+from .layout import (
+    ACPI_NVS_PHYS,
+    ACPI_RECLAIM_PHYS,
+    BOOT_INFO_PHYS,
+    BOOT_STACK_PHYS,
+    BOOT_STACK_SIZE,
+    CMDLINE_MAX,
+    CMDLINE_PHYS,
+    FB_FORMAT_BGRX8888,
+    FB_HEIGHT,
+    FB_SIZE,
+    FB_STRIDE,
+    FB_WIDTH,
+    GDT_PHYS,
+    GiB,
+    KASLR_ALIGN,
+    KASLR_WINDOW,
+    KERNEL_LINK_BASE,
+    KERNEL_PHYS_MIN,
+    LEGACY_HOLE_START,
+    MEMMAP_END,
+    MEMMAP_PHYS,
+    MiB,
+    PAGE_SIZE,
+    PHYS_OFFSET,
+    PT_POOL_END,
+    PT_POOL_START,
+    framebuffer_phys,
+)
+from .memory import GuestMemory
+
+
+class BootError(ValueError):
+    """The guest cannot be set up as asked (one-line message)."""
+
+
+def _page_down(x: int) -> int:
+    return x & ~(PAGE_SIZE - 1)
+
+
+def _page_up(x: int) -> int:
+    return (x + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+def segment_phys_range(seg: Segment) -> tuple[int, int]:
+    return _page_down(seg.paddr), _page_up(seg.paddr + seg.memsz)
+
+
+# --- memory map -------------------------------------------------------------------
+def check_kernel_fits(image: KernelImage, ram_size: int) -> None:
+    fb = framebuffer_phys(ram_size)
+    for seg in image.segments:
+        start, end = segment_phys_range(seg)
+        if start < KERNEL_PHYS_MIN:
+            raise KernelImageError(f"segment at paddr {seg.paddr:#x} is below {KERNEL_PHYS_MIN:#x} (reserved low memory)")
+        if end > ram_size:
+            raise KernelImageError(
+                f"segment at paddr {seg.paddr:#x}+{seg.memsz:#x} lies outside guest RAM ({ram_size >> 20} MiB)"
+            )
+        if end > fb:
+            raise KernelImageError(
+                f"segment at paddr {seg.paddr:#x}+{seg.memsz:#x} overlaps the framebuffer at {fb:#x}: "
+                f"memory is too small for this kernel"
+            )
+
+
+def build_memory_map(ram_size: int, image: KernelImage | None) -> MemoryMap:
+    """Carve the fixed regions and the kernel image out of RAM."""
+    mm = MemoryMap.from_ram(ram_size)
+    mm.carve(0, PAGE_SIZE, MemoryType.RESERVED)  # the null page is never handed out
+    mm.carve(GDT_PHYS, CMDLINE_PHYS + CMDLINE_MAX - GDT_PHYS, MemoryType.LOADER_DATA)
+    mm.carve(PT_POOL_START, PT_POOL_END - PT_POOL_START, MemoryType.LOADER_DATA)
+    mm.carve(BOOT_STACK_PHYS, BOOT_STACK_SIZE, MemoryType.LOADER_DATA)
+    mm.carve(LEGACY_HOLE_START, ACPI_RECLAIM_PHYS - LEGACY_HOLE_START, MemoryType.RESERVED)
+    mm.carve(ACPI_RECLAIM_PHYS, ACPI_NVS_PHYS - ACPI_RECLAIM_PHYS, MemoryType.ACPI_RECLAIM)
+    mm.carve(ACPI_NVS_PHYS, KERNEL_PHYS_MIN - ACPI_NVS_PHYS, MemoryType.ACPI_NVS)
+    if image is not None:
+        check_kernel_fits(image, ram_size)
+        for seg in sorted(image.segments, key=lambda s: s.paddr):
+            start, end = segment_phys_range(seg)
+            kind = MemoryType.LOADER_CODE if seg.executable else MemoryType.LOADER_DATA
+            mm.carve(start, end - start, kind)
+    mm.carve(framebuffer_phys(ram_size), FB_SIZE, MemoryType.FRAMEBUFFER)
+    mm.validate()
+    return mm
+
+
+# --- KASLR -------------------------------------------------------------------------
+def slide_range(image: KernelImage) -> int:
+    """Number of distinct 2 MiB-aligned slides this image can take."""
+    if not image.relocatable:
+        return 1
+    span = image.vaddr_end - (image.vaddr_start & ~(KASLR_ALIGN - 1))
+    room = KASLR_WINDOW - ((span + KASLR_ALIGN - 1) & ~(KASLR_ALIGN - 1))
+    return max(1, room // KASLR_ALIGN + 1)
+
+
+def choose_slide(image: KernelImage, requested: int | None = None, rng: random.Random | None = None) -> int:
+    """Pick (or validate) the KASLR slide; always 0 for a non-relocatable kernel."""
+    n = slide_range(image)
+    if requested is not None:
+        if requested and not image.relocatable:
+            raise BootError("this kernel is not relocatable (ET_EXEC): it only loads with slide 0")
+        if requested % KASLR_ALIGN or not 0 <= requested < n * KASLR_ALIGN:
+            raise BootError(f"KASLR slide {requested:#x} must be a multiple of 2 MiB below {n * KASLR_ALIGN:#x}")
+        return requested
+    if n == 1:
+        return 0
+    r = rng or random.SystemRandom()
+    return r.randrange(n) * KASLR_ALIGN
+
+
+# --- kernel image --------------------------------------------------------------------
+def load_kernel(memory: GuestMemory, image: KernelImage, slide: int) -> None:
+    """Copy PT_LOAD segments to their physical addresses and apply relocations."""
+    check_kernel_fits(image, memory.size)
+    for seg in image.segments:
+        memory.write(seg.paddr, image.data[seg.offset : seg.offset + seg.filesz])
+        if seg.memsz > seg.filesz:
+            memory.zero(seg.paddr + seg.filesz, seg.memsz - seg.filesz)
+    if not image.relocations:
+        return
+    segs = image.segments
+    for r_offset, addend in image.relocations:
+        for seg in segs:
+            if seg.vaddr <= r_offset and r_offset + 8 <= seg.vaddr + seg.memsz:
+                # R_X86_64_RELATIVE: the word becomes B + A, B being the load bias.
+                memory.write_u64(seg.paddr + (r_offset - seg.vaddr), (addend + slide) & 0xFFFF_FFFF_FFFF_FFFF)
+                break
+
+
+def segment_flags(seg: Segment) -> PteFlags:
+    """R -> P|NX, RX -> P, RW -> P|W|NX; W+X was refused at parse time."""
+    flags = PteFlags.PRESENT
+    if seg.writable:
+        flags |= PteFlags.WRITABLE
+    if not seg.executable:
+        flags |= PteFlags.NO_EXECUTE
+    return flags
+
+
+# --- page tables -----------------------------------------------------------------------
+@dataclass
+class PageTables:
+    cr3: int
+    frames_used: int
+    pool_end: int
+    direct_map_1g: bool
+
+
+def _map_direct(mapper: Mapper, ram_size: int, use_1g: bool) -> None:
+    """Map [0, ram_size) at PHYS_OFFSET with the largest pages that fit."""
+    flags = PteFlags.PRESENT | PteFlags.WRITABLE | PteFlags.NO_EXECUTE | PteFlags.GLOBAL
+    pos = 0
+    sizes = [PageSize.SIZE_1G, PageSize.SIZE_2M, PageSize.SIZE_4K] if use_1g else [PageSize.SIZE_2M, PageSize.SIZE_4K]
+    for size in sizes:
+        length = (ram_size - pos) // size * size
+        if length:
+            mapper.map_range(PHYS_OFFSET + pos, pos, length, flags, size)
+            pos += length
+    assert pos == ram_size
+
+
+def build_page_tables(memory: GuestMemory, image: KernelImage | None, slide: int, use_1g: bool) -> PageTables:
+    frames = BumpFrameAllocator(PT_POOL_START, PT_POOL_END)
+    mapper = Mapper.new(memory.physmem, frames, forbid_wx=True)
+    _map_direct(mapper, memory.size, use_1g)
+    if image is not None:
+        for seg in image.segments:
+            vstart = _page_down(seg.vaddr) + slide
+            pstart, pend = segment_phys_range(seg)
+            mapper.map_range(vstart, pstart, pend - pstart, segment_flags(seg), PageSize.SIZE_4K)
+    return PageTables(mapper.root, len(frames.allocated), frames.next, use_1g)
+
+
+# --- boot info ------------------------------------------------------------------------
+@dataclass
+class BootLayout:
+    """What the vCPU needs to start, plus what the host reports about the boot."""
+
+    entry: int
+    stack_top: int
+    boot_info_virt: int
+    cr3: int
+    gdt_base: int
+    slide: int
+    memmap: MemoryMap
+    page_tables: PageTables
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def encode_cmdline(cmdline: str) -> bytes:
+    raw = cmdline.encode("utf-8")
+    if len(raw) > CMDLINE_MAX:
+        raise BootError(f"command line is {len(raw)} bytes, the limit is {CMDLINE_MAX}")
+    return raw
+
+
+def write_boot_info(
+    memory: GuestMemory,
+    image: KernelImage | None,
+    memmap: MemoryMap,
+    tables: PageTables,
+    slide: int,
+    cmdline: bytes,
+    backend: int,
+    tsc_khz: int,
+) -> None:
+    memory.write(GDT_PHYS, gdt.gdt_bytes())
+    raw_map = memmap.to_bytes()
+    if MEMMAP_PHYS + len(raw_map) > MEMMAP_END:
+        raise BootError(f"memory map of {len(memmap.descriptors)} descriptors does not fit its area")
+    memory.write(MEMMAP_PHYS, raw_map)
+    memory.write(CMDLINE_PHYS, cmdline)
+    bi = BootInfo(
+        magic=BOOT_INFO_MAGIC,
+        version=BOOT_INFO_VERSION,
+        size=BOOT_INFO_SIZE,
+        phys_offset=PHYS_OFFSET,
+        ram_size=memory.size,
+        memmap_phys=MEMMAP_PHYS,
+        memmap_count=len(memmap.descriptors),
+        memmap_desc_size=40,
+        kernel_phys_start=image.paddr_start if image else 0,
+        kernel_phys_end=image.paddr_end if image else 0,
+        kernel_link_base=KERNEL_LINK_BASE,
+        kaslr_slide=slide,
+        boot_pt_phys=tables.cr3,
+        boot_pt_end=tables.pool_end,
+        fb_phys=framebuffer_phys(memory.size),
+        fb_width=FB_WIDTH,
+        fb_height=FB_HEIGHT,
+        fb_stride=FB_STRIDE,
+        fb_format=FB_FORMAT_BGRX8888,
+        cmdline_phys=CMDLINE_PHYS,
+        cmdline_len=len(cmdline),
+        flags=BOOT_FLAG_DIRECT_MAP_1G if tables.direct_map_1g else 0,
+        rng_seed=struct.unpack("<Q", os.urandom(8))[0],
+        tsc_khz=tsc_khz,
+        backend=backend,
+    )
+    assert C.sizeof(bi) == BOOT_INFO_SIZE
+    memory.write_cstruct(BOOT_INFO_PHYS, bi)
+
+
+def prepare_guest(
+    memory: GuestMemory,
+    image: KernelImage,
+    *,
+    slide: int,
+    cmdline: str = "",
+    backend: int = 0,
+    tsc_khz: int = 0,
+    use_1g: bool = True,
+) -> BootLayout:
+    """Run every boot step against ``memory``; returns the entry state."""
+    t = time.perf_counter_ns
+    timings: dict[str, float] = {}
+    t0 = t()
+    memmap = build_memory_map(memory.size, image)
+    raw_cmdline = encode_cmdline(cmdline)
+    t1 = t()
+    timings["memory_map"] = (t1 - t0) / 1e6
+    load_kernel(memory, image, slide)
+    t2 = t()
+    timings["elf_load"] = (t2 - t1) / 1e6
+    tables = build_page_tables(memory, image, slide, use_1g)
+    t3 = t()
+    timings["page_tables"] = (t3 - t2) / 1e6
+    write_boot_info(memory, image, memmap, tables, slide, raw_cmdline, backend, tsc_khz)
+    timings["boot_info"] = (t() - t3) / 1e6
+    return BootLayout(
+        entry=image.entry + slide,
+        stack_top=PHYS_OFFSET + BOOT_STACK_PHYS + BOOT_STACK_SIZE - 8,
+        boot_info_virt=PHYS_OFFSET + BOOT_INFO_PHYS,
+        cr3=tables.cr3,
+        gdt_base=PHYS_OFFSET + GDT_PHYS,
+        slide=slide,
+        memmap=memmap,
+        page_tables=tables,
+        timings_ms=timings,
+    )
+
+
+__all__ = [
+    "BootError",
+    "BootLayout",
+    "GiB",
+    "MiB",
+    "build_memory_map",
+    "build_page_tables",
+    "choose_slide",
+    "load_kernel",
+    "prepare_guest",
+    "write_boot_info",
+]

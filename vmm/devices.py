@@ -1,0 +1,160 @@
+"""Port-I/O devices on a bus of non-overlapping ranges.
+
+A device answers ``io_out(offset, data)`` and ``io_in(offset, size)``. An
+``io_out`` may return a ``Stop`` to end the run (the exit device does).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .abi import ExitCode
+from .memory import GuestMemory
+from .reports import Report, ReportError, decode_payload, parse_header
+from .abi import REPORT_HEADER_SIZE
+
+
+@dataclass(frozen=True)
+class Stop:
+    """A device asks the run loop to stop with this exit code and reason."""
+
+    exit_code: int
+    reason: str
+    message: str = ""
+
+
+class Device:
+    name = "device"
+
+    def io_out(self, offset: int, data: bytes) -> Stop | None:
+        return None
+
+    def io_in(self, offset: int, size: int) -> bytes:
+        return bytes(size)
+
+
+class BusError(ValueError):
+    pass
+
+
+class PortBus:
+    """Maps port ranges to devices; ranges never overlap."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._entries: list[tuple[int, int, Device]] = []
+        self.by_port: dict[int, tuple[Device, int]] = {}
+
+    def add(self, base: int, size: int, device: Device) -> None:
+        if size <= 0 or base < 0 or base + size > 0x10000:
+            raise BusError(f"bad port range {base:#x}+{size}")
+        i = bisect.bisect_left(self._starts, base)
+        if i > 0 and self._entries[i - 1][1] > base or i < len(self._entries) and self._entries[i][0] < base + size:
+            raise BusError(f"port range {base:#x}+{size} for {device.name} overlaps another device")
+        self._starts.insert(i, base)
+        self._entries.insert(i, (base, base + size, device))
+        for port in range(base, base + size):
+            self.by_port[port] = (device, port - base)
+
+    def lookup(self, port: int) -> tuple[Device, int] | None:
+        return self.by_port.get(port)
+
+    def devices(self) -> list[tuple[int, int, Device]]:
+        return list(self._entries)
+
+
+class Uart16550(Device):
+    """Just enough of a 16550 for polled output: THR writes, LSR says empty."""
+
+    name = "com1"
+    THR = 0
+    LSR = 5
+    LSR_THR_EMPTY = 0x20
+    LSR_TX_IDLE = 0x40
+    SCRATCH = 7
+
+    def __init__(self, sink: Callable[[bytes], None] | None = None, keep: int = 1 << 20):
+        self.sink = sink
+        self.keep = keep
+        self.output = bytearray()
+        self.total_bytes = 0
+        self.first_byte_ns: int | None = None
+        self._scratch = 0
+
+    def io_out(self, offset: int, data: bytes) -> Stop | None:
+        if offset == self.THR:
+            if self.first_byte_ns is None:
+                import time
+
+                self.first_byte_ns = time.perf_counter_ns()
+            self.total_bytes += len(data)
+            self.output += data
+            if len(self.output) > self.keep:
+                del self.output[: len(self.output) - self.keep]
+            if self.sink is not None:
+                self.sink(data)
+        elif offset == self.SCRATCH:
+            self._scratch = data[0]
+        return None
+
+    def io_in(self, offset: int, size: int) -> bytes:
+        if offset == self.LSR:
+            return bytes([self.LSR_THR_EMPTY | self.LSR_TX_IDLE]) * size
+        if offset == self.SCRATCH:
+            return bytes([self._scratch]) * size
+        return bytes(size)
+
+
+class ExitDevice(Device):
+    """The guest writes its status; the run ends with it as the exit code."""
+
+    name = "exit"
+
+    def io_out(self, offset: int, data: bytes) -> Stop | None:
+        value = int.from_bytes(data, "little")
+        code = value if value < 256 else 255
+        return Stop(code, "exit", f"guest exited with status {value}")
+
+
+class ReportDevice(Device):
+    """The guest writes the physical address of a report record."""
+
+    name = "report"
+
+    def __init__(self, memory: GuestMemory, on_report: Callable[[Report], Stop | None] | None = None):
+        self.memory = memory
+        self.on_report = on_report
+        self.reports: list[Report] = []
+        self.errors: list[str] = []
+        self.max_reports = 100_000
+
+    def io_out(self, offset: int, data: bytes) -> Stop | None:
+        if offset != 0:
+            return None
+        addr = int.from_bytes(data, "little")
+        try:
+            report = read_report(self.memory, addr)
+        except ReportError as exc:
+            if len(self.errors) < 1000:
+                self.errors.append(f"report at {addr:#x}: {exc}")
+            return None
+        if len(self.reports) < self.max_reports:
+            self.reports.append(report)
+        if self.on_report is not None:
+            return self.on_report(report)
+        return None
+
+
+def read_report(memory: GuestMemory, addr: int) -> Report:
+    """Read and decode a record at a guest-physical address, bounds-checked."""
+    if not memory.contains(addr, REPORT_HEADER_SIZE):
+        raise ReportError(f"header outside guest RAM (size {memory.size:#x})")
+    kind, length = parse_header(memory.read(addr, REPORT_HEADER_SIZE))
+    if not memory.contains(addr + REPORT_HEADER_SIZE, length):
+        raise ReportError("payload extends outside guest RAM")
+    return decode_payload(kind, memory.read(addr + REPORT_HEADER_SIZE, length))
+
+
+__all__ = ["Device", "ExitCode", "ExitDevice", "PortBus", "ReportDevice", "Stop", "Uart16550", "read_report"]

@@ -1,0 +1,308 @@
+"""Kernel ELF parsing and validation (pure: no VM, no guest memory).
+
+``parse_kernel(data)`` turns an ELF64 x86-64 kernel into a ``KernelImage``:
+its loadable segments with their permissions, its entry point, its
+R_X86_64_RELATIVE relocations (a static-PIE kernel can be slid for KASLR) and
+its symbols. Anything malformed raises ``KernelImageError`` with one line
+that names the problem; no other exception escapes for any input bytes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PF_X, PF_W, PF_R = 1, 2, 4
+PT_LOAD, PT_DYNAMIC = 1, 2
+ET_EXEC, ET_DYN = 2, 3
+EM_X86_64 = 62
+DT_NULL, DT_RELA, DT_RELASZ, DT_RELAENT = 0, 7, 8, 9
+R_X86_64_NONE, R_X86_64_RELATIVE = 0, 8
+ELF_MAGIC = b"\x7fELF"
+_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")  # Elf64_Ehdr, 64 bytes
+_PHDR = struct.Struct("<IIQQQQQQ")  # Elf64_Phdr, 56 bytes
+_RELA = struct.Struct("<QQq")  # Elf64_Rela, 24 bytes
+_MAX_SEGMENTS = 64
+_MAX_MEMSZ = 1 << 32  # no kernel segment is 4 GiB
+
+
+class KernelImageError(ValueError):
+    """The kernel file cannot be loaded; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    vaddr: int
+    paddr: int
+    offset: int
+    filesz: int
+    memsz: int
+    flags: int  # PF_R | PF_W | PF_X
+
+    @property
+    def readable(self) -> bool:
+        return bool(self.flags & PF_R)
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.flags & PF_W)
+
+    @property
+    def executable(self) -> bool:
+        return bool(self.flags & PF_X)
+
+    @property
+    def perms(self) -> str:
+        return ("R" if self.readable else "-") + ("W" if self.writable else "-") + ("X" if self.executable else "-")
+
+
+@dataclass(frozen=True)
+class Symbol:
+    name: str
+    addr: int
+    size: int
+
+
+@dataclass
+class KernelImage:
+    data: bytes
+    elf_type: int
+    entry: int
+    segments: list[Segment]
+    relocations: list[tuple[int, int]]  # (r_offset, addend) of R_X86_64_RELATIVE
+    symbols: list[Symbol] = field(default_factory=list)
+    path: str = "<memory>"
+
+    @property
+    def relocatable(self) -> bool:
+        return self.elf_type == ET_DYN
+
+    @property
+    def vaddr_start(self) -> int:
+        return min(s.vaddr for s in self.segments) & ~0xFFF
+
+    @property
+    def vaddr_end(self) -> int:
+        return max(s.vaddr + s.memsz for s in self.segments)
+
+    @property
+    def paddr_start(self) -> int:
+        return min(s.paddr for s in self.segments) & ~0xFFF
+
+    @property
+    def paddr_end(self) -> int:
+        """Exclusive and page aligned."""
+        return (max(s.paddr + s.memsz for s in self.segments) + 0xFFF) & ~0xFFF
+
+    def symbolizer(self, slide: int = 0) -> "Symbolizer":
+        return Symbolizer(self.symbols, slide)
+
+
+class Symbolizer:
+    """Resolve an address to ``symbol+offset`` using the kernel's .symtab."""
+
+    def __init__(self, symbols: list[Symbol], slide: int = 0):
+        funcs = sorted((s for s in symbols if s.addr), key=lambda s: s.addr)
+        self._addrs = [s.addr + slide for s in funcs]
+        self._syms = funcs
+        self.slide = slide
+
+    def lookup(self, addr: int) -> str | None:
+        i = bisect.bisect_right(self._addrs, addr) - 1
+        if i < 0:
+            return None
+        sym = self._syms[i]
+        off = addr - self._addrs[i]
+        if sym.size and off >= sym.size:
+            return None
+        return f"{sym.name}+{off:#x}" if off else sym.name
+
+    def format(self, addr: int) -> str:
+        name = self.lookup(addr)
+        return f"{addr:#018x} <{name}>" if name else f"{addr:#018x}"
+
+
+def load_kernel_file(path: str | Path) -> KernelImage:
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise KernelImageError(f"kernel {p}: no such file") from None
+    except IsADirectoryError:
+        raise KernelImageError(f"kernel {p}: is a directory") from None
+    except OSError as exc:
+        raise KernelImageError(f"kernel {p}: cannot read ({exc.strerror})") from None
+    try:
+        image = parse_kernel(data)
+    except KernelImageError as exc:
+        raise KernelImageError(f"kernel {p}: {exc}") from None
+    image.path = str(p)
+    return image
+
+
+def parse_kernel(data: bytes) -> KernelImage:
+    if len(data) < 4 or data[:4] != ELF_MAGIC:
+        raise KernelImageError("not an ELF file")
+    if len(data) < _EHDR.size:
+        raise KernelImageError(f"truncated ELF header ({len(data)} bytes, need {_EHDR.size})")
+    ident, e_type, e_machine, _ver, e_entry, e_phoff, _shoff, _flags, e_ehsize, e_phentsize, e_phnum, *_ = (
+        _EHDR.unpack_from(data)
+    )
+    if ident[4] != 2:
+        raise KernelImageError("not a 64-bit ELF (ELFCLASS32 or invalid class); a 64-bit x86-64 kernel is required")
+    if ident[5] != 1:
+        raise KernelImageError("not a little-endian ELF")
+    if e_machine != EM_X86_64:
+        raise KernelImageError(f"ELF machine {e_machine} is not x86-64 ({EM_X86_64})")
+    if e_type not in (ET_EXEC, ET_DYN):
+        raise KernelImageError(f"ELF type {e_type} is not an executable (ET_EXEC or ET_DYN)")
+    if e_phnum == 0:
+        raise KernelImageError("no program headers (no loadable segment)")
+    if e_phentsize != _PHDR.size:
+        raise KernelImageError(f"program header size {e_phentsize}, expected {_PHDR.size}")
+    if e_phnum > _MAX_SEGMENTS:
+        raise KernelImageError(f"{e_phnum} program headers, more than {_MAX_SEGMENTS}")
+    if e_phoff + e_phnum * _PHDR.size > len(data):
+        raise KernelImageError("program headers extend beyond the end of the file (truncated?)")
+
+    segments: list[Segment] = []
+    dynamic: tuple[int, int] | None = None
+    for i in range(e_phnum):
+        p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align = _PHDR.unpack_from(
+            data, e_phoff + i * _PHDR.size
+        )
+        if p_type == PT_DYNAMIC:
+            dynamic = (p_offset, p_filesz)
+        if p_type != PT_LOAD or p_memsz == 0:
+            continue  # empty segments are skipped
+        where = f"segment {i} (vaddr {p_vaddr:#x})"
+        if p_filesz > p_memsz:
+            raise KernelImageError(f"{where}: file size {p_filesz:#x} exceeds memory size {p_memsz:#x}")
+        if p_memsz > _MAX_MEMSZ:
+            raise KernelImageError(f"{where}: memory size {p_memsz:#x} is absurd (over 4 GiB)")
+        if p_offset + p_filesz > len(data):
+            raise KernelImageError(f"{where}: extends beyond the end of the file (truncated?)")
+        if (p_flags & PF_W) and (p_flags & PF_X):
+            raise KernelImageError(f"{where}: is both writable and executable (W^X)")
+        if (p_vaddr & 0xFFF) != (p_paddr & 0xFFF) or (p_vaddr & 0xFFF) != (p_offset & 0xFFF):
+            raise KernelImageError(f"{where}: vaddr, paddr and offset disagree modulo 4 KiB")
+        if not _canonical(p_vaddr) or not _canonical(p_vaddr + p_memsz - 1):
+            raise KernelImageError(f"{where}: virtual range is not canonical")
+        segments.append(Segment(p_vaddr, p_paddr, p_offset, p_filesz, p_memsz, p_flags))
+    if not segments:
+        raise KernelImageError("no loadable segment")
+
+    _check_overlaps(segments)
+    if not any(s.executable and s.vaddr <= e_entry < s.vaddr + s.memsz for s in segments):
+        raise KernelImageError(f"entry point {e_entry:#x} is not inside an executable segment")
+
+    relocs = _relative_relocations(data, segments, dynamic) if e_type == ET_DYN else []
+    return KernelImage(
+        data=data,
+        elf_type=e_type,
+        entry=e_entry,
+        segments=segments,
+        relocations=relocs,
+        symbols=_symbols(data),
+    )
+
+
+def _canonical(addr: int) -> bool:
+    top = addr >> 47
+    return top == 0 or top == (1 << 17) - 1
+
+
+def _check_overlaps(segments: list[Segment]) -> None:
+    for key, what in ((lambda s: s.vaddr, "virtual"), (lambda s: s.paddr, "physical")):
+        # Compare at page granularity: each segment is mapped in whole pages.
+        spans = sorted(((key(s) & ~0xFFF, (key(s) + s.memsz + 0xFFF) & ~0xFFF) for s in segments))
+        for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise KernelImageError(f"segments overlap in {what} memory at {b0:#x}")
+
+
+def _file_offset(segments: list[Segment], vaddr: int, n: int) -> int | None:
+    for s in segments:
+        if s.vaddr <= vaddr and vaddr + n <= s.vaddr + s.filesz:
+            return s.offset + (vaddr - s.vaddr)
+    return None
+
+
+def _relative_relocations(data: bytes, segments: list[Segment], dynamic) -> list[tuple[int, int]]:
+    if dynamic is None:
+        return []
+    off, size = dynamic
+    if off + size > len(data):
+        raise KernelImageError("dynamic section extends beyond the end of the file")
+    tags: dict[int, int] = {}
+    for pos in range(off, off + size - 15, 16):
+        tag, val = struct.unpack_from("<qQ", data, pos)
+        if tag == DT_NULL:
+            break
+        tags[tag] = val
+    if DT_RELA not in tags:
+        return []
+    rela, relasz, relaent = tags[DT_RELA], tags.get(DT_RELASZ, 0), tags.get(DT_RELAENT, _RELA.size)
+    if relaent != _RELA.size:
+        raise KernelImageError(f"relocation entry size {relaent}, expected {_RELA.size}")
+    start = _file_offset(segments, rela, relasz)
+    if start is None:
+        # Not inside a loaded segment: look it up through the section table.
+        start = rela if rela + relasz <= len(data) else None
+    if start is None:
+        raise KernelImageError("relocation table lies outside the file")
+    out = []
+    for pos in range(start, start + relasz, _RELA.size):
+        r_offset, r_info, addend = _RELA.unpack_from(data, pos)
+        rtype = r_info & 0xFFFFFFFF
+        if rtype == R_X86_64_NONE:
+            continue
+        if rtype != R_X86_64_RELATIVE:
+            raise KernelImageError(f"unsupported relocation type {rtype} at {r_offset:#x} (only R_X86_64_RELATIVE)")
+        if _file_offset(segments, r_offset, 8) is None and not any(
+            s.vaddr <= r_offset and r_offset + 8 <= s.vaddr + s.memsz for s in segments
+        ):
+            raise KernelImageError(f"relocation at {r_offset:#x} is outside every segment")
+        out.append((r_offset, addend & 0xFFFFFFFFFFFFFFFF))
+    return out
+
+
+def _symbols(data: bytes) -> list[Symbol]:
+    """Function and object symbols from .symtab; none if absent or unreadable."""
+    try:
+        from elftools.elf.elffile import ELFFile
+        from elftools.elf.sections import SymbolTableSection
+
+        elf = ELFFile(io.BytesIO(data))
+        out = []
+        for sec in elf.iter_sections():
+            if isinstance(sec, SymbolTableSection) and sec.name == ".symtab":
+                for sym in sec.iter_symbols():
+                    if sym["st_info"]["type"] in ("STT_FUNC", "STT_OBJECT") and sym["st_value"]:
+                        out.append(Symbol(_demangle(sym.name), sym["st_value"], sym["st_size"]))
+        return out
+    except Exception:  # symbols are a convenience; a damaged table is not fatal
+        return []
+
+
+def _demangle(name: str) -> str:
+    """Readable form of a Rust legacy-mangled name (_ZN...E), else unchanged."""
+    if not (name.startswith("_ZN") and name.endswith("E")):
+        return name
+    parts, i, body = [], 3, name[:-1]
+    try:
+        while i < len(body):
+            j = i
+            while body[j].isdigit():
+                j += 1
+            n = int(body[i:j])
+            parts.append(body[j : j + n])
+            i = j + n
+    except (ValueError, IndexError):
+        return name
+    if parts and parts[-1].startswith("h") and len(parts[-1]) == 17:
+        parts.pop()  # the hash suffix
+    return "::".join(p.replace("$LT$", "<").replace("$GT$", ">").replace("$u20$", " ").replace("..", "::") for p in parts)

@@ -1,0 +1,219 @@
+"""Safe KVM layer: one owner object per file descriptor.
+
+``Kvm`` owns /dev/kvm, ``VmFd`` a VM, ``VcpuFd`` a vCPU and its mmapped
+``kvm_run``. Each is a context manager and closes deterministically; methods
+are named after the ioctl they issue (``get_regs`` for KVM_GET_REGS).
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import errno
+import fcntl
+import mmap
+import os
+from typing import Any
+
+from . import kvm_abi as K
+
+
+class KvmError(OSError):
+    """An ioctl on a KVM file descriptor failed (errno and ioctl name kept)."""
+
+    def __init__(self, err: int, what: str):
+        super().__init__(err, f"{what}: {os.strerror(err)}")
+        self.what = what
+
+
+class KvmUnavailable(KvmError):
+    """/dev/kvm is missing or not usable by this process."""
+
+
+def _ioctl(fd: int, request: int, arg: Any = 0, what: str = "ioctl") -> int:
+    try:
+        return fcntl.ioctl(fd, request, arg)
+    except OSError as exc:
+        raise KvmError(exc.errno or errno.EIO, what) from None
+
+
+class _FdOwner:
+    _fd: int | None
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{type(self).__name__} is closed")
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # last resort; callers should close()
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Kvm(_FdOwner):
+    """The KVM system file descriptor (/dev/kvm)."""
+
+    def __init__(self, path: str = "/dev/kvm"):
+        self._fd = None
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KvmUnavailable(errno.ENOENT, f"{path} does not exist (is the kvm module loaded?)") from None
+        except PermissionError:
+            raise KvmUnavailable(errno.EACCES, f"{path} is not accessible (add yourself to the kvm group)") from None
+        except OSError as exc:
+            raise KvmUnavailable(exc.errno or errno.EIO, f"cannot open {path}") from None
+        version = self.get_api_version()
+        if version != K.KVM_API_VERSION:
+            self.close()
+            raise KvmUnavailable(errno.EINVAL, f"KVM API version {version}, expected {K.KVM_API_VERSION}")
+
+    def get_api_version(self) -> int:
+        return _ioctl(self.fd, K.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+
+    def check_extension(self, cap: int) -> int:
+        return _ioctl(self.fd, K.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
+
+    def get_vcpu_mmap_size(self) -> int:
+        return _ioctl(self.fd, K.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+
+    def get_supported_cpuid(self, max_entries: int = 256) -> list[K.kvm_cpuid_entry2]:
+        buf = K.kvm_cpuid2_with(max_entries)()
+        buf.nent = max_entries
+        _ioctl(self.fd, K.KVM_GET_SUPPORTED_CPUID, buf, "KVM_GET_SUPPORTED_CPUID")
+        return [buf.entries[i] for i in range(buf.nent)]
+
+    def create_vm(self) -> "VmFd":
+        fd = _ioctl(self.fd, K.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
+        return VmFd(fd, self)
+
+
+class VmFd(_FdOwner):
+    """A VM file descriptor."""
+
+    def __init__(self, fd: int, kvm: Kvm):
+        self._fd = fd
+        self.kvm = kvm
+
+    def set_user_memory_region(
+        self, slot: int, guest_phys_addr: int, memory_size: int, userspace_addr: int, flags: int = 0
+    ) -> None:
+        region = K.kvm_userspace_memory_region(
+            slot=slot,
+            flags=flags,
+            guest_phys_addr=guest_phys_addr,
+            memory_size=memory_size,
+            userspace_addr=userspace_addr,
+        )
+        _ioctl(self.fd, K.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+
+    def set_tss_addr(self, addr: int) -> None:
+        _ioctl(self.fd, K.KVM_SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR")
+
+    def get_dirty_log(self, slot: int, bitmap: C.Array) -> None:
+        log = K.kvm_dirty_log(slot=slot, dirty_bitmap=C.addressof(bitmap))
+        _ioctl(self.fd, K.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
+
+    def check_extension(self, cap: int) -> int:
+        return _ioctl(self.fd, K.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
+
+    def get_stats_fd(self) -> int:
+        return _ioctl(self.fd, K.KVM_GET_STATS_FD, 0, "KVM_GET_STATS_FD")
+
+    def create_vcpu(self, vcpu_id: int = 0) -> "VcpuFd":
+        fd = _ioctl(self.fd, K.KVM_CREATE_VCPU, vcpu_id, "KVM_CREATE_VCPU")
+        return VcpuFd(fd, self.kvm.get_vcpu_mmap_size())
+
+
+class VcpuFd(_FdOwner):
+    """A vCPU file descriptor and its shared ``kvm_run`` page."""
+
+    def __init__(self, fd: int, mmap_size: int):
+        self._fd = fd
+        self._map: mmap.mmap | None = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run_struct = K.kvm_run.from_buffer(self._map)
+        # Address of kvm_run for data_offset access without extra copies.
+        self.run_address = C.addressof(self.run_struct)
+        # ioctl(KVM_RUN) with an int argument: fcntl passes it straight through.
+        self._run_request = K.KVM_RUN
+
+    def close(self) -> None:
+        # Drop the ctypes view before closing the mmap it points into.
+        self.run_struct = None  # type: ignore[assignment]
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        super().close()
+
+    def run(self) -> int:
+        """Issue KVM_RUN once; returns kvm_run.exit_reason.
+
+        Raises InterruptedError when a signal interrupted the run (the
+        caller's way to stop the vCPU from another thread).
+        """
+        fcntl.ioctl(self._fd, self._run_request, 0)
+        return self.run_struct.exit_reason
+
+    def get_regs(self) -> K.kvm_regs:
+        regs = K.kvm_regs()
+        _ioctl(self.fd, K.KVM_GET_REGS, regs, "KVM_GET_REGS")
+        return regs
+
+    def set_regs(self, regs: K.kvm_regs) -> None:
+        _ioctl(self.fd, K.KVM_SET_REGS, regs, "KVM_SET_REGS")
+
+    def get_sregs(self) -> K.kvm_sregs:
+        sregs = K.kvm_sregs()
+        _ioctl(self.fd, K.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        return sregs
+
+    def set_sregs(self, sregs: K.kvm_sregs) -> None:
+        _ioctl(self.fd, K.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
+
+    def set_cpuid2(self, entries: list[K.kvm_cpuid_entry2]) -> None:
+        buf = K.kvm_cpuid2_with(len(entries))()
+        buf.nent = len(entries)
+        for i, e in enumerate(entries):
+            buf.entries[i] = e
+        _ioctl(self.fd, K.KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
+
+    def translate(self, linear_address: int) -> K.kvm_translation:
+        tr = K.kvm_translation(linear_address=linear_address)
+        _ioctl(self.fd, K.KVM_TRANSLATE, tr, "KVM_TRANSLATE")
+        return tr
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        buf = K.kvm_msrs_with(len(indices))()
+        buf.nmsrs = len(indices)
+        for i, idx in enumerate(indices):
+            buf.entries[i].index = idx
+        n = _ioctl(self.fd, K.KVM_GET_MSRS, buf, "KVM_GET_MSRS")
+        return {buf.entries[i].index: buf.entries[i].data for i in range(n)}
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        buf = K.kvm_msrs_with(len(values))()
+        buf.nmsrs = len(values)
+        for i, (idx, data) in enumerate(values.items()):
+            buf.entries[i].index = idx
+            buf.entries[i].data = data
+        _ioctl(self.fd, K.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
+
+    def set_guest_debug(self, control: int) -> None:
+        dbg = K.kvm_guest_debug(control=control)
+        _ioctl(self.fd, K.KVM_SET_GUEST_DEBUG, dbg, "KVM_SET_GUEST_DEBUG")
+
+    def get_tsc_khz(self) -> int:
+        return _ioctl(self.fd, K.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")

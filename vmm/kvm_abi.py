@@ -1,0 +1,351 @@
+"""Raw KVM ABI: ctypes mirrors of <linux/kvm.h> and ioctl numbers.
+
+Data only, no behaviour. C names are kept verbatim so the kernel header can
+be read side by side. Every struct size and key offset is pinned by
+tests/vmm/test_kvm_abi.py against the values of the installed header.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+
+# --- _IOC encoding (include/uapi/asm-generic/ioctl.h) ----------------------
+# An ioctl number packs direction (2 bits), argument size (14 bits), type
+# (8 bits) and number (8 bits). Computing them from the struct sizes means a
+# wrong mirror shows up as a wrong ioctl number in the tests.
+_IOC_NRBITS = 8
+_IOC_TYPEBITS = 8
+_IOC_SIZEBITS = 14
+_IOC_NRSHIFT = 0
+_IOC_TYPESHIFT = _IOC_NRSHIFT + _IOC_NRBITS
+_IOC_SIZESHIFT = _IOC_TYPESHIFT + _IOC_TYPEBITS
+_IOC_DIRSHIFT = _IOC_SIZESHIFT + _IOC_SIZEBITS
+_IOC_NONE = 0
+_IOC_WRITE = 1
+_IOC_READ = 2
+
+
+def _IOC(direction: int, type_: int, nr: int, size: int) -> int:
+    return (
+        (direction << _IOC_DIRSHIFT)
+        | (type_ << _IOC_TYPESHIFT)
+        | (nr << _IOC_NRSHIFT)
+        | (size << _IOC_SIZESHIFT)
+    )
+
+
+def _IO(type_: int, nr: int) -> int:
+    return _IOC(_IOC_NONE, type_, nr, 0)
+
+
+def _IOR(type_: int, nr: int, struct: type) -> int:
+    return _IOC(_IOC_READ, type_, nr, C.sizeof(struct))
+
+
+def _IOW(type_: int, nr: int, struct: type) -> int:
+    return _IOC(_IOC_WRITE, type_, nr, C.sizeof(struct))
+
+
+def _IOWR(type_: int, nr: int, struct: type) -> int:
+    return _IOC(_IOC_READ | _IOC_WRITE, type_, nr, C.sizeof(struct))
+
+
+KVMIO = 0xAE
+KVM_API_VERSION = 12
+
+u8, u16, u32, u64 = C.c_uint8, C.c_uint16, C.c_uint32, C.c_uint64
+
+
+class _Struct(C.Structure):
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n, *_ in self._fields_)
+        return f"{type(self).__name__}({fields})"
+
+
+# --- registers --------------------------------------------------------------
+class kvm_regs(_Struct):
+    _fields_ = [
+        (name, u64)
+        for name in (
+            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
+        )
+    ]
+
+
+class kvm_segment(_Struct):
+    _fields_ = [
+        ("base", u64),
+        ("limit", u32),
+        ("selector", u16),
+        ("type", u8),
+        ("present", u8),
+        ("dpl", u8),
+        ("db", u8),
+        ("s", u8),
+        ("l", u8),
+        ("g", u8),
+        ("avl", u8),
+        ("unusable", u8),
+        ("padding", u8),
+    ]
+
+
+class kvm_dtable(_Struct):
+    _fields_ = [("base", u64), ("limit", u16), ("padding", u16 * 3)]
+
+
+KVM_NR_INTERRUPTS = 256
+
+
+class kvm_sregs(_Struct):
+    _fields_ = [
+        ("cs", kvm_segment),
+        ("ds", kvm_segment),
+        ("es", kvm_segment),
+        ("fs", kvm_segment),
+        ("gs", kvm_segment),
+        ("ss", kvm_segment),
+        ("tr", kvm_segment),
+        ("ldt", kvm_segment),
+        ("gdt", kvm_dtable),
+        ("idt", kvm_dtable),
+        ("cr0", u64),
+        ("cr2", u64),
+        ("cr3", u64),
+        ("cr4", u64),
+        ("cr8", u64),
+        ("efer", u64),
+        ("apic_base", u64),
+        ("interrupt_bitmap", u64 * ((KVM_NR_INTERRUPTS + 63) // 64)),
+    ]
+
+
+# --- memory -----------------------------------------------------------------
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MEM_READONLY = 1 << 1
+
+
+class kvm_userspace_memory_region(_Struct):
+    _fields_ = [
+        ("slot", u32),
+        ("flags", u32),
+        ("guest_phys_addr", u64),
+        ("memory_size", u64),
+        ("userspace_addr", u64),
+    ]
+
+
+class kvm_dirty_log(_Struct):
+    # The C struct has a union {void *dirty_bitmap; __u64 padding2;}.
+    _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
+
+
+class kvm_translation(_Struct):
+    _fields_ = [
+        ("linear_address", u64),
+        ("physical_address", u64),
+        ("valid", u8),
+        ("writeable", u8),
+        ("usermode", u8),
+        ("pad", u8 * 5),
+    ]
+
+
+# --- CPUID and MSRs ---------------------------------------------------------
+class kvm_cpuid_entry2(_Struct):
+    _fields_ = [
+        ("function", u32),
+        ("index", u32),
+        ("flags", u32),
+        ("eax", u32),
+        ("ebx", u32),
+        ("ecx", u32),
+        ("edx", u32),
+        ("padding", u32 * 3),
+    ]
+
+
+class kvm_cpuid2(_Struct):
+    """Header only; the entries follow it (flexible array member)."""
+
+    _fields_ = [("nent", u32), ("padding", u32)]
+
+
+def kvm_cpuid2_with(n: int) -> type[C.Structure]:
+    """A kvm_cpuid2 header followed by room for ``n`` entries."""
+
+    class _kvm_cpuid2_n(_Struct):
+        _fields_ = [("nent", u32), ("padding", u32), ("entries", kvm_cpuid_entry2 * n)]
+
+    return _kvm_cpuid2_n
+
+
+class kvm_msr_entry(_Struct):
+    _fields_ = [("index", u32), ("reserved", u32), ("data", u64)]
+
+
+class kvm_msrs(_Struct):
+    """Header only; the entries follow it (flexible array member)."""
+
+    _fields_ = [("nmsrs", u32), ("pad", u32)]
+
+
+def kvm_msrs_with(n: int) -> type[C.Structure]:
+    class _kvm_msrs_n(_Struct):
+        _fields_ = [("nmsrs", u32), ("pad", u32), ("entries", kvm_msr_entry * n)]
+
+    return _kvm_msrs_n
+
+
+# --- debugging --------------------------------------------------------------
+class kvm_guest_debug_arch(_Struct):
+    _fields_ = [("debugreg", u64 * 8)]
+
+
+class kvm_guest_debug(_Struct):
+    _fields_ = [("control", u32), ("pad", u32), ("arch", kvm_guest_debug_arch)]
+
+
+KVM_GUESTDBG_ENABLE = 0x00000001
+KVM_GUESTDBG_SINGLESTEP = 0x00000002
+
+
+class kvm_debug_exit_arch(_Struct):
+    _fields_ = [("exception", u32), ("pad", u32), ("pc", u64), ("dr6", u64), ("dr7", u64)]
+
+
+# --- kvm_run ----------------------------------------------------------------
+KVM_EXIT_UNKNOWN = 0
+KVM_EXIT_EXCEPTION = 1
+KVM_EXIT_IO = 2
+KVM_EXIT_HYPERCALL = 3
+KVM_EXIT_DEBUG = 4
+KVM_EXIT_HLT = 5
+KVM_EXIT_MMIO = 6
+KVM_EXIT_IRQ_WINDOW_OPEN = 7
+KVM_EXIT_SHUTDOWN = 8
+KVM_EXIT_FAIL_ENTRY = 9
+KVM_EXIT_INTR = 10
+KVM_EXIT_NMI = 16
+KVM_EXIT_INTERNAL_ERROR = 17
+KVM_EXIT_SYSTEM_EVENT = 24
+
+KVM_EXIT_IO_IN = 0
+KVM_EXIT_IO_OUT = 1
+
+KVM_INTERNAL_ERROR_EMULATION = 1
+KVM_INTERNAL_ERROR_SIMUL_EX = 2
+KVM_INTERNAL_ERROR_DELIVERY_EV = 3
+KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON = 4
+
+
+class _exit_hw(_Struct):
+    _fields_ = [("hardware_exit_reason", u64)]
+
+
+class _exit_fail_entry(_Struct):
+    _fields_ = [("hardware_entry_failure_reason", u64), ("cpu", u32)]
+
+
+class _exit_ex(_Struct):
+    _fields_ = [("exception", u32), ("error_code", u32)]
+
+
+class _exit_io(_Struct):
+    _fields_ = [
+        ("direction", u8),
+        ("size", u8),
+        ("port", u16),
+        ("count", u32),
+        ("data_offset", u64),  # relative to the start of kvm_run
+    ]
+
+
+class _exit_debug(_Struct):
+    _fields_ = [("arch", kvm_debug_exit_arch)]
+
+
+class _exit_mmio(_Struct):
+    _fields_ = [("phys_addr", u64), ("data", u8 * 8), ("len", u32), ("is_write", u8)]
+
+
+class _exit_internal(_Struct):
+    _fields_ = [("suberror", u32), ("ndata", u32), ("data", u64 * 16)]
+
+
+class _exit_system_event(_Struct):
+    _fields_ = [("type", u32), ("ndata", u32), ("data", u64 * 16)]
+
+
+class _exit_union(C.Union):
+    _fields_ = [
+        ("hw", _exit_hw),
+        ("fail_entry", _exit_fail_entry),
+        ("ex", _exit_ex),
+        ("io", _exit_io),
+        ("debug", _exit_debug),
+        ("mmio", _exit_mmio),
+        ("internal", _exit_internal),
+        ("system_event", _exit_system_event),
+        ("padding", C.c_char * 256),
+    ]
+
+
+class kvm_run(_Struct):
+    _fields_ = [
+        ("request_interrupt_window", u8),
+        ("immediate_exit", u8),
+        ("padding1", u8 * 6),
+        ("exit_reason", u32),
+        ("ready_for_interrupt_injection", u8),
+        ("if_flag", u8),
+        ("flags", u16),
+        ("cr8", u64),
+        ("apic_base", u64),
+        ("u", _exit_union),
+        ("kvm_valid_regs", u64),
+        ("kvm_dirty_regs", u64),
+        # union { struct kvm_sync_regs regs; char padding[2048]; } s;
+        ("s", C.c_char * 2048),
+    ]
+
+
+# --- ioctl numbers ----------------------------------------------------------
+# system ioctls (on /dev/kvm)
+KVM_GET_API_VERSION = _IO(KVMIO, 0x00)
+KVM_CREATE_VM = _IO(KVMIO, 0x01)
+KVM_CHECK_EXTENSION = _IO(KVMIO, 0x03)
+KVM_GET_VCPU_MMAP_SIZE = _IO(KVMIO, 0x04)
+KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, kvm_cpuid2)
+# VM ioctls
+KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
+KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, kvm_dirty_log)
+KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, kvm_userspace_memory_region)
+KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
+KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, u64)
+KVM_GET_STATS_FD = _IO(KVMIO, 0xCE)
+# vCPU ioctls
+KVM_RUN = _IO(KVMIO, 0x80)
+KVM_GET_REGS = _IOR(KVMIO, 0x81, kvm_regs)
+KVM_SET_REGS = _IOW(KVMIO, 0x82, kvm_regs)
+KVM_GET_SREGS = _IOR(KVMIO, 0x83, kvm_sregs)
+KVM_SET_SREGS = _IOW(KVMIO, 0x84, kvm_sregs)
+KVM_TRANSLATE = _IOWR(KVMIO, 0x85, kvm_translation)
+KVM_GET_MSRS = _IOWR(KVMIO, 0x88, kvm_msrs)
+KVM_SET_MSRS = _IOW(KVMIO, 0x89, kvm_msrs)
+KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, kvm_cpuid2)
+KVM_SET_GUEST_DEBUG = _IOW(KVMIO, 0x9B, kvm_guest_debug)
+KVM_GET_TSC_KHZ = _IO(KVMIO, 0xA3)
+
+# capabilities (KVM_CHECK_EXTENSION)
+KVM_CAP_USER_MEMORY = 3
+KVM_CAP_SET_TSS_ADDR = 4
+KVM_CAP_EXT_CPUID = 7
+KVM_CAP_NR_MEMSLOTS = 10
+KVM_CAP_GET_TSC_KHZ = 61
+KVM_CAP_READONLY_MEM = 81
+KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_GUEST_DEBUG_HW_BPS = 119
+
+# MSRs
+MSR_EFER = 0xC0000080

@@ -1,0 +1,135 @@
+"""Guest physical memory: one sparse host mapping, bounds-checked access.
+
+RAM is a memfd (so another process can map the same pages, see the inspector)
+mapped MAP_SHARED | MAP_NORESERVE: a 64 GiB guest costs nothing until its
+pages are touched. Every accessor checks ``[paddr, paddr + n)`` against the
+RAM size before touching the mapping, so no guest-supplied address can make
+the host read or write outside guest RAM.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import mmap
+import os
+import struct
+
+from .layout import MAX_RAM, MIN_RAM, PAGE_SIZE
+
+# Python < 3.12 lacks the constant; 0x4000 is MAP_NORESERVE on Linux x86-64.
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+
+class GuestMemoryError(ValueError):
+    """An access outside guest RAM, or an unusable RAM size."""
+
+
+def check_ram_size(size: int) -> None:
+    if size <= 0:
+        raise GuestMemoryError("memory size must be positive")
+    if size % PAGE_SIZE:
+        raise GuestMemoryError(f"memory size {size} is not a multiple of 4 KiB")
+    if size < MIN_RAM:
+        raise GuestMemoryError(f"memory size {size // 1024} KiB is below the minimum of {MIN_RAM >> 20} MiB")
+    if size > MAX_RAM:
+        raise GuestMemoryError(f"memory size {size >> 30} GiB is above the maximum of {MAX_RAM >> 30} GiB")
+
+
+class GuestMemory:
+    """Guest RAM at guest-physical 0..size, owned by this object."""
+
+    def __init__(self, size: int, *, shared: bool = True):
+        check_ram_size(size)
+        self.size = size
+        self.fd: int | None = None
+        if shared:
+            self.fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, size)
+            self.mmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED | MAP_NORESERVE)
+        else:
+            self.mmap = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+        self._anchor = C.c_char.from_buffer(self.mmap)
+        self.host_address = C.addressof(self._anchor)
+        self._view = memoryview(self.mmap)
+        self._physmem = None
+
+    # --- lifetime -----------------------------------------------------------
+    def close(self) -> None:
+        if self.mmap is None:
+            return
+        # Every exported view must go before the mmap can close.
+        self._physmem = None
+        self._view.release()
+        del self._anchor
+        self.mmap.close()
+        self.mmap = None  # type: ignore[assignment]
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "GuestMemory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- bounds ---------------------------------------------------------------
+    def contains(self, paddr: int, n: int = 1) -> bool:
+        return 0 <= paddr and n >= 0 and paddr + n <= self.size
+
+    def _check(self, paddr: int, n: int) -> None:
+        if not (0 <= paddr and 0 <= n and paddr + n <= self.size):
+            raise GuestMemoryError(
+                f"guest-physical access [{paddr:#x}, {paddr + n:#x}) is outside guest RAM [0, {self.size:#x})"
+            )
+
+    # --- access -----------------------------------------------------------------
+    def read(self, paddr: int, n: int) -> bytes:
+        self._check(paddr, n)
+        return self._view[paddr : paddr + n].tobytes()
+
+    def view(self, paddr: int, n: int) -> memoryview:
+        """A zero-copy window; valid only while this object is open."""
+        self._check(paddr, n)
+        return self._view[paddr : paddr + n]
+
+    def write(self, paddr: int, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        self._check(paddr, n)
+        self._view[paddr : paddr + n] = data
+
+    def zero(self, paddr: int, n: int) -> None:
+        self._check(paddr, n)
+        C.memset(self.host_address + paddr, 0, n)
+
+    def read_u64(self, paddr: int) -> int:
+        self._check(paddr, 8)
+        return struct.unpack_from("<Q", self.mmap, paddr)[0]
+
+    def write_u64(self, paddr: int, value: int) -> None:
+        self._check(paddr, 8)
+        struct.pack_into("<Q", self.mmap, paddr, value)
+
+    def read_cstruct(self, paddr: int, ctype: type):
+        """A copy of a ctypes structure read from guest memory."""
+        n = C.sizeof(ctype)
+        self._check(paddr, n)
+        return ctype.from_buffer_copy(self._view[paddr : paddr + n])
+
+    def write_cstruct(self, paddr: int, value) -> None:
+        self.write(paddr, bytes(value))
+
+    @property
+    def physmem(self):
+        """This RAM as an ``mm`` physical-memory interface (mapper, walker)."""
+        if self._physmem is None:
+            from mm.physmem import BufferMemory
+
+            self._physmem = BufferMemory(self.mmap)
+        return self._physmem
+
+    def resident_bytes(self) -> int:
+        """Host memory actually backing guest RAM (pages touched so far)."""
+        if self.fd is None:
+            return 0
+        return os.fstat(self.fd).st_blocks * 512

@@ -1,0 +1,365 @@
+"""A booted guest: KVM objects, guest RAM, devices and the run loop.
+
+``Vm`` owns everything for one guest and closes it deterministically.
+``Vm.run()`` drives KVM_RUN until the guest stops and returns a
+``RunResult``. Exit handling is ``handle_exit``, a free function fed decoded
+exits, so tests can give it synthetic exits without a VM.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import exits as X
+from .abi import COM1_BASE, COM1_SIZE, EXIT_PORT, EXIT_PORT_SIZE, REPORT_PORT, REPORT_PORT_SIZE, ExitCode
+from .abi import ReportKind
+from .backend import BackendInfo, detect_backend, host_has_1g_pages
+from .boot import BootLayout, choose_slide, prepare_guest
+from .cpu import decode_bits, entry_regs, long_mode_sregs
+from .devices import ExitDevice, PortBus, ReportDevice, Stop, Uart16550
+from .elf import KernelImage, Symbolizer
+from .kvm import Kvm, KvmError
+from .memory import GuestMemory
+from .reports import Report
+
+STOP_SIGNAL = signal.SIGUSR1
+
+
+def _install_stop_signal() -> None:
+    """KVM_RUN only returns EINTR for a signal that has a handler."""
+    if threading.current_thread() is threading.main_thread():
+        if signal.getsignal(STOP_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            signal.signal(STOP_SIGNAL, lambda *_: None)
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    stop_reason: str
+    message: str
+    backend: str
+    memory_bytes: int
+    kaslr_slide: int
+    serial: bytes
+    reports: list[Report]
+    report_errors: list[str]
+    timings_ms: dict[str, float]
+    exits: int
+    registers: dict[str, int] | None = None
+    rip_symbol: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def reports_of(self, kind: ReportKind) -> list[Report]:
+        return [r for r in self.reports if r.kind == kind]
+
+    def to_json(self) -> dict:
+        return {
+            "exit_code": self.exit_code,
+            "stop_reason": self.stop_reason,
+            "message": self.message,
+            "backend": self.backend,
+            "memory_bytes": self.memory_bytes,
+            "kaslr_slide": self.kaslr_slide,
+            "timings_ms": {k: round(v, 4) for k, v in self.timings_ms.items()},
+            "exits": self.exits,
+            "serial_bytes": len(self.serial),
+            "reports": [r.to_json() for r in self.reports],
+            "report_errors": self.report_errors,
+            "registers": self.registers,
+            "rip_symbol": self.rip_symbol,
+        }
+
+
+def handle_exit(exit_: X.Exit, bus: PortBus) -> Stop | bytes | None:
+    """Decide what one decoded exit means.
+
+    Returns a ``Stop`` to end the run, bytes to hand back for an IN, or None
+    to resume the guest.
+    """
+    if isinstance(exit_, X.IoOut):
+        hit = bus.lookup(exit_.port)
+        if hit is None:
+            return Stop(ExitCode.UNKNOWN_PORT, "unknown-port", f"write to unknown port {exit_.port:#x}")
+        device, offset = hit
+        size = exit_.size
+        if len(exit_.data) == size:
+            return device.io_out(offset, exit_.data)
+        for i in range(0, len(exit_.data), size):  # rep outs: one exit, many items
+            stop = device.io_out(offset, exit_.data[i : i + size])
+            if stop is not None:
+                return stop
+        return None
+    if isinstance(exit_, X.IoIn):
+        hit = bus.lookup(exit_.port)
+        if hit is None:
+            return Stop(ExitCode.UNKNOWN_PORT, "unknown-port", f"read from unknown port {exit_.port:#x}")
+        device, offset = hit
+        return device.io_in(offset, exit_.size) * exit_.count
+    if isinstance(exit_, X.Mmio):
+        op = "write to" if exit_.is_write else "read from"
+        return Stop(ExitCode.UNBACKED_MMIO, "unbacked-mmio", f"MMIO {op} unbacked address {exit_.phys_addr:#x}")
+    if isinstance(exit_, X.Hlt):
+        return Stop(ExitCode.HALTED, "halted", "guest halted (HLT) with nothing to wake it")
+    if isinstance(exit_, X.Shutdown):
+        return Stop(ExitCode.TRIPLE_FAULT, "triple-fault", "guest triple-faulted (KVM_EXIT_SHUTDOWN)")
+    if isinstance(exit_, X.FailEntry):
+        return Stop(
+            ExitCode.FAIL_ENTRY,
+            "fail-entry",
+            f"VM entry failed (hardware reason {exit_.hardware_entry_failure_reason:#x})",
+        )
+    if isinstance(exit_, X.InternalError):
+        return Stop(ExitCode.EMULATION_FAILURE, "internal-error", f"KVM internal error: {exit_.description}")
+    if isinstance(exit_, X.SystemEvent):
+        return Stop(ExitCode.TRIPLE_FAULT, "system-event", f"system event {exit_.type}")
+    if isinstance(exit_, X.Interrupted):
+        return None  # the run loop decides (watchdog or request to stop)
+    return Stop(ExitCode.HOST_ERROR, "unknown-exit", f"unhandled KVM exit {exit_!r}")
+
+
+@dataclass
+class VmConfig:
+    memory: int
+    cmdline: str = ""
+    slide: int | None = None
+    timeout: float | None = None
+    use_1g: bool | None = None
+    shared_memory: bool = True
+
+
+class Vm:
+    """One guest: /dev/kvm, the VM, one vCPU, RAM, and its devices."""
+
+    def __init__(
+        self,
+        image: KernelImage,
+        config: VmConfig,
+        *,
+        console: Callable[[bytes], None] | None = None,
+        on_report: Callable[[Report], None] | None = None,
+        backend: BackendInfo | None = None,
+    ):
+        self.image = image
+        self.config = config
+        self.backend = backend or detect_backend()
+        self.timings_ms: dict[str, float] = {}
+        self._on_report = on_report
+        self.kvm = self.vm = self.vcpu = self.memory = None
+        self._stop_request: Stop | None = None
+        self._vcpu_thread: int | None = None
+        t = time.perf_counter_ns
+        t0 = t()
+        try:
+            self.kvm = Kvm()
+            self.vm = self.kvm.create_vm()
+            t1 = t()
+            self.memory = GuestMemory(config.memory, shared=config.shared_memory)
+            self.vm.set_user_memory_region(0, 0, self.memory.size, self.memory.host_address)
+            t2 = t()
+            self.vcpu = self.vm.create_vcpu(0)
+            self.vcpu.set_cpuid2(self.kvm.get_supported_cpuid())
+            try:
+                tsc_khz = self.vcpu.get_tsc_khz()
+            except KvmError:
+                tsc_khz = 0
+            t3 = t()
+            self.slide = choose_slide(image, config.slide)
+            use_1g = host_has_1g_pages() if config.use_1g is None else config.use_1g
+            self.layout: BootLayout = prepare_guest(
+                self.memory,
+                image,
+                slide=self.slide,
+                cmdline=config.cmdline,
+                backend=int(self.backend.backend),
+                tsc_khz=tsc_khz,
+                use_1g=use_1g,
+            )
+            t4 = t()
+            sregs = long_mode_sregs(self.vcpu.get_sregs(), self.layout.cr3, self.layout.gdt_base)
+            self.vcpu.set_sregs(sregs)
+            self.vcpu.set_regs(entry_regs(self.layout.entry, self.layout.stack_top, self.layout.boot_info_virt))
+            t5 = t()
+        except BaseException:
+            self.close()
+            raise
+        self.tsc_khz = tsc_khz
+        self.symbolizer: Symbolizer = image.symbolizer(self.slide)
+        self.timings_ms = {
+            "kvm_create_vm": (t1 - t0) / 1e6,
+            "guest_memory": (t2 - t1) / 1e6,
+            "vcpu_create": (t3 - t2) / 1e6,
+            **self.layout.timings_ms,
+            "vcpu_state": (t5 - t4) / 1e6,
+            "setup_total": (t5 - t0) / 1e6,
+            "setup_from_create_vm": (t5 - t0) / 1e6 - (t3 - t2) / 1e6 - (t2 - t1) / 1e6,
+        }
+        self._setup_done_ns = t5
+        self.bus = PortBus()
+        self.uart = Uart16550(console)
+        self.reports = ReportDevice(self.memory, self._report)
+        self.bus.add(COM1_BASE, COM1_SIZE, self.uart)
+        self.bus.add(EXIT_PORT, EXIT_PORT_SIZE, ExitDevice())
+        self.bus.add(REPORT_PORT, REPORT_PORT_SIZE, self.reports)
+        self._ready_ns: int | None = None
+
+    # --- lifetime -------------------------------------------------------------------
+    def close(self) -> None:
+        for name in ("vcpu", "vm", "memory", "kvm"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.close()
+                setattr(self, name, None)
+
+    def __enter__(self) -> "Vm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- control from other threads ---------------------------------------------------
+    def request_stop(self, stop: Stop) -> None:
+        """Ask the vCPU to stop from any thread (immediate_exit plus a signal)."""
+        self._stop_request = stop
+        vcpu = self.vcpu
+        if vcpu is not None and vcpu.run_struct is not None:
+            vcpu.run_struct.immediate_exit = 1
+        tid = self._vcpu_thread
+        if tid is not None:
+            try:
+                signal.pthread_kill(tid, STOP_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
+
+    def _report(self, report: Report) -> Stop | None:
+        if report.kind == ReportKind.READY and self._ready_ns is None:
+            self._ready_ns = time.perf_counter_ns()
+        if self._on_report is not None:
+            self._on_report(report)
+        return None
+
+    # --- diagnostics ------------------------------------------------------------------
+    def register_dump(self) -> dict[str, int]:
+        regs = self.vcpu.get_regs()
+        sregs = self.vcpu.get_sregs()
+        out = {name: getattr(regs, name) for name, _ in regs._fields_}
+        for name in ("cr0", "cr2", "cr3", "cr4", "efer"):
+            out[name] = getattr(sregs, name)
+        return out
+
+    @staticmethod
+    def format_registers(regs: dict[str, int]) -> str:
+        names = "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
+        lines = []
+        for i in range(0, len(names), 4):
+            lines.append("  ".join(f"{n:>6}={regs[n]:016x}" for n in names[i : i + 4]))
+        lines.append(
+            "  ".join(f"{n:>6}={regs[n]:016x}" for n in ("cr0", "cr2", "cr3", "cr4"))
+            + f"  efer={regs['efer']:x}"
+        )
+        lines.append(
+            f"  cr0[{' '.join(decode_bits('cr0', regs['cr0']))}] cr4[{' '.join(decode_bits('cr4', regs['cr4']))}]"
+            f" efer[{' '.join(decode_bits('efer', regs['efer']))}]"
+        )
+        return "\n".join(lines)
+
+    # --- the run loop -------------------------------------------------------------------
+    def run(self) -> RunResult:
+        _install_stop_signal()
+        self._vcpu_thread = threading.get_ident()
+        watchdog = None
+        if self.config.timeout is not None:
+            watchdog = threading.Timer(
+                self.config.timeout,
+                self.request_stop,
+                args=(Stop(ExitCode.TIMEOUT, "timeout", f"watchdog: guest still running after {self.config.timeout:g} s"),),
+            )
+            watchdog.daemon = True
+            watchdog.start()
+        vcpu = self.vcpu
+        run_view = memoryview(vcpu._map)
+        bus = self.bus
+        by_port = bus.by_port
+        io_reason = 2  # KVM_EXIT_IO
+        decode = X.decode_exit
+        nexits = 0
+        start = time.perf_counter_ns()
+        stop: Stop | None = None
+        try:
+            while stop is None:
+                try:
+                    reason = vcpu.run()
+                except InterruptedError:
+                    vcpu.run_struct.immediate_exit = 0
+                    if self._stop_request is not None:
+                        stop = self._stop_request
+                    continue
+                except KeyboardInterrupt:
+                    stop = Stop(130, "interrupted", "interrupted by the user (Ctrl-C)")
+                    break
+                nexits += 1
+                # Fast path: a byte written to a known port (serial output).
+                if reason == io_reason and run_view[32] == 1:
+                    port = run_view[34] | (run_view[35] << 8)
+                    hit = by_port.get(port)
+                    if hit is not None and run_view[33] * int.from_bytes(run_view[36:40], "little") <= 8:
+                        size = run_view[33]
+                        count = int.from_bytes(run_view[36:40], "little")
+                        off = int.from_bytes(run_view[40:48], "little")
+                        stop = hit[0].io_out(hit[1], bytes(run_view[off : off + size * count]))
+                        if stop is None and self._stop_request is not None:
+                            stop = self._stop_request
+                        continue
+                ex = decode(reason, run_view)
+                action = handle_exit(ex, bus)
+                if isinstance(action, Stop):
+                    stop = action
+                elif isinstance(action, bytes):
+                    io = ex  # IoIn: copy the answer where KVM expects it
+                    run_view[io.data_offset : io.data_offset + len(action)] = action
+                if stop is None and self._stop_request is not None:
+                    stop = self._stop_request
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            self._vcpu_thread = None
+            run_view.release()
+        end = time.perf_counter_ns()
+        return self._result(stop, nexits, start, end)
+
+    def _result(self, stop: Stop, nexits: int, start: int, end: int) -> RunResult:
+        timings = dict(self.timings_ms)
+        timings["run"] = (end - start) / 1e6
+        if self.uart.first_byte_ns is not None:
+            timings["to_first_serial_byte"] = (self.uart.first_byte_ns - self._setup_done_ns) / 1e6
+        if self._ready_ns is not None:
+            timings["to_ready"] = (self._ready_ns - self._setup_done_ns) / 1e6
+        registers = rip_symbol = None
+        message = stop.message
+        if stop.reason not in ("exit",):
+            try:
+                registers = self.register_dump()
+                rip_symbol = self.symbolizer.format(registers["rip"])
+            except KvmError:
+                pass
+        return RunResult(
+            exit_code=int(stop.exit_code),
+            stop_reason=stop.reason,
+            message=message,
+            backend=self.backend.name,
+            memory_bytes=self.memory.size,
+            kaslr_slide=self.slide,
+            serial=bytes(self.uart.output),
+            reports=list(self.reports.reports),
+            report_errors=list(self.reports.errors),
+            timings_ms=timings,
+            exits=nexits,
+            registers=registers,
+            rip_symbol=rip_symbol,
+        )
