@@ -35,6 +35,16 @@ from .findings import Finding, Severity, WalkReport
 from .flags import ADDR_MASK, PteFlags
 from .frames import BumpFrameAllocator, FrameAllocator
 from .mapper import Mapper
+from .memmap import DESCRIPTOR_SIZE, EFI_MEMORY_WB, MemoryDescriptor, MemoryMap, MemoryType
+from .audit import (
+    audit_all,
+    audit_guard_pages,
+    audit_outside_ram,
+    audit_pt_aliases,
+    audit_reserved_bits,
+    audit_user_in_kernel_half,
+    audit_wx,
+)
 from .physmem import BufferMemory, PhysicalMemory
 from .walker import (
     Run,
@@ -61,6 +71,9 @@ __all__ = [
     "ADDR_MASK", "PteFlags",
     "BumpFrameAllocator", "FrameAllocator",
     "Mapper",
+    "DESCRIPTOR_SIZE", "EFI_MEMORY_WB", "MemoryDescriptor", "MemoryMap", "MemoryType",
+    "audit_all", "audit_guard_pages", "audit_outside_ram", "audit_pt_aliases", "audit_reserved_bits",
+    "audit_user_in_kernel_half", "audit_wx",
     "BufferMemory", "PhysicalMemory",
     "Run", "RunArrays", "Translation", "coalesce", "naive_translate", "naive_walk",
     "read_virt", "reverse", "translate", "walk", "walk_arrays", "write_virt",

@@ -87,7 +87,7 @@ class PhysAddr(int):
         return super().__new__(cls, value)
 
     def __repr__(self) -> str:
-        return f"PhysAddr({int(self):#x})"
+        return f"PhysAddr({int(self):#_x})"
 
 
 class VirtAddr(int):
@@ -117,4 +117,4 @@ class VirtAddr(int):
         return ((v >> 39) & 511, (v >> 30) & 511, (v >> 21) & 511, (v >> 12) & 511, v & 0xFFF)
 
     def __repr__(self) -> str:
-        return f"VirtAddr({int(self):#x})"
+        return f"VirtAddr({int(self):#_x})"

@@ -36,7 +36,7 @@ class AddressError(MMError, ValueError):
 
     def __init__(self, addr: int, reason: str) -> None:
         self.addr = addr
-        super().__init__(f"{addr:#x}: {reason}")
+        super().__init__(f"{addr:#_x}: {reason}")
 
 
 class OutOfBounds(MMError, IndexError):
@@ -45,7 +45,7 @@ class OutOfBounds(MMError, IndexError):
     def __init__(self, paddr: int, n: int, base: int, size: int) -> None:
         self.paddr, self.n, self.base, self.size = paddr, n, base, size
         super().__init__(
-            f"physical access [{paddr:#x}, +{n:#x}) outside memory [{base:#x}, {base + size:#x})"
+            f"physical access [{paddr:#_x}, +{n:#_x}) outside memory [{base:#_x}, {base + size:#_x})"
         )
 
 
@@ -54,7 +54,7 @@ class Misaligned(MMError, ValueError):
 
     def __init__(self, addr: int, size: int) -> None:
         self.addr, self.size = addr, size
-        super().__init__(f"{addr:#x} is not aligned to {size:#x}")
+        super().__init__(f"{addr:#_x} is not aligned to {size:#_x}")
 
 
 class OutOfFrames(MMError):
@@ -72,7 +72,7 @@ class _EntryError(MMError):
     def __init__(self, virt: int, level: int, entry: int) -> None:
         self.virt, self.level, self.entry = virt, level, entry
         super().__init__(
-            f"{virt:#x}: {self.what} ({_level_name(level)} entry {entry:#018x})"
+            f"{virt:#_x}: {self.what} ({_level_name(level)} entry {entry:#018x})"
         )
 
 
@@ -93,7 +93,7 @@ class WXViolation(MMError):
 
     def __init__(self, virt: int) -> None:
         self.virt = virt
-        super().__init__(f"{virt:#x}: writable and executable mapping refused (W^X)")
+        super().__init__(f"{virt:#_x}: writable and executable mapping refused (W^X)")
 
 
 class NotMapped(MMError):
@@ -101,8 +101,8 @@ class NotMapped(MMError):
 
     def __init__(self, virt: int, level: int | None = None, entry: int | None = None) -> None:
         self.virt, self.level, self.entry = virt, level, entry
-        where = "" if level is None else f" (non-present {_level_name(level)} entry {entry or 0:#x})"
-        super().__init__(f"{virt:#x}: not mapped{where}")
+        where = "" if level is None else f" (non-present {_level_name(level)} entry {entry or 0:#_x})"
+        super().__init__(f"{virt:#_x}: not mapped{where}")
 
 
 class MemoryMapError(MMError, ValueError):

@@ -31,7 +31,7 @@ class BumpFrameAllocator:
             if a % PAGE_4K:
                 raise Misaligned(a, PAGE_4K)
         if end < start:
-            raise ValueError(f"end {end:#x} below start {start:#x}")
+            raise ValueError(f"end {end:#_x} below start {start:#_x}")
         self.start, self.end = start, end
         #: Physical address of the next frame to hand out.
         self.next = start
@@ -45,11 +45,11 @@ class BumpFrameAllocator:
 
     def allocate(self) -> int:
         if self.next + PAGE_4K > self.end:
-            raise OutOfFrames(f"bump allocator [{self.start:#x}, {self.end:#x}) exhausted")
+            raise OutOfFrames(f"bump allocator [{self.start:#_x}, {self.end:#_x}) exhausted")
         frame = self.next
         self.next += PAGE_4K
         self.allocated.append(frame)
         return frame
 
     def __repr__(self) -> str:
-        return f"BumpFrameAllocator({self.start:#x}, {self.end:#x}, next={self.next:#x})"
+        return f"BumpFrameAllocator({self.start:#_x}, {self.end:#_x}, next={self.next:#_x})"

@@ -67,7 +67,7 @@ class Mapper:
         return self._root
 
     def __repr__(self) -> str:
-        return f"Mapper(root={self._root:#x})"
+        return f"Mapper(root={self._root:#_x})"
 
     # -- helpers ---------------------------------------------------------
 
@@ -84,11 +84,11 @@ class Mapper:
         if size == PAGE_4K:
             # In a 4 KiB PTE bit 7 is the PAT bit, bit 12 is an address bit.
             if bits & ADDR_MASK:
-                raise ValueError(f"flags {bits:#x} overlap the 4 KiB address field")
+                raise ValueError(f"flags {bits:#_x} overlap the 4 KiB address field")
         else:
             bits |= _PS  # PS=1 makes a PDPTE/PDE a leaf (SDM 4.5.4)
             if bits & ADDR_MASK & ~int(PteFlags.PAT_HUGE):
-                raise ValueError(f"flags {bits:#x} overlap the large-page address field")
+                raise ValueError(f"flags {bits:#_x} overlap the large-page address field")
         if self.forbid_wx and bits & _W and not bits & _NX:
             raise WXViolation(virt)
         return bits
@@ -107,7 +107,7 @@ class Mapper:
         lin = virt & _LIN_MASK
         half_end = _HALF if lin < _HALF else 1 << 48
         if lin + length > half_end:
-            raise AddressError(virt, f"range of {length:#x} bytes crosses the canonical hole")
+            raise AddressError(virt, f"range of {length:#_x} bytes crosses the canonical hole")
         return lin
 
     # -- mapping ---------------------------------------------------------

@@ -98,7 +98,7 @@ class BufferMemory:
         self.close()
 
     def __repr__(self) -> str:
-        return f"BufferMemory(base={self.base:#x}, size={self.size:#x})"
+        return f"BufferMemory(base={self.base:#_x}, size={self.size:#_x})"
 
     def _offset(self, paddr: int, n: int) -> int:
         """Offset of ``[paddr, paddr+n)`` in the buffer, or OutOfBounds."""

@@ -259,7 +259,7 @@ class _Walk:
                 kind,
                 int(base[r]) + (c << lv.shift),
                 lv.span,
-                f"{cols.size} {lv.name} entr{'y' if cols.size == 1 else 'ies'} of table {int(tbl[r]):#x} {what}"
+                f"{cols.size} {lv.name} entr{'y' if cols.size == 1 else 'ies'} of table {int(tbl[r]):#_x} {what}"
                 f" (first: index {c}, entry {e:#018x})",
                 sev,
                 level=lv.number,
@@ -275,13 +275,13 @@ class _Walk:
         phys_bits = (1 << PHYS_ADDR_BITS) - 1
         if cr3 & phys_bits & ~((1 << self.maxphyaddr) - 1):
             # MOV to CR3 with bits above MAXPHYADDR raises #GP: nothing is mapped.
-            self._find("reserved_bits", None, 0, f"CR3 {cr3:#x} has bits above MAXPHYADDR={self.maxphyaddr}",
+            self._find("reserved_bits", None, 0, f"CR3 {cr3:#_x} has bits above MAXPHYADDR={self.maxphyaddr}",
                        Severity.ERROR, entry=cr3)
             return
         root = cr3 & ADDR_MASK  # bits 11:0 are PWT/PCD or the PCID, bit 63 is not stored
         if not self._table_in_ram(root):
-            self._find("cr3_outside_ram", None, 0, f"CR3 {cr3:#x} points outside RAM "
-                       f"[{self.ram[0]:#x}, {self.ram[1]:#x})", Severity.ERROR, entry=cr3)
+            self._find("cr3_outside_ram", None, 0, f"CR3 {cr3:#_x} points outside RAM "
+                       f"[{self.ram[0]:#_x}, {self.ram[1]:#_x})", Severity.ERROR, entry=cr3)
             return
         tbl = np.array([root], dtype=np.uint64)
         base = np.zeros(1, dtype=np.uint64)
@@ -369,14 +369,14 @@ class _Walk:
         out = (child < _u64(self.ram[0])) | (child + _u64(PAGE_4K) > _u64(self.ram[1]))
         if out.any():
             self._find_entries("table_outside_ram", out, cbase, parent, entry, lv,
-                               lambda i: f"{lv.name} entry points at {int(child[i]):#x}, outside RAM; subtree skipped",
+                               lambda i: f"{lv.name} entry points at {int(child[i]):#_x}, outside RAM; subtree skipped",
                                Severity.ERROR)
             keep &= ~out
 
         cyc = keep & (canc == child[:, None]).any(axis=1)
         if cyc.any():
             self._find_entries("cycle", cyc, cbase, parent, entry, lv,
-                               lambda i: f"{lv.name} entry points back at ancestor table {int(child[i]):#x}"
+                               lambda i: f"{lv.name} entry points back at ancestor table {int(child[i]):#_x}"
                                f" (read again as a {child_lv.name})", Severity.WARNING)
 
         # Each frame is expanded once per level: later references are reported, not re-walked.
@@ -387,7 +387,7 @@ class _Walk:
         if dup.any():
             keep &= ~dup
             self._find_entries("shared_table", dup, cbase, parent, entry, lv,
-                               lambda i: f"{child_lv.name} {int(child[i]):#x} is referenced again; "
+                               lambda i: f"{child_lv.name} {int(child[i]):#_x} is referenced again; "
                                "this alias is not expanded", Severity.WARNING)
 
         idx = np.flatnonzero(keep)
@@ -449,8 +449,8 @@ class _Walk:
             pi, si = int(p[i]), int(s[i])
             whole = pi >= hi or pi + si <= lo
             self._find("leaf_outside_ram", int(v[i]), si,
-                       f"maps phys [{pi:#x}, {pi + si:#x}), {'entirely' if whole else 'partly'} outside RAM "
-                       f"[{lo:#x}, {hi:#x})", Severity.WARNING if whole else Severity.INFO)
+                       f"maps phys [{pi:#_x}, {pi + si:#_x}), {'entirely' if whole else 'partly'} outside RAM "
+                       f"[{lo:#_x}, {hi:#_x})", Severity.WARNING if whole else Severity.INFO)
         self.report.suppressed += max(0, idx.size - room)
 
 
@@ -507,7 +507,7 @@ def translate(mem: PhysicalMemory, cr3: int, virt: int, **kw) -> Translation | N
 def _pieces(mem: PhysicalMemory, cr3: int, virt: int, n: int, **kw) -> list[tuple[int, int]]:
     """``(phys, length)`` pieces backing ``[virt, virt+n)``; NotMapped at the first hole."""
     if not is_canonical(virt) or n < 0 or virt + n > 1 << 64:
-        raise AddressError(virt, f"range of {n:#x} bytes is not canonical")
+        raise AddressError(virt, f"range of {n:#_x} bytes is not canonical")
     out: list[tuple[int, int]] = []
     cur = virt
     for r in walk(mem, cr3, virt, virt + n, **kw):
