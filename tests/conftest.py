@@ -32,3 +32,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "kvm" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def guest_kernel_path():
+    """The default guest kernel, built once per session (cached by source hash)."""
+    from vmm.guest_build import GuestBuildError, build_guest
+
+    try:
+        return build_guest(quiet=True)
+    except GuestBuildError as exc:
+        pytest.skip(f"guest kernel cannot be built here: {exc}")
+
+
+@pytest.fixture(scope="session")
+def guest_image(guest_kernel_path):
+    from vmm.elf import load_kernel_file
+
+    return load_kernel_file(guest_kernel_path)
+
+
+@pytest.fixture
+def boot(guest_image):
+    """Boot the default guest: boot(cmdline=..., memory=..., timeout=...) -> RunResult."""
+    from vmm.vm import Vm, VmConfig
+
+    def _boot(cmdline: str = "", memory: int = 64 << 20, timeout: float = 30.0, **kw):
+        with Vm(guest_image, VmConfig(memory=memory, cmdline=cmdline, timeout=timeout, **kw)) as vm:
+            return vm.run()
+
+    return _boot

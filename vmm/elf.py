@@ -289,7 +289,9 @@ def _symbols(data: bytes) -> list[Symbol]:
 
 
 def _demangle(name: str) -> str:
-    """Readable form of a Rust legacy-mangled name (_ZN...E), else unchanged."""
+    """Readable form of a Rust-mangled name (legacy _ZN...E or v0 _R...), else unchanged."""
+    if name.startswith("_R"):
+        return _demangle_v0(name)
     if not (name.startswith("_ZN") and name.endswith("E")):
         return name
     parts, i, body = [], 3, name[:-1]
@@ -306,3 +308,48 @@ def _demangle(name: str) -> str:
     if parts and parts[-1].startswith("h") and len(parts[-1]) == 17:
         parts.pop()  # the hash suffix
     return "::".join(p.replace("$LT$", "<").replace("$GT$", ">").replace("$u20$", " ").replace("..", "::") for p in parts)
+
+
+def _demangle_v0(name: str) -> str:
+    """The path part of a v0-mangled symbol (RFC 2603): crate::module::item.
+
+    Handles nested paths (N), crate roots (C) and identifiers with their
+    disambiguators; generic arguments and impl paths end the walk, and
+    anything unexpected returns the name unchanged.
+    """
+    s, pos = name, 2
+
+    def ident() -> str:
+        nonlocal pos
+        if s.startswith("s", pos):  # disambiguator s<base62>_
+            end = s.index("_", pos)
+            pos = end + 1
+        if s.startswith("u", pos):
+            pos += 1  # punycode flag; keep the raw text
+        j = pos
+        while s[j].isdigit():
+            j += 1
+        n = int(s[pos:j])
+        if s.startswith("_", j):
+            j += 1
+        text = s[j : j + n]
+        pos = j + n
+        return text
+
+    def path() -> list[str]:
+        nonlocal pos
+        tag = s[pos]
+        pos += 1
+        if tag == "C":
+            return [ident()]
+        if tag == "N":
+            pos += 1  # namespace: v (value), t (type), C (closure)...
+            inner = path()
+            return inner + [ident()]
+        raise ValueError(tag)
+
+    try:
+        parts = path()
+    except (ValueError, IndexError):
+        return name
+    return "::".join(p for p in parts if p) or name

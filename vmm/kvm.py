@@ -90,11 +90,12 @@ class Kvm(_FdOwner):
     def get_vcpu_mmap_size(self) -> int:
         return _ioctl(self.fd, K.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
 
-    def get_supported_cpuid(self, max_entries: int = 256) -> list[K.kvm_cpuid_entry2]:
+    def get_supported_cpuid(self, max_entries: int = 256) -> C.Structure:
+        """The kvm_cpuid2 (header plus entries) that KVM supports on this host."""
         buf = K.kvm_cpuid2_with(max_entries)()
         buf.nent = max_entries
         _ioctl(self.fd, K.KVM_GET_SUPPORTED_CPUID, buf, "KVM_GET_SUPPORTED_CPUID")
-        return [buf.entries[i] for i in range(buf.nent)]
+        return buf
 
     def create_vm(self) -> "VmFd":
         fd = _ioctl(self.fd, K.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
@@ -183,12 +184,9 @@ class VcpuFd(_FdOwner):
     def set_sregs(self, sregs: K.kvm_sregs) -> None:
         _ioctl(self.fd, K.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
 
-    def set_cpuid2(self, entries: list[K.kvm_cpuid_entry2]) -> None:
-        buf = K.kvm_cpuid2_with(len(entries))()
-        buf.nent = len(entries)
-        for i, e in enumerate(entries):
-            buf.entries[i] = e
-        _ioctl(self.fd, K.KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
+    def set_cpuid2(self, cpuid: C.Structure) -> None:
+        """Set CPUID from a kvm_cpuid2 buffer (as get_supported_cpuid returns)."""
+        _ioctl(self.fd, K.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
 
     def translate(self, linear_address: int) -> K.kvm_translation:
         tr = K.kvm_translation(linear_address=linear_address)

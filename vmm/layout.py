@@ -61,7 +61,7 @@ FB_TOP_GAP = 1 * MiB  # framebuffer ends this far below the top of RAM
 PHYS_OFFSET = 0xFFFF_8000_0000_0000  # direct map of all RAM
 KERNEL_LINK_BASE = 0xFFFF_FFFF_8000_0000  # top 2 GiB (-2 GiB)
 KASLR_ALIGN = 2 * MiB
-KASLR_WINDOW = 1 * GiB  # slides are chosen in [0, KASLR_WINDOW - image size)
+KASLR_WINDOW = 2 * GiB  # the whole top 2 GiB: about 1023 distinct 2 MiB slides
 
 
 def framebuffer_phys(ram_size: int) -> int:

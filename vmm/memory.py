@@ -58,7 +58,9 @@ class GuestMemory:
         if self.mmap is None:
             return
         # Every exported view must go before the mmap can close.
-        self._physmem = None
+        if self._physmem is not None:
+            self._physmem.close()
+            self._physmem = None
         self._view.release()
         del self._anchor
         self.mmap.close()
