@@ -39,6 +39,9 @@ def guest_kernel_path():
     """The default guest kernel, built once per session (cached by source hash)."""
     from vmm.guest_build import GuestBuildError, build_guest
 
+    override = os.environ.get("VMM_TEST_KERNEL")
+    if override:  # test a prebuilt kernel instead of building guest/
+        return override
     try:
         return build_guest(quiet=True)
     except GuestBuildError as exc:
