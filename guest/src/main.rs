@@ -9,19 +9,25 @@
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
 pub mod abi;
 pub mod arch;
 pub mod boot;
 pub mod cmdline;
 pub mod image;
+pub mod interrupts;
+pub mod ktest;
+pub mod memory;
 pub mod report;
 pub mod serial;
+pub mod sync;
 
 use abi::{exit, memtype, port, Backend, BootInfo, ReportKind};
 use arch::x86_64 as cpu;
 use cmdline::Cmdline;
 use core::panic::PanicInfo;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use report::Report;
 
 /// Kernel entry. The host enters here in long mode with RDI = direct-map
@@ -45,6 +51,50 @@ pub extern "sysv64" fn _start(boot_info: &'static BootInfo) -> ! {
     };
 
     print_banner(boot_info, cmdline);
+    interrupts::init();
+    init_memory(boot_info);
+
+    // Continue on a kernel stack with a guard page below it (the boot stack
+    // has page tables right under it).
+    let top = memory::stack::map_stack(0, BOOT_STACK_PAGES).unwrap_or_else(|e| panic!("kernel stack: {:?}", e));
+    BOOT.store(boot_info as *const BootInfo as u64, Ordering::Relaxed);
+    let cmdline_copy = CmdlineCell(cmdline);
+    // SAFETY: the stack was just mapped and nothing else uses it.
+    unsafe { memory::stack::switch_to(top, kernel_main, &cmdline_copy as *const CmdlineCell as u64) }
+}
+
+/// Pages of the main kernel stack (slot 0).
+const BOOT_STACK_PAGES: u64 = 16;
+
+static BOOT: AtomicU64 = AtomicU64::new(0);
+
+struct CmdlineCell(Cmdline);
+
+/// The validated BootInfo (after `_start` has run).
+pub fn boot_info() -> &'static BootInfo {
+    // SAFETY: set in `_start` to the host's BootInfo, which is never freed.
+    unsafe { &*(BOOT.load(Ordering::Relaxed) as *const BootInfo) }
+}
+
+fn init_memory(bi: &'static BootInfo) {
+    memory::set_phys_offset(bi.phys_offset);
+    let reserved = [(bi.kernel_phys_start, bi.kernel_phys_end), (bi.boot_pt_phys, bi.boot_pt_end)];
+    match memory::frames::FrameAllocator::new(boot::memory_map(bi), bi.ram_size, &reserved) {
+        Ok(fa) => memory::frames::init(fa),
+        Err(e) => panic!("frame allocator: {:?}", e),
+    }
+    if let Err(e) = memory::heap::init() {
+        panic!("heap: {:?}", e);
+    }
+}
+
+/// Runs on the guarded kernel stack. `arg` points at the command line,
+/// which lives on the boot stack and is copied before anything else.
+extern "sysv64" fn kernel_main(arg: u64) -> ! {
+    // SAFETY: `_start` passed a pointer to a live CmdlineCell on the boot
+    // stack, which is never reused.
+    let cmdline = unsafe { (*(arg as *const CmdlineCell)).0 };
+    let boot_info = boot_info();
     let rdrand = cpu::has_rdrand();
     report::send(ReportKind::Info, |r| {
         r.kv_hex("kaslr_slide", boot_info.kaslr_slide)
@@ -53,8 +103,10 @@ pub extern "sysv64" fn _start(boot_info: &'static BootInfo) -> ! {
             .kv_hex("kernel_phys", image::phys_start())
             .kv("backend", Backend::from_raw(boot_info.backend).name())
             .kv("tsc_khz", boot_info.tsc_khz)
-            .kv("ram_size", boot_info.ram_size);
+            .kv("ram_size", boot_info.ram_size)
+            .kv("free_frames", memory::frames::free_count());
     });
+    send_inspect();
 
     match cmdline.get("scenario") {
         Some("panic") => panic!("scenario panic"),
@@ -64,6 +116,7 @@ pub extern "sysv64" fn _start(boot_info: &'static BootInfo) -> ! {
         },
         Some("hlt") => cpu::halt_forever(),
         Some("pagefault") => scenario_page_fault(),
+        Some("stackoverflow") => scenario_stack_overflow(),
         Some(other) if !other.is_empty() => println!("kernel: unknown scenario '{}', ignored", other),
         _ => {}
     }
@@ -71,12 +124,38 @@ pub extern "sysv64" fn _start(boot_info: &'static BootInfo) -> ! {
     println!("kernel: READY");
     report::send(ReportKind::Ready, |_| {});
 
-    let (tests, failures) = (0u32, 0u32);
+    let (mut tests, mut failures) = (0u32, 0u32);
+    if let Some(selection) = cmdline.get("tests") {
+        if selection.split(',').any(|w| w == "list") {
+            ktest::send_list();
+        }
+        (tests, failures) = ktest::run(selection);
+    }
     report::send(ReportKind::Summary, |r| {
         r.kv("tests", tests).kv("failures", failures);
     });
     println!("SUMMARY: {} tests, {} failures", tests, failures);
     exit_with(if failures == 0 { exit::SUCCESS } else { exit::TEST_FAILURE })
+}
+
+/// Addresses the host needs to inspect the allocators (INSPECT report).
+pub fn send_inspect() {
+    let (bitmap_phys, bitmap_frames, frames, free) =
+        memory::frames::with(|fa| (fa.bitmap().0, fa.bitmap().1, fa.frames(), fa.free_count()));
+    let heap = memory::heap::stats();
+    report::send(ReportKind::Inspect, |r| {
+        r.kv_hex("bitmap_phys", bitmap_phys)
+            .kv("bitmap_frames", bitmap_frames)
+            .kv("bitmap_bits", frames)
+            .kv("bitmap_layout", "used_then_managed")
+            .kv("free_frames", free)
+            .kv_hex("heap_start", heap.start)
+            .kv_hex("heap_end", heap.end)
+            .kv_hex("heap_free_head", heap.free_head)
+            .kv_hex("stacks", memory::layout::STACKS_START)
+            .kv_hex("stack_slot", memory::layout::STACK_SLOT)
+            .kv_hex("cr3", cpu::read_cr3());
+    });
 }
 
 fn print_banner(bi: &'static BootInfo, cmdline: Cmdline) {
@@ -130,6 +209,21 @@ fn scenario_triple_fault() -> ! {
         cpu::lidt(&idtr);
         core::arch::asm!("ud2", options(noreturn));
     }
+}
+
+/// Recurses until the kernel stack's guard page is hit (exit 4).
+fn scenario_stack_overflow() -> ! {
+    println!("kernel: scenario stackoverflow");
+    #[inline(never)]
+    #[allow(unconditional_recursion)]
+    fn recurse(depth: u64) -> u64 {
+        let mut pad = [0u8; 256];
+        pad[0] = depth as u8;
+        core::hint::black_box(&mut pad);
+        recurse(depth + 1) + pad[0] as u64
+    }
+    let n = recurse(0);
+    panic!("recursion returned {}", n);
 }
 
 /// Reads an address in the unmapped user half.

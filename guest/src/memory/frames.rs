@@ -1,0 +1,294 @@
+//! Physical frame allocator: a bitmap over all of guest RAM.
+//!
+//! Two bitmaps, one bit per 4 KiB frame:
+//! * `managed`: 1 if the frame is Conventional memory and so may be handed
+//!   out (docs/ABI.md: only Conventional is ever used by the guest);
+//! * `used`: 1 if the frame is allocated *or* not managed, so a search only
+//!   has to look for zero bits. Bits past the last frame are 1.
+//!
+//! The bitmaps live in frames carved out of the first Conventional range
+//! large enough, which then count as not managed. A free of a frame that is
+//! not managed ("never allocatable") or not allocated (double free) is an
+//! error, not a silent corruption.
+
+use super::{align_up, phys_to_virt, zero_frames, PAGE_SHIFT, PAGE_SIZE};
+use crate::abi::{memtype, MemoryDescriptor};
+use crate::sync::SpinLock;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameError {
+    /// No free frame (or no free run of the requested size and alignment).
+    OutOfFrames,
+    /// Freed a frame that was never allocatable (not Conventional, or beyond RAM).
+    NotManaged(u64),
+    /// Freed a frame that is not currently allocated.
+    DoubleFree(u64),
+    /// Address not 4 KiB aligned, or alignment not a power of two.
+    BadArgument(u64),
+    /// The memory map leaves no room for the bitmaps.
+    NoRoomForBitmap,
+}
+
+const BITS: u64 = 64;
+
+pub struct FrameAllocator {
+    used: &'static mut [u64],
+    managed: &'static mut [u64],
+    /// Frames covered (RAM size / 4 KiB).
+    frames: u64,
+    free: u64,
+    managed_count: u64,
+    /// Word index where the next single-frame search starts (next fit).
+    hint: usize,
+    bitmap_phys: u64,
+    bitmap_frames: u64,
+}
+
+/// Sets bits `[start, end)` of `map` to `value` with whole-word stores in the middle.
+fn fill_bits(map: &mut [u64], start: u64, end: u64, value: bool) {
+    let mut i = start;
+    while i < end {
+        let (w, b) = ((i / BITS) as usize, i % BITS);
+        let n = (BITS - b).min(end - i);
+        let mask = if n == BITS { !0 } else { ((1u64 << n) - 1) << b };
+        if value {
+            map[w] |= mask;
+        } else {
+            map[w] &= !mask;
+        }
+        i += n;
+    }
+}
+
+fn test_bit(map: &[u64], i: u64) -> bool {
+    map[(i / BITS) as usize] & (1 << (i % BITS)) != 0
+}
+
+/// First set bit in `[start, end)`, if any.
+fn find_set(map: &[u64], start: u64, end: u64) -> Option<u64> {
+    let mut i = start;
+    while i < end {
+        let (w, b) = ((i / BITS) as usize, i % BITS);
+        let n = (BITS - b).min(end - i);
+        let mask = if n == BITS { !0 } else { ((1u64 << n) - 1) << b };
+        let hit = map[w] & mask;
+        if hit != 0 {
+            return Some(w as u64 * BITS + hit.trailing_zeros() as u64);
+        }
+        i += n;
+    }
+    None
+}
+
+impl FrameAllocator {
+    /// Builds the allocator from the host's memory map. `reserved` ranges
+    /// (physical, exclusive end) are never handed out even if the map calls
+    /// them Conventional (defence against a bad map overlapping the kernel).
+    pub fn new<'a>(
+        map: impl Iterator<Item = &'a MemoryDescriptor> + Clone,
+        ram_size: u64,
+        reserved: &[(u64, u64)],
+    ) -> Result<FrameAllocator, FrameError> {
+        let frames = ram_size >> PAGE_SHIFT;
+        let words = align_up(frames, BITS) / BITS;
+        let bitmap_bytes = words * 8 * 2;
+        let bitmap_frames = align_up(bitmap_bytes, PAGE_SIZE) / PAGE_SIZE;
+
+        let overlaps_reserved = |s: u64, e: u64| reserved.iter().any(|&(rs, re)| s < re && rs < e);
+        let bitmap_phys = map
+            .clone()
+            .filter(|d| d.typ == memtype::CONVENTIONAL && d.physical_start != 0)
+            .map(|d| (d.physical_start, d.physical_start + d.number_of_pages * PAGE_SIZE))
+            .find(|&(s, e)| e - s >= bitmap_frames * PAGE_SIZE && !overlaps_reserved(s, s + bitmap_frames * PAGE_SIZE))
+            .map(|(s, _)| s)
+            .ok_or(FrameError::NoRoomForBitmap)?;
+
+        // SAFETY: the frames are Conventional RAM (direct mapped) that nothing
+        // else uses; from now on they are excluded from `managed`.
+        let (used, managed) = unsafe {
+            zero_frames(bitmap_phys, bitmap_frames);
+            let base = phys_to_virt(bitmap_phys) as *mut u64;
+            (
+                core::slice::from_raw_parts_mut(base, words as usize),
+                core::slice::from_raw_parts_mut(base.add(words as usize), words as usize),
+            )
+        };
+        fill_bits(used, 0, words * BITS, true);
+
+        let mut fa = FrameAllocator {
+            used,
+            managed,
+            frames,
+            free: 0,
+            managed_count: 0,
+            hint: 0,
+            bitmap_phys,
+            bitmap_frames,
+        };
+        for d in map.filter(|d| d.typ == memtype::CONVENTIONAL) {
+            let start = d.physical_start >> PAGE_SHIFT;
+            let end = (start + d.number_of_pages).min(frames);
+            if start < end {
+                fill_bits(fa.managed, start, end, true);
+            }
+        }
+        // Frame 0 (null), the bitmaps themselves and the reserved ranges are
+        // never handed out.
+        fill_bits(fa.managed, 0, 1, false);
+        let bm = bitmap_phys >> PAGE_SHIFT;
+        fill_bits(fa.managed, bm, bm + bitmap_frames, false);
+        for &(s, e) in reserved {
+            let (s, e) = ((s >> PAGE_SHIFT).min(frames), (align_up(e, PAGE_SIZE) >> PAGE_SHIFT).min(frames));
+            if s < e {
+                fill_bits(fa.managed, s, e, false);
+            }
+        }
+        // used = !managed, counting as we go.
+        for w in 0..words as usize {
+            fa.used[w] = !fa.managed[w];
+            fa.managed_count += fa.managed[w].count_ones() as u64;
+        }
+        fa.free = fa.managed_count;
+        Ok(fa)
+    }
+
+    /// Allocates one frame; returns its physical address.
+    pub fn alloc(&mut self) -> Result<u64, FrameError> {
+        if self.free == 0 {
+            return Err(FrameError::OutOfFrames);
+        }
+        let words = self.used.len();
+        for k in 0..words {
+            let w = (self.hint + k) % words;
+            let word = self.used[w];
+            if word != !0 {
+                let bit = (!word).trailing_zeros() as u64;
+                self.used[w] = word | (1 << bit);
+                self.free -= 1;
+                self.hint = w;
+                return Ok((w as u64 * BITS + bit) << PAGE_SHIFT);
+            }
+        }
+        Err(FrameError::OutOfFrames)
+    }
+
+    /// Allocates `count` physically contiguous frames whose first address is
+    /// a multiple of `align` bytes (a power of two, at least 4 KiB).
+    pub fn alloc_contiguous(&mut self, count: u64, align: u64) -> Result<u64, FrameError> {
+        if count == 0 || !align.is_power_of_two() || align < PAGE_SIZE {
+            return Err(FrameError::BadArgument(align));
+        }
+        if count == 1 && align == PAGE_SIZE {
+            return self.alloc();
+        }
+        if count > self.free {
+            return Err(FrameError::OutOfFrames);
+        }
+        let step = align >> PAGE_SHIFT;
+        let mut start = 0u64;
+        while start + count <= self.frames {
+            match find_set(self.used, start, start + count) {
+                None => {
+                    fill_bits(self.used, start, start + count, true);
+                    self.free -= count;
+                    return Ok(start << PAGE_SHIFT);
+                }
+                Some(busy) => start = align_up(busy + 1, step),
+            }
+        }
+        Err(FrameError::OutOfFrames)
+    }
+
+    /// Frees one frame.
+    pub fn free(&mut self, phys: u64) -> Result<(), FrameError> {
+        self.free_contiguous(phys, 1)
+    }
+
+    /// Frees `count` frames from `phys`. Checks every frame before changing
+    /// any, so an error leaves the allocator untouched.
+    pub fn free_contiguous(&mut self, phys: u64, count: u64) -> Result<(), FrameError> {
+        if phys % PAGE_SIZE != 0 {
+            return Err(FrameError::BadArgument(phys));
+        }
+        let start = phys >> PAGE_SHIFT;
+        if start.checked_add(count).map_or(true, |end| end > self.frames) {
+            return Err(FrameError::NotManaged(phys));
+        }
+        for f in start..start + count {
+            if !test_bit(self.managed, f) {
+                return Err(FrameError::NotManaged(f << PAGE_SHIFT));
+            }
+            if !test_bit(self.used, f) {
+                return Err(FrameError::DoubleFree(f << PAGE_SHIFT));
+            }
+        }
+        fill_bits(self.used, start, start + count, false);
+        self.free += count;
+        if ((start / BITS) as usize) < self.hint {
+            self.hint = (start / BITS) as usize;
+        }
+        Ok(())
+    }
+
+    pub fn free_count(&self) -> u64 {
+        self.free
+    }
+
+    pub fn managed_count(&self) -> u64 {
+        self.managed_count
+    }
+
+    /// True if the frame is managed and currently allocated.
+    pub fn is_allocated(&self, phys: u64) -> bool {
+        let f = phys >> PAGE_SHIFT;
+        f < self.frames && test_bit(self.managed, f) && test_bit(self.used, f)
+    }
+
+    pub fn is_managed(&self, phys: u64) -> bool {
+        let f = phys >> PAGE_SHIFT;
+        f < self.frames && test_bit(self.managed, f)
+    }
+
+    /// (physical address, frames) of the bitmaps, for INSPECT reports.
+    pub fn bitmap(&self) -> (u64, u64) {
+        (self.bitmap_phys, self.bitmap_frames)
+    }
+
+    /// Frames covered by the bitmaps (one bit each).
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+}
+
+/// The kernel's frame allocator (None until `init`).
+pub static FRAMES: SpinLock<Option<FrameAllocator>> = SpinLock::new("frames", None);
+
+pub fn init(allocator: FrameAllocator) {
+    *FRAMES.lock() = Some(allocator);
+}
+
+/// Runs `f` on the global allocator; panics if `init` has not run.
+pub fn with<R>(f: impl FnOnce(&mut FrameAllocator) -> R) -> R {
+    let mut g = FRAMES.lock();
+    f(g.as_mut().expect("frame allocator not initialised"))
+}
+
+pub fn alloc_frame() -> Result<u64, FrameError> {
+    with(|fa| fa.alloc())
+}
+
+/// Allocates one frame and zeroes it.
+pub fn alloc_zeroed_frame() -> Result<u64, FrameError> {
+    let phys = alloc_frame()?;
+    // SAFETY: freshly allocated, so ours.
+    unsafe { zero_frames(phys, 1) };
+    Ok(phys)
+}
+
+pub fn free_frame(phys: u64) -> Result<(), FrameError> {
+    with(|fa| fa.free(phys))
+}
+
+pub fn free_count() -> u64 {
+    with(|fa| fa.free_count())
+}

@@ -1,0 +1,305 @@
+//! Kernel heap: a first-fit free list with coalescing, behind a spinlock,
+//! registered as the `#[global_allocator]`.
+//!
+//! * Requests under 4 KiB (and alignment up to 4 KiB) come from the heap
+//!   range `layout::HEAP_START..+HEAP_MAX`, mapped 4 KiB page by page as the
+//!   heap grows (`HEAP_GROW_STEP` at least).
+//! * Requests of 4 KiB or more take whole contiguous frames from the frame
+//!   allocator and are used through the direct map (no page-table work);
+//!   freeing returns the frames.
+//! * Out of frames or past `HEAP_MAX`, allocation returns null.
+//!
+//! Free blocks are kept sorted by address; each holds a `Node` in its first
+//! 16 bytes. Block sizes and addresses are multiples of 16, so a split never
+//! leaves a fragment too small for a node.
+
+use super::layout::{HEAP_GROW_STEP, HEAP_INITIAL, HEAP_MAX, HEAP_START};
+use super::paging::{self, MapError, PageFlags, PageSize};
+use super::{align_up, frames, phys_to_virt, PAGE_SIZE};
+use crate::sync::SpinLock;
+use core::alloc::{GlobalAlloc, Layout};
+use core::ptr::{self, null_mut};
+
+const MIN_BLOCK: usize = 16;
+/// Requests at least this large bypass the free list (whole frames).
+pub const LARGE_THRESHOLD: usize = PAGE_SIZE as usize;
+
+#[repr(C)]
+struct Node {
+    size: usize,
+    next: *mut Node,
+}
+
+pub struct Heap {
+    /// Lowest-addressed free block.
+    head: *mut Node,
+    start: u64,
+    /// End of the mapped part of the heap range.
+    end: u64,
+    max_end: u64,
+    free_bytes: usize,
+    large_bytes: usize,
+    allocs: u64,
+    frees: u64,
+}
+
+// SAFETY: the raw pointers point into the heap range, owned by the Heap.
+unsafe impl Send for Heap {}
+
+/// Counters for tests and INSPECT reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeapStats {
+    pub start: u64,
+    pub end: u64,
+    pub free_bytes: usize,
+    pub free_blocks: usize,
+    pub largest_free: usize,
+    pub large_bytes: usize,
+    pub free_head: u64,
+    pub allocs: u64,
+    pub frees: u64,
+}
+
+impl Heap {
+    pub const fn empty() -> Heap {
+        Heap {
+            head: null_mut(),
+            start: HEAP_START,
+            end: HEAP_START,
+            max_end: HEAP_START + HEAP_MAX,
+            free_bytes: 0,
+            large_bytes: 0,
+            allocs: 0,
+            frees: 0,
+        }
+    }
+
+    /// Maps `bytes` (page multiple) more at the end of the heap and frees it
+    /// into the list. On failure the pages mapped so far stay in the heap.
+    fn grow(&mut self, bytes: u64) -> Result<(), MapError> {
+        let bytes = align_up(bytes, PAGE_SIZE);
+        if self.end + bytes > self.max_end {
+            return Err(MapError::FrameAllocationFailed);
+        }
+        let old_end = self.end;
+        let flags = PageFlags::WRITABLE | PageFlags::NO_EXECUTE;
+        let mut result = Ok(());
+        while self.end < old_end + bytes {
+            let frame = match frames::alloc_frame() {
+                Ok(f) => f,
+                Err(_) => {
+                    result = Err(MapError::FrameAllocationFailed);
+                    break;
+                }
+            };
+            if let Err(e) = paging::map_page(self.end, frame, PageSize::Size4K, flags) {
+                let _ = frames::free_frame(frame);
+                result = Err(e);
+                break;
+            }
+            self.end += PAGE_SIZE;
+        }
+        if self.end > old_end {
+            // SAFETY: freshly mapped, unused heap memory.
+            unsafe { self.insert_free(old_end as *mut u8, (self.end - old_end) as usize) };
+        }
+        result
+    }
+
+    fn in_heap(&self, addr: u64) -> bool {
+        addr >= self.start && addr < self.max_end
+    }
+
+    /// Size and alignment a small request really takes from the list.
+    fn small_shape(layout: Layout) -> (usize, usize) {
+        let align = layout.align().max(MIN_BLOCK);
+        let size = (layout.size().max(1) + MIN_BLOCK - 1) & !(MIN_BLOCK - 1);
+        (size, align)
+    }
+
+    fn is_large(layout: Layout) -> bool {
+        layout.size() >= LARGE_THRESHOLD || layout.align() > LARGE_THRESHOLD
+    }
+
+    /// First fit: returns the block address or null.
+    unsafe fn take(&mut self, size: usize, align: usize) -> *mut u8 {
+        let mut prev: *mut Node = null_mut();
+        let mut cur = self.head;
+        while !cur.is_null() {
+            let addr = cur as usize;
+            let bsize = (*cur).size;
+            let next = (*cur).next;
+            let aligned = (addr + align - 1) & !(align - 1);
+            // `aligned - addr` is a multiple of 16: 0 or room for a node.
+            if aligned + size <= addr + bsize {
+                let front = aligned - addr;
+                let back = addr + bsize - (aligned + size);
+                // Unlink `cur`, then put back the fragments in order.
+                let mut link = next;
+                if back > 0 {
+                    let b = (aligned + size) as *mut Node;
+                    b.write(Node { size: back, next: link });
+                    link = b;
+                }
+                if front > 0 {
+                    (*cur).size = front;
+                    (*cur).next = link;
+                    link = cur;
+                }
+                if prev.is_null() {
+                    self.head = link;
+                } else {
+                    (*prev).next = link;
+                }
+                self.free_bytes -= size;
+                return aligned as *mut u8;
+            }
+            prev = cur;
+            cur = next;
+        }
+        null_mut()
+    }
+
+    /// Inserts `[ptr, ptr+size)` in address order, merging with neighbours.
+    unsafe fn insert_free(&mut self, ptr: *mut u8, size: usize) {
+        let addr = ptr as usize;
+        let mut prev: *mut Node = null_mut();
+        let mut cur = self.head;
+        while !cur.is_null() && (cur as usize) < addr {
+            prev = cur;
+            cur = (*cur).next;
+        }
+        debug_assert!(cur.is_null() || addr + size <= cur as usize, "heap: freed block overlaps a free block");
+        let node = ptr as *mut Node;
+        node.write(Node { size, next: cur });
+        // Merge with the following block.
+        if !cur.is_null() && addr + size == cur as usize {
+            (*node).size += (*cur).size;
+            (*node).next = (*cur).next;
+        }
+        // Merge with the preceding block, or link after it.
+        if !prev.is_null() && prev as usize + (*prev).size == addr {
+            (*prev).size += (*node).size;
+            (*prev).next = (*node).next;
+        } else if prev.is_null() {
+            self.head = node;
+        } else {
+            (*prev).next = node;
+        }
+        self.free_bytes += size;
+    }
+
+    pub unsafe fn alloc(&mut self, layout: Layout) -> *mut u8 {
+        if Self::is_large(layout) {
+            let pages = align_up(layout.size() as u64, PAGE_SIZE) / PAGE_SIZE;
+            let align = (layout.align() as u64).max(PAGE_SIZE);
+            return match frames::with(|fa| fa.alloc_contiguous(pages, align)) {
+                Ok(phys) => {
+                    self.large_bytes += (pages * PAGE_SIZE) as usize;
+                    self.allocs += 1;
+                    phys_to_virt(phys) as *mut u8
+                }
+                Err(_) => null_mut(),
+            };
+        }
+        let (size, align) = Self::small_shape(layout);
+        let mut p = self.take(size, align);
+        if p.is_null() {
+            let want = (size + align) as u64;
+            if self.grow(want.max(HEAP_GROW_STEP)).is_err() && self.grow(want).is_err() {
+                // Partial growth may still have made room.
+            }
+            p = self.take(size, align);
+        }
+        if !p.is_null() {
+            self.allocs += 1;
+        }
+        p
+    }
+
+    pub unsafe fn dealloc(&mut self, ptr: *mut u8, layout: Layout) {
+        self.frees += 1;
+        if Self::is_large(layout) {
+            debug_assert!(!self.in_heap(ptr as u64));
+            let pages = align_up(layout.size() as u64, PAGE_SIZE) / PAGE_SIZE;
+            let phys = ptr as u64 - super::phys_offset();
+            frames::with(|fa| fa.free_contiguous(phys, pages)).expect("heap: freeing large allocation");
+            self.large_bytes -= (pages * PAGE_SIZE) as usize;
+            return;
+        }
+        assert!(self.in_heap(ptr as u64), "heap: dealloc of {:p}, not a heap address", ptr);
+        let (size, _) = Self::small_shape(layout);
+        self.insert_free(ptr, size);
+    }
+
+    pub fn stats(&self) -> HeapStats {
+        let (mut blocks, mut largest) = (0, 0);
+        let mut cur = self.head;
+        while !cur.is_null() {
+            // SAFETY: list nodes live in mapped heap memory.
+            unsafe {
+                blocks += 1;
+                largest = largest.max((*cur).size);
+                cur = (*cur).next;
+            }
+        }
+        HeapStats {
+            start: self.start,
+            end: self.end,
+            free_bytes: self.free_bytes,
+            free_blocks: blocks,
+            largest_free: largest,
+            large_bytes: self.large_bytes,
+            free_head: self.head as u64,
+            allocs: self.allocs,
+            frees: self.frees,
+        }
+    }
+}
+
+pub static HEAP: SpinLock<Heap> = SpinLock::new("heap", Heap::empty());
+
+/// Maps the initial heap. Needs the frame allocator.
+pub fn init() -> Result<(), MapError> {
+    HEAP.lock().grow(HEAP_INITIAL)
+}
+
+pub fn stats() -> HeapStats {
+    HEAP.lock().stats()
+}
+
+/// Lowers the heap's growth limit (tests of exhaustion); returns the old
+/// limit. The limit never drops below what is mapped.
+pub fn set_limit(max_end: u64) -> u64 {
+    let mut h = HEAP.lock();
+    let old = h.max_end;
+    h.max_end = max_end.max(h.end).min(HEAP_START + HEAP_MAX);
+    old
+}
+
+pub struct KernelAllocator;
+
+unsafe impl GlobalAlloc for KernelAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        HEAP.lock().alloc(layout)
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        HEAP.lock().dealloc(ptr, layout)
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = self.alloc(layout);
+        if !p.is_null() {
+            if layout.size() % 8 == 0 && p as usize % 8 == 0 {
+                super::zero_qwords(p as u64, layout.size() as u64);
+            } else {
+                ptr::write_bytes(p, 0, layout.size());
+            }
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: KernelAllocator = KernelAllocator;
