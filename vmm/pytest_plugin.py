@@ -1,0 +1,328 @@
+"""pytest plugin: boot guests from tests, and run the guest's own tests as items.
+
+Registered through the ``pytest11`` entry point of this package, so any
+project that installs it gets:
+
+- markers ``kvm`` (skipped, with the reason, where /dev/kvm is absent or
+  unusable) and ``slow``;
+- fixtures ``vmm_kernel_path`` / ``vmm_kernel`` (the guest kernel, built once
+  per session) and ``vmm_boot`` (boot a VM, get a ``GuestRun`` handle with its
+  serial output, exit code, reports and the inspection API);
+- ``*.ktest`` files: each one is collected into one pytest item per in-guest
+  test, listed by the guest itself (``tests=list``), each run in its own VM.
+
+Options: ``--vmm-kernel PATH`` (or env ``VMM_TEST_KERNEL``) tests a prebuilt
+kernel; ``--vmm-timeout S`` is the per-boot watchdog.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+DEFAULT_MEMORY = 64 << 20
+DEFAULT_TIMEOUT = 60.0
+SERIAL_TAIL_LINES = 30
+
+
+# --- environment ---------------------------------------------------------------------
+_KVM_REASON: list[str | None] = []
+
+
+def kvm_unavailable_reason() -> str | None:
+    """Why guests cannot boot here, or None if /dev/kvm works (cached)."""
+    if _KVM_REASON:
+        return _KVM_REASON[0]
+    reason = None
+    if not os.path.exists("/dev/kvm"):
+        reason = "/dev/kvm does not exist (no KVM on this machine)"
+    elif not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        reason = "/dev/kvm is not readable and writable by this user"
+    else:
+        try:
+            from .kvm import Kvm
+
+            with Kvm():
+                pass
+        except OSError as exc:
+            reason = f"/dev/kvm is unusable: {exc}"
+    _KVM_REASON.append(reason)
+    return reason
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("vmm", "booting guests with the Python VMM")
+    group.addoption("--vmm-kernel", metavar="PATH", help="test this kernel instead of building guest/")
+    group.addoption(
+        "--vmm-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S", help="watchdog per guest boot (default 60 s)"
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "kvm: needs a usable /dev/kvm (skipped with the reason where it is absent)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = kvm_unavailable_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "kvm" in item.keywords:
+            item.add_marker(skip)
+
+
+# --- kernel -------------------------------------------------------------------------------
+def _kernel_path(config) -> Path:
+    explicit = config.getoption("--vmm-kernel", None) or os.environ.get("VMM_TEST_KERNEL")
+    if explicit:
+        return Path(explicit)
+    cached = getattr(config, "_vmm_kernel_path", None)
+    if cached is None:
+        from .guest_build import build_guest
+
+        cached = build_guest(quiet=True)
+        config._vmm_kernel_path = cached
+    return cached
+
+
+def _kernel_image(config):
+    image = getattr(config, "_vmm_kernel_image", None)
+    if image is None:
+        from .elf import load_kernel_file
+
+        image = load_kernel_file(_kernel_path(config))
+        config._vmm_kernel_image = image
+    return image
+
+
+@pytest.fixture(scope="session")
+def vmm_kernel_path(pytestconfig) -> Path:
+    """Path of the guest kernel under test, built once per session."""
+    from .guest_build import GuestBuildError
+
+    try:
+        return _kernel_path(pytestconfig)
+    except GuestBuildError as exc:
+        pytest.fail(f"guest kernel cannot be built: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def vmm_kernel(pytestconfig, vmm_kernel_path):
+    """The parsed guest kernel (``vmm.elf.KernelImage``)."""
+    return _kernel_image(pytestconfig)
+
+
+# --- booting ------------------------------------------------------------------------------
+@dataclass
+class GuestRun:
+    """One finished guest boot. The VM stays open until the test ends, so
+    its memory and page tables can still be inspected."""
+
+    result: object  # vmm.vm.RunResult
+    vm: object  # vmm.vm.Vm
+    cmdline: str = ""
+    _tests: dict | None = field(default=None, repr=False)
+
+    @property
+    def exit_code(self) -> int:
+        return self.result.exit_code
+
+    @property
+    def serial(self) -> str:
+        return self.result.serial.decode("utf-8", "replace")
+
+    @property
+    def reports(self) -> list:
+        return self.result.reports
+
+    def reports_of(self, kind) -> list:
+        return self.result.reports_of(kind)
+
+    @property
+    def test_results(self) -> dict:
+        """In-guest test name -> its TEST_RESULT report."""
+        if self._tests is None:
+            from .abi import ReportKind
+
+            self._tests = {r.get("name"): r for r in self.result.reports_of(ReportKind.TEST_RESULT)}
+        return self._tests
+
+    # inspection API -------------------------------------------------------------
+    @property
+    def cr3(self) -> int:
+        return self.vm.vcpu.get_sregs().cr3 & 0x000F_FFFF_FFFF_F000
+
+    def page_tables(self, start: int = 0, end: int | None = None) -> list:
+        """Coalesced runs of the guest's live page tables (``mm.walker.Run``)."""
+        from mm import walker
+
+        return list(walker.walk(self.vm.memory.physmem, self.cr3, start, end))
+
+    def translate(self, virt: int):
+        from mm import walker
+
+        return walker.translate(self.vm.memory.physmem, self.cr3, virt)
+
+    def read_phys(self, paddr: int, n: int) -> bytes:
+        return self.vm.memory.read(paddr, n)
+
+    def describe(self) -> str:
+        """Stop reason, serial tail and (for crashes) registers: for failure reports."""
+        from .vm import Vm
+
+        r = self.result
+        lines = [f"guest stopped: {r.stop_reason}: {r.message} (exit code {r.exit_code})"]
+        if self.cmdline:
+            lines.append(f"command line: {self.cmdline}")
+        tail = self.serial.splitlines()[-SERIAL_TAIL_LINES:]
+        lines.append(f"--- serial (last {len(tail)} lines) ---")
+        lines += tail
+        if r.registers is not None:
+            lines.append(f"--- registers (RIP {r.rip_symbol}) ---")
+            lines.append(Vm.format_registers(r.registers))
+        for fault in (x for x in r.reports if x.kind_name == "FAULT"):
+            lines.append(f"fault report: {fault.fields}")
+        return "\n".join(lines)
+
+
+def boot_guest(image, *, cmdline: str = "", memory: int = DEFAULT_MEMORY, timeout: float = DEFAULT_TIMEOUT, **kw):
+    """Boot ``image`` to completion; returns (Vm still open, RunResult)."""
+    from .vm import Vm, VmConfig
+
+    vm = Vm(image, VmConfig(memory=memory, cmdline=cmdline, timeout=timeout, **kw))
+    try:
+        return vm, vm.run()
+    except BaseException:
+        vm.close()
+        raise
+
+
+@pytest.fixture
+def vmm_boot(request, pytestconfig):
+    """Factory: ``vmm_boot(cmdline="", memory=64 << 20, timeout=None, tests=None,
+    kernel=None, **VmConfig fields) -> GuestRun``. VMs close at teardown."""
+    reason = kvm_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    opened = []
+    default_timeout = pytestconfig.getoption("--vmm-timeout", DEFAULT_TIMEOUT)
+
+    def _boot(cmdline: str = "", *, memory: int = DEFAULT_MEMORY, timeout: float | None = None, tests: str | None = None,
+              kernel=None, **kw) -> GuestRun:
+        image = kernel if kernel is not None else _kernel_image(pytestconfig)
+        if isinstance(image, (str, Path)):
+            from .elf import load_kernel_file
+
+            image = load_kernel_file(image)
+        if tests:
+            cmdline = f"{cmdline} tests={tests}".strip()
+        vm, result = boot_guest(image, cmdline=cmdline, memory=memory, timeout=timeout or default_timeout, **kw)
+        opened.append(vm)
+        return GuestRun(result, vm, cmdline)
+
+    yield _boot
+    for vm in opened:
+        vm.close()
+
+
+# --- in-guest tests as pytest items ------------------------------------------------------------
+def pytest_collect_file(file_path: Path, parent):
+    if file_path.suffix == ".ktest":
+        return GuestTestFile.from_parent(parent, path=file_path)
+    return None
+
+
+def _parse_ktest(text: str) -> dict[str, str]:
+    """``key = value`` lines; '#' starts a comment."""
+    out = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            key, _, value = line.partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+class GuestTestFile(pytest.File):
+    """A ``.ktest`` file: which kernel to boot and how; the guest lists its tests.
+
+    Keys: ``memory`` (e.g. 64M), ``cmdline`` (extra words), ``select``
+    (comma-separated groups or tests, default all), ``timeout`` (seconds).
+    """
+
+    def collect(self):
+        from .abi import ReportKind
+        from .cli import parse_size
+
+        spec = _parse_ktest(self.path.read_text())
+        self.memory = parse_size(spec.get("memory", "64M"))
+        self.extra = spec.get("cmdline", "")
+        self.timeout = float(spec["timeout"]) if "timeout" in spec else None
+        select = {s.strip() for s in spec.get("select", "all").split(",") if s.strip()}
+        reason = kvm_unavailable_reason()
+        if reason is not None:
+            yield GuestTestItem.from_parent(self, name="<kvm unavailable>", test=None, skip_reason=reason)
+            return
+        image = _kernel_image(self.config)
+        vm, result = boot_guest(image, cmdline=f"{self.extra} tests=list".strip(), memory=self.memory, timeout=60)
+        vm.close()
+        listing = result.reports_of(ReportKind.TEST_LIST)
+        if not listing:
+            raise self.CollectError(
+                f"the guest did not list its tests (tests=list): {result.stop_reason}: {result.message}"
+            )
+        names = [n for n in (listing[0].get("names") or "").split(",") if n]
+        for name in names:
+            if "all" in select or name in select or name.split("::")[0] in select:
+                yield GuestTestItem.from_parent(self, name=name, test=name, skip_reason=None)
+
+
+class GuestTestFailure(Exception):
+    def __init__(self, summary: str, run: GuestRun | None):
+        super().__init__(summary)
+        self.summary = summary
+        self.run = run
+
+
+class GuestTestItem(pytest.Item):
+    """One in-guest test, run in a VM of its own (``tests=<name>``)."""
+
+    def __init__(self, *, test: str | None, skip_reason: str | None, **kw):
+        super().__init__(**kw)
+        self.test = test
+        self.skip_reason = skip_reason
+        self.add_marker(pytest.mark.kvm)
+
+    def runtest(self):
+        if self.skip_reason is not None:
+            pytest.skip(self.skip_reason)
+        parent: GuestTestFile = self.parent
+        timeout = parent.timeout or self.config.getoption("--vmm-timeout", DEFAULT_TIMEOUT)
+        cmdline = f"{parent.extra} tests={self.test}".strip()
+        vm, result = boot_guest(_kernel_image(self.config), cmdline=cmdline, memory=parent.memory, timeout=timeout)
+        try:
+            run = GuestRun(result, vm, cmdline)
+            report = run.test_results.get(self.test)
+            if report is None:
+                raise GuestTestFailure(f"{self.test}: the guest stopped before reporting this test", run)
+            status = report.get("status")
+            if status == "skip":
+                pytest.skip(report.get("msg") or "skipped by the guest")
+            if status != "pass":
+                raise GuestTestFailure(f"{self.test}: {report.get('msg') or 'failed'}", run)
+        finally:
+            vm.close()
+
+    def repr_failure(self, excinfo):
+        if isinstance(excinfo.value, GuestTestFailure):
+            exc = excinfo.value
+            return exc.summary + ("\n" + exc.run.describe() if exc.run is not None else "")
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, None, f"guest: {self.name}"
