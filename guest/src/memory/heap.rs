@@ -205,9 +205,11 @@ impl Heap {
         let (size, align) = Self::small_shape(layout);
         let mut p = self.take(size, align);
         if p.is_null() {
+            // Grow by a step, or (near the limit) by just what is needed.
+            // Even a failed grow may have mapped some pages, so retry anyway.
             let want = (size + align) as u64;
-            if self.grow(want.max(HEAP_GROW_STEP)).is_err() && self.grow(want).is_err() {
-                // Partial growth may still have made room.
+            if self.grow(want.max(HEAP_GROW_STEP)).is_err() {
+                let _ = self.grow(want);
             }
             p = self.take(size, align);
         }
