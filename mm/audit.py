@@ -6,7 +6,7 @@ flags), so they judge what the hardware would allow, not what one entry says.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -33,14 +33,23 @@ _WALK_KINDS_RESERVED = ("reserved_bits",)
 _WALK_KINDS_RAM = ("cr3_outside_ram", "table_outside_ram", "leaf_outside_ram")
 
 
-def _runs(runs: Iterable[Run] | RunArrays) -> Iterable[Run]:
-    return runs.runs() if isinstance(runs, RunArrays) else runs
+def _runs(runs: Iterable[Run] | RunArrays, mask: Callable[[RunArrays], np.ndarray]) -> Iterable[Run]:
+    """The runs to examine: for RunArrays only those selected by the vectorised ``mask``."""
+    return runs[mask(runs)].runs() if isinstance(runs, RunArrays) else runs
+
+
+def _wx_mask(ra: RunArrays) -> np.ndarray:
+    return ((ra.flags & np.uint64(PteFlags.WRITABLE)) != 0) & ((ra.flags & np.uint64(PteFlags.NO_EXECUTE)) == 0)
+
+
+def _user_kernel_mask(ra: RunArrays) -> np.ndarray:
+    return (ra.virt >= np.uint64(KERNEL_HALF)) & ((ra.flags & np.uint64(PteFlags.USER)) != 0)
 
 
 def audit_wx(runs: Iterable[Run] | RunArrays) -> list[Finding]:
     """Runs that are both writable and executable (effective W=1, NX=0)."""
     out = []
-    for r in _runs(runs):
+    for r in _runs(runs, _wx_mask):
         if r.flags & PteFlags.WRITABLE and not r.flags & PteFlags.NO_EXECUTE:
             who = "user" if r.flags & PteFlags.USER else "supervisor"
             out.append(Finding("wx", r.virt, r.size, f"{who} mapping is writable and executable", Severity.ERROR,
@@ -53,7 +62,7 @@ def audit_user_in_kernel_half(runs: Iterable[Run] | RunArrays) -> list[Finding]:
     return [
         Finding("user_in_kernel_half", r.virt, r.size, "user-accessible mapping in the kernel half",
                 Severity.ERROR, level=r.level)
-        for r in _runs(runs)
+        for r in _runs(runs, _user_kernel_mask)
         if r.virt >= KERNEL_HALF and r.flags & PteFlags.USER
     ]
 

@@ -66,6 +66,7 @@ _PAT4K = _u64(1 << 7)  # bit 7 of a 4 KiB PTE is its PAT bit (SDM table 4-20)
 _PAT_BIG = _u64(PteFlags.PAT_HUGE)  # bit 12 of a large leaf is its PAT bit
 _ADDR = _u64(ADDR_MASK)
 _COLS = np.arange(512, dtype=np.uint64)
+_PAGE_SIZES = {int(ps): ps for ps in PageSize}
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,10 +118,18 @@ class RunArrays:
     def __len__(self) -> int:
         return int(self.virt.size)
 
+    def __getitem__(self, index: np.ndarray | slice) -> "RunArrays":
+        """The runs selected by a boolean mask, index array or slice."""
+        return RunArrays(*(a[index] for a in (self.virt, self.phys, self.size, self.flags, self.page_size, self.level)))
+
     def runs(self) -> Iterator[Run]:
         cols = (a.tolist() for a in (self.virt, self.phys, self.size, self.flags, self.page_size, self.level))
+        flags: dict[int, PteFlags] = {}  # few distinct values; enum construction is slow
         for v, p, s, f, ps, lv in zip(*cols):
-            yield Run(v, p, s, PteFlags(f), PageSize(ps), lv)
+            fl = flags.get(f)
+            if fl is None:
+                fl = flags[f] = PteFlags(f)
+            yield Run(v, p, s, fl, _PAGE_SIZES[ps], lv)
 
 
 # -- address space geometry ------------------------------------------------------
@@ -161,6 +170,9 @@ class _Space:
         if v < (1 << 64) - self.half:
             return self.half
         return v - self.high
+
+    def canonical_int(self, lin: int) -> int:
+        return lin | self.high if lin >= self.half else lin
 
     def canonical(self, lin: np.ndarray) -> np.ndarray:
         return np.where(lin >= _u64(self.half), lin | _u64(self.high), lin)
@@ -242,7 +254,7 @@ class _Walk:
     # findings -----------------------------------------------------------
 
     def _find(self, kind: str, lin: int | None, size: int, detail: str, sev: Severity, **kw: int | None) -> None:
-        virt = None if lin is None else int(self.space.canonical(np.array([lin], dtype=np.uint64))[0])
+        virt = None if lin is None else self.space.canonical_int(int(lin))
         self.report.add(Finding(kind, virt, size, detail, sev, **kw))
 
     def _find_per_table(
