@@ -32,6 +32,15 @@ _HALF = 1 << 47
 _ARANGE = np.arange(512, dtype=np.uint64)
 
 
+def _zeroed_frame(mem: PhysicalMemory, frames: FrameAllocator) -> int:
+    """A new table frame, zeroed (all 512 entries not present)."""
+    frame = frames.allocate()
+    if frame % PAGE_4K:
+        raise Misaligned(frame, PAGE_4K)
+    mem.zero(frame, PAGE_4K)
+    return frame
+
+
 class Mapper:
     """Maps pages into the 4-level table rooted at ``root`` (the CR3 value)."""
 
@@ -55,11 +64,8 @@ class Mapper:
     @classmethod
     def new(cls, mem: PhysicalMemory, frames: FrameAllocator, forbid_wx: bool = True, **kw: object) -> "Mapper":
         """A mapper over a freshly allocated, zeroed PML4."""
-        self = cls.__new__(cls)
-        self.mem, self.frames = mem, frames
-        root = self._new_table()
-        cls.__init__(self, mem, root, frames, forbid_wx, **kw)  # type: ignore[arg-type]
-        return self
+        root = _zeroed_frame(mem, frames)
+        return cls(mem, root, frames, forbid_wx, **kw)  # type: ignore[arg-type]
 
     @property
     def root(self) -> int:
@@ -72,11 +78,7 @@ class Mapper:
     # -- helpers ---------------------------------------------------------
 
     def _new_table(self) -> int:
-        frame = self.frames.allocate()
-        if frame % PAGE_4K:
-            raise Misaligned(frame, PAGE_4K)
-        self.mem.zero(frame, PAGE_4K)
-        return frame
+        return _zeroed_frame(self.mem, self.frames)
 
     def _leaf_bits(self, virt: int, flags: PteFlags | int, size: int) -> int:
         """The non-address bits of a leaf of ``size`` for the requested ``flags``."""

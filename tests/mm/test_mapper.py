@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from mm.addr import PAGE_1G, PAGE_2M, PAGE_4K, PageSize
+from mm.addr import PAGE_2M, PAGE_4K, PageSize
 from mm.entry import Entry
 from mm.errors import (
     AddressError,
