@@ -80,7 +80,7 @@ def audit_guard_pages(mem: PhysicalMemory, cr3: int, ranges: Iterable[tuple[int,
     return out
 
 
-def _pt_aliases(runs: RunArrays, report: WalkReport) -> list[Finding]:
+def _pt_aliases(runs: RunArrays, report: WalkReport, exclude: Sequence[tuple[int, int]]) -> list[Finding]:
     frames = np.unique(np.concatenate([np.zeros(0, np.uint64), *report.tables.values()]))
     if frames.size == 0:
         return []
@@ -94,7 +94,7 @@ def _pt_aliases(runs: RunArrays, report: WalkReport) -> list[Finding]:
         out.append(Finding("pt_alias_writable", int(runs.virt[i]), int(runs.size[i]),
                            f"writable mapping covers {n} page-table frame{'s' if n > 1 else ''} "
                            f"(first: {first:#_x} at {v:#_x})", Severity.WARNING, level=int(runs.level[i])))
-    return out
+    return [f for f in out if not any(a <= f.virt < b for a, b in exclude)]
 
 
 def audit_pt_aliases(mem: PhysicalMemory, cr3: int, exclude: Sequence[tuple[int, int]] = (), **kw) -> list[Finding]:
@@ -105,7 +105,7 @@ def audit_pt_aliases(mem: PhysicalMemory, cr3: int, exclude: Sequence[tuple[int,
     """
     report = WalkReport()
     runs = walk_arrays(mem, cr3, report=report, **kw)
-    return [f for f in _pt_aliases(runs, report) if not any(a <= f.virt < b for a, b in exclude)]
+    return _pt_aliases(runs, report, exclude)
 
 
 def audit_reserved_bits(mem: PhysicalMemory, cr3: int, **kw) -> list[Finding]:
@@ -136,5 +136,5 @@ def audit_all(
     found += audit_wx(runs)
     found += audit_user_in_kernel_half(runs)
     found += audit_guard_pages(mem, cr3, guard_ranges, **kw)
-    found += [f for f in _pt_aliases(runs, report) if not any(a <= f.virt < b for a, b in pt_alias_exclude)]
+    found += _pt_aliases(runs, report, pt_alias_exclude)
     return sorted(found, key=lambda f: (-f.severity, f.virt if f.virt is not None else -1))

@@ -40,7 +40,8 @@ class Level:
         return 1 << self.shift
 
 
-#: 4-level paging, top-down. 5-level paging would prepend ("PML5", 5, 48, False).
+#: 4-level paging, top-down. 5-level paging would prepend ("PML5", 5, 48, False)
+#: (and teach reserved_mask that PS is reserved in a PML5E too).
 LEVELS: tuple[Level, ...] = (
     Level("PML4", 4, 39, False),
     Level("PDPT", 3, 30, True),

@@ -9,7 +9,7 @@ below is U) and never XD: the leaf alone decides the permissions.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from .errors import AddressError, AlreadyMapped, Misaligned, NotMapped, ParentIs
 from .flags import ADDR_MASK, PteFlags
 from .frames import FrameAllocator
 from .physmem import PhysicalMemory
+
+if TYPE_CHECKING:
+    from .walker import Translation
 
 __all__ = ["Mapper"]
 
@@ -258,7 +261,7 @@ class Mapper:
                 self.mem.write_u64(slot, new)
         self.mem.write_u64(path[-1][1], (e & leaf_addr_mask(lv.number)) | bits)
 
-    def translate(self, virt: int):  # -> walker.Translation | None
+    def translate(self, virt: int) -> "Translation | None":
         """Hardware translation of ``virt`` through these tables (see walker.translate)."""
         from .walker import translate
 
