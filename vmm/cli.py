@@ -76,6 +76,49 @@ def _add_guest_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_page_size(text: str) -> int:
+    sizes = {"4k": 4096, "2m": 2 << 20, "1g": 1 << 30}
+    try:
+        return sizes[text.strip().lower().removesuffix("ib").removesuffix("b")]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"page size {text!r} is not one of 4K, 2M, 1G") from None
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x, 0) for x in text.split(":", 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"range {text!r} is not START:END (e.g. 0xffff800000000000:0xffff800040000000)") from None
+    if hi <= lo:
+        raise argparse.ArgumentTypeError(f"range {text!r} is empty")
+    return lo, hi
+
+
+def _add_filters(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("filters (combine freely)")
+    g.add_argument("--writable", dest="writable", action="store_const", const=True, help="only writable runs")
+    g.add_argument("--readonly", dest="writable", action="store_const", const=False, help="only read-only runs")
+    g.add_argument("--executable", dest="executable", action="store_const", const=True, help="only executable runs")
+    g.add_argument("--nx", dest="executable", action="store_const", const=False, help="only no-execute runs")
+    g.add_argument("--user", dest="user", action="store_const", const=True, help="only user-accessible runs")
+    g.add_argument("--supervisor", dest="user", action="store_const", const=False, help="only supervisor runs")
+    g.add_argument("--kernel-half", dest="kernel_half", action="store_const", const=True, help="only the upper half")
+    g.add_argument("--user-half", dest="kernel_half", action="store_const", const=False, help="only the lower half")
+    g.add_argument("--page-size", type=parse_page_size, metavar="4K|2M|1G", help="only runs of this page size")
+    g.add_argument("--range", type=parse_range, metavar="START:END", help="only runs overlapping this virtual range")
+    g.add_argument("--label", metavar="TEXT", help="only runs whose label contains TEXT (heap, stack, text, ...)")
+
+
+def _filter_from(args):
+    from .inspector.snapshot import RunFilter
+
+    lo, hi = args.range if args.range else (None, None)
+    return RunFilter(
+        writable=args.writable, executable=args.executable, user=args.user, kernel_half=args.kernel_half,
+        page_size=args.page_size, start=lo, end=hi, label=args.label,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="vmm",
@@ -99,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cmdline", "-c", default="", metavar="TEXT", help="guest command line, e.g. 'tests=all'")
     run.add_argument("--slide", type=parse_slide, metavar="BYTES", help="KASLR slide (2 MiB multiple; default random)")
     run.add_argument("--no-kaslr", action="store_true", help="load the kernel at its link address (slide 0)")
+    run.add_argument("--inspect", action="store_true", help="show a live view of the guest's memory management beside its console")
+    run.add_argument("--hz", type=float, default=10.0, help="refresh rate of --inspect (default 10)")
+    run.add_argument("--control", metavar="SOCKET", help="serve this VM on a UNIX socket for `vmm inspect` / `vmm pt`")
+    run.add_argument("--screenshot", metavar="FILE.png", help="save the guest's framebuffer as PNG when it stops")
 
     mm = sub.add_parser(
         "memmap",
@@ -107,6 +154,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_guest_options(mm)
     mm.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    pt = sub.add_parser(
+        "pt",
+        help="print one consistent snapshot of the guest's page tables",
+        description=(
+            "Print one consistent snapshot of a guest's page tables, audits, physical memory and heap. "
+            "With SOCKET, attach to a VM started with `vmm run --control SOCKET`; without, boot the "
+            "default guest, stop it at its READY point, print, and shut it down."
+        ),
+    )
+    pt.add_argument("socket", nargs="?", metavar="SOCKET", help="control socket of a running VM")
+    _add_guest_options(pt)
+    pt.add_argument("--cmdline", "-c", default="", metavar="TEXT", help="guest command line (when booting)")
+    pt.add_argument("--json", action="store_true", help="print the inspection as JSON (schema in docs/INSPECT.md)")
+    pt.add_argument("--all", action="store_true", help="print every run (default: the first 200)")
+    pt.add_argument("--png", metavar="FILE.png", help="save a picture of physical memory by owner")
+    pt.add_argument("--screenshot", metavar="FILE.png", help="save the guest's framebuffer")
+    pt.add_argument("--diff-after", type=parse_timeout, metavar="S", help="take a second snapshot S seconds later and show the diff")
+    _add_filters(pt)
+
+    insp = sub.add_parser(
+        "inspect",
+        help="attach a live view to a VM started with --control",
+        description="Attach to a VM started with `vmm run --control SOCKET` and show the live view.",
+    )
+    insp.add_argument("socket", metavar="SOCKET")
+    insp.add_argument("--hz", type=float, default=10.0, help="refresh rate (default 10)")
+    insp.add_argument("--duration", type=parse_timeout, metavar="S", help="stop after S seconds")
+    _add_filters(insp)
 
     build = sub.add_parser("build", help="build the guest kernel (cached) and print its path")
     build.add_argument("--force", action="store_true", help="rebuild even if sources are unchanged")
@@ -143,11 +219,9 @@ def cmd_memmap(args) -> int:
     if args.json:
         print(json.dumps({"ram_size": size, "descriptors": memmap.to_json(), "usable_frames": memmap.usable_frames()}, indent=2))
     else:
-        from rich.console import Console
-
         from mm.render import memmap_table
 
-        Console().print(memmap_table(memmap))
+        _console().print(memmap_table(memmap))
     return 0
 
 
@@ -159,6 +233,8 @@ def cmd_build(args) -> int:
 
 
 def cmd_run(args) -> int:
+    import threading
+
     from .backend import detect_backend
     from .vm import Vm, VmConfig
 
@@ -167,8 +243,14 @@ def cmd_run(args) -> int:
     image = _kernel(args, quiet=args.quiet or args.json)
     backend = detect_backend()
     stream = sys.stderr.buffer if args.json else sys.stdout.buffer
+    tail = None
     console = None
-    if not args.quiet:
+    if args.inspect:
+        from .inspector.live import ConsoleTail
+
+        tail = ConsoleTail()
+        console = tail.feed
+    elif not args.quiet:
         def console(data: bytes) -> None:
             stream.write(data)
             if b"\n" in data:
@@ -182,7 +264,38 @@ def cmd_run(args) -> int:
             f"{backend.banner} | RAM {size >> 20} MiB | kernel {image.path} | "
             f"slide {vm.slide:#x} | setup {vm.timings_ms['setup_total']:.2f} ms"
         )
-        result = vm.run()
+        server = None
+        viewer = None
+        stop_view = threading.Event()
+        try:
+            if args.control:
+                from .inspector.control import ControlServer
+
+                server = ControlServer(vm, args.control)
+                say(f"control socket: {args.control} (attach with `vmm inspect {args.control}`)")
+            if args.inspect:
+                from .inspector.live import live_view
+                from .inspector.target import LocalTarget
+
+                target = LocalTarget(vm)
+
+                def _view():
+                    while not vm.running and not stop_view.is_set():  # wait for the vCPU to start
+                        time.sleep(0.001)
+                    live_view(target, console_tail=tail, is_running=lambda: vm.running, stop=stop_view, hz=args.hz)
+
+                viewer = threading.Thread(target=_view, name="vmm-live-view", daemon=True)
+                viewer.start()
+            result = vm.run()
+        finally:
+            stop_view.set()
+            if viewer is not None:
+                viewer.join(timeout=5)
+            if server is not None:
+                server.close()
+        if args.screenshot:
+            _screenshot(vm.memory.physmem, size, args.screenshot)
+            say(f"framebuffer saved to {args.screenshot}")
     stream.flush()
     result.timings_ms["process_total"] = (time.perf_counter_ns() - t_start) / 1e6
     if args.json:
@@ -198,6 +311,107 @@ def cmd_run(args) -> int:
             print(f"  RIP: {result.rip_symbol}", file=sys.stderr)
             print(_indent(Vm.format_registers(result.registers)), file=sys.stderr)
     return result.exit_code
+
+
+def _screenshot(physmem, ram_size: int, path: str) -> None:
+    from .inspector.physical import write_framebuffer_png
+    from .layout import FB_HEIGHT, FB_STRIDE, FB_WIDTH, framebuffer_phys
+
+    try:
+        write_framebuffer_png(physmem, framebuffer_phys(ram_size), FB_WIDTH, FB_HEIGHT, FB_STRIDE, path)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def cmd_pt(args) -> int:
+    from .inspector.snapshot import take_snapshot
+    from .inspector.views import inspect
+
+    flt = _filter_from(args)
+    if args.socket:
+        from .inspector.control import RemoteTarget
+
+        with RemoteTarget(args.socket) as target:
+            return _print_inspection(args, target, flt)
+    from .abi import ReportKind
+    from .devices import Stop
+    from .inspector.target import LocalTarget
+    from .vm import Vm, VmConfig
+
+    size = _memory(args)
+    image = _kernel(args, quiet=True)
+
+    def at_ready(report):
+        if report.kind == ReportKind.READY:
+            return Stop(0, "ready", "stopped at the guest's READY point for inspection")
+        return None
+
+    with Vm(image, VmConfig(memory=size, cmdline=args.cmdline, timeout=60), on_report=at_ready) as vm:
+        result = vm.run()
+        if result.stop_reason != "ready":
+            raise UsageError(f"the guest stopped before its READY point: {result.message}")
+        return _print_inspection(args, LocalTarget(vm), flt)
+
+
+def _print_inspection(args, target, flt) -> int:
+    from .inspector.physical import write_png
+    from .inspector.snapshot import take_snapshot
+    from .inspector.views import inspect
+
+    snap = take_snapshot(target)
+    previous = None
+    if args.diff_after:
+        time.sleep(args.diff_after)
+        previous, snap = snap, take_snapshot(target)
+    view = inspect(snap, target.physmem, flt=flt, previous=previous)
+    if args.png:
+        if view.physical is None:
+            raise UsageError("the guest did not report its frame bitmap: no physical-memory picture")
+        write_png(view.physical, args.png)
+    if args.screenshot:
+        _screenshot(target.physmem, snap.facts.ram_size, args.screenshot)
+    if args.json:
+        print(json.dumps(view.to_json()))
+    else:
+        _console().print(view.render(max_rows=len(view.runs) if args.all else 200))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspector.control import ControlError, RemoteTarget
+    from .inspector.live import ConsoleTail, live_view
+
+    import threading
+
+    with RemoteTarget(args.socket) as target:
+        tail = ConsoleTail()
+        pos = [0]
+
+        def poll():
+            data, pos[0] = target.serial(pos[0])
+            tail.feed(data)
+
+        def running() -> bool:
+            try:
+                return bool(target.get_status().get("running"))
+            except (ControlError, OSError):
+                return False
+
+        stop = threading.Event()
+        if args.duration:
+            threading.Timer(args.duration, stop.set).start()
+        stats = live_view(target, console_tail=tail, poll_serial=poll, is_running=running, stop=stop,
+                          hz=args.hz, flt=_filter_from(args))
+        stop.set()
+    print(f"vmm: {stats['refreshes']} refreshes, {stats['changes']} mapping changes seen", file=sys.stderr)
+    return 0
+
+
+def _console():
+    """A rich console; wide enough for full addresses when output is not a terminal."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _indent(text: str) -> str:
@@ -219,17 +433,22 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         MMError = RuntimeError  # type: ignore[misc,assignment]
 
+    from .inspector.control import ControlError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return ExitCode.USAGE
-    handlers = {"run": cmd_run, "memmap": cmd_memmap, "build": cmd_build}
+    handlers = {"run": cmd_run, "memmap": cmd_memmap, "build": cmd_build, "pt": cmd_pt, "inspect": cmd_inspect}
     try:
         return handlers[args.command](args)
     except (KernelImageError, GuestMemoryError, BootError, UsageError) as exc:
         print(f"vmm: error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
+    except ControlError as exc:
+        print(f"vmm: error: {exc}", file=sys.stderr)
+        return ExitCode.HOST_ERROR
     except (KvmError, GuestBuildError) as exc:
         print(f"vmm: error: {exc}", file=sys.stderr)
         return ExitCode.HOST_ERROR

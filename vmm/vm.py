@@ -8,6 +8,7 @@ exits, so tests can give it synthetic exits without a VM.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import signal
 import struct
@@ -159,7 +160,7 @@ class Vm:
         config: VmConfig,
         *,
         console: Callable[[bytes], None] | None = None,
-        on_report: Callable[[Report], None] | None = None,
+        on_report: Callable[[Report], Stop | None] | None = None,
         backend: BackendInfo | None = None,
     ):
         self.image = image
@@ -169,6 +170,10 @@ class Vm:
         self._on_report = on_report
         self.kvm = self.vm = self.vcpu = self.memory = None
         self._stop_request: Stop | None = None
+        self._pause_requested = False
+        self._paused = threading.Event()
+        self._resume = threading.Event()
+        self.running = False
         self._vcpu_thread: int | None = None
         t = time.perf_counter_ns
         t0 = t()
@@ -259,11 +264,42 @@ class Vm:
             except (ProcessLookupError, OSError):
                 pass
 
+    @contextlib.contextmanager
+    def paused(self, timeout: float = 1.0):
+        """Hold the vCPU out of the guest while the block runs (from any thread).
+
+        Used for consistent snapshots: immediate_exit plus a signal make
+        KVM_RUN return, the run loop parks until the block ends. A no-op when
+        the guest is not running. Yields True if the vCPU is actually parked.
+        """
+        if not self.running or self._vcpu_thread == threading.get_ident():
+            yield False
+            return
+        self._resume.clear()
+        self._pause_requested = True
+        vcpu = self.vcpu
+        if vcpu is not None and vcpu.run_struct is not None:
+            vcpu.run_struct.immediate_exit = 1
+        tid = self._vcpu_thread
+        if tid is not None:
+            try:
+                signal.pthread_kill(tid, STOP_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
+        parked = self._paused.wait(timeout)
+        try:
+            yield parked
+        finally:
+            self._pause_requested = False
+            self._resume.set()
+
     def _report(self, report: Report) -> Stop | None:
         if report.kind == ReportKind.READY and self._ready_ns is None:
             self._ready_ns = time.perf_counter_ns()
         if self._on_report is not None:
-            self._on_report(report)
+            action = self._on_report(report)
+            if isinstance(action, Stop):
+                return action
         return None
 
     # --- diagnostics ------------------------------------------------------------------
@@ -300,6 +336,7 @@ class Vm:
         """
         _install_stop_signal()
         self._vcpu_thread = threading.get_ident()
+        self.running = True
         watchdog = None
         if self.config.timeout is not None:
             watchdog = threading.Timer(
@@ -333,6 +370,10 @@ class Vm:
                 except InterruptedError:
                     vcpu.run_struct.immediate_exit = 0
                     stop = self._stop_request
+                    if stop is None and self._pause_requested:
+                        self._paused.set()
+                        self._resume.wait()
+                        self._paused.clear()
                     continue
                 except KeyboardInterrupt:
                     stop = Stop(130, "interrupted", "interrupted by the user (Ctrl-C)")
@@ -349,6 +390,8 @@ class Vm:
             if watchdog is not None:
                 watchdog.cancel()
             self._vcpu_thread = None
+            self.running = False
+            self._resume.set()
         end = time.perf_counter_ns()
         result = self._result(stop, nexits, start, end)
         if profile:

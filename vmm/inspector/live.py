@@ -1,0 +1,89 @@
+"""The live terminal view: the guest's console beside its memory management.
+
+Refreshes at ``hz`` (default 10): each refresh takes a consistent snapshot
+(the vCPU is parked for the walk only), computes the views and shows what
+changed since the previous refresh.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.text import Text
+
+from .snapshot import RunFilter, take_snapshot
+from .views import inspect
+
+
+class ConsoleTail:
+    """Keeps the last lines of the guest's serial output for display."""
+
+    def __init__(self, lines: int = 12):
+        self.lines: deque[str] = deque(maxlen=lines)
+        self._partial = ""
+        self._lock = threading.Lock()
+
+    def feed(self, data: bytes | str) -> None:
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+        with self._lock:
+            parts = (self._partial + text).split("\n")
+            self._partial = parts.pop()
+            self.lines.extend(parts)
+
+    def render(self) -> Text:
+        with self._lock:
+            body = "\n".join([*self.lines, self._partial] if self._partial else self.lines)
+        return Text(body)
+
+
+def live_view(
+    target,
+    *,
+    console_tail: ConsoleTail | None = None,
+    poll_serial: Callable[[], None] | None = None,
+    is_running: Callable[[], bool] = lambda: True,
+    stop: threading.Event | None = None,
+    hz: float = 10.0,
+    flt: RunFilter | None = None,
+    max_rows: int = 25,
+    console: Console | None = None,
+) -> dict:
+    """Run the live view until ``stop`` is set or the guest stops; returns stats."""
+    stop = stop or threading.Event()
+    console = console or Console()
+    previous = None
+    refreshes, total_changes, refresh_ms = 0, 0, []
+    with Live(console=console, auto_refresh=False, transient=False) as live:
+        while not stop.is_set() and is_running():
+            t0 = time.perf_counter()
+            if poll_serial is not None:
+                poll_serial()
+            try:
+                snap = take_snapshot(target)
+            except Exception as exc:  # the guest went away mid-snapshot
+                live.update(Text(f"inspector: {exc}", style="red"), refresh=True)
+                break
+            view = inspect(snap, target.physmem, flt=flt, previous=previous)
+            previous = snap
+            total_changes += len(view.changes or [])
+            refreshes += 1
+            elapsed = (time.perf_counter() - t0) * 1e3
+            refresh_ms.append(elapsed)
+            header = Text(
+                f"live view: refresh {refreshes} at {hz:g} Hz, {elapsed:.1f} ms to snapshot and render, "
+                f"{total_changes} mapping changes seen",
+                style="bold cyan",
+            )
+            parts = [header]
+            if console_tail is not None:
+                parts.append(Panel(console_tail.render(), title="guest console", border_style="dim"))
+            parts.append(view.render(max_rows=max_rows))
+            live.update(Group(*parts), refresh=True)
+            stop.wait(max(0.0, 1.0 / hz - (time.perf_counter() - t0)))
+    return {"refreshes": refreshes, "changes": total_changes, "refresh_ms": refresh_ms}

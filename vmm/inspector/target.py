@@ -1,0 +1,132 @@
+"""What the inspector looks at: a guest, local or attached over a socket.
+
+A ``Target`` gives the inspector guest RAM (an ``mm`` physical-memory
+interface), the vCPU's control registers, a way to pause the vCPU briefly,
+and what the guest told the host about itself (the INSPECT/INFO reports).
+``LocalTarget`` wraps a ``Vm`` in this process; ``vmm.inspector.control``
+provides a remote one over a UNIX socket with RAM shared through a memfd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..abi import ReportKind
+from ..reports import Report
+
+
+@dataclass
+class ControlRegisters:
+    cr0: int
+    cr3: int
+    cr4: int
+    efer: int
+    rip: int = 0
+
+    @property
+    def root(self) -> int:
+        """The PML4's physical address (CR3 bits 51:12; the low bits are PCID/flags)."""
+        return self.cr3 & 0x000F_FFFF_FFFF_F000
+
+    def to_json(self) -> dict:
+        from ..cpu import decode_bits
+
+        return {
+            "cr0": self.cr0, "cr3": self.cr3, "cr4": self.cr4, "efer": self.efer, "rip": self.rip,
+            "cr0_bits": decode_bits("cr0", self.cr0),
+            "cr4_bits": decode_bits("cr4", self.cr4),
+            "efer_bits": decode_bits("efer", self.efer),
+        }
+
+
+@dataclass
+class GuestFacts:
+    """What the host knows about the guest's layout (from the ELF and reports)."""
+
+    ram_size: int
+    kaslr_slide: int
+    segments: list[tuple[int, int, str]] = field(default_factory=list)  # (virt start, end, perms)
+    inspect: dict[str, str] = field(default_factory=dict)  # latest INSPECT report fields
+    memmap: list[dict] = field(default_factory=list)  # memory map as JSON dicts
+
+    def inspect_int(self, key: str) -> int | None:
+        raw = self.inspect.get(key)
+        try:
+            return int(raw, 0) if raw is not None else None
+        except ValueError:
+            return None
+
+    def to_json(self) -> dict:
+        return {
+            "ram_size": self.ram_size,
+            "kaslr_slide": self.kaslr_slide,
+            "segments": [list(s) for s in self.segments],
+            "inspect": self.inspect,
+            "memmap": self.memmap,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "GuestFacts":
+        return cls(
+            ram_size=int(d["ram_size"]),
+            kaslr_slide=int(d["kaslr_slide"]),
+            segments=[tuple(s) for s in d.get("segments", [])],
+            inspect=dict(d.get("inspect", {})),
+            memmap=list(d.get("memmap", [])),
+        )
+
+
+class Target(Protocol):
+    physmem: object
+
+    def control_registers(self) -> ControlRegisters: ...
+
+    def paused(self) -> contextlib.AbstractContextManager[bool]: ...
+
+    def facts(self) -> GuestFacts: ...
+
+
+def facts_from_vm(vm) -> GuestFacts:
+    inspect: dict[str, str] = {}
+    for r in vm.reports.reports:
+        if r.kind == ReportKind.INSPECT:
+            inspect = dict(r.fields)
+    segs = [
+        (s.vaddr + vm.slide, s.vaddr + vm.slide + s.memsz, s.perms)
+        for s in vm.image.segments
+    ]
+    return GuestFacts(
+        ram_size=vm.memory.size,
+        kaslr_slide=vm.slide,
+        segments=segs,
+        inspect=inspect,
+        memmap=vm.layout.memmap.to_json(),
+    )
+
+
+class LocalTarget:
+    """A ``Vm`` in this process (running in another thread, or stopped)."""
+
+    def __init__(self, vm):
+        self.vm = vm
+        self.physmem = vm.memory.physmem
+
+    def control_registers(self) -> ControlRegisters:
+        s = self.vm.vcpu.get_sregs()
+        rip = self.vm.vcpu.get_regs().rip
+        return ControlRegisters(s.cr0, s.cr3, s.cr4, s.efer, rip)
+
+    def paused(self):
+        return self.vm.paused()
+
+    def facts(self) -> GuestFacts:
+        return facts_from_vm(self.vm)
+
+
+def latest(reports: list[Report], kind: ReportKind) -> Report | None:
+    for r in reversed(reports):
+        if r.kind == kind:
+            return r
+    return None
