@@ -1,0 +1,90 @@
+"""Inspecting a booted guest: locally at its READY point and over the control socket."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from vmm.abi import ReportKind
+from vmm.devices import Stop
+from vmm.inspector.control import ControlServer, RemoteTarget
+from vmm.inspector.snapshot import RunFilter, take_snapshot
+from vmm.inspector.target import LocalTarget
+from vmm.inspector.views import inspect
+from vmm.vm import Vm, VmConfig
+
+pytestmark = pytest.mark.kvm
+
+
+def _stop_at_ready(report):
+    if report.kind == ReportKind.READY:
+        return Stop(0, "ready", "inspect")
+    return None
+
+
+def test_snapshot_at_ready_labels_and_audits(guest_image):
+    with Vm(guest_image, VmConfig(memory=64 << 20, timeout=30), on_report=_stop_at_ready) as vm:
+        assert vm.run().stop_reason == "ready"
+        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory.physmem)
+        labels = {label for _, label in view.runs}
+        assert {"kernel .text", "kernel .rodata", "kernel .data/.bss", "direct map"} <= labels
+        text = [r for r, label in view.runs if label == "kernel .text"][0]
+        assert text.virt == (guest_image.entry & ~0xFFF) + vm.slide
+        assert not [f for f in view.findings if f.severity.name == "ERROR"], view.findings
+        assert view.physical is not None and view.physical.allocated > 0
+        doc = view.to_json()
+        json.dumps(doc)
+        assert doc["schema"] == 1 and doc["kaslr_slide"] == vm.slide
+
+
+def test_filters(guest_image):
+    with Vm(guest_image, VmConfig(memory=64 << 20, timeout=30), on_report=_stop_at_ready) as vm:
+        vm.run()
+        snap = take_snapshot(LocalTarget(vm))
+        execs = inspect(snap, vm.memory.physmem, RunFilter(executable=True)).runs
+        assert execs and all(label == "kernel .text" for _, label in execs)
+        assert not inspect(snap, vm.memory.physmem, RunFilter(user=True)).runs
+        big = inspect(snap, vm.memory.physmem, RunFilter(page_size=2 << 20)).runs
+        assert big and all(label == "direct map" for _, label in big)
+
+
+def test_control_socket_snapshot_of_running_guest(guest_image, tmp_path):
+    path = str(tmp_path / "vm.sock")
+    with Vm(guest_image, VmConfig(memory=64 << 20, cmdline="scenario=loop", timeout=20)) as vm:
+        with ControlServer(vm, path):
+            t = threading.Thread(target=vm.run)
+            t.start()
+            try:
+                deadline = time.time() + 10
+                while not vm.running and time.time() < deadline:
+                    time.sleep(0.01)
+                with RemoteTarget(path) as target:
+                    snap = take_snapshot(target)
+                    assert snap.parked, "the vCPU was not parked for the snapshot"
+                    view = inspect(snap, target.physmem)
+                    assert any(label == "kernel .text" for _, label in view.runs)
+                    again = take_snapshot(target)
+                    assert again.registers.cr3 == snap.registers.cr3
+                    assert vm.running, "the guest must keep running after a snapshot"
+            finally:
+                vm.request_stop(Stop(0, "test", "done"))
+                t.join(10)
+        assert not t.is_alive()
+
+
+def test_cli_pt_json(guest_kernel_path):
+    proc = subprocess.run(
+        [sys.executable, "vmm.py", "pt", "--kernel", str(guest_kernel_path), "--json", "--executable"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["runs"] and all(r["executable"] for r in doc["runs"])
+
+
+def test_cli_pt_missing_socket():
+    proc = subprocess.run([sys.executable, "vmm.py", "pt", "/nonexistent/vm.sock"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "no VM control socket" in proc.stderr and "Traceback" not in proc.stderr
