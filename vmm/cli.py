@@ -184,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--duration", type=parse_timeout, metavar="S", help="stop after S seconds")
     _add_filters(insp)
 
+    bench = sub.add_parser(
+        "bench",
+        help="measure the whole system beside host baselines",
+        description="Measure boot, exits, guest memory management and the inspector, each beside a baseline "
+        "measured in the same run; medians of N runs with min and max, always with the KVM backend.",
+    )
+    try:
+        from .bench.cli import add_arguments as _bench_args
+    except ImportError:  # the bench package is optional at this layer
+        _bench_args = None
+    if _bench_args is not None:
+        _bench_args(bench)
+
     build = sub.add_parser("build", help="build the guest kernel (cached) and print its path")
     build.add_argument("--force", action="store_true", help="rebuild even if sources are unchanged")
     build.add_argument("--quiet", "-q", action="store_true")
@@ -377,6 +390,12 @@ def _print_inspection(args, target, flt) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench.cli import run as bench_run
+
+    return bench_run(args)
+
+
 def cmd_inspect(args) -> int:
     from .inspector.control import ControlError, RemoteTarget
     from .inspector.live import ConsoleTail, live_view
@@ -440,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return ExitCode.USAGE
-    handlers = {"run": cmd_run, "memmap": cmd_memmap, "build": cmd_build, "pt": cmd_pt, "inspect": cmd_inspect}
+    handlers = {"run": cmd_run, "memmap": cmd_memmap, "build": cmd_build, "pt": cmd_pt, "inspect": cmd_inspect, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
     except (KernelImageError, GuestMemoryError, BootError, UsageError) as exc:
