@@ -16,6 +16,7 @@ pub mod arch;
 pub mod boot;
 pub mod cmdline;
 pub mod image;
+pub mod inspect;
 pub mod interrupts;
 pub mod ktest;
 pub mod memory;
@@ -154,7 +155,12 @@ pub fn send_inspect() {
             .kv_hex("heap_free_head", heap.free_head)
             .kv_hex("stacks", memory::layout::STACKS_START)
             .kv_hex("stack_slot", memory::layout::STACK_SLOT)
-            .kv_hex("cr3", cpu::read_cr3());
+            .kv_hex("cr3", cpu::read_cr3())
+            .kv_hex("inspect_block_virt", inspect::virt())
+            .kv_hex("inspect_block_phys", inspect::phys())
+            .kv("inspect_block_size", inspect::INSPECT_SIZE)
+            .kv_hex("kernel_phys_start", boot_info().kernel_phys_start)
+            .kv_hex("kernel_phys_end", boot_info().kernel_phys_end);
     });
 }
 

@@ -11,6 +11,7 @@
 
 mod frames;
 mod heap;
+mod inspect;
 mod interrupts;
 mod paging;
 
@@ -151,6 +152,8 @@ pub static TESTS: &[Test] = &[
     Test { name: "heap::large_from_frames", func: heap::large_from_frames },
     Test { name: "heap::grows", func: heap::grows },
     Test { name: "heap::exhaustion_returns_null", func: heap::exhaustion_returns_null },
+    Test { name: "inspect::header", func: inspect::header },
+    Test { name: "inspect::tracks_allocators", func: inspect::tracks_allocators },
 ];
 
 fn group(name: &str) -> &str {

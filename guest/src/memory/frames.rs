@@ -265,12 +265,21 @@ pub static FRAMES: SpinLock<Option<FrameAllocator>> = SpinLock::new("frames", No
 
 pub fn init(allocator: FrameAllocator) {
     *FRAMES.lock() = Some(allocator);
+    with(|_| ());
 }
 
 /// Runs `f` on the global allocator; panics if `init` has not run.
 pub fn with<R>(f: impl FnOnce(&mut FrameAllocator) -> R) -> R {
     let mut g = FRAMES.lock();
-    f(g.as_mut().expect("frame allocator not initialised"))
+    let fa = g.as_mut().expect("frame allocator not initialised");
+    let r = f(fa);
+    let (free, bitmap_phys, bits) = (fa.free, fa.bitmap_phys, fa.frames);
+    crate::inspect::update(|b| {
+        b.frames_free = free;
+        b.bitmap_phys = bitmap_phys;
+        b.bitmap_bits = bits;
+    });
+    r
 }
 
 pub fn alloc_frame() -> Result<u64, FrameError> {

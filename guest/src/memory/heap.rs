@@ -234,6 +234,20 @@ impl Heap {
         self.insert_free(ptr, size);
     }
 
+    /// Copies the allocator's state into the inspect block.
+    #[inline]
+    fn publish(&self) {
+        crate::inspect::update(|b| {
+            b.heap_free_head = self.head as u64;
+            b.heap_start = self.start;
+            b.heap_end = self.end;
+            b.heap_free_bytes = self.free_bytes as u64;
+            b.heap_large_bytes = self.large_bytes as u64;
+            b.heap_allocs = self.allocs;
+            b.heap_frees = self.frees;
+        });
+    }
+
     pub fn stats(&self) -> HeapStats {
         let (mut blocks, mut largest) = (0, 0);
         let mut cur = self.head;
@@ -263,10 +277,18 @@ pub static HEAP: SpinLock<Heap> = SpinLock::new("heap", Heap::empty());
 
 /// Maps the initial heap. Needs the frame allocator.
 pub fn init() -> Result<(), MapError> {
-    HEAP.lock().grow(HEAP_INITIAL)
+    let mut h = HEAP.lock();
+    let r = h.grow(HEAP_INITIAL);
+    h.publish();
+    r
 }
 
 pub fn stats() -> HeapStats {
+    HEAP.lock().stats()
+}
+
+/// Stats without touching any cache (same as `stats` for the plain list).
+pub fn stats_raw() -> HeapStats {
     HEAP.lock().stats()
 }
 
@@ -283,11 +305,16 @@ pub struct KernelAllocator;
 
 unsafe impl GlobalAlloc for KernelAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        HEAP.lock().alloc(layout)
+        let mut h = HEAP.lock();
+        let p = h.alloc(layout);
+        h.publish();
+        p
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        HEAP.lock().dealloc(ptr, layout)
+        let mut h = HEAP.lock();
+        h.dealloc(ptr, layout);
+        h.publish();
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
