@@ -87,6 +87,7 @@ class ExitCode(enum.IntEnum):
     UNKNOWN_PORT = 104
     UNBACKED_MMIO = 105
     BAD_REPORT = 106
+    KERNEL_WRITE = 107  # a write hit the read-only kernel slot
     TIMEOUT = 124
 
 

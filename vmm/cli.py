@@ -24,9 +24,9 @@ exit codes:
            4 stack overflow, 5 unexpected fault)
   2        bad input or options
   70       host problem (no /dev/kvm, no Rust toolchain, ...)
-  100-106  the guest stopped abnormally (100 triple fault, 101 emulation
+  100-107  the guest stopped abnormally (100 triple fault, 101 emulation
            failure, 102 entry failure, 103 halted, 104 unknown port,
-           105 unbacked MMIO)
+           105 unbacked MMIO, 107 write to read-only kernel memory)
   124      the watchdog (--timeout) stopped the guest
 """
 

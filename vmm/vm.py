@@ -9,6 +9,7 @@ exits, so tests can give it synthetic exits without a VM.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import signal
 import struct
@@ -26,7 +27,7 @@ from .cpu import decode_bits, entry_regs, long_mode_sregs
 from .devices import ExitDevice, PortBus, ReportDevice, Stop, Uart16550
 from .elf import KernelImage, Symbolizer
 from .kvm import Kvm, KvmError
-from .kvm_abi import KVM_EXIT_IO, KVM_EXIT_IO_OUT, KVM_RUN
+from .kvm_abi import KVM_CAP_READONLY_MEM, KVM_EXIT_IO, KVM_EXIT_IO_OUT, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_RUN
 from .memory import GuestMemory
 from .reports import Report
 
@@ -149,6 +150,37 @@ class VmConfig:
     timeout: float | None = None
     use_1g: bool | None = None
     shared_memory: bool = True
+    # Back the kernel's read-only segments (.text, .rodata) with a
+    # KVM_MEM_READONLY slot: second-stage protection the guest cannot lift.
+    protect_kernel: bool = True
+    dirty_log: bool = False
+
+
+def protected_ranges(image: KernelImage) -> list[tuple[int, int]]:
+    """Physical page ranges of the non-writable segments, adjacent ones merged."""
+    spans = sorted(
+        (s.paddr & ~0xFFF, (s.paddr + s.memsz + 0xFFF) & ~0xFFF) for s in image.segments if not s.writable
+    )
+    merged: list[tuple[int, int]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def memory_slots(ram_size: int, protected: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+    """(guest-physical start, size, read-only) slots covering [0, ram_size)."""
+    slots, pos = [], 0
+    for a, b in protected:
+        if pos < a:
+            slots.append((pos, a - pos, False))
+        slots.append((a, b - a, True))
+        pos = b
+    if pos < ram_size:
+        slots.append((pos, ram_size - pos, False))
+    return slots
 
 
 class Vm:
@@ -182,7 +214,15 @@ class Vm:
             self.vm = self.kvm.create_vm()
             t1 = t()
             self.memory = GuestMemory(config.memory, shared=config.shared_memory)
-            self.vm.set_user_memory_region(0, 0, self.memory.size, self.memory.host_address)
+            self.protected = protected_ranges(image) if config.protect_kernel else []
+            if self.protected and not self.vm.check_extension(KVM_CAP_READONLY_MEM):
+                self.protected = []
+            self.slots = memory_slots(self.memory.size, self.protected)
+            log = KVM_MEM_LOG_DIRTY_PAGES if config.dirty_log else 0
+            for slot, (gpa, size, readonly) in enumerate(self.slots):
+                self.vm.set_user_memory_region(
+                    slot, gpa, size, self.memory.host_address + gpa, log | (KVM_MEM_READONLY if readonly else 0)
+                )
             t2 = t()
             self.vcpu = self.vm.create_vcpu(0)
             self.vcpu.set_cpuid2(_supported_cpuid(self.kvm))
@@ -302,6 +342,24 @@ class Vm:
                 return action
         return None
 
+    # --- dirty logging -----------------------------------------------------------------
+    def dirty_pages(self):
+        """Pages written since the last call, as a numpy bool array over all of RAM
+        (KVM_GET_DIRTY_LOG, which also clears the log). Needs VmConfig.dirty_log."""
+        import numpy as np
+
+        if not self.config.dirty_log:
+            raise ValueError("dirty logging is off (VmConfig.dirty_log)")
+        out = np.zeros(self.memory.size // 4096, dtype=bool)
+        for slot, (gpa, size, _ro) in enumerate(self.slots):
+            pages = size // 4096
+            words = (pages + 63) // 64
+            bitmap = (ctypes.c_uint64 * words)()
+            self.vm.get_dirty_log(slot, bitmap)
+            bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")[:pages]
+            out[gpa // 4096 : gpa // 4096 + pages] = bits.astype(bool)
+        return out
+
     # --- diagnostics ------------------------------------------------------------------
     def register_dump(self) -> dict[str, int]:
         regs = self.vcpu.get_regs()
@@ -401,6 +459,13 @@ class Vm:
     def _slow_exit(self, reason: int, run_map) -> Stop | None:
         """Every exit but a single OUT to a known port: decode, then handle."""
         ex = X.decode_exit(reason, memoryview(run_map))
+        if isinstance(ex, X.Mmio) and ex.is_write and any(a <= ex.phys_addr < b for a, b in self.protected):
+            return Stop(
+                ExitCode.KERNEL_WRITE,
+                "kernel-write",
+                f"guest wrote to read-only kernel memory at guest-physical {ex.phys_addr:#x} "
+                f"(KVM_MEM_READONLY slot; the guest's own page tables cannot lift it)",
+            )
         action = handle_exit(ex, self.bus)
         if isinstance(action, bytes) and isinstance(ex, X.IoIn):
             # The answer to an IN goes where KVM expects it (data_offset in kvm_run).

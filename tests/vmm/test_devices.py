@@ -44,3 +44,23 @@ def test_report_device_reads_guest_memory_bounds_checked():
         dev.io_out(0, (0x6000).to_bytes(4, "little"))  # payload too long
         assert len(dev.reports) == 1 and len(dev.errors) == 2
         assert "outside guest RAM" in dev.errors[0]
+
+
+from hypothesis import given, settings, strategies as st
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=200))
+def test_report_decoder_fuzz(raw):
+    try:
+        rep = decode_report(raw)
+    except ReportError:
+        return
+    assert isinstance(rep.fields, dict)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.from_regex(r"[a-z0-9_]{1,12}", fullmatch=True), st.text(alphabet=st.characters(blacklist_characters="\n", blacklist_categories=("Cs",)), max_size=40), max_size=8))
+def test_report_round_trip_property(fields):
+    rep = decode_report(encode_report(ReportKind.INFO, fields))
+    assert rep.fields == fields

@@ -118,3 +118,28 @@ def test_corrupted_valid_kernel_never_crashes(data):
         parse_kernel(bytes(raw))
     except KernelImageError:
         pass
+
+
+def test_segment_outside_ram_refused_at_load(tmp_path):
+    import subprocess
+    import sys
+
+    elf = simple_kernel()
+    elf.segments[2].paddr = 0x4000_0000  # 1 GiB: beyond a 64 MiB guest
+    elf.segments[2].vaddr = HIGH + 0x2000
+    path = tmp_path / "far.elf"
+    path.write_bytes(elf.build())
+    proc = subprocess.run([sys.executable, "vmm.py", "memmap", "--kernel", str(path), "--memory", "64M"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "outside guest RAM" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_segment_below_1mib_refused():
+    from vmm.boot import check_kernel_fits
+
+    elf = simple_kernel()
+    elf.segments[0].paddr = 0x1000
+    img = parse_kernel(elf.build())
+    with pytest.raises(KernelImageError, match="below"):
+        check_kernel_fits(img, 64 << 20)

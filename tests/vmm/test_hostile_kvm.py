@@ -1,0 +1,114 @@
+"""Hostile guests: the host stays up, reports what happened, and the
+inspector stays within bounds on whatever the guest left in its tables."""
+
+import os
+import time
+
+import pytest
+
+from mm import PageSize, PteFlags
+from mm.frames import BumpFrameAllocator
+from mm.mapper import Mapper
+from tests import hostile
+from vmm.abi import ExitCode
+from vmm.elf import parse_kernel
+from vmm.inspector.snapshot import take_snapshot
+from vmm.inspector.target import LocalTarget
+from vmm.inspector.views import inspect
+from vmm.vm import Vm, VmConfig
+
+pytestmark = pytest.mark.kvm
+RAM = 32 << 20
+
+
+def _run(elf: bytes, **kw):
+    cfg = dict(memory=RAM, timeout=20)
+    cfg.update(kw)
+    with Vm(parse_kernel(elf), VmConfig(**cfg)) as vm:
+        result = vm.run()
+        t0 = time.perf_counter()
+        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory.physmem)  # must never raise
+        inspect_s = time.perf_counter() - t0
+    return result, view, inspect_s
+
+
+def test_kernel_text_write_stopped_by_readonly_slot():
+    result, _, _ = _run(hostile.write_own_text())
+    assert result.exit_code == ExitCode.KERNEL_WRITE, result.message
+    assert "read-only kernel memory" in result.message and "0x100" in result.message
+    assert result.registers is not None  # register dump with the faulting RIP
+
+
+def test_text_write_succeeds_without_the_slot():
+    """The control: with protection off, the same guest writes its text and exits 0x42."""
+    result, _, _ = _run(hostile.write_own_text(), protect_kernel=False)
+    assert result.exit_code == 0x42
+
+
+def test_garbage_page_tables():
+    result, view, seconds = _run(hostile.garbage_page_tables())
+    assert result.exit_code in (0x42, ExitCode.TRIPLE_FAULT, ExitCode.EMULATION_FAILURE), result.message
+    kinds = {f.kind for f in view.findings}
+    assert kinds & {"reserved_bits", "table_outside_ram", "leaf_outside_ram"}, kinds
+    assert seconds < 30
+
+
+def test_cyclic_page_tables():
+    result, view, seconds = _run(hostile.cyclic_page_tables())
+    assert result.exit_code in (0x42, ExitCode.TRIPLE_FAULT), result.message
+    assert {f.kind for f in view.findings} & {"cycle", "shared_table"}
+    assert seconds < 30
+
+
+def test_random_cr3():
+    result, view, _ = _run(hostile.random_cr3())
+    assert result.exit_code in (ExitCode.TRIPLE_FAULT, ExitCode.EMULATION_FAILURE, ExitCode.UNBACKED_MMIO), result.message
+    assert any(f.kind == "cr3_outside_ram" for f in view.findings)
+
+
+def test_serial_spam_is_bounded():
+    result, _, _ = _run(hostile.serial_spam(20000))
+    assert result.exit_code == 0
+    assert len(result.serial) == 20000 and set(result.serial) == {ord("A")}
+
+
+def test_endless_loop_watchdog():
+    result, _, _ = _run(hostile.endless_loop(), timeout=0.5)
+    assert result.exit_code == ExitCode.TIMEOUT
+
+
+def test_triple_fault():
+    result, _, _ = _run(hostile.triple_fault())
+    assert result.exit_code == ExitCode.TRIPLE_FAULT
+
+
+def test_unknown_port():
+    result, _, _ = _run(hostile.unknown_port())
+    assert result.exit_code == ExitCode.UNKNOWN_PORT and "0x80" in result.message
+
+
+def test_mmio_beyond_ram():
+    virt = 0xFFFF_9000_0000_0000
+    with Vm(parse_kernel(hostile.mmio_write(virt)), VmConfig(memory=RAM, timeout=20)) as vm:
+        # Play the guest mapping a device window: a page beyond the end of RAM.
+        frames = BumpFrameAllocator(0x50000, 0x60000)  # free frames of the low conventional area
+        mapper = Mapper(vm.memory.physmem, vm.layout.cr3, frames)
+        mapper.map(virt, RAM + 0x10_0000, PageSize.SIZE_4K, PteFlags.PRESENT | PteFlags.WRITABLE | PteFlags.NO_EXECUTE)
+        result = vm.run()
+    assert result.exit_code == ExitCode.UNBACKED_MMIO, result.message
+    assert f"{RAM + 0x10_0000:#x}" in result.message
+
+
+def test_report_channel_outside_ram():
+    result, _, _ = _run(hostile.report_outside_ram())
+    assert result.exit_code == 0
+    assert len(result.report_errors) == 2
+    assert "outside guest RAM" in result.report_errors[0] and "magic" in result.report_errors[1]
+
+
+def test_host_survives_many_hostile_boots_without_leaking_fds():
+    before = len(os.listdir("/proc/self/fd"))
+    for make in (hostile.triple_fault, hostile.unknown_port, hostile.random_cr3, hostile.garbage_page_tables):
+        for _ in range(5):
+            _run(make())
+    assert len(os.listdir("/proc/self/fd")) <= before + 2
