@@ -20,9 +20,11 @@ pub mod inspect;
 pub mod interrupts;
 pub mod ktest;
 pub mod memory;
+pub mod rand;
 pub mod report;
 pub mod serial;
 pub mod sync;
+pub mod task;
 
 use abi::{exit, memtype, port, Backend, BootInfo, ReportKind};
 use arch::x86_64 as cpu;
@@ -53,19 +55,18 @@ pub extern "sysv64" fn _start(boot_info: &'static BootInfo) -> ! {
 
     print_banner(boot_info, cmdline);
     interrupts::init();
+    rand::init(boot_info.rng_seed, cmdline.get("rng") == Some("seed"));
     init_memory(boot_info);
 
-    // Continue on a kernel stack with a guard page below it (the boot stack
-    // has page tables right under it).
-    let top = memory::stack::map_stack(0, BOOT_STACK_PAGES).unwrap_or_else(|e| panic!("kernel stack: {:?}", e));
+    // Continue as task 0 on a 64 KiB kernel stack at a random address with
+    // guard pages below and above (the boot stack has page tables right
+    // under it).
+    let top = task::init_boot_task().unwrap_or_else(|e| panic!("kernel stack: {:?}", e));
     BOOT.store(boot_info as *const BootInfo as u64, Ordering::Relaxed);
     let cmdline_copy = CmdlineCell(cmdline);
     // SAFETY: the stack was just mapped and nothing else uses it.
     unsafe { memory::stack::switch_to(top, kernel_main, &cmdline_copy as *const CmdlineCell as u64) }
 }
-
-/// Pages of the main kernel stack (slot 0).
-const BOOT_STACK_PAGES: u64 = 16;
 
 static BOOT: AtomicU64 = AtomicU64::new(0);
 
@@ -100,6 +101,9 @@ extern "sysv64" fn kernel_main(arg: u64) -> ! {
     report::send(ReportKind::Info, |r| {
         r.kv_hex("kaslr_slide", boot_info.kaslr_slide)
             .kv("rdrand", rdrand as u8)
+            .kv("entropy", rand::source().name())
+            .kv_hex("stack_base", task::stack_of(0).map_or(0, |s| s.base))
+            .kv_hex("heap_start", memory::heap::stats().start)
             .kv_hex("kernel_virt", image::virt_start())
             .kv_hex("kernel_phys", image::phys_start())
             .kv("backend", Backend::from_raw(boot_info.backend).name())
@@ -155,6 +159,8 @@ pub fn send_inspect() {
             .kv_hex("heap_free_head", heap.free_head)
             .kv_hex("stacks", memory::layout::STACKS_START)
             .kv_hex("stack_slot", memory::layout::STACK_SLOT)
+            .kv("stack_slots", memory::layout::STACK_SLOTS)
+            .kv_hex("stack_size", memory::stack::STACK_SIZE)
             .kv_hex("cr3", cpu::read_cr3())
             .kv_hex("inspect_block_virt", inspect::virt())
             .kv_hex("inspect_block_phys", inspect::phys())
@@ -217,7 +223,7 @@ fn scenario_triple_fault() -> ! {
     }
 }
 
-/// Recurses until the kernel stack's guard page is hit (exit 4).
+/// A task recurses until its stack's low guard page is hit (exit 4).
 fn scenario_stack_overflow() -> ! {
     println!("kernel: scenario stackoverflow");
     #[inline(never)]
@@ -228,8 +234,14 @@ fn scenario_stack_overflow() -> ! {
         core::hint::black_box(&mut pad);
         recurse(depth + 1) + pad[0] as u64
     }
-    let n = recurse(0);
-    panic!("recursion returned {}", n);
+    extern "sysv64" fn overflow(_: u64) {
+        let n = recurse(0);
+        panic!("recursion returned {}", n);
+    }
+    let id = task::spawn("overflow", overflow, 0).unwrap_or_else(|e| panic!("spawn: {:?}", e));
+    println!("kernel: task {} recursing on stack {:#x}..{:#x}", id, task::stack_of(id).unwrap().base, task::stack_of(id).unwrap().top);
+    task::join(id);
+    panic!("overflow task finished");
 }
 
 /// Reads an address in the unmapped user half.

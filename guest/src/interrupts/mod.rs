@@ -12,8 +12,6 @@ pub mod idt;
 
 use crate::abi::{exit, ReportKind};
 use crate::arch::x86_64::read_cr2;
-use crate::memory::layout::{STACKS_START, STACK_SLOT};
-use crate::memory::PAGE_SIZE;
 use crate::report::Report;
 use crate::{exit_with, println};
 use core::arch::global_asm;
@@ -120,9 +118,9 @@ impl fmt::Display for PageFaultError {
     }
 }
 
-/// True if `addr` is in the guard page of a kernel stack slot.
+/// True if `addr` is in a guard page of a live kernel stack.
 pub fn is_stack_guard(addr: u64) -> bool {
-    addr >= STACKS_START && addr < STACKS_START + 64 * STACK_SLOT && (addr - STACKS_START) % STACK_SLOT < PAGE_SIZE
+    crate::memory::stack::guard_owner(addr).is_some()
 }
 
 // ---------------------------------------------------------------------------
@@ -255,7 +253,9 @@ extern "sysv64" fn exception_dispatch(frame: &mut TrapFrame) {
 }
 
 fn fatal(frame: &TrapFrame, addr: u64) -> ! {
-    let stack_overflow = frame.vector == VEC_PAGE_FAULT && is_stack_guard(addr);
+    let owner = if frame.vector == VEC_PAGE_FAULT { crate::memory::stack::guard_owner(addr) } else { None };
+    let stack_overflow = owner.is_some();
+    let task = owner.map_or_else(crate::task::current_id, |r| r.task_id);
     let kind = if stack_overflow {
         "stack_overflow"
     } else if frame.vector == VEC_PAGE_FAULT {
@@ -291,7 +291,8 @@ fn fatal(frame: &TrapFrame, addr: u64) -> ! {
             .kv_hex("error", frame.error)
             .kv_hex("rip", frame.rip)
             .kv_hex("rsp", frame.rsp)
-            .kv("task", "kernel");
+            .kv("task", task)
+            .kv("task_name", crate::task::name_of(task));
         if frame.vector == VEC_PAGE_FAULT {
             r.kv("error_bits", pf);
         }

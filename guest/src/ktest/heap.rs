@@ -2,7 +2,7 @@
 
 use super::TestResult;
 use crate::memory::heap::{self, LARGE_THRESHOLD};
-use crate::memory::layout::{HEAP_MAX, HEAP_START};
+use crate::memory::layout::HEAP_MAX;
 use crate::memory::{frames, phys_offset, PAGE_SIZE};
 use crate::{check, check_eq};
 use alloc::alloc::{alloc, dealloc, Layout};
@@ -12,7 +12,8 @@ use alloc::vec::Vec;
 use core::fmt::Write;
 
 fn in_heap(p: *mut u8) -> bool {
-    (p as u64) >= HEAP_START && (p as u64) < HEAP_START + HEAP_MAX
+    let start = heap::stats().start;
+    (p as u64) >= start && (p as u64) < start + HEAP_MAX
 }
 
 pub fn box_and_vec() -> TestResult {

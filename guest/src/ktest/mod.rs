@@ -14,6 +14,7 @@ mod heap;
 mod inspect;
 mod interrupts;
 mod paging;
+mod task;
 
 use crate::abi::ReportKind;
 use crate::println;
@@ -153,6 +154,9 @@ pub static TESTS: &[Test] = &[
     Test { name: "heap::grows", func: heap::grows },
     Test { name: "heap::exhaustion_returns_null", func: heap::exhaustion_returns_null },
     Test { name: "inspect::header", func: inspect::header },
+    Test { name: "task::switch_and_own_stacks", func: task::switch_and_own_stacks },
+    Test { name: "task::guard_pages_unmapped", func: task::guard_pages_unmapped },
+    Test { name: "task::random_layout", func: task::random_layout },
     Test { name: "inspect::tracks_allocators", func: inspect::tracks_allocators },
 ];
 

@@ -2,7 +2,7 @@
 //! registered as the `#[global_allocator]`.
 //!
 //! * Requests under 4 KiB (and alignment up to 4 KiB) come from the heap
-//!   range `layout::HEAP_START..+HEAP_MAX`, mapped 4 KiB page by page as the
+//!   range `start..start+HEAP_MAX` (start random in `layout::HEAP_REGION`), mapped 4 KiB page by page as the
 //!   heap grows (`HEAP_GROW_STEP` at least).
 //! * Requests of 4 KiB or more take whole contiguous frames from the frame
 //!   allocator and are used through the direct map (no page-table work);
@@ -13,7 +13,8 @@
 //! 16 bytes. Block sizes and addresses are multiples of 16, so a split never
 //! leaves a fragment too small for a node.
 
-use super::layout::{HEAP_GROW_STEP, HEAP_INITIAL, HEAP_MAX, HEAP_START};
+use super::layout::{HEAP_GROW_STEP, HEAP_INITIAL, HEAP_MAX, HEAP_RANDOM_SPAN, HEAP_REGION};
+use super::SIZE_2M;
 use super::paging::{self, MapError, PageFlags, PageSize};
 use super::{align_up, frames, phys_to_virt, PAGE_SIZE};
 use crate::sync::SpinLock;
@@ -64,9 +65,9 @@ impl Heap {
     pub const fn empty() -> Heap {
         Heap {
             head: null_mut(),
-            start: HEAP_START,
-            end: HEAP_START,
-            max_end: HEAP_START + HEAP_MAX,
+            start: 0,
+            end: 0,
+            max_end: 0,
             free_bytes: 0,
             large_bytes: 0,
             allocs: 0,
@@ -107,7 +108,7 @@ impl Heap {
     }
 
     fn in_heap(&self, addr: u64) -> bool {
-        addr >= self.start && addr < self.max_end
+        addr >= self.start && addr < self.start + HEAP_MAX
     }
 
     /// Size and alignment a small request really takes from the list.
@@ -275,9 +276,14 @@ impl Heap {
 
 pub static HEAP: SpinLock<Heap> = SpinLock::new("heap", Heap::empty());
 
-/// Maps the initial heap. Needs the frame allocator.
+/// Places the heap at a random 2 MiB multiple in its region and maps the
+/// initial part. Needs the frame allocator and `rand`.
 pub fn init() -> Result<(), MapError> {
+    let start = HEAP_REGION + crate::rand::below((HEAP_RANDOM_SPAN - HEAP_MAX) / SIZE_2M) * SIZE_2M;
     let mut h = HEAP.lock();
+    h.start = start;
+    h.end = start;
+    h.max_end = start + HEAP_MAX;
     let r = h.grow(HEAP_INITIAL);
     h.publish();
     r
@@ -297,7 +303,7 @@ pub fn stats_raw() -> HeapStats {
 pub fn set_limit(max_end: u64) -> u64 {
     let mut h = HEAP.lock();
     let old = h.max_end;
-    h.max_end = max_end.max(h.end).min(HEAP_START + HEAP_MAX);
+    h.max_end = max_end.max(h.end).min(h.start + HEAP_MAX);
     old
 }
 
