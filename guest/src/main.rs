@@ -98,10 +98,26 @@ extern "sysv64" fn kernel_main(arg: u64) -> ! {
     let cmdline = unsafe { (*(arg as *const CmdlineCell)).0 };
     let boot_info = boot_info();
     let rdrand = cpu::has_rdrand();
+    let (wx_ok, audit, wp, nxe) = memory::audit::self_check();
+    println!(
+        "kernel: W^X self-check {}: {} leaves, {} W+X, {} user, CR0.WP={} EFER.NXE={}",
+        if wx_ok { "ok" } else { "FAILED" },
+        audit.leaves,
+        audit.wx,
+        audit.user,
+        wp as u8,
+        nxe as u8
+    );
     report::send(ReportKind::Info, |r| {
         r.kv_hex("kaslr_slide", boot_info.kaslr_slide)
             .kv("rdrand", rdrand as u8)
             .kv("entropy", rand::source().name())
+            .kv("wx_ok", wx_ok as u8)
+            .kv("wx_leaves", audit.leaves)
+            .kv("wx_violations", audit.wx)
+            .kv("user_leaves", audit.user)
+            .kv("cr0_wp", wp as u8)
+            .kv("efer_nxe", nxe as u8)
             .kv_hex("stack_base", task::stack_of(0).map_or(0, |s| s.base))
             .kv_hex("heap_start", memory::heap::stats().start)
             .kv_hex("kernel_virt", image::virt_start())

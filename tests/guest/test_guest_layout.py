@@ -53,3 +53,11 @@ def test_task_stack_overflow_names_task_and_guard(vmm_boot):
     assert glow <= f.int("addr") < glow + 4096 == base
     assert top - base == 64 << 10 and ghigh == top
     assert run.translate(glow) is None and run.translate(ghigh) is None
+
+
+def test_wx_self_check_reported(boot):
+    i = info(boot(""))
+    assert i.get("wx_ok") == "1"
+    assert i.int("wx_violations") == 0 and i.int("user_leaves") == 0
+    assert i.int("cr0_wp") == 1 and i.int("efer_nxe") == 1
+    assert i.int("wx_leaves") > 100

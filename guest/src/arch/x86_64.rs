@@ -126,3 +126,41 @@ pub unsafe fn lidt(ptr: &DescriptorTablePointer) {
 pub unsafe fn lgdt(ptr: &DescriptorTablePointer) {
     asm!("lgdt [{}]", in(reg) ptr, options(readonly, nostack, preserves_flags))
 }
+
+#[inline(always)]
+pub fn read_cr0() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR0 has no side effects.
+    unsafe { asm!("mov {}, cr0", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+#[inline(always)]
+pub fn read_cr4() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR4 has no side effects.
+    unsafe { asm!("mov {}, cr4", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+/// Reloads CR3 with its current value (flushes non-global TLB entries).
+#[inline(always)]
+pub fn reload_cr3() {
+    // SAFETY: writing back the active root changes no mapping.
+    unsafe { asm!("mov {t}, cr3", "mov cr3, {t}", t = out(reg) _, options(nostack, preserves_flags)) }
+}
+
+/// Reads a model-specific register.
+///
+/// # Safety
+/// `msr` must exist (else #GP).
+#[inline(always)]
+pub unsafe fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags));
+    ((hi as u64) << 32) | lo as u64
+}
+
+pub const MSR_EFER: u32 = 0xC000_0080;
+pub const EFER_NXE: u64 = 1 << 11;
+pub const CR0_WP: u64 = 1 << 16;

@@ -14,6 +14,7 @@ mod heap;
 mod inspect;
 mod interrupts;
 mod paging;
+mod security;
 mod task;
 
 use crate::abi::ReportKind;
@@ -154,6 +155,8 @@ pub static TESTS: &[Test] = &[
     Test { name: "heap::grows", func: heap::grows },
     Test { name: "heap::exhaustion_returns_null", func: heap::exhaustion_returns_null },
     Test { name: "inspect::header", func: inspect::header },
+    Test { name: "security::wx_clean", func: security::wx_clean },
+    Test { name: "security::detects_violations", func: security::detects_violations },
     Test { name: "task::switch_and_own_stacks", func: task::switch_and_own_stacks },
     Test { name: "task::guard_pages_unmapped", func: task::guard_pages_unmapped },
     Test { name: "task::random_layout", func: task::random_layout },

@@ -1,5 +1,6 @@
 //! Guest memory management: physical frames, page tables, kernel heap.
 
+pub mod audit;
 pub mod frames;
 pub mod heap;
 pub mod layout;
