@@ -88,6 +88,7 @@ fn init_memory(bi: &'static BootInfo) {
     if let Err(e) = memory::heap::init() {
         panic!("heap: {:?}", e);
     }
+    memory::demand::init();
 }
 
 /// Runs on the guarded kernel stack. `arg` points at the command line,
@@ -173,6 +174,8 @@ pub fn send_inspect() {
             .kv_hex("heap_start", heap.start)
             .kv_hex("heap_end", heap.end)
             .kv_hex("heap_free_head", heap.free_head)
+            .kv_hex("demand_start", memory::layout::DEMAND_START)
+            .kv_hex("demand_size", memory::layout::DEMAND_SIZE)
             .kv_hex("stacks", memory::layout::STACKS_START)
             .kv_hex("stack_slot", memory::layout::STACK_SLOT)
             .kv("stack_slots", memory::layout::STACK_SLOTS)

@@ -239,6 +239,9 @@ fn fixup_for(rip: u64) -> Option<u64> {
 #[no_mangle]
 extern "sysv64" fn exception_dispatch(frame: &mut TrapFrame) {
     let addr = if frame.vector == VEC_PAGE_FAULT { read_cr2() } else { 0 };
+    if frame.vector == VEC_PAGE_FAULT && crate::memory::demand::handle_fault(addr, frame.error) {
+        return;
+    }
     if let Some(fixup) = fixup_for(frame.rip) {
         LAST_FAULT_VECTOR.store(frame.vector, Ordering::Relaxed);
         LAST_FAULT_ERROR.store(frame.error, Ordering::Relaxed);

@@ -9,6 +9,7 @@
 //! Every CPL0 instruction costs ~270 ns on KVM-PVM hosts: keep loop counts
 //! in the hundreds, not millions.
 
+mod demand;
 mod frames;
 mod heap;
 mod inspect;
@@ -155,6 +156,8 @@ pub static TESTS: &[Test] = &[
     Test { name: "heap::grows", func: heap::grows },
     Test { name: "heap::exhaustion_returns_null", func: heap::exhaustion_returns_null },
     Test { name: "inspect::header", func: inspect::header },
+    Test { name: "demand::first_touch_maps_zeroed_page", func: demand::first_touch_maps_zeroed_page },
+    Test { name: "demand::outside_region_still_faults", func: demand::outside_region_still_faults },
     Test { name: "security::wx_clean", func: security::wx_clean },
     Test { name: "security::detects_violations", func: security::detects_violations },
     Test { name: "task::switch_and_own_stacks", func: task::switch_and_own_stacks },

@@ -1,6 +1,7 @@
 //! Guest memory management: physical frames, page tables, kernel heap.
 
 pub mod audit;
+pub mod demand;
 pub mod frames;
 pub mod heap;
 pub mod layout;
