@@ -271,7 +271,8 @@ def cmd_run(args) -> int:
 
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"vmm: {msg}", file=sys.stderr, flush=True))
     slide = 0 if args.no_kaslr else args.slide
-    config = VmConfig(memory=size, cmdline=args.cmdline, slide=slide, timeout=args.timeout)
+    watched = bool(args.inspect or args.control)
+    config = VmConfig(memory=size, cmdline=args.cmdline, slide=slide, timeout=args.timeout, dirty_log=watched)
     with Vm(image, config, backend=backend, console=console) as vm:
         say(
             f"{backend.banner} | RAM {size >> 20} MiB | kernel {image.path} | "

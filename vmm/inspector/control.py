@@ -14,6 +14,7 @@ Protocol: one JSON object per line in each direction.
     -> {"op": "resume"}    <- {"ok": true, "paused_ms": float}
     -> {"op": "status"}    <- {"ok": true, "running": bool, "exits": ..., ...}
     -> {"op": "serial", "since": N}   <- {"ok": true, "data": "...", "next": M}
+    -> {"op": "dirty"}     <- {"ok": true, "pages": [page numbers written since the last call]}
 
 A pause lasts until "resume", the client disconnecting, or ``MAX_PAUSE_S``,
 whichever comes first: a dead inspector cannot hold the guest.
@@ -28,6 +29,8 @@ import os
 import socket
 import threading
 import time
+
+import numpy as np
 
 from .target import ControlRegisters, GuestFacts, facts_from_vm
 
@@ -161,6 +164,12 @@ class ControlServer:
                     start = max(0, len(out) - (self.vm.uart.total_bytes - since))
                     _send(conn, {"ok": True, "data": out[start:].decode("utf-8", "replace"),
                                  "next": self.vm.uart.total_bytes})
+                elif op == "dirty":
+                    if not self.vm.config.dirty_log:
+                        _send(conn, {"ok": False, "error": "dirty logging is off for this VM"})
+                    else:
+                        bits = self.vm.dirty_pages()
+                        _send(conn, {"ok": True, "pages": np.flatnonzero(bits).tolist()})
                 elif op == "pause":
                     self._pause(conn, reader)
                 elif op == "resume":
@@ -268,6 +277,16 @@ class RemoteTarget:
         finally:
             with contextlib.suppress(ControlError, OSError, TimeoutError):
                 self._call({"op": "resume"})
+
+    def dirty_pages(self):
+        """Pages written since the last call, as a bool array; None if the VM logs none."""
+        try:
+            pages = self._call({"op": "dirty"})["pages"]
+        except ControlError:
+            return None
+        out = np.zeros(self._facts.ram_size // 4096, dtype=bool)
+        out[np.asarray(pages, dtype=np.int64)] = True
+        return out
 
     def control_registers(self) -> ControlRegisters:
         if self._registers is None:

@@ -59,6 +59,11 @@ def live_view(
     console = console or Console()
     previous = None
     refreshes, total_changes, refresh_ms = 0, 0, []
+    dirty = None
+    if getattr(target, "dirty_pages", None) is not None and target.dirty_pages() is not None:
+        from .dirty import DirtyTracker
+
+        dirty = DirtyTracker(target.dirty_pages, target.facts().memmap)
     with Live(console=console, auto_refresh=False, transient=False) as live:
         while not stop.is_set() and is_running():
             t0 = time.perf_counter()
@@ -83,6 +88,11 @@ def live_view(
             parts = [header]
             if console_tail is not None:
                 parts.append(Panel(console_tail.render(), title="guest console", border_style="dim"))
+            if dirty is not None:
+                d = dirty.sample()
+                regions = ", ".join(f"{r['type']}@{r['phys_start']:#x}: {r['pages']}" for r in d.per_region[:6])
+                parts.append(Text(f"dirty pages: {d.pages} in {d.interval_s * 1e3:.0f} ms "
+                                  f"({d.pages_per_s:.0f} pages/s) {regions}", style="magenta"))
             parts.append(view.render(max_rows=max_rows))
             live.update(Group(*parts), refresh=True)
             stop.wait(max(0.0, 1.0 / hz - (time.perf_counter() - t0)))

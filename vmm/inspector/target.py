@@ -124,6 +124,12 @@ class LocalTarget:
     def facts(self) -> GuestFacts:
         return facts_from_vm(self.vm)
 
+    def dirty_pages(self):
+        """Pages written since the last call (needs VmConfig.dirty_log), or None."""
+        if not self.vm.config.dirty_log:
+            return None
+        return self.vm.dirty_pages()
+
 
 def latest(reports: list[Report], kind: ReportKind) -> Report | None:
     for r in reversed(reports):
