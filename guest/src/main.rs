@@ -13,6 +13,7 @@ extern crate alloc;
 
 pub mod abi;
 pub mod arch;
+pub mod bench;
 pub mod boot;
 pub mod cmdline;
 pub mod image;
@@ -54,6 +55,14 @@ pub extern "sysv64" fn _start(boot_info: &'static BootInfo) -> ! {
     };
 
     print_banner(boot_info, cmdline);
+    ALLOCATOR_WORD.store(
+        match cmdline.get("allocator") {
+            Some("list") => 1,
+            Some("fast") => 2,
+            _ => 0,
+        },
+        Ordering::Relaxed,
+    );
     interrupts::init();
     rand::init(boot_info.rng_seed, cmdline.get("rng") == Some("seed"));
     init_memory(boot_info);
@@ -66,6 +75,17 @@ pub extern "sysv64" fn _start(boot_info: &'static BootInfo) -> ! {
     let cmdline_copy = CmdlineCell(cmdline);
     // SAFETY: the stack was just mapped and nothing else uses it.
     unsafe { memory::stack::switch_to(top, kernel_main, &cmdline_copy as *const CmdlineCell as u64) }
+}
+
+/// `allocator=list|fast` from the command line (read before the heap is used).
+static ALLOCATOR_WORD: AtomicU64 = AtomicU64::new(0);
+
+fn cmdline_allocator() -> Option<memory::heap::Mode> {
+    match ALLOCATOR_WORD.load(Ordering::Relaxed) {
+        1 => Some(memory::heap::Mode::List),
+        2 => Some(memory::heap::Mode::Fast),
+        _ => None,
+    }
 }
 
 static BOOT: AtomicU64 = AtomicU64::new(0);
@@ -89,6 +109,9 @@ fn init_memory(bi: &'static BootInfo) {
         panic!("heap: {:?}", e);
     }
     memory::demand::init();
+    if let Some(a) = cmdline_allocator() {
+        memory::heap::set_mode(a);
+    }
 }
 
 /// Runs on the guarded kernel stack. `arg` points at the command line,
@@ -145,6 +168,10 @@ extern "sysv64" fn kernel_main(arg: u64) -> ! {
 
     println!("kernel: READY");
     report::send(ReportKind::Ready, |_| {});
+
+    if let Some(words) = cmdline.get("bench") {
+        bench::run(words);
+    }
 
     let (mut tests, mut failures) = (0u32, 0u32);
     if let Some(selection) = cmdline.get("tests") {

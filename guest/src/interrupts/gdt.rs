@@ -59,10 +59,12 @@ static STATE: Global = Global(UnsafeCell::new(State {
     tss: Tss { _reserved0: 0, rsp: [0; 3], _reserved1: 0, ist: [0; 7], _reserved2: 0, _reserved3: 0, iomap_base: 104 },
 }));
 
-struct Stacks(UnsafeCell<[IstStack; 2]>);
+struct Stacks(UnsafeCell<[IstStack; 3]>);
 // SAFETY: only the CPU uses these, as exception stacks.
 unsafe impl Sync for Stacks {}
-static IST_STACKS: Stacks = Stacks(UnsafeCell::new([IstStack([0; IST_STACK_SIZE]), IstStack([0; IST_STACK_SIZE])]));
+/// IST1 (#PF), IST2 (#DF), and the RSP0 stack for exceptions from CPL3.
+static IST_STACKS: Stacks =
+    Stacks(UnsafeCell::new([IstStack([0; IST_STACK_SIZE]), IstStack([0; IST_STACK_SIZE]), IstStack([0; IST_STACK_SIZE])]));
 
 /// Top (exclusive) of the IST stack for `ist` (1-based), for tests.
 pub fn ist_stack_range(ist: u8) -> (u64, u64) {
@@ -88,6 +90,8 @@ pub fn init() {
         let s = &mut *STATE.0.get();
         s.tss.ist[IST_PAGE_FAULT as usize - 1] = ist_stack_range(IST_PAGE_FAULT).1;
         s.tss.ist[IST_DOUBLE_FAULT as usize - 1] = ist_stack_range(IST_DOUBLE_FAULT).1;
+        // Exceptions from CPL3 (the CPL3 benchmark mode) switch to RSP0.
+        s.tss.rsp[0] = ist_stack_range(3).1;
         let (lo, hi) = tss_descriptor(&s.tss as *const Tss as u64, size_of::<Tss>() as u64 - 1);
         s.gdt = [0, GDT_KERNEL_CODE, GDT_KERNEL_DATA, GDT_USER_DATA, GDT_USER_CODE, lo, hi];
         let ptr = DescriptorTablePointer { limit: (size_of::<[u64; 7]>() - 1) as u16, base: s.gdt.as_ptr() as u64 };

@@ -239,6 +239,10 @@ fn fixup_for(rip: u64) -> Option<u64> {
 #[no_mangle]
 extern "sysv64" fn exception_dispatch(frame: &mut TrapFrame) {
     let addr = if frame.vector == VEC_PAGE_FAULT { read_cr2() } else { 0 };
+    if frame.cs & 3 == 3 {
+        crate::bench::user::on_user_exception(frame.vector, frame.rip, frame.rax);
+        fatal(frame, addr)
+    }
     if frame.vector == VEC_PAGE_FAULT && crate::memory::demand::handle_fault(addr, frame.error) {
         return;
     }

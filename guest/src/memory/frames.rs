@@ -64,6 +64,22 @@ fn test_bit(map: &[u64], i: u64) -> bool {
     map[(i / BITS) as usize] & (1 << (i % BITS)) != 0
 }
 
+/// First clear bit in `[start, end)`, if any.
+fn find_clear(map: &[u64], start: u64, end: u64) -> Option<u64> {
+    let mut i = start;
+    while i < end {
+        let (w, b) = ((i / BITS) as usize, i % BITS);
+        let n = (BITS - b).min(end - i);
+        let mask = if n == BITS { !0 } else { ((1u64 << n) - 1) << b };
+        let hit = !map[w] & mask;
+        if hit != 0 {
+            return Some(w as u64 * BITS + hit.trailing_zeros() as u64);
+        }
+        i += n;
+    }
+    None
+}
+
 /// First set bit in `[start, end)`, if any.
 fn find_set(map: &[u64], start: u64, end: u64) -> Option<u64> {
     let mut i = start;
@@ -193,7 +209,11 @@ impl FrameAllocator {
                     self.free -= count;
                     return Ok(start << PAGE_SHIFT);
                 }
-                Some(busy) => start = align_up(busy + 1, step),
+                // Skip the whole used run after `busy` a word at a time.
+                Some(busy) => match find_clear(self.used, busy + 1, self.frames) {
+                    Some(free) => start = align_up(free, step),
+                    None => break,
+                },
             }
         }
         Err(FrameError::OutOfFrames)

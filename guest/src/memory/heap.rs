@@ -12,6 +12,15 @@
 //! Free blocks are kept sorted by address; each holds a `Node` in its first
 //! 16 bytes. Block sizes and addresses are multiples of 16, so a split never
 //! leaves a fragment too small for a node.
+//!
+//! Small sizes are rounded to a size class (16, 32, ... 2048 bytes; 16-byte
+//! multiples above), so a block's size follows from its layout alone. With
+//! `Mode::Fast` (the default; `allocator=list|fast` on the command line) a
+//! per-class cache of freed blocks (a LIFO stack, at most `CACHE_CAP` per
+//! class) sits in front of the list: an allocation with alignment <= 16 pops
+//! from its class, a free pushes, both O(1); misses and overflow go to the
+//! list, which stays the backing allocator. `set_mode(List)` and `stats()`
+//! flush the caches back into the list.
 
 use super::layout::{HEAP_GROW_STEP, HEAP_INITIAL, HEAP_MAX, HEAP_RANDOM_SPAN, HEAP_REGION};
 use super::SIZE_2M;
@@ -22,6 +31,35 @@ use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::{self, null_mut};
 
 const MIN_BLOCK: usize = 16;
+/// Size classes of the fast path: 16 << i bytes.
+const CLASSES: usize = 8;
+const MAX_CLASS: usize = MIN_BLOCK << (CLASSES - 1);
+/// Blocks a class cache holds before frees go back to the list.
+const CACHE_CAP: u32 = 256;
+
+/// Which allocator serves small requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// First-fit address-ordered free list only.
+    List,
+    /// Size-class caches in front of the list.
+    Fast,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::List => "list",
+            Mode::Fast => "fast",
+        }
+    }
+}
+
+/// A cached block: the first word links to the next one.
+#[repr(C)]
+struct Cached {
+    next: *mut Cached,
+}
 /// Requests at least this large bypass the free list (whole frames).
 pub const LARGE_THRESHOLD: usize = PAGE_SIZE as usize;
 
@@ -42,6 +80,10 @@ pub struct Heap {
     large_bytes: usize,
     allocs: u64,
     frees: u64,
+    mode: Mode,
+    cache: [*mut Cached; CLASSES],
+    cache_len: [u32; CLASSES],
+    cached_bytes: usize,
 }
 
 // SAFETY: the raw pointers point into the heap range, owned by the Heap.
@@ -72,7 +114,38 @@ impl Heap {
             large_bytes: 0,
             allocs: 0,
             frees: 0,
+            mode: Mode::Fast,
+            cache: [null_mut(); CLASSES],
+            cache_len: [0; CLASSES],
+            cached_bytes: 0,
         }
+    }
+
+    /// Size class index of a rounded small size, if it has one.
+    #[inline]
+    fn class_of(size: usize) -> Option<usize> {
+        if size <= MAX_CLASS {
+            Some((size.max(MIN_BLOCK) / MIN_BLOCK).trailing_zeros() as usize)
+        } else {
+            None
+        }
+    }
+
+    /// Returns every cached block to the list.
+    fn flush(&mut self) {
+        for c in 0..CLASSES {
+            let size = MIN_BLOCK << c;
+            while !self.cache[c].is_null() {
+                let b = self.cache[c];
+                // SAFETY: cached blocks are free heap blocks of this class.
+                unsafe {
+                    self.cache[c] = (*b).next;
+                    self.insert_free(b as *mut u8, size);
+                }
+            }
+            self.cache_len[c] = 0;
+        }
+        self.cached_bytes = 0;
     }
 
     /// Maps `bytes` (page multiple) more at the end of the heap and frees it
@@ -111,10 +184,13 @@ impl Heap {
         addr >= self.start && addr < self.start + HEAP_MAX
     }
 
-    /// Size and alignment a small request really takes from the list.
+    /// Size and alignment a small request really takes from the list:
+    /// the size class (power of two from 16 to 2048), else a 16 multiple.
+    #[inline]
     fn small_shape(layout: Layout) -> (usize, usize) {
         let align = layout.align().max(MIN_BLOCK);
-        let size = (layout.size().max(1) + MIN_BLOCK - 1) & !(MIN_BLOCK - 1);
+        let size = layout.size().max(1);
+        let size = if size <= MAX_CLASS { size.next_power_of_two().max(MIN_BLOCK) } else { (size + MIN_BLOCK - 1) & !(MIN_BLOCK - 1) };
         (size, align)
     }
 
@@ -204,6 +280,18 @@ impl Heap {
             };
         }
         let (size, align) = Self::small_shape(layout);
+        if self.mode == Mode::Fast && align == MIN_BLOCK {
+            if let Some(c) = Self::class_of(size) {
+                let b = self.cache[c];
+                if !b.is_null() {
+                    self.cache[c] = (*b).next;
+                    self.cache_len[c] -= 1;
+                    self.cached_bytes -= size;
+                    self.allocs += 1;
+                    return b as *mut u8;
+                }
+            }
+        }
         let mut p = self.take(size, align);
         if p.is_null() {
             // Grow by a step, or (near the limit) by just what is needed.
@@ -232,6 +320,18 @@ impl Heap {
         }
         assert!(self.in_heap(ptr as u64), "heap: dealloc of {:p}, not a heap address", ptr);
         let (size, _) = Self::small_shape(layout);
+        if self.mode == Mode::Fast {
+            if let Some(c) = Self::class_of(size) {
+                if self.cache_len[c] < CACHE_CAP {
+                    let b = ptr as *mut Cached;
+                    (*b).next = self.cache[c];
+                    self.cache[c] = b;
+                    self.cache_len[c] += 1;
+                    self.cached_bytes += size;
+                    return;
+                }
+            }
+        }
         self.insert_free(ptr, size);
     }
 
@@ -246,6 +346,7 @@ impl Heap {
             b.heap_large_bytes = self.large_bytes as u64;
             b.heap_allocs = self.allocs;
             b.heap_frees = self.frees;
+            b.heap_cached_bytes = self.cached_bytes as u64;
         });
     }
 
@@ -289,13 +390,46 @@ pub fn init() -> Result<(), MapError> {
     r
 }
 
+/// Stats of the backing list after flushing the fast path's caches (so
+/// they compare equal before and after balanced alloc/free pairs).
 pub fn stats() -> HeapStats {
+    let mut h = HEAP.lock();
+    h.flush();
+    h.publish();
+    h.stats()
+}
+
+/// Stats without flushing the caches (cached blocks count as allocated).
+pub fn stats_raw() -> HeapStats {
     HEAP.lock().stats()
 }
 
-/// Stats without touching any cache (same as `stats` for the plain list).
-pub fn stats_raw() -> HeapStats {
-    HEAP.lock().stats()
+pub fn mode() -> Mode {
+    HEAP.lock().mode
+}
+
+/// Switches the small-allocation path; leaving Fast flushes the caches.
+pub fn set_mode(mode: Mode) {
+    let mut h = HEAP.lock();
+    if mode == Mode::List {
+        h.flush();
+    }
+    h.mode = mode;
+    h.publish();
+}
+
+/// Bytes in the fast path's caches.
+pub fn cached_bytes() -> usize {
+    HEAP.lock().cached_bytes
+}
+
+/// Makes sure a free block of at least `bytes` exists without further
+/// growth (the CPL3 benchmarks cannot map pages).
+pub fn reserve(bytes: u64) -> Result<(), MapError> {
+    let mut h = HEAP.lock();
+    let r = if h.stats().largest_free as u64 >= bytes { Ok(()) } else { h.grow(bytes + PAGE_SIZE) };
+    h.publish();
+    r
 }
 
 /// Lowers the heap's growth limit (tests of exhaustion); returns the old

@@ -210,10 +210,16 @@ fn root() -> u64 {
 
 /// Walks the active tables.
 pub fn translate(virt: u64) -> Option<Translation> {
+    translate_in(root(), virt)
+}
+
+/// Walks the hierarchy at `root` (CR3 value; flag bits ignored). Memory
+/// reads only: usable at CPL3 when the tables' direct map is.
+pub fn translate_in(root: u64, virt: u64) -> Option<Translation> {
     if !is_canonical(virt) {
         return None;
     }
-    let mut t = root();
+    let mut t = root & ADDR_MASK;
     let mut level = 4;
     loop {
         // SAFETY: `t` is a page table reached from CR3, direct mapped.
@@ -233,6 +239,57 @@ pub fn translate(virt: u64) -> Option<Translation> {
         t = e & ADDR_MASK;
         level -= 1;
     }
+}
+
+/// A leaf entry mapping `phys` with a page of `size` and `flags` (PRESENT
+/// implied, HUGE added for 2 MiB/1 GiB); checks alignment and the address
+/// width. Pure computation.
+#[inline]
+pub fn make_entry(phys: u64, size: PageSize, flags: PageFlags) -> Result<u64, MapError> {
+    if phys & (size.bytes() - 1) != 0 || phys & !ADDR_MASK != 0 {
+        return Err(MapError::Unaligned { virt: 0, phys });
+    }
+    let huge = if size == PageSize::Size4K { 0 } else { PageFlags::HUGE.0 };
+    Ok(phys | (flags.0 & FLAG_MASK & !PageFlags::HUGE.0) | PageFlags::PRESENT.0 | huge)
+}
+
+/// Sets (`on`) or clears U/S on every present leaf in `[start, end)` and on
+/// every table entry above those leaves; returns the leaves changed. The
+/// caller flushes the TLB (CR3 reload). Used by the CPL3 benchmark mode.
+pub fn set_user_range(start: u64, end: u64, on: bool) -> u64 {
+    let mut count = 0;
+    let mut va = start & !(PAGE_SIZE - 1);
+    let bit = PageFlags::USER.0;
+    while va < end {
+        let mut t = root();
+        let mut level = 4;
+        let mut ptrs = [core::ptr::null_mut::<u64>(); 5];
+        let step = loop {
+            let p = entry_ptr(t, index(va, level));
+            // SAFETY: direct-mapped page-table entry of the active hierarchy.
+            let e = unsafe { *p };
+            let size = 1u64 << (12 + 9 * (level - 1));
+            if e & PageFlags::PRESENT.0 == 0 {
+                break size - (va & (size - 1));
+            }
+            ptrs[level as usize] = p;
+            if level == 1 || (level <= 3 && e & PageFlags::HUGE.0 != 0) {
+                for q in ptrs[level as usize..].iter().copied() {
+                    // SAFETY: as above; only the U/S bit changes.
+                    unsafe { *q = if on { *q | bit } else { *q & !bit } };
+                }
+                count += 1;
+                break size - (va & (size - 1));
+            }
+            t = e & ADDR_MASK;
+            level -= 1;
+        };
+        match va.checked_add(step) {
+            Some(n) => va = n,
+            None => break,
+        }
+    }
+    count
 }
 
 /// Maps `virt` to `phys` with a page of `size` and leaf `flags` (PRESENT is
