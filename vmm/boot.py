@@ -20,6 +20,8 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from mm.addr import PageSize
 from mm.flags import PteFlags
 from mm.frames import BumpFrameAllocator
@@ -95,6 +97,22 @@ def check_kernel_fits(image: KernelImage, ram_size: int) -> None:
             )
 
 
+_MEMMAP_CACHE: dict[tuple, MemoryMap] = {}
+
+
+def cached_memory_map(ram_size: int, image: KernelImage | None) -> MemoryMap:
+    """``build_memory_map``, memoised: the map depends only on RAM size and segments.
+    Callers must treat the result as read-only."""
+    key = (ram_size, None if image is None else tuple((s.paddr, s.memsz, s.flags) for s in image.segments))
+    memmap = _MEMMAP_CACHE.get(key)
+    if memmap is None:
+        if len(_MEMMAP_CACHE) > 64:
+            _MEMMAP_CACHE.clear()
+        memmap = _MEMMAP_CACHE[key] = build_memory_map(ram_size, image)
+        memmap.cached_bytes = memmap.to_bytes()
+    return memmap
+
+
 def build_memory_map(ram_size: int, image: KernelImage | None) -> MemoryMap:
     """Carve the fixed regions and the kernel image out of RAM."""
     mm = MemoryMap.from_ram(ram_size)
@@ -142,22 +160,43 @@ def choose_slide(image: KernelImage, requested: int | None = None, rng: random.R
 
 
 # --- kernel image --------------------------------------------------------------------
-def load_kernel(memory: GuestMemory, image: KernelImage, slide: int) -> None:
-    """Copy PT_LOAD segments to their physical addresses and apply relocations."""
+def _segment_relocations(image: KernelImage) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per segment: (byte offsets, addends) of its RELATIVE relocations, cached on the image."""
+    cached = getattr(image, "_reloc_by_segment", None)
+    if cached is None:
+        cached = []
+        for seg in image.segments:
+            picked = [(r - seg.vaddr, a) for r, a in image.relocations if seg.vaddr <= r and r + 8 <= seg.vaddr + seg.memsz]
+            offs = np.array([o for o, _ in picked], dtype=np.int64)
+            adds = np.array([a for _, a in picked], dtype=np.uint64)
+            cached.append((offs, adds))
+        image._reloc_by_segment = cached
+    return cached
+
+
+def load_kernel(memory: GuestMemory, image: KernelImage, slide: int, *, fresh_memory: bool = False) -> None:
+    """Copy PT_LOAD segments to their physical addresses and apply relocations.
+
+    Each segment's initialised part is relocated in a host buffer (vectorised
+    with numpy) and written in one copy. The zero-filled tail (.bss) is only
+    written when ``fresh_memory`` is false: fresh guest RAM already reads as
+    zero, and not touching it saves the host a page fault per page.
+    """
     check_kernel_fits(image, memory.size)
-    for seg in image.segments:
-        memory.write(seg.paddr, image.data[seg.offset : seg.offset + seg.filesz])
-        if seg.memsz > seg.filesz:
-            memory.zero(seg.paddr + seg.filesz, seg.memsz - seg.filesz)
-    if not image.relocations:
-        return
-    segs = image.segments
-    for r_offset, addend in image.relocations:
-        for seg in segs:
-            if seg.vaddr <= r_offset and r_offset + 8 <= seg.vaddr + seg.memsz:
-                # R_X86_64_RELATIVE: the word becomes B + A, B being the load bias.
-                memory.write_u64(seg.paddr + (r_offset - seg.vaddr), (addend + slide) & 0xFFFF_FFFF_FFFF_FFFF)
-                break
+    for seg, (offs, adds) in zip(image.segments, _segment_relocations(image)):
+        if offs.size == 0:
+            memory.write(seg.paddr, image.data[seg.offset : seg.offset + seg.filesz])
+            written = seg.filesz
+        else:
+            written = max(seg.filesz, int(offs.max()) + 8)
+            buf = np.zeros(written, dtype=np.uint8)
+            buf[: seg.filesz] = np.frombuffer(image.data, dtype=np.uint8, count=seg.filesz, offset=seg.offset)
+            # R_X86_64_RELATIVE: the word becomes B + A, B being the load bias (the slide).
+            values = (adds + np.uint64(slide)).astype("<u8").view(np.uint8).reshape(-1, 8)
+            buf[offs[:, None] + np.arange(8)[None, :]] = values
+            memory.write(seg.paddr, buf.tobytes())
+        if seg.memsz > written and not fresh_memory:
+            memory.zero(seg.paddr + written, seg.memsz - written)
 
 
 def segment_flags(seg: Segment) -> PteFlags:
@@ -192,10 +231,31 @@ def _map_direct(mapper: Mapper, ram_size: int, use_1g: bool) -> None:
     assert pos == ram_size
 
 
+_DIRECT_MAP_CACHE: dict[tuple[int, bool], tuple[bytes, int, int]] = {}
+
+
+def _direct_map_template(memory: GuestMemory, use_1g: bool) -> tuple[bytes, int, int]:
+    """The page-table pool holding just the direct map, built once per RAM size:
+    (pool bytes up to the first free frame, root, first free frame)."""
+    key = (memory.size, use_1g)
+    hit = _DIRECT_MAP_CACHE.get(key)
+    if hit is None:
+        frames = BumpFrameAllocator(PT_POOL_START, PT_POOL_END)
+        mapper = Mapper.new(memory.physmem, frames, forbid_wx=True)
+        _map_direct(mapper, memory.size, use_1g)
+        hit = (memory.read(PT_POOL_START, frames.next - PT_POOL_START), mapper.root, frames.next)
+        if len(_DIRECT_MAP_CACHE) > 16:
+            _DIRECT_MAP_CACHE.clear()
+        _DIRECT_MAP_CACHE[key] = hit
+    return hit
+
+
 def build_page_tables(memory: GuestMemory, image: KernelImage | None, slide: int, use_1g: bool) -> PageTables:
-    frames = BumpFrameAllocator(PT_POOL_START, PT_POOL_END)
-    mapper = Mapper.new(memory.physmem, frames, forbid_wx=True)
-    _map_direct(mapper, memory.size, use_1g)
+    template, root, first_free = _direct_map_template(memory, use_1g)
+    memory.write(PT_POOL_START, template)  # a no-op rewrite when the template was just built here
+    frames = BumpFrameAllocator(first_free, PT_POOL_END)
+    frames.allocated = [PT_POOL_START + i * PAGE_SIZE for i in range((first_free - PT_POOL_START) // PAGE_SIZE)]
+    mapper = Mapper(memory.physmem, root, frames, forbid_wx=True)
     if image is not None:
         for seg in image.segments:
             vstart = _page_down(seg.vaddr) + slide
@@ -238,7 +298,7 @@ def write_boot_info(
     tsc_khz: int,
 ) -> None:
     memory.write(GDT_PHYS, gdt.gdt_bytes())
-    raw_map = memmap.to_bytes()
+    raw_map = getattr(memmap, "cached_bytes", None) or memmap.to_bytes()
     if MEMMAP_PHYS + len(raw_map) > MEMMAP_END:
         raise BootError(f"memory map of {len(memmap.descriptors)} descriptors does not fit its area")
     memory.write(MEMMAP_PHYS, raw_map)
@@ -283,16 +343,17 @@ def prepare_guest(
     backend: int = 0,
     tsc_khz: int = 0,
     use_1g: bool = True,
+    fresh_memory: bool = False,
 ) -> BootLayout:
     """Run every boot step against ``memory``; returns the entry state."""
     t = time.perf_counter_ns
     timings: dict[str, float] = {}
     t0 = t()
-    memmap = build_memory_map(memory.size, image)
+    memmap = cached_memory_map(memory.size, image)
     raw_cmdline = encode_cmdline(cmdline)
     t1 = t()
     timings["memory_map"] = (t1 - t0) / 1e6
-    load_kernel(memory, image, slide)
+    load_kernel(memory, image, slide, fresh_memory=fresh_memory)
     t2 = t()
     timings["elf_load"] = (t2 - t1) / 1e6
     tables = build_page_tables(memory, image, slide, use_1g)
