@@ -24,10 +24,17 @@ impl<T> SpinLock<T> {
         SpinLock { name, locked: AtomicBool::new(false), value: UnsafeCell::new(value) }
     }
 
+    /// One CPU and no interrupts: the only way to find the lock taken is
+    /// re-entry from an exception handler, which runs to completion before
+    /// the interrupted code continues. So a plain load and store (no LOCK
+    /// prefix: ~20 cycles less per acquisition on the hot allocator path)
+    /// detect it as well as an atomic swap would.
     pub fn try_lock(&self) -> Option<SpinLockGuard<'_, T>> {
-        if self.locked.swap(true, Ordering::Acquire) {
+        if self.locked.load(Ordering::Relaxed) {
             None
         } else {
+            self.locked.store(true, Ordering::Relaxed);
+            core::sync::atomic::compiler_fence(Ordering::Acquire);
             Some(SpinLockGuard { lock: self })
         }
     }
@@ -66,6 +73,7 @@ impl<T> DerefMut for SpinLockGuard<'_, T> {
 
 impl<T> Drop for SpinLockGuard<'_, T> {
     fn drop(&mut self) {
-        self.lock.locked.store(false, Ordering::Release);
+        core::sync::atomic::compiler_fence(Ordering::Release);
+        self.lock.locked.store(false, Ordering::Relaxed);
     }
 }

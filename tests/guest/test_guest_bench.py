@@ -50,3 +50,39 @@ def test_small_alloc_reports_free_list_length(boot):
             assert b.int("freelist_len") >= fl
     # The list allocator walks the fragments; the fast path does not.
     assert got["alloc_free_64.list.fl64.cpl0"].int("p50") > 2 * got["alloc_free_64.fast.fl64.cpl0"].int("p50")
+
+
+def test_cpl3_mode_and_clean_self_check_after(boot):
+    r = boot("bench=cpl3", timeout=60)
+    assert r.exit_code == 0, r.serial.decode()[-2000:]
+    got = benches(r)
+    for name in ("frame_alloc_free", "pte_build", "translate"):
+        for cpl in (0, 3):
+            check_keys(got[f"{name}.cpl{cpl}"])
+    for imp in ("list", "fast"):
+        for fl in (1, 64, 1024, 16384):
+            for cpl in (0, 3):
+                b = got[f"alloc_free_64.{imp}.fl{fl}.cpl{cpl}"]
+                check_keys(b)
+                assert b.int("cpl") == cpl
+    # CPL3 runs natively: the same walk costs far less than emulated CPL0.
+    assert got["translate.cpl3"].int("p50") * 10 < got["translate.cpl0"].int("p50")
+    after = [i for i in r.reports_of(ReportKind.INFO) if i.get("phase") == "after_cpl3"]
+    assert len(after) == 1
+    a = after[0]
+    assert a.get("wx_ok") == "1" and a.int("user_entries") == 0 and a.int("user_leaves") == 0
+    assert a.int("cpl3_runs") > 0
+
+
+def test_glibc_baseline_tool_builds(tmp_path):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc")
+    src = Path(__file__).resolve().parents[2] / "guest" / "tools" / "glibc_malloc_bench.c"
+    exe = tmp_path / "glibc_bench"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(src)], check=True)
+    p50, p99, mn, mx, overhead = map(int, subprocess.run([str(exe), "64", "200"], capture_output=True, text=True, check=True).stdout.split())
+    assert mn <= p50 <= p99 <= mx and overhead > 0

@@ -109,4 +109,26 @@ pub fn run(words: &str) {
     println!("bench: {} (backend {})", words, Backend::from_raw(boot_info().backend).name());
     cpl0::run(&sel);
     cpl3::run(&sel);
+    if user::runs() > 0 {
+        // Every U/S bit set for the ring-3 runs must be gone again.
+        let (clean, a) = user::audit_after();
+        let (wp, nxe) = crate::memory::audit::control_bits();
+        let ok = clean && wp && nxe;
+        println!(
+            "bench: self-check after {} CPL3 runs {}: {} W+X, {} user leaves, {} U/S entries",
+            user::runs(),
+            if ok { "ok" } else { "FAILED" },
+            a.wx,
+            a.user,
+            a.user_entries
+        );
+        report::send(ReportKind::Info, |r| {
+            r.kv("phase", "after_cpl3")
+                .kv("cpl3_runs", user::runs())
+                .kv("wx_ok", ok as u8)
+                .kv("wx_violations", a.wx)
+                .kv("user_leaves", a.user)
+                .kv("user_entries", a.user_entries);
+        });
+    }
 }

@@ -5,10 +5,15 @@
 //! measured in ring 3. `run(f)`:
 //!
 //! 1. maps a 64 KiB user stack (U W NX) in the user half;
-//! 2. makes the kernel image, the mapped heap, the direct map and the
-//!    current task's stack user-accessible (U/S on the leaves and the table
-//!    entries above them: permissions are otherwise unchanged, so W^X
-//!    holds), and reloads CR3;
+//! 2. makes the kernel image, the mapped heap and the current task's stack
+//!    user-accessible (U/S on the leaves and the table entries above them:
+//!    permissions are otherwise unchanged, so W^X holds); maps a
+//!    user-accessible alias of all RAM (2 MiB pages, W NX) at `RAM_ALIAS`
+//!    and points `phys_to_virt` and the frame bitmaps at it, because on
+//!    KVM-PVM native CPL3 code cannot use the direct map's range
+//!    (0xFFFF_8000_0000_0000: not-present / reserved-bit faults from CPL3
+//!    although CPL0 sees it mapped), while the heap, stack and image
+//!    ranges work; then reloads CR3;
 //! 3. enters ring 3 with IRETQ (user code/data selectors of the kernel GDT,
 //!    IF=0) at a trampoline that calls `f` and executes `ud2`;
 //! 4. the #UD handler (entered on TSS.RSP0) sees the `ud2` at the known
@@ -24,9 +29,12 @@ use crate::arch::x86_64::{read_cr3, reload_cr3};
 use crate::interrupts::gdt::{USER_CS, USER_DS};
 use crate::memory::audit;
 use crate::memory::paging::{self, PageFlags, PageSize};
-use crate::memory::{frames, heap, PAGE_SIZE};
+use crate::memory::{frames, heap, PAGE_SIZE, SIZE_2M};
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, Ordering};
+
+/// User-accessible alias of guest RAM during a CPL3 run.
+const RAM_ALIAS: u64 = 0xFFFF_E000_0000_0000;
 
 /// User stack (user half, below the canonical hole).
 const USER_STACK: u64 = 0x0000_0000_4000_0000;
@@ -114,16 +122,31 @@ pub fn on_user_exception(vector: u64, rip: u64, rax: u64) -> bool {
 }
 
 /// Ranges made user-accessible for a run: (start, end).
-fn ranges() -> [(u64, u64); 4] {
+fn ranges() -> [(u64, u64); 3] {
     let h = heap::stats_raw();
     let task = crate::task::stack_of(crate::task::current_id()).expect("current task stack");
-    let bi = crate::boot_info();
-    [
-        (crate::image::virt_start(), crate::image::virt_end()),
-        (h.start, h.end),
-        (bi.phys_offset, bi.phys_offset + bi.ram_size),
-        (task.base, task.top),
-    ]
+    [(crate::image::virt_start(), crate::image::virt_end()), (h.start, h.end), (task.base, task.top)]
+}
+
+/// Maps (or unmaps) the RAM alias: 2 MiB pages, 4 KiB for a tail.
+fn alias(map: bool) {
+    let ram = crate::boot_info().ram_size;
+    let flags = PageFlags::USER | PageFlags::WRITABLE | PageFlags::NO_EXECUTE;
+    let mut p = 0;
+    while p < ram {
+        let size = if p % SIZE_2M == 0 && p + SIZE_2M <= ram { PageSize::Size2M } else { PageSize::Size4K };
+        if map {
+            paging::map_page(RAM_ALIAS + p, p, size, flags).expect("map RAM alias");
+        } else {
+            paging::unmap_page(RAM_ALIAS + p).expect("unmap RAM alias");
+        }
+        p += size.bytes();
+    }
+}
+
+fn switch_direct_map(from: u64, to: u64) {
+    frames::with(|fa| fa.rebase(from, to));
+    crate::memory::set_phys_offset(to);
 }
 
 static RUNS: AtomicU64 = AtomicU64::new(0);
@@ -140,11 +163,16 @@ pub fn run(f: &mut dyn FnMut() -> u64) -> u64 {
     for &(s, e) in &r {
         paging::set_user_range(s, e, true);
     }
+    alias(true);
+    let direct = crate::memory::phys_offset();
+    switch_direct_map(direct, RAM_ALIAS);
     reload_cr3();
     let mut job: Job = f;
     // SAFETY: the stack and the code/data the job touches are mapped for
     // CPL3 now; `user_enter` returns through `user_resume`.
     let v = unsafe { user_enter(&mut job as *mut Job as u64, USER_STACK + USER_STACK_PAGES * PAGE_SIZE) };
+    switch_direct_map(RAM_ALIAS, direct);
+    alias(false);
     for &(s, e) in &r {
         paging::set_user_range(s, e, false);
     }

@@ -302,6 +302,8 @@ fn fatal(frame: &TrapFrame, addr: u64) -> ! {
             .kv("task_name", crate::task::name_of(task));
         if frame.vector == VEC_PAGE_FAULT {
             r.kv("error_bits", pf);
+            let w = crate::memory::paging::walk_entries(addr);
+            r.kv_fmt("walk", format_args!("{:#x},{:#x},{:#x},{:#x}", w[0], w[1], w[2], w[3]));
         }
         r.send();
     }

@@ -157,3 +157,27 @@ pub fn exhaustion_returns_null() -> TestResult {
     check!(p.is_null(), "1 TiB allocation returned {:p}", p);
     Ok(())
 }
+
+/// The size-class fast path hands back the block just freed, and switching
+/// to the list flushes it back.
+pub fn fast_path_reuses() -> TestResult {
+    let old = heap::mode();
+    heap::set_mode(heap::Mode::Fast);
+    let l = Layout::from_size_align(40, 8).unwrap();
+    // SAFETY: non-zero layouts, freed below.
+    let (a, b) = unsafe { (alloc(l), alloc(l)) };
+    check!(!a.is_null() && !b.is_null() && a != b);
+    unsafe { dealloc(a, l) };
+    check_eq!(heap::cached_bytes(), 64);
+    let c = unsafe { alloc(l) };
+    check_eq!(c, a);
+    unsafe {
+        dealloc(c, l);
+        dealloc(b, l);
+    }
+    check_eq!(heap::cached_bytes(), 128);
+    heap::set_mode(heap::Mode::List);
+    check_eq!(heap::cached_bytes(), 0);
+    heap::set_mode(old);
+    Ok(())
+}

@@ -155,6 +155,7 @@ pub static TESTS: &[Test] = &[
     Test { name: "heap::large_from_frames", func: heap::large_from_frames },
     Test { name: "heap::grows", func: heap::grows },
     Test { name: "heap::exhaustion_returns_null", func: heap::exhaustion_returns_null },
+    Test { name: "heap::fast_path_reuses", func: heap::fast_path_reuses },
     Test { name: "inspect::header", func: inspect::header },
     Test { name: "demand::first_touch_maps_zeroed_page", func: demand::first_touch_maps_zeroed_page },
     Test { name: "demand::outside_region_still_faults", func: demand::outside_region_still_faults },

@@ -254,6 +254,18 @@ impl FrameAllocator {
         self.free
     }
 
+    /// Moves the bitmap views from the direct map at `old` to an alias of
+    /// it at `new` (the CPL3 benchmark mode: KVM-PVM does not let CPL3 use
+    /// the direct map's range).
+    pub fn rebase(&mut self, old: u64, new: u64) {
+        let (n, u, m) = (self.used.len(), self.used.as_mut_ptr() as u64, self.managed.as_mut_ptr() as u64);
+        // SAFETY: the caller maps `new + phys` to the same frames as `old + phys`.
+        unsafe {
+            self.used = core::slice::from_raw_parts_mut((u - old + new) as *mut u64, n);
+            self.managed = core::slice::from_raw_parts_mut((m - old + new) as *mut u64, n);
+        }
+    }
+
     pub fn managed_count(&self) -> u64 {
         self.managed_count
     }

@@ -266,6 +266,47 @@ impl Heap {
         self.free_bytes += size;
     }
 
+    /// The fast path's allocation: a pop from the size-class cache (Fast
+    /// mode, alignment <= 16, cache not empty).
+    #[inline(always)]
+    unsafe fn fast_alloc(&mut self, layout: Layout) -> Option<*mut u8> {
+        if self.mode != Mode::Fast || layout.align() > MIN_BLOCK || layout.size() > MAX_CLASS {
+            return None;
+        }
+        let size = layout.size().max(1).next_power_of_two().max(MIN_BLOCK);
+        let c = (size / MIN_BLOCK).trailing_zeros() as usize;
+        let b = self.cache[c];
+        if b.is_null() {
+            return None;
+        }
+        self.cache[c] = (*b).next;
+        self.cache_len[c] -= 1;
+        self.cached_bytes -= size;
+        self.allocs += 1;
+        Some(b as *mut u8)
+    }
+
+    /// The fast path's free: a push onto the size-class cache (Fast mode,
+    /// small, cache not full). True if it took the block.
+    #[inline(always)]
+    unsafe fn fast_free(&mut self, ptr: *mut u8, layout: Layout) -> bool {
+        if self.mode != Mode::Fast || layout.size() > MAX_CLASS || layout.align() > LARGE_THRESHOLD {
+            return false;
+        }
+        let size = layout.size().max(1).next_power_of_two().max(MIN_BLOCK);
+        let c = (size / MIN_BLOCK).trailing_zeros() as usize;
+        if self.cache_len[c] >= CACHE_CAP {
+            return false;
+        }
+        let b = ptr as *mut Cached;
+        (*b).next = self.cache[c];
+        self.cache[c] = b;
+        self.cache_len[c] += 1;
+        self.cached_bytes += size;
+        self.frees += 1;
+        true
+    }
+
     pub unsafe fn alloc(&mut self, layout: Layout) -> *mut u8 {
         if Self::is_large(layout) {
             let pages = align_up(layout.size() as u64, PAGE_SIZE) / PAGE_SIZE;
@@ -279,19 +320,10 @@ impl Heap {
                 Err(_) => null_mut(),
             };
         }
-        let (size, align) = Self::small_shape(layout);
-        if self.mode == Mode::Fast && align == MIN_BLOCK {
-            if let Some(c) = Self::class_of(size) {
-                let b = self.cache[c];
-                if !b.is_null() {
-                    self.cache[c] = (*b).next;
-                    self.cache_len[c] -= 1;
-                    self.cached_bytes -= size;
-                    self.allocs += 1;
-                    return b as *mut u8;
-                }
-            }
+        if let Some(p) = self.fast_alloc(layout) {
+            return p;
         }
+        let (size, align) = Self::small_shape(layout);
         let mut p = self.take(size, align);
         if p.is_null() {
             // Grow by a step, or (near the limit) by just what is needed.
@@ -319,20 +351,22 @@ impl Heap {
             return;
         }
         assert!(self.in_heap(ptr as u64), "heap: dealloc of {:p}, not a heap address", ptr);
-        let (size, _) = Self::small_shape(layout);
-        if self.mode == Mode::Fast {
-            if let Some(c) = Self::class_of(size) {
-                if self.cache_len[c] < CACHE_CAP {
-                    let b = ptr as *mut Cached;
-                    (*b).next = self.cache[c];
-                    self.cache[c] = b;
-                    self.cache_len[c] += 1;
-                    self.cached_bytes += size;
-                    return;
-                }
-            }
+        if self.fast_free(ptr, layout) {
+            self.frees -= 1;
+            return;
         }
+        let (size, _) = Self::small_shape(layout);
         self.insert_free(ptr, size);
+    }
+
+    /// Publishes what the fast path changes (counters, cached bytes).
+    #[inline(always)]
+    fn publish_counts(&self) {
+        crate::inspect::update(|b| {
+            b.heap_allocs = self.allocs;
+            b.heap_frees = self.frees;
+            b.heap_cached_bytes = self.cached_bytes as u64;
+        });
     }
 
     /// Copies the allocator's state into the inspect block.
@@ -446,6 +480,10 @@ pub struct KernelAllocator;
 unsafe impl GlobalAlloc for KernelAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let mut h = HEAP.lock();
+        if let Some(p) = h.fast_alloc(layout) {
+            h.publish_counts();
+            return p;
+        }
         let p = h.alloc(layout);
         h.publish();
         p
@@ -453,6 +491,10 @@ unsafe impl GlobalAlloc for KernelAllocator {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         let mut h = HEAP.lock();
+        if h.fast_free(ptr, layout) {
+            h.publish_counts();
+            return;
+        }
         h.dealloc(ptr, layout);
         h.publish();
     }

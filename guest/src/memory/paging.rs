@@ -440,6 +440,23 @@ pub fn recorded_child_count(virt: u64, level: u32) -> Option<u64> {
     None
 }
 
+/// The entries a walk of `virt` reads, PML4 first (0 past a leaf or a
+/// non-present entry). For fault reports.
+pub fn walk_entries(virt: u64) -> [u64; 4] {
+    let mut out = [0u64; 4];
+    let mut t = root();
+    for (k, level) in (1..=4u32).rev().enumerate() {
+        // SAFETY: direct-mapped page-table entry of the active hierarchy.
+        let e = unsafe { *entry_ptr(t, index(virt, level)) };
+        out[k] = e;
+        if e & PageFlags::PRESENT.0 == 0 || level == 1 || (level <= 3 && e & PageFlags::HUGE.0 != 0) {
+            break;
+        }
+        t = e & ADDR_MASK;
+    }
+    out
+}
+
 /// Number of present entries at `table_phys`, by scanning (tests only).
 pub fn count_present(table_phys: u64) -> usize {
     // SAFETY: caller passes a page-table frame; reads only.
