@@ -165,11 +165,12 @@ pub fn fast_path_reuses() -> TestResult {
     heap::set_mode(heap::Mode::Fast);
     let l = Layout::from_size_align(40, 8).unwrap();
     // SAFETY: non-zero layouts, freed below.
-    let (a, b) = unsafe { (alloc(l), alloc(l)) };
+    // black_box: LLVM may otherwise pair up and elide alloc/dealloc calls.
+    let (a, b) = unsafe { (core::hint::black_box(alloc(l)), core::hint::black_box(alloc(l))) };
     check!(!a.is_null() && !b.is_null() && a != b);
     unsafe { dealloc(a, l) };
     check_eq!(heap::cached_bytes(), 64);
-    let c = unsafe { alloc(l) };
+    let c = core::hint::black_box(unsafe { alloc(l) });
     check_eq!(c, a);
     unsafe {
         dealloc(c, l);
