@@ -143,3 +143,14 @@ def test_segment_below_1mib_refused():
     img = parse_kernel(elf.build())
     with pytest.raises(KernelImageError, match="below"):
         check_kernel_fits(img, 64 << 20)
+
+
+def test_fuzz_script_short_run():
+    """The long-run fuzzer (scripts/fuzz.py) works; here only briefly."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "scripts/fuzz.py", "--seconds", "0.5", "--seed", "7"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no unexpected exception" in proc.stdout
