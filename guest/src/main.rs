@@ -26,6 +26,7 @@ pub mod report;
 pub mod serial;
 pub mod sync;
 pub mod task;
+pub mod workload;
 
 use abi::{exit, memtype, port, Backend, BootInfo, ReportKind};
 use arch::x86_64 as cpu;
@@ -171,6 +172,11 @@ extern "sysv64" fn kernel_main(arg: u64) -> ! {
 
     if let Some(words) = cmdline.get("bench") {
         bench::run(words);
+    }
+    match cmdline.get("workload") {
+        Some("mm") => workload::run(cmdline.get("workload_ms").and_then(|v| v.parse().ok())),
+        Some(other) => println!("kernel: unknown workload '{}', ignored", other),
+        None => {}
     }
 
     let (mut tests, mut failures) = (0u32, 0u32);

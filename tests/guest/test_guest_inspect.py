@@ -66,3 +66,21 @@ def test_block_readable_and_current(vmm_boot):
     assert 0 < b["frames_free"] <= b["bitmap_bits"]
     assert ins.int("kernel_phys_start") == 0x10_0000
     assert ins.int("kernel_phys_end") > ins.int("kernel_phys_start")
+
+
+@pytest.mark.kvm
+def test_workload_mm_runs_and_keeps_block_current(vmm_boot):
+    run = vmm_boot("workload=mm workload_ms=1100", timeout=30)
+    assert run.exit_code == 0, run.describe()
+    lines = run.serial.splitlines()
+    status = [line for line in lines if line.startswith("workload: t=")]
+    assert 1 <= len(status) <= 2, status
+    assert any(line.startswith("workload: done, ") for line in lines)
+    (ins,) = run.reports_of(ReportKind.INSPECT)
+    b = parse(run.read_phys(ins.int("inspect_block_phys"), SIZE))
+    assert b["workload_iters"] > 10
+    assert b["seq"] % 2 == 0
+    assert b["heap_allocs"] > b["workload_iters"] // 4
+    # Workers were reaped: only task 0's stack is left.
+    live = [s for s in b["stacks"] if s["flags"] & 1]
+    assert [s["task_id"] for s in live] == [0] and b["stack_count"] == 1

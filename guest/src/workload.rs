@@ -1,0 +1,122 @@
+//! `workload=mm`: memory-management churn after READY, for live inspection
+//! by the host (the inspect block stays current throughout).
+//!
+//! Each iteration frees or allocates a heap block of a random size (16 B to
+//! 64 KiB, so both the free list, the size-class caches and frame-backed
+//! blocks move), maps or unmaps a page in a scratch range, keeps up to two
+//! short-lived tasks around (they allocate, yield, free) and yields to them.
+//! A status line is printed about once a second (TSC). `workload_ms=N` ends
+//! the loop after N ms, frees everything and returns (exit 0); without it
+//! the loop runs until the host stops the guest.
+
+use crate::arch::x86_64::rdtsc;
+use crate::memory::layout::SCRATCH_START;
+use crate::memory::paging::{self, PageFlags, PageSize};
+use crate::memory::{frames, heap, PAGE_SIZE};
+use crate::{inspect, println, rand, task};
+use alloc::alloc::{alloc, dealloc, Layout};
+
+const SLOTS: usize = 32;
+const PAGES: u64 = 8;
+const VA: u64 = SCRATCH_START + 0x90_0000_0000;
+const SIZES: [usize; 12] = [16, 24, 48, 64, 100, 256, 1000, 2048, 3000, 4096, 8192, 65536];
+
+extern "sysv64" fn worker(seed: u64) {
+    let l = Layout::from_size_align(SIZES[(seed % 8) as usize], 16).unwrap();
+    // SAFETY: non-zero layout; freed before returning.
+    let p = unsafe { alloc(l) };
+    task::yield_now();
+    if !p.is_null() {
+        // SAFETY: allocated above with `l`.
+        unsafe { dealloc(p, l) };
+    }
+}
+
+pub fn run(ms: Option<u64>) {
+    let khz = match crate::boot_info().tsc_khz {
+        0 => 2_600_000,
+        k => k,
+    };
+    let start = rdtsc();
+    let deadline = ms.map(|m| start + m * khz);
+    let mut next_status = start + 1000 * khz;
+    let mut blocks: [(u64, Layout); SLOTS] = [(0, Layout::new::<u8>()); SLOTS];
+    let mut mapped = [0u64; PAGES as usize];
+    let mut workers = [0u32; 2];
+    let mut iters = 0u64;
+    println!("workload: mm, {}", ms.map_or("until stopped".into(), |m| alloc::format!("{} ms", m)));
+    loop {
+        let r = rand::u64();
+        // Heap churn.
+        let s = (r % SLOTS as u64) as usize;
+        if blocks[s].0 != 0 {
+            // SAFETY: allocated below with this layout.
+            unsafe { dealloc(blocks[s].0 as *mut u8, blocks[s].1) };
+            blocks[s].0 = 0;
+        } else {
+            let l = Layout::from_size_align(SIZES[((r >> 8) % SIZES.len() as u64) as usize], 16).unwrap();
+            // SAFETY: non-zero layout.
+            blocks[s] = (unsafe { alloc(l) } as u64, l);
+        }
+        // Map/unmap churn.
+        let pg = ((r >> 16) % PAGES) as usize;
+        let va = VA + pg as u64 * PAGE_SIZE;
+        if mapped[pg] != 0 {
+            if paging::unmap_page(va).is_ok() {
+                let _ = frames::free_frame(mapped[pg]);
+            }
+            mapped[pg] = 0;
+        } else if let Ok(f) = frames::alloc_frame() {
+            if paging::map_page(va, f, PageSize::Size4K, PageFlags::WRITABLE | PageFlags::NO_EXECUTE).is_ok() {
+                mapped[pg] = f;
+            } else {
+                let _ = frames::free_frame(f);
+            }
+        }
+        // Task churn.
+        for w in workers.iter_mut() {
+            if *w == 0 || task::state_of(*w).map_or(true, |s| s == task::State::Dead) {
+                *w = task::spawn("churn", worker, r >> 24).unwrap_or(0);
+            }
+        }
+        task::yield_now();
+        iters += 1;
+        inspect::update(|b| b.workload_iters = iters);
+
+        let now = rdtsc();
+        if now >= next_status {
+            let h = heap::stats_raw();
+            println!(
+                "workload: t={}ms iters={} heap_end={:#x} heap_free={} cached={} frames_free={} tasks={}",
+                (now - start) / khz,
+                iters,
+                h.end,
+                h.free_bytes,
+                heap::cached_bytes(),
+                frames::free_count(),
+                task::count()
+            );
+            next_status = now + 1000 * khz;
+        }
+        if deadline.is_some_and(|d| now >= d) {
+            break;
+        }
+    }
+    for w in workers {
+        if w != 0 {
+            task::join(w);
+        }
+    }
+    for (p, l) in blocks {
+        if p != 0 {
+            // SAFETY: allocated above with `l`.
+            unsafe { dealloc(p as *mut u8, l) };
+        }
+    }
+    for (pg, f) in mapped.iter().enumerate() {
+        if *f != 0 && paging::unmap_page(VA + pg as u64 * PAGE_SIZE).is_ok() {
+            let _ = frames::free_frame(*f);
+        }
+    }
+    println!("workload: done, {} iterations", iters);
+}
