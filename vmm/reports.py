@@ -43,7 +43,7 @@ class Report:
             return default
 
     def to_json(self) -> dict:
-        return {"kind": self.kind_name, **self.fields}
+        return {"kind": self.kind_name, "fields": dict(self.fields)}
 
 
 def parse_header(data: bytes) -> tuple[int, int]:

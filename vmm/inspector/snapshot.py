@@ -9,6 +9,7 @@ the snapshot afterwards, without holding the guest.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -73,8 +74,11 @@ def take_snapshot(target: Target, *, facts: GuestFacts | None = None, max_tables
             max_tables=max_tables,
             nxe=bool(regs.efer & EFER_NXE),
         )
+        block = _read_block(target.physmem, facts)
         t2 = time.perf_counter_ns()
     t3 = time.perf_counter_ns()
+    if block is not None:  # live values override the INSPECT report's boot-time ones
+        facts = dataclasses.replace(facts, inspect={**facts.inspect, **block.as_inspect_fields()})
     return Snapshot(
         taken_at=time.time(),
         registers=regs,
@@ -86,7 +90,21 @@ def take_snapshot(target: Target, *, facts: GuestFacts | None = None, max_tables
         walk_ms=(t2 - t1) / 1e6,
         facts=facts,
         parked=bool(parked),
+        extra={"inspect_block": block},
     )
+
+
+def _read_block(physmem, facts: GuestFacts):
+    """The guest's inspect block, if it reported one and it reads back sane."""
+    paddr = facts.inspect_int("inspect_block_phys")
+    if paddr is None:
+        return None
+    from .inspect_block import InspectBlockError, read_inspect_block
+
+    try:
+        return read_inspect_block(physmem, paddr)
+    except (InspectBlockError, ValueError):
+        return None
 
 
 # --- labels ----------------------------------------------------------------------------
@@ -101,10 +119,13 @@ def label_ranges(facts: GuestFacts) -> list[tuple[int, int, str]]:
     heap_start, heap_end = facts.inspect_int("heap_start"), facts.inspect_int("heap_end")
     if heap_start is not None and heap_end is not None:
         out.append((heap_start, max(heap_end, heap_start), "heap"))
-    stacks, slot = facts.inspect_int("stacks"), facts.inspect_int("stack_slot")
-    if stacks is not None and slot:
-        for i in range(64):
-            out.append((stacks + i * slot, stacks + (i + 1) * slot, f"stack slot {i}"))
+    for i in range(min(facts.inspect_int("stack_count") or 0, 64)):
+        lo, hi = facts.inspect_int(f"stack{i}_base"), facts.inspect_int(f"stack{i}_top")
+        if lo is not None and hi is not None:
+            out.append((lo, hi, f"stack (task {facts.inspect.get(f'stack{i}_task', '?')})"))
+    demand_lo, demand_hi = facts.inspect_int("demand_start"), facts.inspect_int("demand_end")
+    if demand_lo is not None and demand_hi is not None:
+        out.append((demand_lo, demand_hi, "demand-paged region"))
     for d in facts.memmap:
         if d.get("type") == "FRAMEBUFFER":
             out.append((PHYS_OFFSET + d["phys_start"], PHYS_OFFSET + d["end"], "framebuffer (direct map)"))

@@ -1,0 +1,120 @@
+"""The guest's inspect block (docs/ABI.md, "Inspect block"), read live.
+
+The kernel keeps one 800-byte ``#[repr(C)]`` block current (heap free-list
+head, heap bounds, frame counts, bitmap location, stack records). Each update
+is bracketed by two increments of ``seq``; a read is consistent when ``seq``
+is even and unchanged across it. The block's physical address comes from the
+INSPECT report; everything in it is untrusted and only ever used as a hint
+for bounded walks.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+from dataclasses import dataclass, field
+
+INSPECT_BLOCK_MAGIC = int.from_bytes(b"PYVMMIB1", "little")
+INSPECT_BLOCK_SIZE = 800
+MAX_STACKS = 16
+STACK_IN_USE = 1
+
+u32, u64 = C.c_uint32, C.c_uint64
+
+
+class StackRecord(C.LittleEndianStructure):
+    _pack_ = 1
+    _fields_ = [
+        ("base", u64),
+        ("top", u64),
+        ("guard_low", u64),
+        ("guard_high", u64),
+        ("task_id", u32),
+        ("flags", u32),
+    ]
+
+
+class InspectBlockRaw(C.LittleEndianStructure):
+    _pack_ = 1
+    _fields_ = [
+        ("magic", u64),
+        ("version", u32),
+        ("size", u32),
+        ("seq", u64),
+        ("heap_free_head", u64),
+        ("heap_start", u64),
+        ("heap_end", u64),
+        ("heap_free_bytes", u64),
+        ("heap_large_bytes", u64),
+        ("frames_free", u64),
+        ("bitmap_phys", u64),
+        ("bitmap_bits", u64),
+        ("stack_count", u32),
+        ("current_task", u32),
+        ("demand_start", u64),
+        ("demand_end", u64),
+        ("demand_faults", u64),
+        ("heap_allocs", u64),
+        ("heap_frees", u64),
+        ("heap_cached_bytes", u64),
+        ("workload_iters", u64),
+        ("reserved", u64),
+        ("stacks", StackRecord * MAX_STACKS),
+    ]
+
+
+class InspectBlockError(ValueError):
+    pass
+
+
+@dataclass
+class Stack:
+    task_id: int
+    base: int
+    top: int
+    guard_low: int
+    guard_high: int
+
+
+@dataclass
+class InspectBlock:
+    seq: int
+    values: dict[str, int]
+    stacks: list[Stack] = field(default_factory=list)
+    current_task: int = 0
+
+    def as_inspect_fields(self) -> dict[str, str]:
+        """The block as INSPECT-report style fields (hex strings), stacks numbered."""
+        out = {k: hex(v) for k, v in self.values.items()}
+        out["stack_count"] = str(len(self.stacks))
+        for i, s in enumerate(self.stacks):
+            out[f"stack{i}_base"] = hex(s.base)
+            out[f"stack{i}_top"] = hex(s.top)
+            out[f"stack{i}_task"] = str(s.task_id)
+        return out
+
+
+def read_inspect_block(physmem, paddr: int, retries: int = 8) -> InspectBlock:
+    """Read a consistent copy (seq even and unchanged); raises InspectBlockError."""
+    size = getattr(physmem, "size", None)
+    if paddr < 0 or (size is not None and paddr + INSPECT_BLOCK_SIZE > size):
+        raise InspectBlockError(f"inspect block at {paddr:#x} lies outside guest RAM")
+    for _ in range(retries):
+        raw = InspectBlockRaw.from_buffer_copy(physmem.read(paddr, INSPECT_BLOCK_SIZE))
+        if raw.magic != INSPECT_BLOCK_MAGIC or raw.size != INSPECT_BLOCK_SIZE:
+            raise InspectBlockError(f"no inspect block at {paddr:#x} (bad magic or size)")
+        seq_after = int.from_bytes(physmem.read(paddr + InspectBlockRaw.seq.offset, 8), "little")
+        if raw.seq % 2 == 0 and raw.seq == seq_after:
+            break
+    else:
+        raise InspectBlockError("inspect block kept changing while read (guest updating it)")
+    values = {
+        name: getattr(raw, name)
+        for name, _ in InspectBlockRaw._fields_
+        if name not in ("magic", "version", "size", "seq", "stacks", "stack_count", "current_task", "reserved")
+    }
+    stacks = [
+        Stack(r.task_id, r.base, r.top, r.guard_low, r.guard_high)
+        for r in raw.stacks
+        if r.flags & STACK_IN_USE and r.base < r.top
+    ]
+    return InspectBlock(raw.seq, values, stacks, raw.current_task)
