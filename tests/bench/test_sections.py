@@ -1,0 +1,98 @@
+"""Boot, exits, inspector and scale sections from synthetic samples (pure)."""
+
+import pytest
+
+from vmm.bench import boot, exits, inspector, scale
+
+
+def test_exits_section_with_c_baseline():
+    samples = {"python": [12.0, 11.0, 13.0], "profiled": [1.7, 1.8, 1.6], "bare": [10.0, 10.5, 10.2],
+               "c": [8.0, 8.1, 7.9], "c_error": ""}
+    sec = exits.section_from(samples, 5000)
+    rt = next(r for r in sec.rows if r.key == "round_trip")
+    assert rt.figure["median"] == 12.0 and rt.baseline["median"] == 8.0
+    assert rt.ratio == pytest.approx(1.5)
+    assert sec.figure("python_minus_c")["median"] == pytest.approx(4.0)
+    assert sec.figure("exits_per_s")["median"] == pytest.approx(1e6 / 12.0)
+    assert sec.meta == {"exits_per_run": 5000, "runs": 3}
+
+
+def test_exits_section_without_gcc_says_why():
+    samples = {"python": [12.0], "profiled": [1.7], "bare": [10.0], "c": [], "c_error": "no C compiler"}
+    sec = exits.section_from(samples, 100)
+    assert sec.figure("python_minus_c") is None
+    assert "no C compiler" in sec.message
+
+
+def _child(t0=0):
+    ms = 1_000_000
+    return {"t_spawn": t0, "t_main": t0 + 25 * ms, "t_imports": t0 + 110 * ms, "t_kernel": t0 + 130 * ms,
+            "t_vm": t0 + 131 * ms, "t_exit": t0 + 220 * ms,
+            "timings_ms": {"setup_total": 2.0, "to_ready": 60.0, "page_tables": 0.3},
+            "rss_before_kib": {"VmRSS": 32 * 1024}, "rss_after_kib": {"VmRSS": 33 * 1024},
+            "guest_resident_bytes": 256 * 1024}
+
+
+def test_process_figures():
+    f = boot.process_figures(_child())
+    assert f["proc_to_python"] == pytest.approx(25)
+    assert f["proc_imports"] == pytest.approx(85)
+    assert f["proc_to_first_insn"] == pytest.approx(133)
+    assert f["proc_to_ready"] == pytest.approx(193)
+    assert f["proc_total"] == pytest.approx(220)
+
+
+def test_boot_section_orders_steps_and_pairs_c():
+    vm = {"kvm_create_vm": [0.3, 0.35], "guest_memory": [0.05, 0.06], "vcpu_create": [0.36, 0.37],
+          "page_tables": [0.26, 0.27], "setup_total": [2.0, 2.1], "to_ready": [60.0, 61.0],
+          "to_first_serial_byte": [0.5, 0.6], "run": [61, 62], "brand_new_step": [0.01, 0.02]}
+    proc = {k: [v, v] for k, v in boot.process_figures(_child()).items()}
+    samples = {"vm": vm, "proc": proc, "c": {"kvm_create_vm": [0.15, 0.2]}, "bare_python": [24.0, 25.0],
+               "errors": []}
+    sec = boot.section_from(samples)
+    keys = [r.key for r in sec.rows]
+    assert keys.index("proc_to_python") < keys.index("setup_total") < keys.index("kvm_create_vm")
+    assert keys.index("kvm_create_vm") < keys.index("page_tables") < keys.index("proc_to_first_insn")
+    assert keys.index("proc_to_first_insn") < keys.index("to_ready") < keys.index("proc_to_ready")
+    assert "brand_new_step" in keys and "run" not in keys
+    kvm = next(r for r in sec.rows if r.key == "kvm_create_vm")
+    assert kvm.baseline["median"] == pytest.approx(0.175)
+    assert next(r for r in sec.rows if r.key == "guest_memory").baseline is None
+
+
+def test_scale_figures_subtract_guest_ram():
+    f = scale.figures(_child())
+    assert f["rss_overhead_mib"] == pytest.approx(1 - 0.25)
+    assert f["touched_mib"] == pytest.approx(0.25)
+    assert f["to_ready"] == 60.0
+
+
+def test_scale_section_groups_by_size():
+    per = {k: [v] for k, v in scale.figures(_child()).items()}
+    sec = scale.section_from({"sizes": {16 << 20: per, 64 << 30: per}, "errors": []})
+    headers = [r.label for r in sec.rows if r.figure is None]
+    assert headers == ["16 MiB guest", "64 GiB guest"]
+    assert sec.figure(f"{64 << 30}/rss_overhead_mib")["unit"] == "MiB"
+
+
+def test_scale_section_error_when_nothing_booted():
+    sec = scale.section_from({"sizes": {}, "errors": ["16 MiB: boom"]})
+    assert sec.status == "error" and "boom" in sec.message
+
+
+def test_inspector_section():
+    samples = {"park_ms": [0.1, 0.2], "pause_ms": [0.8, 0.9], "entries_per_s_live": [7e6, 8e6],
+               "refresh_ms": [10.0, 12.0], "walk_ms": [0.3, 0.4], "tables": 12, "runs": 9, "error": ""}
+    sec = inspector.section_from(samples)
+    eps = sec.figure("walker_entries_per_s")
+    assert eps["unit"] == "/s" and eps["median"] == pytest.approx(12 * 512 / 0.35e-3)
+    assert sec.figure("refresh_hz")["median"] == pytest.approx(1000 / 11)
+    pause = next(r for r in sec.rows if r.key == "snapshot_pause")
+    assert pause.ratio == pytest.approx(0.85 / 0.15)
+
+
+def test_inspector_section_error_without_samples():
+    empty = {"park_ms": [], "pause_ms": [], "entries_per_s_live": [], "refresh_ms": [], "walk_ms": [],
+             "tables": 0, "runs": 0, "error": "the guest sent no INSPECT report within 60 s"}
+    sec = inspector.section_from(empty)
+    assert sec.status == "error" and not sec.rows

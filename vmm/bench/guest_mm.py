@@ -1,0 +1,272 @@
+"""Guest memory management, from the guest's own in-guest benchmarks.
+
+The guest, booted with ``bench=all``, sends one BENCH report per benchmark
+after READY (docs/ABI.md): ``name``, ``unit`` (``cycles``), ``n``, ``p50``,
+``p99``, ``min``, ``max``, ``cpl`` (0 or 3) and optionally ``size``,
+``freelist_len`` and ``impl``. Cycles become ns with the TSC frequency KVM
+reports (``Vm.tsc_khz``).
+
+Benchmarks are recognised by name patterns, not a fixed list, so the guest
+can add and rename them: each one is put in a *kind* (small allocation,
+large allocation, demand fault, map+unmap, INVLPG, CR3 flush, other) and,
+where the host has an equivalent, shown beside the host's own figure
+measured in the same run:
+
+- allocations: glibc ``malloc``+``free`` of the same size, with the same
+  number of free chunks lying around when the guest says ``freelist_len``;
+- demand fault: a Linux minor fault (anonymous ``mmap``, first touch);
+- map+unmap: ``mmap(MAP_POPULATE)`` + ``munmap`` of one page.
+
+INVLPG and CR3 flushes have no user-space equivalent: no baseline. Unknown
+benchmarks are shown as the guest named them. On KVM-PVM CPL0 code is
+emulated and CPL3 code native, so every row carries the privilege level.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..abi import ReportKind
+from ..vm import Vm, VmConfig
+from . import host_baselines as hb
+from .stats import Section, merge_distributions, scale
+
+GUEST_RAM = 128 << 20
+NO_BENCHMARKS = "guest reports no benchmarks (update the guest)"
+
+#: (kind, title, name pattern), first match wins: specific before general.
+KINDS = [
+    ("invlpg", "INVLPG (one page)", re.compile(r"invlpg|flush_?page|tlb_?one", re.I)),
+    ("cr3_flush", "CR3 reload (full TLB flush)", re.compile(r"cr3|flush_?all|tlb_?flush", re.I)),
+    ("demand_fault", "demand-paging fault", re.compile(r"fault|demand|\bpf\b", re.I)),
+    ("map_unmap", "map + unmap", re.compile(r"map", re.I)),
+    ("frame_alloc", "physical frame allocation + free", re.compile(r"frame", re.I)),
+    ("alloc", "allocation + free", re.compile(r"alloc|malloc|heap|kmalloc", re.I)),
+]
+KIND_TITLES = {k: t for k, t, _ in KINDS} | {
+    "small_alloc": "small allocation + free",
+    "large_alloc": "allocation of 4 KiB or more",
+    "other": "other guest benchmarks",
+}
+KIND_ORDER = ["small_alloc", "large_alloc", "frame_alloc", "demand_fault", "map_unmap", "invlpg", "cr3_flush", "other"]
+_LARGE = re.compile(r"large|big|page", re.I)
+#: A size in a benchmark's name: ``alloc_free_64``, ``alloc_free_4k``, ``map_unmap_2m``.
+_NAME_SIZE = re.compile(r"(?:^|_)(\d+)([kmg]?)(?:_|$)", re.I)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+SMALL_DEFAULT, LARGE_DEFAULT = 64, 4096
+
+
+@dataclass(frozen=True)
+class GuestBench:
+    """One BENCH report, decoded."""
+
+    name: str
+    kind: str
+    cpl: int | None
+    size: int | None
+    freelist_len: int | None
+    impl: str | None
+    figure: dict  # in the guest's unit (cycles)
+    bench_id: str | None = None  # the guest's unique id, when it sends one
+    extra: tuple = ()  # other keys the guest sent, as (key, value) pairs
+
+    @property
+    def ident(self) -> tuple:
+        return (self.bench_id,) if self.bench_id else (self.name, self.cpl, self.size, self.freelist_len, self.impl)
+
+
+def size_from_name(name: str) -> int | None:
+    """``alloc_free_64k`` -> 65536; None if the name carries no size."""
+    m = _NAME_SIZE.search(name)
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()] if m else None
+
+
+def classify(name: str, size: int | None) -> str:
+    for kind, _title, pattern in KINDS:
+        if pattern.search(name):
+            if kind == "alloc":
+                if size is not None:
+                    return "large_alloc" if size >= 4096 else "small_alloc"
+                return "large_alloc" if _LARGE.search(name) else "small_alloc"
+            return kind
+    return "other"
+
+
+def decode(report) -> GuestBench | None:
+    """A BENCH report as a ``GuestBench``; None if it lacks the basic keys."""
+    name = report.get("name")
+    p50 = report.int("p50")
+    if not name or p50 is None:
+        return None
+    fig = {
+        "median": float(p50), "p50": float(p50),
+        "p99": float(report.int("p99", p50)), "min": float(report.int("min", p50)),
+        "max": float(report.int("max", p50)), "n": report.int("n", 1) or 1,
+        "unit": report.get("unit") or "cycles",
+    }
+    size = report.int("size")
+    if size is None:
+        size = size_from_name(name)
+    known = {"name", "id", "unit", "n", "p50", "p99", "min", "max", "cpl", "size", "freelist_len", "impl"}
+    extra = tuple(sorted((k, v) for k, v in report.fields.items() if k not in known))
+    return GuestBench(name, classify(name, size), report.int("cpl"), size, report.int("freelist_len"),
+                      report.get("impl"), fig, report.get("id"), extra)
+
+
+def to_ns(fig: dict, tsc_khz: int | float) -> dict:
+    """A cycles figure in ns (other units unchanged, as are cycles without a TSC frequency)."""
+    if fig["unit"] == "cycles" and tsc_khz:
+        return scale(fig, 1e6 / tsc_khz, "ns")
+    return fig
+
+
+def merge_runs(runs: list[list[GuestBench]]) -> list[GuestBench]:
+    """The same benchmarks over several boots, merged by identity (first-seen order)."""
+    groups: dict[tuple, list[GuestBench]] = {}
+    for benches in runs:
+        for b in benches:
+            groups.setdefault(b.ident, []).append(b)
+    out = []
+    for items in groups.values():
+        first = items[0]
+        fig = merge_distributions([b.figure for b in items]) if len(items) > 1 else dict(first.figure, runs=1)
+        out.append(GuestBench(first.name, first.kind, first.cpl, first.size, first.freelist_len, first.impl, fig,
+                              first.bench_id, first.extra))
+    return out
+
+
+def alloc_size(b: GuestBench) -> int:
+    if b.size is not None:
+        return b.size
+    return LARGE_DEFAULT if b.kind == "large_alloc" else SMALL_DEFAULT
+
+
+def baseline_requests(benches: list[GuestBench]) -> set[tuple]:
+    """What the host must measure to stand beside these: ('malloc', size, freelist), ('fault',), ('map',)."""
+    req: set[tuple] = set()
+    for b in benches:
+        if b.kind in ("small_alloc", "large_alloc"):
+            req.add(("malloc", alloc_size(b), b.freelist_len or 0))
+        elif b.kind == "demand_fault":
+            req.add(("fault",))
+        elif b.kind == "map_unmap":
+            req.add(("map",))
+    return req
+
+
+def baseline_label(req: tuple) -> str:
+    if req[0] == "malloc":
+        extra = f", {req[2]} free chunk{'s' if req[2] != 1 else ''}" if req[2] else ""
+        return f"glibc malloc+free {human_bytes(req[1])}{extra}"
+    if req[0] == "fault":
+        return "Linux minor fault (mmap + first touch)"
+    if req[0] == "map":
+        return "mmap(MAP_POPULATE) + munmap 4 KiB"
+    return str(req)
+
+
+def measure_baselines(requests: set[tuple], quick: bool) -> tuple[dict[tuple, dict], str]:
+    """Host figures (ns) for each request, and an error message if gcc etc. failed."""
+    out: dict[tuple, dict] = {}
+    try:
+        khz = hb.tsc_khz()
+        for req in sorted(requests, key=str):
+            if req[0] == "malloc":
+                out[req] = hb.malloc_free(req[1], 20_000 if quick else 200_000, khz, req[2])
+            elif req[0] == "fault":
+                out[req] = hb.minor_fault(2048 if quick else 8192, 2 if quick else 4, khz)
+            elif req[0] == "map":
+                out[req] = hb.map_unmap(5_000 if quick else 50_000, khz)
+    except hb.BaselineError as exc:
+        return out, str(exc)
+    return out, ""
+
+
+def human_bytes(n: int) -> str:
+    for shift, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} B"
+
+
+def label(b: GuestBench) -> str:
+    parts = []
+    if b.size is not None and b.kind in ("small_alloc", "large_alloc"):
+        parts.append(human_bytes(b.size))
+    if b.freelist_len is not None:
+        parts.append(f"free list {b.freelist_len}")
+    if b.impl:
+        parts.append(b.impl)
+    return b.name + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _baseline_for(b: GuestBench) -> tuple | None:
+    req = baseline_requests([b])
+    return req.pop() if req else None
+
+
+def section_from(benches: list[GuestBench], tsc_khz: float, baselines: dict[tuple, dict], *,
+                 message: str = "", meta: dict | None = None) -> Section:
+    """Rows grouped by kind; each guest figure in ns beside its host baseline (pure)."""
+    sec = Section("guest", "Guest memory management (in-guest benchmarks, p50 / p99 per operation)")
+    sec.meta = dict(meta or {}, tsc_khz=tsc_khz)
+    if not benches:
+        sec.status = "empty"
+        sec.message = message or NO_BENCHMARKS
+        for req, fig in sorted(baselines.items(), key=lambda kv: str(kv[0])):
+            sec.add(f"host:{'/'.join(map(str, req))}", f"host: {baseline_label(req)}", fig)
+        return sec
+    order = {k: i for i, k in enumerate(KIND_ORDER)}
+    ranked = sorted(
+        enumerate(benches),
+        key=lambda ib: (order[ib[1].kind], ib[1].name, ib[1].size or 0, ib[1].impl or "",
+                        ib[1].freelist_len or 0, -1 if ib[1].cpl is None else ib[1].cpl, ib[0]),
+    )
+    current = None
+    for _, b in ranked:
+        if b.kind != current:
+            current = b.kind
+            sec.add(f"kind:{b.kind}", KIND_TITLES[b.kind], None)
+        req = _baseline_for(b)
+        base = baselines.get(req) if req else None
+        key = b.bench_id or "/".join(
+            str(x) for x in (b.name, b.impl, b.size, b.freelist_len, f"cpl{b.cpl}") if x is not None)
+        sec.add(key, label(b), to_ns(b.figure, tsc_khz), cpl=b.cpl, indent=1,
+                baseline=base, baseline_label=baseline_label(req) if req and base else "",
+                extra={"kind": b.kind, "guest_name": b.name, "size": b.size, "freelist_len": b.freelist_len,
+                       "impl": b.impl, "cycles": b.figure, "guest_extra": dict(b.extra)})
+    if message:
+        sec.message = message
+    return sec
+
+
+def boot_benchmarks(image, cmdline: str, timeout: float, backend=None) -> tuple[list[GuestBench], float, str]:
+    """One boot with the guest's benchmarks on: decoded BENCH reports, TSC kHz, problem (or '')."""
+    with Vm(image, VmConfig(memory=GUEST_RAM, cmdline=cmdline, timeout=timeout), backend=backend) as vm:
+        tsc_khz = vm.tsc_khz
+        result = vm.run()
+    benches = [b for r in result.reports_of(ReportKind.BENCH) if (b := decode(r)) is not None]
+    problem = "" if result.exit_code == 0 else f"guest stopped: {result.message} (exit {result.exit_code})"
+    return benches, tsc_khz, problem
+
+
+def run(image, runs: int, *, quick: bool, cmdline: str = "bench=all", timeout: float = 300.0,
+        backend=None) -> Section:
+    all_runs, problems, tsc_khz = [], [], 0.0
+    for _ in range(runs):
+        benches, tsc_khz, problem = boot_benchmarks(image, cmdline, timeout, backend)
+        if problem:
+            problems.append(problem)
+        if not benches:
+            break  # a guest without benchmarks will not grow them on the next boot
+        all_runs.append(benches)
+    merged = merge_runs(all_runs)
+    requests = baseline_requests(merged) if merged else {
+        ("malloc", SMALL_DEFAULT, 0), ("malloc", LARGE_DEFAULT, 0), ("fault",), ("map",)}
+    baselines, err = measure_baselines(requests, quick)
+    msgs = [m for m in (problems[0] if problems else "", err) if m]
+    if not merged:
+        msgs.insert(0, NO_BENCHMARKS)
+    return section_from(merged, tsc_khz, baselines, message="; ".join(msgs),
+                        meta={"cmdline": cmdline, "boots": len(all_runs), "memory": GUEST_RAM})

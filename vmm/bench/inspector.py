@@ -1,0 +1,141 @@
+"""Host inspector: walker throughput, view refresh rate, snapshot pause.
+
+The guest is booted with ``scenario=loop`` (it reports INFO and INSPECT,
+then spins at CPL0), so the inspector works on a running vCPU as
+``vmm run --inspect`` does: the vCPU runs in the main thread, the
+measurements in another one, which stops the guest when done.
+
+- walker: the live page tables walked from CR3 (``walk_arrays``); entries
+  examined per second = tables visited x 512 / walk time;
+- view refresh: one refresh of the live view (snapshot, labels, audits,
+  physical view, heap walk, diff, rendered with rich to a string), as a rate;
+- snapshot pause: how long the guest is held for one consistent snapshot,
+  beside the baseline of parking and resuming the vCPU with no walk at all.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+from ..abi import ReportKind
+from ..devices import Stop
+from ..vm import Vm, VmConfig
+from .stats import Section, rate, summarize
+
+GUEST_RAM = 128 << 20
+ENTRIES_PER_TABLE = 512
+
+
+def _measure_live(vm: Vm, inspected: threading.Event, iterations: int, out: dict) -> None:
+    from rich.console import Console
+
+    from mm.walker import walk_arrays
+
+    from ..inspector.snapshot import take_snapshot
+    from ..inspector.target import LocalTarget
+    from ..inspector.views import inspect
+
+    try:
+        if not inspected.wait(60):
+            out["error"] = "the guest sent no INSPECT report within 60 s"
+            return
+        time.sleep(0.05)  # let it reach its spin loop
+        target = LocalTarget(vm)
+        facts = target.facts()
+        take_snapshot(target, facts=facts)  # warm-up (numpy, caches)
+        console = Console(file=io.StringIO(), width=160, force_terminal=False)
+        previous = None
+        for _ in range(iterations):
+            if not vm.running:
+                out["error"] = "the guest stopped before the measurements ended"
+                return
+            t0 = time.perf_counter_ns()
+            with vm.paused() as parked:
+                pass
+            t1 = time.perf_counter_ns()
+            if parked:
+                out["park_ms"].append((t1 - t0) / 1e6)
+            snap = take_snapshot(target, facts=facts)
+            if snap.parked:
+                out["pause_ms"].append(snap.pause_ms)
+            if snap.walk_ms > 0:
+                out["entries_per_s_live"].append(snap.tables_visited * ENTRIES_PER_TABLE / (snap.walk_ms / 1e3))
+            out["tables"] = snap.tables_visited
+            out["runs"] = len(snap.runs)
+            t2 = time.perf_counter_ns()
+            snap = take_snapshot(target, facts=facts)
+            view = inspect(snap, target.physmem, previous=previous)
+            console.file = io.StringIO()
+            console.print(view.render(max_rows=25))
+            previous = snap
+            out["refresh_ms"].append((time.perf_counter_ns() - t2) / 1e6)
+        # The walker alone, vCPU still running (no pause): throughput only. CR3
+        # comes from the last snapshot: KVM_GET_SREGS would wait for KVM_RUN.
+        root = snap.registers.root
+        for _ in range(iterations):
+            t0 = time.perf_counter_ns()
+            walk_arrays(target.physmem, root)
+            out["walk_ms"].append((time.perf_counter_ns() - t0) / 1e6)
+    except Exception as exc:  # report, never hang the vCPU thread
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        vm.request_stop(Stop(0, "bench-done", "inspector benchmark done"))
+
+
+def measure(image, iterations: int, backend=None) -> dict:
+    out: dict = {"park_ms": [], "pause_ms": [], "entries_per_s_live": [], "refresh_ms": [], "walk_ms": [],
+                 "tables": 0, "runs": 0, "error": ""}
+    inspected = threading.Event()
+
+    def on_report(report):
+        if report.kind == ReportKind.INSPECT:
+            inspected.set()
+        return None
+
+    config = VmConfig(memory=GUEST_RAM, cmdline="scenario=loop", timeout=120)
+    with Vm(image, config, backend=backend, on_report=on_report) as vm:
+        worker = threading.Thread(target=_measure_live, args=(vm, inspected, iterations, out),
+                                  name="vmm-bench-inspector", daemon=True)
+        worker.start()
+        result = vm.run()
+        worker.join(timeout=30)
+    if result.stop_reason != "bench-done" and not out["error"]:
+        out["error"] = f"guest stopped early: {result.message}"
+    return out
+
+
+def section_from(samples: dict) -> Section:
+    """Rows from ``measure``'s samples (pure)."""
+    sec = Section("inspector", "Host inspector (live guest, vCPU running)")
+    sec.meta = {"tables": samples["tables"], "runs": samples["runs"], "memory": GUEST_RAM}
+    if samples["walk_ms"]:
+        walk = summarize(samples["walk_ms"], "ms")
+        entries = samples["tables"] * ENTRIES_PER_TABLE
+        per_entry = summarize([w * 1e6 / entries for w in samples["walk_ms"]], "ns") if entries else None
+        if per_entry:
+            sec.add("walker_entries_per_s", f"walker: page-table entries per second ({samples['tables']} tables)",
+                    rate(per_entry))
+        sec.add("walk_ms", f"walker: whole address space ({samples['runs']} runs)", walk, indent=1)
+    if samples["entries_per_s_live"]:
+        sec.add("walker_entries_per_s_paused", "walker: entries per second inside a snapshot",
+                summarize(samples["entries_per_s_live"], "/s"), indent=1)
+    if samples["refresh_ms"]:
+        refresh = summarize(samples["refresh_ms"], "ms")
+        sec.add("refresh_hz", "page-table view: refreshes per second (snapshot + views + render)",
+                rate(refresh, "Hz"))
+        sec.add("refresh_ms", "one refresh", refresh, indent=1)
+    if samples["pause_ms"]:
+        park = summarize(samples["park_ms"], "ms") if samples["park_ms"] else None
+        sec.add("snapshot_pause", "snapshot pause (guest held)", summarize(samples["pause_ms"], "ms"),
+                baseline=park, baseline_label="park + resume vCPU, no walk" if park else "")
+    if samples["error"]:
+        sec.message = samples["error"]
+        if not sec.rows:
+            sec.status = "error"
+    return sec
+
+
+def run(image, iterations: int, backend=None) -> Section:
+    return section_from(measure(image, iterations, backend))
