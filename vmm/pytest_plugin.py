@@ -190,6 +190,20 @@ class GuestRun:
         return "\n".join(lines)
 
 
+SECURITY_KINDS = ("wx", "user_in_kernel_half", "guard_page_mapped")
+
+
+def security_violations(vm) -> list[str]:
+    """The guest's final page tables against the security properties every
+    boot must keep: no W+X page, no user page in the kernel half, every
+    stack's guard pages unmapped."""
+    from .inspector.snapshot import take_snapshot
+    from .inspector.target import LocalTarget
+    from .inspector.views import audits
+
+    return [str(f) for f in audits(take_snapshot(LocalTarget(vm))) if f.kind in SECURITY_KINDS]
+
+
 def boot_guest(image, *, cmdline: str = "", memory: int = DEFAULT_MEMORY, timeout: float = DEFAULT_TIMEOUT, **kw):
     """Boot ``image`` to completion; returns (Vm still open, RunResult)."""
     from .vm import Vm, VmConfig
@@ -315,6 +329,11 @@ class GuestTestItem(pytest.Item):
                 pytest.skip(report.get("msg") or "skipped by the guest")
             if status != "pass":
                 raise GuestTestFailure(f"{self.test}: {report.get('msg') or 'failed'}", run)
+            violations = security_violations(vm)
+            if violations:
+                raise GuestTestFailure(
+                    f"{self.test}: passed, but left the guest insecure: " + "; ".join(violations[:5]), run
+                )
         finally:
             vm.close()
 

@@ -147,22 +147,65 @@ static BLOCK: Global = Global(UnsafeCell::new(InspectBlock {
     stacks: [StackRecord::EMPTY; MAX_STACKS],
 }));
 
+/// Nesting depth of open critical sections (one CPU: a plain cell).
+struct Depth(UnsafeCell<u32>);
+// SAFETY: one CPU; an exception handler that nests a section closes it
+// before returning to the code it interrupted.
+unsafe impl Sync for Depth {}
+static DEPTH: Depth = Depth(UnsafeCell::new(0));
+
+/// Opens a critical section: `seq` turns odd until the matching [`end`].
+///
+/// The allocators bracket whole operations with it (not just the copy into
+/// the block), so a host that parks the vCPU and finds `seq` odd knows the
+/// heap, the frame bitmap or the page tables are mid-update and retries
+/// instead of reporting a torn state as corruption. Sections nest.
+#[inline(always)]
+pub fn begin() {
+    // SAFETY: single CPU, see `Depth` and `Global`.
+    unsafe {
+        let d = DEPTH.0.get();
+        if *d == 0 {
+            let seq = addr_of_mut!((*BLOCK.0.get()).seq);
+            seq.write_volatile(seq.read_volatile() | 1);
+        }
+        *d += 1;
+    }
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+}
+
+/// Closes the section opened by [`begin`]; `seq` becomes even (and larger).
+#[inline(always)]
+pub fn end() {
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    // SAFETY: as in `begin`.
+    unsafe {
+        let d = DEPTH.0.get();
+        *d -= 1;
+        if *d == 0 {
+            let seq = addr_of_mut!((*BLOCK.0.get()).seq);
+            seq.write_volatile(seq.read_volatile().wrapping_add(1));
+        }
+    }
+}
+
+/// Runs `f` inside a critical section.
+#[inline(always)]
+pub fn critical<R>(f: impl FnOnce() -> R) -> R {
+    begin();
+    let r = f();
+    end();
+    r
+}
+
 /// Runs `f` on the block between two `seq` increments (volatile stores, so
 /// the host sees every update in order).
 #[inline]
 pub fn update(f: impl FnOnce(&mut InspectBlock)) {
-    let b = BLOCK.0.get();
-    // SAFETY: single CPU, see `Global`; the volatile seq stores keep the
-    // compiler from moving the field stores outside the bracket.
-    unsafe {
-        let seq = addr_of_mut!((*b).seq);
-        let s = seq.read_volatile();
-        seq.write_volatile(s.wrapping_add(1) | 1);
-        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
-        f(&mut *b);
-        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
-        seq.write_volatile((s | 1).wrapping_add(1));
-    }
+    begin();
+    // SAFETY: single CPU, see `Global`; `begin`/`end` fence the field stores.
+    unsafe { f(&mut *BLOCK.0.get()) };
+    end();
 }
 
 /// A copy of the block (tests, reports).

@@ -82,6 +82,12 @@ class InspectBlock:
     stacks: list[Stack] = field(default_factory=list)
     current_task: int = 0
 
+    @property
+    def busy(self) -> bool:
+        """The guest was inside an allocator/paging critical section (odd seq):
+        heap, bitmap and tables may be mid-update."""
+        return self.seq % 2 == 1
+
     def as_inspect_fields(self) -> dict[str, str]:
         """The block as INSPECT-report style fields (hex strings), stacks numbered."""
         out = {k: hex(v) for k, v in self.values.items()}
@@ -103,10 +109,10 @@ def read_inspect_block(physmem, paddr: int, retries: int = 8) -> InspectBlock:
         if raw.magic != INSPECT_BLOCK_MAGIC or raw.size != INSPECT_BLOCK_SIZE:
             raise InspectBlockError(f"no inspect block at {paddr:#x} (bad magic or size)")
         seq_after = int.from_bytes(physmem.read(paddr + InspectBlockRaw.seq.offset, 8), "little")
-        if raw.seq % 2 == 0 and raw.seq == seq_after:
+        if raw.seq == seq_after and raw.seq % 2 == 0:
             break
-    else:
-        raise InspectBlockError("inspect block kept changing while read (guest updating it)")
+    # Still odd: with the vCPU parked that means "inside a critical section";
+    # the caller decides (InspectBlock.busy) whether to retry the snapshot.
     values = {
         name: getattr(raw, name)
         for name, _ in InspectBlockRaw._fields_

@@ -100,7 +100,9 @@ def physical_view(snap: Snapshot, physmem) -> PhysicalView | None:
             frames, np.zeros(frames, bool), np.zeros(frames, bool), np.ones(frames, np.uint8),
             findings=[Finding("bitmap-outside-ram", None, 0, f"bitmap at {bitmap_phys:#x} lies outside RAM", Severity.ERROR)],
         )
-    raw = physmem.read(bitmap_phys, 2 * nbytes)
+    raw = snap.extra.get("bitmap_raw")  # copied while the vCPU was parked
+    if raw is None or len(raw) != 2 * nbytes:
+        raw = physmem.read(bitmap_phys, 2 * nbytes)
     used, managed = _bits(raw[:nbytes], frames), _bits(raw[nbytes:], frames)
     view = PhysicalView(frames, used, managed, np.zeros(frames, np.uint8))
 
@@ -116,8 +118,6 @@ def physical_view(snap: Snapshot, physmem) -> PhysicalView | None:
             owner[a:b] = 8
         elif kind == "FRAMEBUFFER":
             owner[a:b] = 7
-    for start, end, perms in facts.segments:  # kernel image by its ELF segments
-        pass
     kernel_lo, kernel_hi = facts.inspect_int("kernel_phys_start"), facts.inspect_int("kernel_phys_end")
     if kernel_lo is not None and kernel_hi is not None:
         owner[kernel_lo // PAGE : min(frames, -(-kernel_hi // PAGE))] = 2

@@ -59,8 +59,27 @@ def _warm_up(physmem) -> None:
         _warm = True
 
 
+BUSY_RETRIES = 20
+
+
 def take_snapshot(target: Target, *, facts: GuestFacts | None = None, max_tables: int = 1 << 16) -> Snapshot:
+    """A consistent snapshot. If the vCPU was parked inside one of the guest's
+    allocator or paging critical sections (odd inspect-block seq), the guest
+    is let go for a moment and the snapshot retaken, up to BUSY_RETRIES
+    times; ``snap.extra["busy"]`` says if it never got a quiet moment."""
     facts = facts or target.facts()
+    for attempt in range(BUSY_RETRIES):
+        snap = _take_snapshot_once(target, facts, max_tables)
+        block = snap.extra.get("inspect_block")
+        if block is None or not block.busy or not snap.parked:
+            break
+        time.sleep(0.0002 * (attempt + 1))
+    snap.extra["busy"] = bool(snap.extra.get("inspect_block") is not None and snap.extra["inspect_block"].busy)
+    snap.extra["attempts"] = attempt + 1
+    return snap
+
+
+def _take_snapshot_once(target: Target, facts: GuestFacts, max_tables: int) -> Snapshot:
     _warm_up(target.physmem)
     report = WalkReport()
     t0 = time.perf_counter_ns()
@@ -75,10 +94,13 @@ def take_snapshot(target: Target, *, facts: GuestFacts | None = None, max_tables
             nxe=bool(regs.efer & EFER_NXE),
         )
         block = _read_block(target.physmem, facts)
+        if block is not None:  # live values override the INSPECT report's boot-time ones
+            facts = dataclasses.replace(facts, inspect={**facts.inspect, **block.as_inspect_fields()})
+        # The allocator state must match the tables: copy it inside the pause too.
+        bitmap_raw = _read_bitmaps(target.physmem, facts)
+        heap = _walk_heap(target.physmem, runs, facts)
         t2 = time.perf_counter_ns()
     t3 = time.perf_counter_ns()
-    if block is not None:  # live values override the INSPECT report's boot-time ones
-        facts = dataclasses.replace(facts, inspect={**facts.inspect, **block.as_inspect_fields()})
     return Snapshot(
         taken_at=time.time(),
         registers=regs,
@@ -90,8 +112,28 @@ def take_snapshot(target: Target, *, facts: GuestFacts | None = None, max_tables
         walk_ms=(t2 - t1) / 1e6,
         facts=facts,
         parked=bool(parked),
-        extra={"inspect_block": block},
+        extra={"inspect_block": block, "bitmap_raw": bitmap_raw, "heap": heap},
     )
+
+
+def _read_bitmaps(physmem, facts: GuestFacts) -> bytes | None:
+    """Both frame bitmaps (used, then managed) as raw bytes, bounds-checked."""
+    paddr, bits = facts.inspect_int("bitmap_phys"), facts.inspect_int("bitmap_bits")
+    if paddr is None or not bits or bits > facts.ram_size // 4096 + 64:
+        return None
+    n = 2 * (-(-bits // 64)) * 8
+    if paddr < 0 or paddr + n > facts.ram_size:
+        return None
+    return physmem.read(paddr, n)
+
+
+def _walk_heap(physmem, runs: RunArrays, facts: GuestFacts):
+    from .heap import RunTranslator, walk_free_list
+
+    start, end, head = (facts.inspect_int(k) for k in ("heap_start", "heap_end", "heap_free_head"))
+    if start is None or end is None or head is None:
+        return None
+    return walk_free_list(physmem, RunTranslator(runs), head, start, end)
 
 
 def _read_block(physmem, facts: GuestFacts):

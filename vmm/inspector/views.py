@@ -188,6 +188,8 @@ class Inspection:
 
 
 def heap_view(snap: Snapshot, physmem) -> HeapView | None:
+    if snap.extra.get("heap") is not None:  # walked while the vCPU was parked
+        return snap.extra["heap"]
     facts = snap.facts
     start, end = facts.inspect_int("heap_start"), facts.inspect_int("heap_end")
     head = facts.inspect_int("heap_free_head")
@@ -202,13 +204,17 @@ def inspect(snap: Snapshot, physmem, flt: RunFilter | None = None, previous: Sna
     t1 = time.perf_counter_ns()
     found = audits(snap)
     t2 = time.perf_counter_ns()
+    busy = snap.extra.get("busy", False)
     phys = physical_view(snap, physmem)
-    if phys is not None:
+    if phys is not None and not busy:  # mid-update state would give false alarms
         found += phys.findings
     t3 = time.perf_counter_ns()
     heap = heap_view(snap, physmem)
-    if heap is not None:
+    if heap is not None and not busy:
         found += heap.findings
+    if busy:
+        found.append(Finding("guest-busy", None, 0, "the guest stayed inside an allocator critical section; "
+                             "heap and frame cross-checks skipped for this snapshot", Severity.INFO))
     t4 = time.perf_counter_ns()
     changes = diff_runs(previous.runs, snap.runs) if previous is not None else None
     t5 = time.perf_counter_ns()

@@ -302,6 +302,10 @@ pub fn init(allocator: FrameAllocator) {
 
 /// Runs `f` on the global allocator; panics if `init` has not run.
 pub fn with<R>(f: impl FnOnce(&mut FrameAllocator) -> R) -> R {
+    crate::inspect::critical(|| with_locked(f))
+}
+
+fn with_locked<R>(f: impl FnOnce(&mut FrameAllocator) -> R) -> R {
     let mut g = FRAMES.lock();
     let fa = g.as_mut().expect("frame allocator not initialised");
     let r = f(fa);

@@ -479,24 +479,30 @@ pub struct KernelAllocator;
 
 unsafe impl GlobalAlloc for KernelAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let mut h = HEAP.lock();
-        if let Some(p) = h.fast_alloc(layout) {
-            h.publish_counts();
-            return p;
-        }
-        let p = h.alloc(layout);
-        h.publish();
-        p
+        // The whole operation is one inspect critical section: a host that
+        // parks the vCPU inside it sees an odd `seq` and retries.
+        crate::inspect::critical(|| {
+            let mut h = HEAP.lock();
+            if let Some(p) = h.fast_alloc(layout) {
+                h.publish_counts();
+                return p;
+            }
+            let p = h.alloc(layout);
+            h.publish();
+            p
+        })
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        let mut h = HEAP.lock();
-        if h.fast_free(ptr, layout) {
-            h.publish_counts();
-            return;
-        }
-        h.dealloc(ptr, layout);
-        h.publish();
+        crate::inspect::critical(|| {
+            let mut h = HEAP.lock();
+            if h.fast_free(ptr, layout) {
+                h.publish_counts();
+                return;
+            }
+            h.dealloc(ptr, layout);
+            h.publish();
+        })
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {

@@ -297,6 +297,11 @@ pub fn set_user_range(start: u64, end: u64, on: bool) -> u64 {
 /// their entries are P|W (plus U if `flags` has USER) so the leaf alone
 /// decides permissions.
 pub fn map_page(virt: u64, phys: u64, size: PageSize, flags: PageFlags) -> Result<(), MapError> {
+    // One inspect critical section: tables and frame bitmap change together.
+    crate::inspect::critical(|| map_page_inner(virt, phys, size, flags))
+}
+
+fn map_page_inner(virt: u64, phys: u64, size: PageSize, flags: PageFlags) -> Result<(), MapError> {
     if !is_canonical(virt) {
         return Err(MapError::NonCanonical { virt });
     }
@@ -366,6 +371,10 @@ fn bump_count(path: &[u64; 5], level: u32, virt: u64, delta: i64) {
 /// Unmaps the page that starts at `virt` (any size), frees every table that
 /// becomes empty (if this allocator created it), and returns what was mapped.
 pub fn unmap_page(virt: u64) -> Result<Translation, MapError> {
+    crate::inspect::critical(|| unmap_page_inner(virt))
+}
+
+fn unmap_page_inner(virt: u64) -> Result<Translation, MapError> {
     if !is_canonical(virt) {
         return Err(MapError::NonCanonical { virt });
     }
