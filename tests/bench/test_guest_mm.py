@@ -104,3 +104,21 @@ def test_section_pairs_guest_with_host_and_keeps_cpl():
     assert other.label == "weird_new_thing" and other.baseline is None
     j = sec.to_json()
     assert j["meta"]["tsc_khz"] == 2_600_000
+
+
+def test_growth_section_compares_each_length_with_the_shortest():
+    benches = [G.decode(bench("alloc_free_64", p50=p50, cpl=cpl, freelist_len=n, impl="list"))
+               for n, p50 in [(1, 100), (64, 500), (1024, 8000)] for cpl in (0, 3)]
+    benches.append(G.decode(bench("alloc_free_4k")))
+    fig = {"median": 10.0, "min": 8.0, "max": 50.0, "n": 1000, "unit": "ns", "p50": 10.0, "p99": 12.0}
+    base = {("malloc", 64, n): dict(fig) for n in (1, 64, 1024)}
+    sec = G.growth_section(benches, 2_600_000, base)
+    headers = [r.label for r in sec.rows if r.figure is None]
+    assert headers == ["alloc_free_64 (list), CPL 0", "alloc_free_64 (list), CPL 3", "host: glibc malloc+free 64 B"]
+    row = next(r for r in sec.rows if r.key == "alloc_free_64/list/cpl0/fl1024")
+    assert row.ratio == pytest.approx(80) and row.baseline_label == "free list 1"
+    assert next(r for r in sec.rows if r.key == "glibc/64/fl64").ratio == pytest.approx(1)
+
+
+def test_no_growth_section_without_free_list_lengths():
+    assert G.growth_section([G.decode(bench("alloc_free_64"))], 2_600_000, {}) is None

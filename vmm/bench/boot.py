@@ -91,12 +91,12 @@ def bare_python_start() -> float:
     return (int(out.strip()) - t0) / 1e6
 
 
-def measure(image, kernel_path: str, runs: int, process_runs: int, backend=None) -> dict:
+def measure(image, kernel_path: str, runs: int, process_runs: int, backend=None, memory: int = BOOT_RAM) -> dict:
     samples: dict = {"vm": {}, "proc": {}, "c": {}, "bare_python": [], "errors": []}
-    with Vm(image, VmConfig(memory=BOOT_RAM, timeout=60), backend=backend) as vm:  # warm-up
+    with Vm(image, VmConfig(memory=memory, timeout=60), backend=backend) as vm:  # warm-up
         vm.run()
     for _ in range(runs):
-        with Vm(image, VmConfig(memory=BOOT_RAM, timeout=60), backend=backend) as vm:
+        with Vm(image, VmConfig(memory=memory, timeout=60), backend=backend) as vm:
             result = vm.run()
         if result.exit_code != 0:
             raise RuntimeError(f"guest failed to boot: {result.message}")
@@ -104,7 +104,7 @@ def measure(image, kernel_path: str, runs: int, process_runs: int, backend=None)
             samples["vm"].setdefault(key, []).append(value)
     for _ in range(process_runs):
         try:
-            figs = process_figures(child_boot(kernel_path, BOOT_RAM))
+            figs = process_figures(child_boot(kernel_path, memory))
         except (ChildError, subprocess.SubprocessError, ValueError, KeyError) as exc:
             samples["errors"].append(str(exc))
             break
@@ -112,7 +112,7 @@ def measure(image, kernel_path: str, runs: int, process_runs: int, backend=None)
             samples["proc"].setdefault(key, []).append(value)
         samples["bare_python"].append(bare_python_start())
     try:
-        samples["c"] = kvm_setup(BOOT_RAM, runs)
+        samples["c"] = kvm_setup(memory, runs)
     except BaselineError as exc:
         samples["errors"].append(str(exc))
     return samples
@@ -152,5 +152,5 @@ def section_from(samples: dict, memory: int = BOOT_RAM) -> Section:
     return sec
 
 
-def run(image, kernel_path: str, runs: int, process_runs: int, backend=None) -> Section:
-    return section_from(measure(image, kernel_path, runs, process_runs, backend))
+def run(image, kernel_path: str, runs: int, process_runs: int, backend=None, memory: int = BOOT_RAM) -> Section:
+    return section_from(measure(image, kernel_path, runs, process_runs, backend, memory), memory)

@@ -40,6 +40,12 @@ def parse_sizes(text: str) -> list[int]:
     return [parse_size(part) for part in text.split(",") if part.strip()]
 
 
+def _size(text: str) -> int:
+    from ..cli import parse_size
+
+    return parse_size(text)
+
+
 def positive_int(text: str) -> int:
     try:
         n = int(text)
@@ -59,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", type=parse_only, metavar="LIST", default=list(SECTIONS),
                         help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
     parser.add_argument("--kernel", metavar="PATH", help="guest kernel ELF (default: build guest/)")
+    parser.add_argument("--memory", type=_size, metavar="SIZE", default=128 << 20,
+                        help="guest RAM of the boot section (default 128M)")
     parser.add_argument("--exits", type=positive_int, metavar="N",
                         help="port writes per exit storm (default 20000, --quick 5000)")
     parser.add_argument("--sizes", type=parse_sizes, metavar="LIST",
@@ -132,7 +140,7 @@ def run(args) -> int:
         from . import boot as m
 
         _say(f"boot: {plan.runs} boots in this process, {plan.process_runs} in fresh processes ...")
-        return m.run(image, str(kernel.path), plan.runs, plan.process_runs, backend)
+        return m.run(image, str(kernel.path), plan.runs, plan.process_runs, backend, args.memory)
 
     def exits() -> Section:
         from . import exits as m
@@ -140,7 +148,7 @@ def run(args) -> int:
         _say(f"exits: {plan.exit_runs} runs of a {plan.exits}-exit storm (Python, profiled, bare, C) ...")
         return m.run(plan.exits, plan.exit_runs, backend)
 
-    def guest() -> Section:
+    def guest() -> list[Section]:
         from . import guest_mm as m
 
         _say(f"guest: {plan.guest_boots} boot(s) with '{args.guest_cmdline}', then host baselines ...")
@@ -164,13 +172,15 @@ def run(args) -> int:
     for name in only:
         t0 = time.perf_counter()
         try:
-            sec = runners[name]()
+            got = runners[name]()
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # one section failing must not lose the others
-            sec = Section(name, TITLES[name], status="error", message=f"{type(exc).__name__}: {exc}")
+            got = Section(name, TITLES[name], status="error", message=f"{type(exc).__name__}: {exc}")
+        got = got if isinstance(got, list) else [got]
+        sec = got[0]  # the area's own section; others (e.g. guest_freelist) follow it
         sec.elapsed_s = time.perf_counter() - t0
-        sections.append(sec)
+        sections.extend(got)
         tail = f" ({sec.message})" if sec.status != "ok" and sec.message else ""
         _say(f"{name}: {sec.status} in {sec.elapsed_s:.1f} s{tail}")
         if name == "guest" and sec.meta.get("tsc_khz"):

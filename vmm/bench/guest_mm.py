@@ -241,6 +241,47 @@ def section_from(benches: list[GuestBench], tsc_khz: float, baselines: dict[tupl
     return sec
 
 
+def growth_section(benches: list[GuestBench], tsc_khz: float, baselines: dict[tuple, dict]) -> Section | None:
+    """How a small allocation's cost grows with the free list: each length beside length 1 (pure).
+
+    One group per (benchmark, implementation, CPL) that the guest measured at
+    several free-list lengths, and glibc at the same lengths. None if the
+    guest reports no free-list lengths.
+    """
+    groups: dict[tuple, dict[int, GuestBench]] = {}
+    for b in benches:
+        if b.kind == "small_alloc" and b.freelist_len is not None:
+            groups.setdefault((b.name, b.impl or "", -1 if b.cpl is None else b.cpl), {})[b.freelist_len] = b
+    groups = {k: v for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return None
+    sec = Section("guest_freelist", "Small allocation + free vs free-list length (each beside the shortest list)")
+    lengths: set[int] = set()
+    sizes: set[int] = set()
+    for (name, impl, cpl), by_len in sorted(groups.items()):
+        first = min(by_len)
+        ref = to_ns(by_len[first].figure, tsc_khz)
+        where = f", CPL {cpl}" if cpl >= 0 else ""
+        sec.add(f"{name}/{impl}/cpl{cpl}", f"{name}{f' ({impl})' if impl else ''}{where}", None)
+        for n in sorted(by_len):
+            b = by_len[n]
+            lengths.add(n)
+            sizes.add(alloc_size(b))
+            sec.add(f"{name}/{impl}/cpl{cpl}/fl{n}", f"free list {n}", to_ns(b.figure, tsc_khz), indent=1,
+                    cpl=None if cpl < 0 else cpl, baseline=ref if n != first else None,
+                    baseline_label=f"free list {first}" if n != first else "")
+    for size in sorted(sizes):
+        host = {n: baselines[("malloc", size, n)] for n in sorted(lengths) if ("malloc", size, n) in baselines}
+        if len(host) > 1:
+            first = min(host)
+            sec.add(f"glibc/{size}", f"host: glibc malloc+free {human_bytes(size)}", None)
+            for n, fig in host.items():
+                sec.add(f"glibc/{size}/fl{n}", f"{n} free chunk{'s' if n != 1 else ''}", fig, indent=1,
+                        baseline=host[first] if n != first else None,
+                        baseline_label=f"{first} free chunk{'s' if first != 1 else ''}" if n != first else "")
+    return sec
+
+
 def boot_benchmarks(image, cmdline: str, timeout: float, backend=None) -> tuple[list[GuestBench], float, str]:
     """One boot with the guest's benchmarks on: decoded BENCH reports, TSC kHz, problem (or '')."""
     with Vm(image, VmConfig(memory=GUEST_RAM, cmdline=cmdline, timeout=timeout), backend=backend) as vm:
@@ -252,7 +293,7 @@ def boot_benchmarks(image, cmdline: str, timeout: float, backend=None) -> tuple[
 
 
 def run(image, runs: int, *, quick: bool, cmdline: str = "bench=all", timeout: float = 300.0,
-        backend=None) -> Section:
+        backend=None) -> list[Section]:
     all_runs, problems, tsc_khz = [], [], 0.0
     for _ in range(runs):
         benches, tsc_khz, problem = boot_benchmarks(image, cmdline, timeout, backend)
@@ -268,5 +309,7 @@ def run(image, runs: int, *, quick: bool, cmdline: str = "bench=all", timeout: f
     msgs = [m for m in (problems[0] if problems else "", err) if m]
     if not merged:
         msgs.insert(0, NO_BENCHMARKS)
-    return section_from(merged, tsc_khz, baselines, message="; ".join(msgs),
+    main = section_from(merged, tsc_khz, baselines, message="; ".join(msgs),
                         meta={"cmdline": cmdline, "boots": len(all_runs), "memory": GUEST_RAM})
+    growth = growth_section(merged, tsc_khz, baselines)
+    return [main] if growth is None else [main, growth]
