@@ -41,3 +41,13 @@ def test_quick_plan_is_small():
     assert quick.runs < full.runs and quick.exits < full.exits
     assert quick.scale_runs == 1 and quick.guest_boots == 1
     assert Plan.from_args(build_parser().parse_args(["bench", "--quick", "--runs", "2"])).runs == 2
+
+
+def test_pin_copies_the_kernel(tmp_path):
+    from vmm.bench.kernel import KernelChoice, pin
+
+    elf = tmp_path / "kernel"
+    elf.write_bytes(b"\x7fELF" + bytes(60))
+    pinned = pin(KernelChoice(elf, "given"))
+    assert pinned.path != elf and pinned.path.read_bytes() == elf.read_bytes()
+    assert pinned.source == elf and len(pinned.sha256) == 64 and pinned.note == "given"

@@ -127,11 +127,12 @@ def run(args) -> int:
     image = kernel = None
     if set(only) & {"boot", "guest", "inspector", "scale"}:
         from ..elf import load_kernel_file
-        from .kernel import resolve_kernel
+        from .kernel import pin, resolve_kernel
 
-        kernel = resolve_kernel(args.kernel)
+        kernel = pin(resolve_kernel(args.kernel))
         image = load_kernel_file(kernel.path)
-        env["guest_kernel"] = str(kernel.path)
+        env["guest_kernel"] = str(kernel.source)
+        env["guest_kernel_sha256"] = kernel.sha256
         env["guest_kernel_note"] = kernel.note
         if kernel.note:
             _say(f"guest kernel: {kernel.note}")

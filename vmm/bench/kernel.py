@@ -4,11 +4,20 @@
 a hash of its sources). If the sources do not build right now (someone is in
 the middle of a change), the last kernel that did build is used and the
 report says so, instead of measuring nothing.
+
+The chosen ELF is copied to a private temp file (``pin``) before anything
+boots: the shared build output may be rebuilt by someone else while the
+benchmark runs, and every section, fresh processes included, must boot the
+same kernel.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import atexit
+import hashlib
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -16,6 +25,8 @@ from pathlib import Path
 class KernelChoice:
     path: Path
     note: str = ""  # why this kernel (empty: the current sources)
+    source: Path | None = None  # where it was copied from (after pin)
+    sha256: str = ""
 
 
 def resolve_kernel(path: str | None) -> KernelChoice:
@@ -31,3 +42,13 @@ def resolve_kernel(path: str | None) -> KernelChoice:
             first = str(exc).splitlines()[0]
             return KernelChoice(stale, f"guest sources do not build ({first[:80]}); using the last built kernel")
         raise
+
+
+def pin(choice: KernelChoice) -> KernelChoice:
+    """A private copy of the kernel for this run (removed at exit), with its SHA-256."""
+    data = choice.path.read_bytes()
+    d = Path(tempfile.mkdtemp(prefix="vmm-bench-kernel-"))
+    atexit.register(shutil.rmtree, d, True)
+    copy = d / choice.path.name
+    copy.write_bytes(data)
+    return replace(choice, path=copy, source=choice.path, sha256=hashlib.sha256(data).hexdigest())

@@ -127,6 +127,8 @@ def banner(env: dict) -> Text:
     text.append("\n" + ", ".join(extra))
     if env.get("guest_kernel"):
         text.append(f"\nguest kernel: {env['guest_kernel']}")
+        if env.get("guest_kernel_sha256"):
+            text.append(f" (sha256 {env['guest_kernel_sha256'][:12]})")
         if env.get("guest_kernel_note"):
             text.append(f" ({env['guest_kernel_note']})", style="yellow")
     opts = env.get("options", {})
