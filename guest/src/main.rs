@@ -40,6 +40,7 @@ use report::Report;
 /// "Entry state"). Interrupts are off and IDTR has limit 0.
 #[no_mangle]
 pub extern "sysv64" fn _start(boot_info: &'static BootInfo) -> ! {
+    serial::Serial::init();
     if let Err(e) = boot::validate(boot_info) {
         // Without a valid BootInfo the physical load address is unknown, so
         // reports (which carry physical addresses) are not sent.
@@ -56,6 +57,8 @@ pub extern "sysv64" fn _start(boot_info: &'static BootInfo) -> ! {
     };
 
     print_banner(boot_info, cmdline);
+    let trace = cmdline.get("trace") == Some("1");
+    let mut phases = BootPhases::start(trace);
     ALLOCATOR_WORD.store(
         match cmdline.get("allocator") {
             Some("list") => 1,
@@ -65,13 +68,17 @@ pub extern "sysv64" fn _start(boot_info: &'static BootInfo) -> ! {
         Ordering::Relaxed,
     );
     interrupts::init();
+    phases.mark("interrupts");
     rand::init(boot_info.rng_seed, cmdline.get("rng") == Some("seed"));
-    init_memory(boot_info);
+    phases.mark("rand");
+    init_memory(boot_info, &mut phases);
 
     // Continue as task 0 on a 64 KiB kernel stack at a random address with
     // guard pages below and above (the boot stack has page tables right
     // under it).
     let top = task::init_boot_task().unwrap_or_else(|e| panic!("kernel stack: {:?}", e));
+    phases.mark("boot task stack");
+    phases.print();
     BOOT.store(boot_info as *const BootInfo as u64, Ordering::Relaxed);
     let cmdline_copy = CmdlineCell(cmdline);
     // SAFETY: the stack was just mapped and nothing else uses it.
@@ -99,17 +106,57 @@ pub fn boot_info() -> &'static BootInfo {
     unsafe { &*(BOOT.load(Ordering::Relaxed) as *const BootInfo) }
 }
 
-fn init_memory(bi: &'static BootInfo) {
+/// `trace=1`: TSC cycles per boot phase, printed once the phases are done.
+/// Boot time matters (test suites boot thousands of guests, and CPL0 code is
+/// emulated on PVM hosts); this says where it goes.
+struct BootPhases {
+    on: bool,
+    last: u64,
+    names: [&'static str; 12],
+    cycles: [u64; 12],
+    n: usize,
+}
+
+impl BootPhases {
+    fn start(on: bool) -> Self {
+        BootPhases { on, last: if on { cpu::rdtsc() } else { 0 }, names: [""; 12], cycles: [0; 12], n: 0 }
+    }
+
+    fn mark(&mut self, name: &'static str) {
+        if self.on && self.n < self.names.len() {
+            let now = cpu::rdtsc();
+            self.names[self.n] = name;
+            self.cycles[self.n] = now - self.last;
+            self.n += 1;
+            self.last = now;
+        }
+    }
+
+    fn print(&self) {
+        if self.on {
+            print!("kernel: boot phases (cycles):");
+            for i in 0..self.n {
+                print!(" {} {}", self.names[i], self.cycles[i]);
+            }
+            println!();
+        }
+    }
+}
+
+fn init_memory(bi: &'static BootInfo, phases: &mut BootPhases) {
     memory::set_phys_offset(bi.phys_offset);
     let reserved = [(bi.kernel_phys_start, bi.kernel_phys_end), (bi.boot_pt_phys, bi.boot_pt_end)];
     match memory::frames::FrameAllocator::new(boot::memory_map(bi), bi.ram_size, &reserved) {
         Ok(fa) => memory::frames::init(fa),
         Err(e) => panic!("frame allocator: {:?}", e),
     }
+    phases.mark("frame bitmap");
     if let Err(e) = memory::heap::init() {
         panic!("heap: {:?}", e);
     }
+    phases.mark("heap");
     memory::demand::init();
+    phases.mark("demand region");
     if let Some(a) = cmdline_allocator() {
         memory::heap::set_mode(a);
     }
@@ -123,7 +170,11 @@ extern "sysv64" fn kernel_main(arg: u64) -> ! {
     let cmdline = unsafe { (*(arg as *const CmdlineCell)).0 };
     let boot_info = boot_info();
     let rdrand = cpu::has_rdrand();
+    let t_check = cpu::rdtsc();
     let (wx_ok, audit, wp, nxe) = memory::audit::self_check();
+    if cmdline.get("trace") == Some("1") {
+        println!("kernel: boot phases (cycles): W^X self-check {}", cpu::rdtsc() - t_check);
+    }
     println!(
         "kernel: W^X self-check {}: {} leaves, {} W+X, {} user, CR0.WP={} EFER.NXE={}",
         if wx_ok { "ok" } else { "FAILED" },
@@ -257,10 +308,12 @@ fn print_banner(bi: &'static BootInfo, cmdline: Cmdline) {
             None => {}
         }
     }
-    println!("kernel: memory map, {} descriptors:", bi.memmap_count);
+    // One line: every console byte is a port exit (~12 us on PVM hosts).
+    print!("kernel: memory map, {} descriptors:", bi.memmap_count);
     for &(typ, pages, count) in &types[..n] {
-        println!("kernel:   {:<14} {:>8} KiB in {} ranges", memtype::name(typ), pages * 4, count);
+        print!(" {} {} KiB/{}", memtype::name(typ), pages * 4, count);
     }
+    println!();
 }
 
 /// Loads an IDT with limit 0 and raises #UD: the CPU cannot deliver the

@@ -104,7 +104,25 @@ impl Report {
 
     /// Appends `key=0x...\n`.
     pub fn kv_hex(&mut self, key: &str, value: u64) -> &mut Self {
-        self.kv_fmt(key, format_args!("{:#x}", value))
+        // Hand-rolled: core::fmt costs thousands of (emulated) instructions.
+        let mut buf = [0u8; 18];
+        let mut i = buf.len();
+        let mut v = value;
+        loop {
+            i -= 1;
+            buf[i] = b"0123456789abcdef"[(v & 0xF) as usize];
+            v >>= 4;
+            if v == 0 {
+                break;
+            }
+        }
+        buf[i - 1] = b'x';
+        buf[i - 2] = b'0';
+        self.push(key.as_bytes());
+        self.push(b"=");
+        self.push(&buf[i - 2..]);
+        self.push(b"\n");
+        self
     }
 
     pub fn kv_fmt(&mut self, key: &str, value: fmt::Arguments) -> &mut Self {

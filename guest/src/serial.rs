@@ -12,6 +12,9 @@ use core::fmt;
 /// are never lost.
 pub struct Serial;
 
+/// Transmit FIFO depth of a 16550A.
+const FIFO_SIZE: usize = 16;
+
 impl Serial {
     pub fn write_byte(b: u8) {
         while inb(port::COM1_LSR) & LSR_THR_EMPTY == 0 {
@@ -20,10 +23,23 @@ impl Serial {
         outb(port::COM1_THR, b);
     }
 
+    /// Writes `bytes` a FIFO-load at a time: once LSR says the transmitter
+    /// is empty, a 16550 takes 16 bytes without further polling. That saves
+    /// an IN exit per byte (half the console's cost on a VMM).
     pub fn write_bytes(bytes: &[u8]) {
-        for &b in bytes {
-            Self::write_byte(b);
+        for chunk in bytes.chunks(FIFO_SIZE) {
+            while inb(port::COM1_LSR) & LSR_THR_EMPTY == 0 {
+                core::hint::spin_loop();
+            }
+            for &b in chunk {
+                outb(port::COM1_THR, b);
+            }
         }
+    }
+
+    /// Enables the 16550's FIFOs (FCR: enable, clear both, 14-byte trigger).
+    pub fn init() {
+        outb(port::COM1_THR + 2, 0xC7);
     }
 }
 

@@ -60,6 +60,50 @@ fn fill_bits(map: &mut [u64], start: u64, end: u64, value: bool) {
     }
 }
 
+/// Sets (or clears) bits `[start, end)` like [`fill_bits`], but stores the
+/// whole words in the middle with one `rep stosq`. Boot-time use over all of
+/// RAM: each CPL0 instruction is emulated on PVM hosts, a string store is one.
+fn fill_bits_fast(map: &mut [u64], start: u64, end: u64, value: bool) {
+    if start >= end {
+        return;
+    }
+    let first_full = align_up(start, BITS);
+    let last_full = end / BITS * BITS;
+    if first_full >= last_full {
+        fill_bits(map, start, end, value);
+        return;
+    }
+    fill_bits(map, start, first_full, value);
+    let words = &mut map[(first_full / BITS) as usize..(last_full / BITS) as usize];
+    // SAFETY: `words` is a valid, exclusively borrowed slice of u64.
+    unsafe {
+        core::arch::asm!(
+            "rep stosq",
+            inout("rdi") words.as_mut_ptr() => _,
+            inout("rcx") words.len() => _,
+            in("rax") if value { !0u64 } else { 0 },
+            options(nostack, preserves_flags)
+        );
+    }
+    fill_bits(map, last_full, end, value);
+}
+
+/// Clears bits `[start, end)` and returns how many were set before (for
+/// small ranges: one word at a time).
+fn clear_bits_counting(map: &mut [u64], start: u64, end: u64) -> u64 {
+    let mut cleared = 0;
+    let mut i = start;
+    while i < end {
+        let (w, b) = ((i / BITS) as usize, i % BITS);
+        let n = (BITS - b).min(end - i);
+        let mask = if n == BITS { !0 } else { ((1u64 << n) - 1) << b };
+        cleared += (map[w] & mask).count_ones() as u64;
+        map[w] &= !mask;
+        i += n;
+    }
+    cleared
+}
+
 fn test_bit(map: &[u64], i: u64) -> bool {
     map[(i / BITS) as usize] & (1 << (i % BITS)) != 0
 }
@@ -129,8 +173,6 @@ impl FrameAllocator {
                 core::slice::from_raw_parts_mut(base.add(words as usize), words as usize),
             )
         };
-        fill_bits(used, 0, words * BITS, true);
-
         let mut fa = FrameAllocator {
             used,
             managed,
@@ -141,28 +183,30 @@ impl FrameAllocator {
             bitmap_phys,
             bitmap_frames,
         };
+        // `managed` starts all clear (zeroed frames), `used` all set
+        // (including the bits past the last frame). Conventional ranges are
+        // disjoint (the host validates the map), so their lengths add up.
+        fill_bits_fast(fa.used, 0, words * BITS, true);
         for d in map.filter(|d| d.typ == memtype::CONVENTIONAL) {
             let start = d.physical_start >> PAGE_SHIFT;
             let end = (start + d.number_of_pages).min(frames);
             if start < end {
-                fill_bits(fa.managed, start, end, true);
+                fill_bits_fast(fa.managed, start, end, true);
+                fill_bits_fast(fa.used, start, end, false);
+                fa.managed_count += end - start;
             }
         }
         // Frame 0 (null), the bitmaps themselves and the reserved ranges are
-        // never handed out.
-        fill_bits(fa.managed, 0, 1, false);
+        // never handed out: take them out of `managed` (counting what really
+        // was managed, since these ranges may overlap) and mark them used.
         let bm = bitmap_phys >> PAGE_SHIFT;
-        fill_bits(fa.managed, bm, bm + bitmap_frames, false);
-        for &(s, e) in reserved {
+        let fixed = [(0, PAGE_SIZE), (bitmap_phys, (bm + bitmap_frames) << PAGE_SHIFT)];
+        for &(s, e) in fixed.iter().chain(reserved) {
             let (s, e) = ((s >> PAGE_SHIFT).min(frames), (align_up(e, PAGE_SIZE) >> PAGE_SHIFT).min(frames));
             if s < e {
-                fill_bits(fa.managed, s, e, false);
+                fa.managed_count -= clear_bits_counting(fa.managed, s, e);
+                fill_bits(fa.used, s, e, true);
             }
-        }
-        // used = !managed, counting as we go.
-        for w in 0..words as usize {
-            fa.used[w] = !fa.managed[w];
-            fa.managed_count += fa.managed[w].count_ones() as u64;
         }
         fa.free = fa.managed_count;
         Ok(fa)
