@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.USAGE
     except ControlError as exc:
         print(f"vmm: error: {exc}", file=sys.stderr)
-        return ExitCode.HOST_ERROR
+        return ExitCode.USAGE
     except (KvmError, GuestBuildError) as exc:
         print(f"vmm: error: {exc}", file=sys.stderr)
         return ExitCode.HOST_ERROR

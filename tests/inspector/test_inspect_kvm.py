@@ -88,3 +88,21 @@ def test_cli_pt_json(guest_kernel_path):
 def test_cli_pt_missing_socket():
     proc = subprocess.run([sys.executable, "vmm.py", "pt", "/nonexistent/vm.sock"], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "no VM control socket" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_pt_pictures(guest_kernel_path, tmp_path):
+    png, shot = tmp_path / "phys.png", tmp_path / "fb.png"
+    proc = subprocess.run(
+        [sys.executable, "vmm.py", "pt", "--kernel", str(guest_kernel_path), "--png", str(png),
+         "--screenshot", str(shot), "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    import struct
+
+    for path, size in ((png, None), (shot, (640, 480))):
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        w, h = struct.unpack(">II", data[16:24])
+        if size:
+            assert (w, h) == size

@@ -52,3 +52,36 @@ def test_bad_input_is_one_line(args, fragment):
 def test_help_explains_exit_codes():
     proc = _cli("run", "--help")
     assert proc.returncode == 0 and "watchdog" in proc.stdout and "exit codes" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["run", "--control", "/nonexistent-dir/vm.sock", "--kernel", "/nonexistent"], "no such file"),
+        (["pt", "/nonexistent-dir/vm.sock"], "no VM control socket"),
+        (["inspect", "/nonexistent-dir/vm.sock"], "no VM control socket"),
+        (["pt", "--page-size", "3M"], "page size"),
+        (["pt", "--range", "5:1"], "empty"),
+        (["run", "--slide", "lots"], "not an integer"),
+    ],
+)
+def test_more_bad_input(args, fragment):
+    proc = _cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert fragment in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.kvm
+def test_control_socket_path_unusable(guest_kernel_path):
+    proc = _cli("run", "--kernel", str(guest_kernel_path), "--control", "/nonexistent-dir/vm.sock", "-q")
+    assert proc.returncode == 2 and "cannot listen on /nonexistent-dir/vm.sock" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.kvm
+def test_control_socket_path_is_a_regular_file(guest_kernel_path, tmp_path):
+    f = tmp_path / "not-a-socket"
+    f.write_text("x")
+    proc = _cli("run", "--kernel", str(guest_kernel_path), "--control", str(f), "-q")
+    assert proc.returncode == 2 and "is not a socket" in proc.stderr
