@@ -479,14 +479,16 @@ pub struct KernelAllocator;
 
 unsafe impl GlobalAlloc for KernelAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // The whole operation is one inspect critical section: a host that
-        // parks the vCPU inside it sees an odd `seq` and retries.
+        let mut h = HEAP.lock();
+        // Fast path: a pop from a size-class cache. The host never walks the
+        // caches, so it needs no inspect bracket; its counters reach the
+        // inspect block with the next slow-path publish.
+        if let Some(p) = h.fast_alloc(layout) {
+            return p;
+        }
+        // Slow path: one inspect critical section, so a host that parks the
+        // vCPU inside it sees an odd `seq` and retries.
         crate::inspect::critical(|| {
-            let mut h = HEAP.lock();
-            if let Some(p) = h.fast_alloc(layout) {
-                h.publish_counts();
-                return p;
-            }
             let p = h.alloc(layout);
             h.publish();
             p
@@ -494,12 +496,11 @@ unsafe impl GlobalAlloc for KernelAllocator {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let mut h = HEAP.lock();
+        if h.fast_free(ptr, layout) {
+            return;
+        }
         crate::inspect::critical(|| {
-            let mut h = HEAP.lock();
-            if h.fast_free(ptr, layout) {
-                h.publish_counts();
-                return;
-            }
             h.dealloc(ptr, layout);
             h.publish();
         })
