@@ -295,9 +295,9 @@ class Vm:
         self.close()
 
     # --- control from other threads ---------------------------------------------------
-    def request_stop(self, stop: Stop) -> None:
-        """Ask the vCPU to stop from any thread (immediate_exit plus a signal)."""
-        self._stop_request = stop
+    def _kick_vcpu(self) -> None:
+        """Make KVM_RUN return to the run loop: immediate_exit covers a vCPU
+        about to enter, the signal one inside the guest (EINTR)."""
         vcpu = self.vcpu
         if vcpu is not None and vcpu.run_struct is not None:
             vcpu.run_struct.immediate_exit = 1
@@ -307,6 +307,11 @@ class Vm:
                 signal.pthread_kill(tid, STOP_SIGNAL)
             except (ProcessLookupError, OSError):
                 pass
+
+    def request_stop(self, stop: Stop) -> None:
+        """Ask the vCPU to stop from any thread."""
+        self._stop_request = stop
+        self._kick_vcpu()
 
     @contextlib.contextmanager
     def paused(self, timeout: float = 1.0):
@@ -321,15 +326,7 @@ class Vm:
             return
         self._resume.clear()
         self._pause_requested = True
-        vcpu = self.vcpu
-        if vcpu is not None and vcpu.run_struct is not None:
-            vcpu.run_struct.immediate_exit = 1
-        tid = self._vcpu_thread
-        if tid is not None:
-            try:
-                signal.pthread_kill(tid, STOP_SIGNAL)
-            except (ProcessLookupError, OSError):
-                pass
+        self._kick_vcpu()
         parked = self._paused.wait(timeout)
         try:
             yield parked
