@@ -139,6 +139,14 @@ probe_read_insn:
 probe_read_done:
     ret
 
+    .global probe_exec_asm
+probe_exec_asm:
+    xor edx, edx
+    call rdi
+    .global probe_exec_done
+probe_exec_done:
+    ret
+
     .global probe_write_u64_asm
 probe_write_u64_asm:
     xor edx, edx
@@ -163,6 +171,8 @@ struct ProbeResult {
 extern "sysv64" {
     fn probe_read_u64_asm(addr: u64) -> ProbeResult;
     fn probe_write_u64_asm(addr: u64, value: u64) -> ProbeResult;
+    fn probe_exec_asm(addr: u64) -> ProbeResult;
+    static probe_exec_done: u8;
     static probe_read_insn: u8;
     static probe_read_done: u8;
     static probe_write_insn: u8;
@@ -220,6 +230,26 @@ pub unsafe fn probe_write_u64(addr: u64, value: u64) -> Result<(), Fault> {
     }
 }
 
+/// Target of the execute probe in progress (0 if none).
+static EXEC_PROBE_TARGET: AtomicU64 = AtomicU64::new(0);
+
+/// Calls `addr` (which should hold a `ret`); a fault on the instruction
+/// fetch becomes `Err` instead of ending the run.
+///
+/// # Safety
+/// If the fetch succeeds, whatever code is at `addr` runs: it must be a
+/// lone `ret` (0xC3) the caller put there.
+pub unsafe fn probe_exec(addr: u64) -> Result<(), Fault> {
+    EXEC_PROBE_TARGET.store(addr, Ordering::Relaxed);
+    let r = probe_exec_asm(addr);
+    EXEC_PROBE_TARGET.store(0, Ordering::Relaxed);
+    if r.faulted != 0 {
+        Err(last_fault())
+    } else {
+        Ok(())
+    }
+}
+
 /// The fixup address for a faulting RIP, if it is a probe instruction.
 fn fixup_for(rip: u64) -> Option<u64> {
     let read = core::ptr::addr_of!(probe_read_insn) as u64;
@@ -244,6 +274,19 @@ extern "sysv64" fn exception_dispatch(frame: &mut TrapFrame) {
         fatal(frame, addr)
     }
     if frame.vector == VEC_PAGE_FAULT && crate::memory::demand::handle_fault(addr, frame.error) {
+        return;
+    }
+    let exec_target = EXEC_PROBE_TARGET.load(Ordering::Relaxed);
+    if exec_target != 0 && frame.rip == exec_target {
+        // The fetch at the probe's target faulted: the `call` pushed the
+        // return address, so resume there with the stack popped.
+        LAST_FAULT_VECTOR.store(frame.vector, Ordering::Relaxed);
+        LAST_FAULT_ERROR.store(frame.error, Ordering::Relaxed);
+        LAST_FAULT_ADDR.store(addr, Ordering::Relaxed);
+        PROBE_FAULTS.fetch_add(1, Ordering::Relaxed);
+        frame.rip = core::ptr::addr_of!(probe_exec_done) as u64;
+        frame.rsp += 8;
+        frame.rdx = 1;
         return;
     }
     if let Some(fixup) = fixup_for(frame.rip) {

@@ -182,3 +182,52 @@ pub fn fast_path_reuses() -> TestResult {
     heap::set_mode(old);
     Ok(())
 }
+
+/// Random allocations and frees of mixed sizes (8 B .. 8 KiB, both paths)
+/// and alignments (8 .. 4096), each block filled with a pattern derived
+/// from its address and checked before it is freed.
+pub fn random_mixed() -> TestResult {
+    use alloc::alloc::{alloc, dealloc, Layout};
+    const SLOTS: usize = 48;
+    let mut live: [(usize, usize, usize); SLOTS] = [(0, 0, 0); SLOTS]; // (ptr, size, align)
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ crate::rand::u64();
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let pattern = |p: usize, i: usize| (p.wrapping_mul(31) ^ i) as u8;
+    for _ in 0..300 {
+        let slot = (next() % SLOTS as u64) as usize;
+        let (p, size, align) = live[slot];
+        if p != 0 {
+            for i in (0..size).step_by(size / 8 + 1) {
+                // SAFETY: inside the live block.
+                let b = unsafe { *((p + i) as *const u8) };
+                check!(b == pattern(p, i), "block {:#x}+{} corrupted", p, i);
+            }
+            // SAFETY: allocated below with this layout.
+            unsafe { dealloc(p as *mut u8, Layout::from_size_align(size, align).unwrap()) };
+            live[slot] = (0, 0, 0);
+        } else {
+            let size = [8usize, 24, 64, 100, 256, 1000, 3000, 4096, 8192][(next() % 9) as usize];
+            let align = 1usize << (3 + next() % 10);
+            let layout = Layout::from_size_align(size, align).unwrap();
+            // SAFETY: non-zero size.
+            let p = unsafe { alloc(layout) } as usize;
+            check!(p != 0, "allocation of {} bytes (align {}) failed", size, align);
+            check!(p % align == 0, "block {:#x} not aligned to {}", p, align);
+            for i in (0..size).step_by(size / 8 + 1) {
+                // SAFETY: inside the new block.
+                unsafe { *((p + i) as *mut u8) = pattern(p, i) };
+            }
+            live[slot] = (p, size, align);
+        }
+    }
+    for &(p, size, align) in live.iter().filter(|l| l.0 != 0) {
+        // SAFETY: allocated above with this layout.
+        unsafe { dealloc(p as *mut u8, Layout::from_size_align(size, align).unwrap()) };
+    }
+    Ok(())
+}

@@ -3,7 +3,7 @@
 use super::TestResult;
 use crate::abi::{BOOT_FLAG_DIRECT_MAP_1G, BOOT_INFO_MAGIC};
 use crate::arch::x86_64::has_1g_pages;
-use crate::interrupts::{probe_read_u64, probe_write_u64, PageFaultError};
+use crate::interrupts::{probe_exec, probe_read_u64, probe_write_u64, PageFaultError};
 use crate::memory::layout::SCRATCH_START;
 use crate::memory::paging::{self, MapError, PageFlags, PageSize};
 use crate::memory::{frames, phys_to_virt, PAGE_SIZE, SIZE_1G, SIZE_2M};
@@ -158,5 +158,33 @@ pub fn permissions() -> TestResult {
     check_ok!(paging::unmap_page(v));
     check_ok!(frames::free_frame(frame));
     check_ok!(result);
+    Ok(())
+}
+
+/// The hardware honours NX: a fetch from a no-execute page faults with the
+/// instruction-fetch bit set, and the same code runs once the page is
+/// executable (read-only, so W^X still holds).
+pub fn no_execute() -> TestResult {
+    let v = SCRATCH_START + 0x4000;
+    let frame = check_ok!(frames::alloc_zeroed_frame());
+    // SAFETY: a frame we own, through the direct map: a lone `ret`.
+    unsafe { (phys_to_virt(frame) as *mut u8).write_volatile(0xC3) };
+    check_ok!(paging::map_page(v, frame, PageSize::Size4K, PageFlags::NO_EXECUTE));
+    // SAFETY: the page holds only `ret`.
+    let nx = unsafe { probe_exec(v) };
+    let verdict = match nx {
+        Ok(()) => Err("executed from a no-execute page"),
+        Err(f) if f.vector == 14 && f.addr == v && PageFaultError(f.error).instruction_fetch()
+            && PageFaultError(f.error).protection() => Ok(()),
+        Err(_) => Err("wrong fault for a fetch from a no-execute page"),
+    };
+    check_ok!(paging::unmap_page(v));
+    check_ok!(verdict);
+    check_ok!(paging::map_page(v, frame, PageSize::Size4K, PageFlags::empty()));
+    // SAFETY: as above; now executable.
+    let x = unsafe { probe_exec(v) };
+    check_ok!(paging::unmap_page(v));
+    check_ok!(frames::free_frame(frame));
+    check!(x.is_ok(), "fetch from an executable page faulted: {:?}", x);
     Ok(())
 }
