@@ -162,6 +162,8 @@ pub fn exhaustion_returns_null() -> TestResult {
 /// to the list flushes it back.
 pub fn fast_path_reuses() -> TestResult {
     let old = heap::mode();
+    // Start from empty caches whatever ran before (List mode flushes them).
+    heap::set_mode(heap::Mode::List);
     heap::set_mode(heap::Mode::Fast);
     let l = Layout::from_size_align(40, 8).unwrap();
     // SAFETY: non-zero layouts, freed below.
