@@ -260,6 +260,8 @@ pub fn send_inspect() {
             .kv_hex("heap_free_head", heap.free_head)
             .kv_hex("demand_start", memory::layout::DEMAND_START)
             .kv_hex("demand_size", memory::layout::DEMAND_SIZE)
+            .kv_hex("scratch_start", memory::layout::SCRATCH_START)
+            .kv_hex("scratch_size", memory::layout::SCRATCH_SIZE)
             .kv_hex("stacks", memory::layout::STACKS_START)
             .kv_hex("stack_slot", memory::layout::STACK_SLOT)
             .kv("stack_slots", memory::layout::STACK_SLOTS)

@@ -165,6 +165,9 @@ def label_ranges(facts: GuestFacts) -> list[tuple[int, int, str]]:
         lo, hi = facts.inspect_int(f"stack{i}_base"), facts.inspect_int(f"stack{i}_top")
         if lo is not None and hi is not None:
             out.append((lo, hi, f"stack (task {facts.inspect.get(f'stack{i}_task', '?')})"))
+    scratch, scratch_size = facts.inspect_int("scratch_start"), facts.inspect_int("scratch_size")
+    if scratch is not None and scratch_size:
+        out.append((scratch, scratch + scratch_size, "scratch (tests, workload)"))
     demand_lo, demand_hi = facts.inspect_int("demand_start"), facts.inspect_int("demand_end")
     if demand_lo is not None and demand_hi is not None:
         out.append((demand_lo, demand_hi, "demand-paged region"))
