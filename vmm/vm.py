@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 from . import exits as X
 from .abi import COM1_BASE, COM1_SIZE, EXIT_PORT, EXIT_PORT_SIZE, REPORT_PORT, REPORT_PORT_SIZE, ExitCode
-from .abi import Backend, ReportKind
+from .abi import Backend, BootInfo, ReportKind
+from .layout import BOOT_INFO_PHYS
 from .backend import BackendInfo, detect_backend, host_has_1g_pages
 from .boot import BootLayout, choose_slide, prepare_guest
 from .cpu import decode_bits, entry_regs, long_mode_sregs
@@ -211,18 +212,11 @@ class Vm:
         t = time.perf_counter_ns
         t0 = t()
         try:
-            self.kvm = Kvm()
-            self.vm = self.kvm.create_vm()
-            t1 = t()
+            # Guest RAM is prepared before the VM exists: once KVM_CREATE_VM
+            # has attached KVM's MMU notifier to this process, every first
+            # touch of a fresh page costs noticeably more.
             self.memory = GuestMemory(config.memory, shared=config.shared_memory)
-            t2 = t()
-            self.vcpu = self.vm.create_vcpu(0)
-            self.vcpu.set_cpuid2(_supported_cpuid(self.kvm))
-            try:
-                tsc_khz = self.vcpu.get_tsc_khz()
-            except KvmError:
-                tsc_khz = 0
-            t3 = t()
+            t1 = t()
             self.slide = choose_slide(image, config.slide)
             if config.use_1g is None:
                 # On KVM-PVM a 1 GiB page in the boot tables does not translate
@@ -237,13 +231,22 @@ class Vm:
                 slide=self.slide,
                 cmdline=config.cmdline,
                 backend=int(self.backend.backend),
-                tsc_khz=tsc_khz,
+                tsc_khz=0,  # known once the vCPU exists; patched below
                 use_1g=use_1g,
                 fresh_memory=True,  # a new memfd: every page reads as zero
             )
+            t2 = t()
+            self.kvm = Kvm()
+            self.vm = self.kvm.create_vm()
+            t3 = t()
+            self.vcpu = self.vm.create_vcpu(0)
+            self.vcpu.set_cpuid2(_supported_cpuid(self.kvm))
+            try:
+                tsc_khz = self.vcpu.get_tsc_khz()
+            except KvmError:
+                tsc_khz = 0
+            self.memory.write_u64(BOOT_INFO_PHYS + BootInfo.tsc_khz.offset, tsc_khz)
             t4 = t()
-            # Slots last: the host's first touches of fresh pages (kernel, tables) are
-            # cheaper before KVM tracks them.
             self.protected = protected_ranges(image) if config.protect_kernel else []
             if self.protected and not self.vm.check_extension(KVM_CAP_READONLY_MEM):
                 self.protected = []
@@ -264,10 +267,10 @@ class Vm:
         self.tsc_khz = tsc_khz
         self.symbolizer: Symbolizer = image.symbolizer(self.slide)
         self.timings_ms = {
-            "kvm_create_vm": (t1 - t0) / 1e6,
-            "guest_memory": (t2 - t1) / 1e6,
-            "vcpu_create": (t3 - t2) / 1e6,
+            "guest_memory": (t1 - t0) / 1e6,
             **self.layout.timings_ms,
+            "kvm_create_vm": (t3 - t2) / 1e6,
+            "vcpu_create": (t4 - t3) / 1e6,
             "memory_slots": (t4b - t4) / 1e6,
             "vcpu_state": (t5 - t4b) / 1e6,
             "setup_total": (t5 - t0) / 1e6,

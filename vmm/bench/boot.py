@@ -137,7 +137,7 @@ def section_from(samples: dict, memory: int = BOOT_RAM) -> Section:
                 baseline_label="bare python3, same measure")
         sec.add("proc_imports", "imports (vmm, mm, numpy)", s(proc, "proc_imports"), indent=1)
         sec.add("proc_kernel_load", "kernel ELF read + parse", s(proc, "proc_kernel_load"), indent=1)
-    sec.add("setup_total", "host setup: KVM_CREATE_VM -> first guest instruction", s(vm, "setup_total"))
+    sec.add("setup_total", "host setup: all of it (RAM, boot data, KVM_CREATE_VM, vCPU, slots) -> first guest instruction", s(vm, "setup_total"))
     known = [k for k, _ in VM_STEPS]
     steps = VM_STEPS + [(k, k.replace("_", " ")) for k in vm if k not in known and k not in NOT_STEPS]
     for key, label in steps:

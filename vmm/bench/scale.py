@@ -61,7 +61,7 @@ def measure(kernel_path: str, runs: int, sizes: list[int] = SIZES) -> dict:
 
 
 ROWS = [
-    ("setup_total", "host setup (KVM_CREATE_VM -> first instruction)", "ms", 1),
+    ("setup_total", "host setup (all steps -> first instruction)", "ms", 1),
     ("page_tables", "page tables", "ms", 2),
     ("to_ready", "first instruction -> READY", "ms", 1),
     ("touched_mib", "guest RAM touched", "MiB", 1),
