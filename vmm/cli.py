@@ -321,6 +321,13 @@ def cmd_run(args) -> int:
         say(f"{result.message} (exit code {result.exit_code}, {result.timings_ms['run']:.1f} ms, {result.exits} exits)")
         for err in result.report_errors[:5]:
             say(f"bad report: {err}")
+        fault = result.fault
+        if fault is not None:
+            say(
+                f"guest fault ({fault.get('kind', '?')}): {fault.get('name') or ''} at {fault.get('rip_symbol') or fault.get('rip')}"
+                f", address {fault.get('addr', '?')}, error {fault.get('error', '?')} ({fault.get('error_bits', '')})"
+                + (f", task {fault['task_name'] if 'task_name' in fault else fault.get('task')}" if "task" in fault else "")
+            )
         if result.registers is not None and not args.quiet:
             print(f"  RIP: {result.rip_symbol}", file=sys.stderr)
             print(_indent(Vm.format_registers(result.registers)), file=sys.stderr)

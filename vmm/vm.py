@@ -71,6 +71,7 @@ class RunResult:
     exits: int
     registers: dict[str, int] | None = None
     rip_symbol: str | None = None
+    fault_rip_symbol: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -78,6 +79,17 @@ class RunResult:
 
     def reports_of(self, kind: ReportKind) -> list[Report]:
         return [r for r in self.reports if r.kind == kind]
+
+    @property
+    def fault(self) -> dict | None:
+        """The guest's own FAULT report (the last one), its RIP symbolized."""
+        faults = self.reports_of(ReportKind.FAULT)
+        if not faults:
+            return None
+        out = dict(faults[-1].fields)
+        if self.fault_rip_symbol:
+            out["rip_symbol"] = self.fault_rip_symbol
+        return out
 
     def to_json(self) -> dict:
         return {
@@ -94,6 +106,7 @@ class RunResult:
             "report_errors": self.report_errors,
             "registers": self.registers,
             "rip_symbol": self.rip_symbol,
+            "fault": self.fault,
         }
 
 
@@ -496,7 +509,12 @@ class Vm:
                 rip_symbol = self.symbolizer.format(registers["rip"])
             except KvmError:
                 pass
+        fault_sym = None
+        faults = [r for r in self.reports.reports if r.kind == ReportKind.FAULT]
+        if faults and faults[-1].int("rip") is not None:
+            fault_sym = self.symbolizer.format(faults[-1].int("rip"))
         return RunResult(
+            fault_rip_symbol=fault_sym,
             exit_code=int(stop.exit_code),
             stop_reason=stop.reason,
             message=message,

@@ -79,3 +79,16 @@ def test_cli_exit_code_is_guests(guest_kernel_path):
     )
     assert proc.returncode == ExitCode.PANIC
     assert "PANIC" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_guest_fault_is_symbolized(boot):
+    r = boot("scenario=pagefault")
+    assert r.exit_code == ExitCode.GUEST_FAULT
+    assert r.fault is not None and r.fault["addr"] == "0xdeadb000"
+    assert "kernel::scenario_page_fault" in r.fault["rip_symbol"]
+
+
+def test_stack_overflow_names_the_task(boot):
+    r = boot("scenario=stackoverflow")
+    assert r.exit_code == ExitCode.STACK_OVERFLOW
+    assert r.fault["kind"] == "stack_overflow" and "recurse" in r.fault["rip_symbol"]
