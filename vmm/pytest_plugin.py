@@ -182,11 +182,17 @@ class GuestRun:
         tail = self.serial.splitlines()[-SERIAL_TAIL_LINES:]
         lines.append(f"--- serial (last {len(tail)} lines) ---")
         lines += tail
-        if r.registers is not None:
-            lines.append(f"--- registers (RIP {r.rip_symbol}) ---")
-            lines.append(Vm.format_registers(r.registers))
-        for fault in (x for x in r.reports if x.kind_name == "FAULT"):
-            lines.append(f"fault report: {fault.fields}")
+        registers, rip = r.registers, r.rip_symbol
+        if registers is None and self.vm is not None and self.vm.vcpu is not None:
+            # A clean exit: the vCPU's final state still says where it stopped.
+            registers = self.vm.register_dump()
+            rip = self.vm.symbolizer.format(registers["rip"])
+        if registers is not None:
+            lines.append(f"--- registers at the stop (RIP {rip}) ---")
+            lines.append(Vm.format_registers(registers))
+        if r.fault is not None:
+            lines.append(f"--- guest fault report (RIP {r.fault.get('rip_symbol', '?')}) ---")
+            lines.append(", ".join(f"{k}={v}" for k, v in r.fault.items()))
         return "\n".join(lines)
 
 
@@ -300,7 +306,8 @@ class GuestTestFailure(Exception):
     def __init__(self, summary: str, run: GuestRun | None):
         super().__init__(summary)
         self.summary = summary
-        self.run = run
+        # Described now, while the VM (and its vCPU state) still exists.
+        self.details = run.describe() if run is not None else ""
 
 
 class GuestTestItem(pytest.Item):
@@ -340,7 +347,7 @@ class GuestTestItem(pytest.Item):
     def repr_failure(self, excinfo):
         if isinstance(excinfo.value, GuestTestFailure):
             exc = excinfo.value
-            return exc.summary + ("\n" + exc.run.describe() if exc.run is not None else "")
+            return exc.summary + ("\n" + exc.details if exc.details else "")
         return super().repr_failure(excinfo)
 
     def reportinfo(self):

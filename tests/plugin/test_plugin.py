@@ -44,3 +44,27 @@ def test_vmm_boot_fixture(pytester, kernel_opt):
     )
     result = pytester.runpytest_subprocess("-p", "vmm.pytest_plugin", kernel_opt, "-q")
     result.assert_outcomes(passed=1)
+
+
+def test_failure_report_shows_serial_registers_and_symbol(pytester, kernel_opt):
+    """A guest that stops before reporting its test: the failure carries the
+    stop reason, the serial tail, the registers and the symbolized RIP."""
+    # The listing boot is normal; the test's own boot halts (scenario=hlt).
+    pytester.makefile(".ktest", kernel="memory = 32M\nselect = frames::alloc_free_single\n")
+    pytester.makeconftest(
+        """
+        import vmm.pytest_plugin as P
+        _orig = P.boot_guest
+        def boot_guest(image, *, cmdline="", **kw):
+            if "tests=frames::alloc_free_single" in cmdline and "tests=list" not in cmdline:
+                cmdline = "scenario=hlt " + cmdline
+            return _orig(image, cmdline=cmdline, **kw)
+        P.boot_guest = boot_guest
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "vmm.pytest_plugin", kernel_opt, "-q")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "stopped before reporting this test" in out
+    assert "guest stopped: halted" in out and "--- serial" in out
+    assert "registers at the stop (RIP" in out and "kernel::" in out
