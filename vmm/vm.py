@@ -220,6 +220,7 @@ class Vm:
         self._pause_requested = False
         self._paused = threading.Event()
         self._resume = threading.Event()
+        self._unparked = threading.Event()
         self.running = False
         self._vcpu_thread: int | None = None
         t = time.perf_counter_ns
@@ -342,6 +343,7 @@ class Vm:
             yield False
             return
         self._resume.clear()
+        self._unparked.clear()
         self._pause_requested = True
         self._kick_vcpu()
         parked = self._paused.wait(timeout)
@@ -350,6 +352,11 @@ class Vm:
         finally:
             self._pause_requested = False
             self._resume.set()
+            if parked:
+                # Block (GIL released) until the vCPU thread is back on its
+                # way into KVM_RUN; otherwise it could wait for the GIL for a
+                # whole switch interval (5 ms) while this thread runs Python.
+                self._unparked.wait(0.05)
 
     def _report(self, report: Report) -> Stop | None:
         if report.kind == ReportKind.READY and self._ready_ns is None:
@@ -451,6 +458,7 @@ class Vm:
                         self._paused.set()
                         self._resume.wait()
                         self._paused.clear()
+                        self._unparked.set()
                     continue
                 except KeyboardInterrupt:
                     stop = Stop(130, "interrupted", "interrupted by the user (Ctrl-C)")

@@ -17,6 +17,7 @@ import numpy as np
 
 from mm.findings import Finding, WalkReport
 from mm.flags import PteFlags
+from mm.physmem import read_tables
 from mm.walker import Run, RunArrays, walk_arrays
 
 from ..cpu import EFER_NXE
@@ -79,20 +80,65 @@ def take_snapshot(target: Target, *, facts: GuestFacts | None = None, max_tables
     return snap
 
 
+class _RecordingMemory:
+    """Physical memory that remembers every page-table frame the walker read.
+
+    A walk is a pure function of CR3 and the table frames it reads, so if
+    every one of those frames still holds the same bytes later, the walk is
+    exactly what a walk at that later moment would give.
+    """
+
+    def __init__(self, mem):
+        self.mem = mem
+        self.size = mem.size
+        self.base = getattr(mem, "base", 0)
+        self.seen: list[tuple[np.ndarray, np.ndarray]] = []  # (paddrs, rows as read)
+
+    def read_tables(self, paddrs: np.ndarray) -> np.ndarray:
+        rows = read_tables(self.mem, paddrs)
+        self.seen.append((np.asarray(paddrs, dtype=np.uint64).copy(), rows.copy()))
+        return rows
+
+    def read_table(self, paddr: int) -> np.ndarray:
+        return self.read_tables(np.array([paddr], dtype=np.uint64))[0]
+
+    def __getattr__(self, name):
+        return getattr(self.mem, name)
+
+    def unchanged(self) -> bool:
+        return all(np.array_equal(read_tables(self.mem, p), rows) for p, rows in self.seen)
+
+
 def _take_snapshot_once(target: Target, facts: GuestFacts, max_tables: int) -> Snapshot:
+    """Walk while the guest runs, then park it and check that every table the
+    walk read is unchanged (cheap: a few KiB compared). Only if something
+    changed, or CR3 did, is the walk redone with the vCPU parked. The pause
+    thus costs a table comparison instead of a walk."""
     _warm_up(target.physmem)
-    report = WalkReport()
+    guess_cr3 = getattr(target, "_last_cr3", None)
+    nxe = getattr(target, "_last_nxe", True)
+    optimistic = None
+    if guess_cr3 is not None:
+        rec = _RecordingMemory(target.physmem)
+        pre_report = WalkReport()
+        try:
+            pre_runs = walk_arrays(rec, guess_cr3, report=pre_report, max_tables=max_tables, nxe=nxe)
+            optimistic = (rec, pre_report, pre_runs)
+        except Exception:  # a torn read of a table being rewritten: walk parked instead
+            optimistic = None
     t0 = time.perf_counter_ns()
     with target.paused() as parked:
         t1 = time.perf_counter_ns()
         regs = target.control_registers()
-        runs = walk_arrays(
-            target.physmem,
-            regs.root,
-            report=report,
-            max_tables=max_tables,
-            nxe=bool(regs.efer & EFER_NXE),
+        nxe_now = bool(regs.efer & EFER_NXE)
+        validated = (
+            optimistic is not None and parked and regs.root == guess_cr3 and nxe_now == nxe and optimistic[0].unchanged()
         )
+        if validated:
+            _, report, runs = optimistic
+        else:
+            report = WalkReport()
+            runs = walk_arrays(target.physmem, regs.root, report=report, max_tables=max_tables, nxe=nxe_now)
         block = _read_block(target.physmem, facts)
         if block is not None:  # live values override the INSPECT report's boot-time ones
             facts = dataclasses.replace(facts, inspect={**facts.inspect, **block.as_inspect_fields()})
@@ -101,6 +147,10 @@ def _take_snapshot_once(target: Target, facts: GuestFacts, max_tables: int) -> S
         heap = _walk_heap(target.physmem, runs, facts)
         t2 = time.perf_counter_ns()
     t3 = time.perf_counter_ns()
+    try:
+        target._last_cr3, target._last_nxe = regs.root, nxe_now
+    except AttributeError:
+        pass
     return Snapshot(
         taken_at=time.time(),
         registers=regs,
@@ -112,7 +162,7 @@ def _take_snapshot_once(target: Target, facts: GuestFacts, max_tables: int) -> S
         walk_ms=(t2 - t1) / 1e6,
         facts=facts,
         parked=bool(parked),
-        extra={"inspect_block": block, "bitmap_raw": bitmap_raw, "heap": heap},
+        extra={"inspect_block": block, "bitmap_raw": bitmap_raw, "heap": heap, "validated_walk": validated},
     )
 
 
