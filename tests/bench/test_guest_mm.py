@@ -122,3 +122,15 @@ def test_growth_section_compares_each_length_with_the_shortest():
 
 def test_no_growth_section_without_free_list_lengths():
     assert G.growth_section([G.decode(bench("alloc_free_64"))], 2_600_000, {}) is None
+
+
+def test_cpl_agreement_messages():
+    from vmm.bench.guest_mm import GuestBench, cpl_agreement
+
+    def b(cpl, median, name="alloc_free_64"):
+        return GuestBench(name, "small_alloc", cpl, 64, 64, "fast", {"median": median})
+
+    assert "emulated" in cpl_agreement([b(0, 100000.0), b(3, 30.0)], "PVM")
+    assert "agree within 25 %" in cpl_agreement([b(0, 31.0), b(3, 30.0)], "VMX")
+    assert "disagree" in cpl_agreement([b(0, 90.0), b(3, 30.0)], "SVM")
+    assert cpl_agreement([b(3, 30.0)], "VMX") == ""

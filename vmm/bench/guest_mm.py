@@ -292,6 +292,30 @@ def boot_benchmarks(image, cmdline: str, timeout: float, backend=None) -> tuple[
     return benches, tsc_khz, problem
 
 
+def cpl_agreement(benches: list[GuestBench], backend: str) -> str:
+    """Compare each benchmark measured at both CPL0 and CPL3 (pure).
+
+    On VMX/SVM both run natively, so the two should agree; on KVM-PVM CPL0 is
+    emulated and the CPL3 figures are the hardware-speed ones. Says which.
+    """
+    pairs: dict[tuple, dict[int, float]] = {}
+    for b in benches:
+        if b.cpl in (0, 3) and b.figure.get("median"):
+            key = (b.name, b.impl, b.size, b.freelist_len)
+            pairs.setdefault(key, {})[b.cpl] = b.figure["median"]
+    ratios = {k: v[0] / v[3] for k, v in pairs.items() if 0 in v and 3 in v and v[3] > 0}
+    if not ratios:
+        return ""
+    lo, hi = min(ratios.values()), max(ratios.values())
+    if backend == "PVM":
+        return (f"CPL0 is emulated on this KVM-PVM host: CPL0 figures are x{lo:,.0f}-x{hi:,.0f} the CPL3 ones "
+                f"({len(ratios)} benchmarks run both ways); the CPL3 rows show hardware speed")
+    off = sorted((k[0] for k, r in ratios.items() if not 0.75 <= r <= 1.33))
+    if not off:
+        return f"CPL0 and CPL3 agree within 25 % on all {len(ratios)} benchmarks run both ways ({backend})"
+    return f"CPL0 and CPL3 disagree by more than 25 % on {', '.join(off)} ({backend}): look into it"
+
+
 def run(image, runs: int, *, quick: bool, cmdline: str = "bench=all", timeout: float = 300.0,
         backend=None) -> list[Section]:
     all_runs, problems, tsc_khz = [], [], 0.0
@@ -306,7 +330,8 @@ def run(image, runs: int, *, quick: bool, cmdline: str = "bench=all", timeout: f
     requests = baseline_requests(merged) if merged else {
         ("malloc", SMALL_DEFAULT, 0), ("malloc", LARGE_DEFAULT, 0), ("fault",), ("map",)}
     baselines, err = measure_baselines(requests, quick)
-    msgs = [m for m in (problems[0] if problems else "", err) if m]
+    agreement = cpl_agreement(merged, getattr(backend, "name", "UNKNOWN")) if merged else ""
+    msgs = [m for m in (problems[0] if problems else "", err, agreement) if m]
     if not merged:
         msgs.insert(0, NO_BENCHMARKS)
     main = section_from(merged, tsc_khz, baselines, message="; ".join(msgs),
