@@ -94,3 +94,41 @@ def test_exit_union_members_sit_at_offset_32():
 def test_flexible_array_helpers():
     assert C.sizeof(K.kvm_cpuid2_with(3)) == 8 + 3 * 40
     assert C.sizeof(K.kvm_msrs_with(2)) == 8 + 2 * 16
+
+
+def test_mirrors_match_the_installed_header(tmp_path):
+    """Compile a probe against <linux/kvm.h> and compare every size and offset
+    pinned above with what the C compiler says (skips without gcc or header)."""
+    import os
+    import shutil
+    import subprocess
+
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None or not os.path.exists("/usr/include/linux/kvm.h"):
+        pytest.skip("no C compiler or no <linux/kvm.h> to compare with")
+    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>", "int main(void) {"]
+    for name in SIZES:
+        lines.append(f'printf("size {name} %zu\\n", sizeof(struct {name}));')
+    for struct, field, _ in OFFSETS:
+        member = "u" if field == "u" else field
+        if struct == "kvm_run" and field == "u":
+            lines.append('printf("off kvm_run u %zu\\n", offsetof(struct kvm_run, io));')
+        else:
+            lines.append(f'printf("off {struct} {field} %zu\\n", offsetof(struct {struct}, {member}));')
+    for name in IOCTLS:
+        lines.append(f'printf("ioctl {name} %lu\\n", (unsigned long){name});')
+    lines.append("return 0; }")
+    src = tmp_path / "probe.c"
+    src.write_text("\n".join(lines))
+    exe = tmp_path / "probe"
+    subprocess.run([gcc, "-o", str(exe), str(src)], check=True, capture_output=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        kind, *key, value = line.split()
+        value = int(value)
+        if kind == "size":
+            assert C.sizeof(getattr(K, key[0])) == value, line
+        elif kind == "off":
+            assert getattr(getattr(K, key[0]), key[1]).offset == value, line
+        else:
+            assert getattr(K, key[0]) == value, line
