@@ -26,6 +26,7 @@ from mm.addr import PageSize
 from mm.flags import PteFlags
 from mm.frames import BumpFrameAllocator
 from mm.mapper import Mapper
+from mm.physmem import BufferMemory
 from mm.memmap import MemoryMap, MemoryType
 
 from . import gdt
@@ -160,43 +161,66 @@ def choose_slide(image: KernelImage, requested: int | None = None, rng: random.R
 
 
 # --- kernel image --------------------------------------------------------------------
-def _segment_relocations(image: KernelImage) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per segment: (byte offsets, addends) of its RELATIVE relocations, cached on the image."""
-    cached = getattr(image, "_reloc_by_segment", None)
-    if cached is None:
-        cached = []
-        for seg in image.segments:
-            picked = [(r - seg.vaddr, a) for r, a in image.relocations if seg.vaddr <= r and r + 8 <= seg.vaddr + seg.memsz]
-            offs = np.array([o for o, _ in picked], dtype=np.int64)
-            adds = np.array([a for _, a in picked], dtype=np.uint64)
-            cached.append((offs, adds))
-        image._reloc_by_segment = cached
-    return cached
+@dataclass
+class _SegmentPlan:
+    """How to load one segment fast: its bytes up to the last relocated word,
+    and where the relocations go (computed once per image)."""
+
+    written: int  # bytes to write (file size, or up to the last relocation)
+    base: np.ndarray | None  # uint8 copy of those bytes (None: no relocations)
+    word_index: np.ndarray | None  # u64 index of each RELATIVE target (8-aligned case)
+    byte_index: np.ndarray | None  # (n, 8) byte indices (unaligned fallback)
+    addends: np.ndarray | None
+
+
+def _segment_plans(image: KernelImage) -> list[_SegmentPlan]:
+    cached = getattr(image, "_load_plans", None)
+    if cached is not None:
+        return cached
+    plans = []
+    for seg in image.segments:
+        picked = [(r - seg.vaddr, a) for r, a in image.relocations if seg.vaddr <= r and r + 8 <= seg.vaddr + seg.memsz]
+        if not picked:
+            plans.append(_SegmentPlan(seg.filesz, None, None, None, None))
+            continue
+        offs = np.array([o for o, _ in picked], dtype=np.int64)
+        adds = np.array([a for _, a in picked], dtype=np.uint64)
+        written = max(seg.filesz, int(offs.max()) + 8)
+        size = (written + 7) // 8 * 8
+        base = np.zeros(size, dtype=np.uint8)
+        base[: seg.filesz] = np.frombuffer(image.data, dtype=np.uint8, count=seg.filesz, offset=seg.offset)
+        if not (offs % 8).any():
+            plans.append(_SegmentPlan(written, base, offs // 8, None, adds))
+        else:
+            plans.append(_SegmentPlan(written, base, None, offs[:, None] + np.arange(8)[None, :], adds))
+    image._load_plans = plans
+    return plans
 
 
 def load_kernel(memory: GuestMemory, image: KernelImage, slide: int, *, fresh_memory: bool = False) -> None:
     """Copy PT_LOAD segments to their physical addresses and apply relocations.
 
-    Each segment's initialised part is relocated in a host buffer (vectorised
-    with numpy) and written in one copy. The zero-filled tail (.bss) is only
-    written when ``fresh_memory`` is false: fresh guest RAM already reads as
-    zero, and not touching it saves the host a page fault per page.
+    Segments without relocations are written straight from the file image;
+    the others from a per-image template with every R_X86_64_RELATIVE word
+    set in one vectorised store. The zero-filled tail (.bss) is only written
+    when ``fresh_memory`` is false: fresh guest RAM already reads as zero.
     """
     check_kernel_fits(image, memory.size)
-    for seg, (offs, adds) in zip(image.segments, _segment_relocations(image)):
-        if offs.size == 0:
-            memory.write(seg.paddr, image.data[seg.offset : seg.offset + seg.filesz])
-            written = seg.filesz
+    data = memoryview(image.data)
+    for seg, plan in zip(image.segments, _segment_plans(image)):
+        if plan.base is None:
+            memory.write(seg.paddr, data[seg.offset : seg.offset + seg.filesz])
         else:
-            written = max(seg.filesz, int(offs.max()) + 8)
-            buf = np.zeros(written, dtype=np.uint8)
-            buf[: seg.filesz] = np.frombuffer(image.data, dtype=np.uint8, count=seg.filesz, offset=seg.offset)
+            buf = plan.base.copy()
             # R_X86_64_RELATIVE: the word becomes B + A, B being the load bias (the slide).
-            values = (adds + np.uint64(slide)).astype("<u8").view(np.uint8).reshape(-1, 8)
-            buf[offs[:, None] + np.arange(8)[None, :]] = values
-            memory.write(seg.paddr, buf.tobytes())
-        if seg.memsz > written and not fresh_memory:
-            memory.zero(seg.paddr + written, seg.memsz - written)
+            values = plan.addends + np.uint64(slide)
+            if plan.word_index is not None:
+                buf.view("<u8")[plan.word_index] = values
+            else:
+                buf[plan.byte_index] = values.astype("<u8").view(np.uint8).reshape(-1, 8)
+            memory.write(seg.paddr, memoryview(buf)[: plan.written])
+        if seg.memsz > plan.written and not fresh_memory:
+            memory.zero(seg.paddr + plan.written, seg.memsz - plan.written)
 
 
 def segment_flags(seg: Segment) -> PteFlags:
@@ -232,18 +256,39 @@ def _map_direct(mapper: Mapper, ram_size: int, use_1g: bool) -> None:
 
 
 _DIRECT_MAP_CACHE: dict[tuple[int, bool], tuple[bytes, int, int]] = {}
+_POOL_SIZE = PT_POOL_END - PT_POOL_START
 
 
-def _direct_map_template(memory: GuestMemory, use_1g: bool) -> tuple[bytes, int, int]:
+def _pool_memory(initial: bytes = b"", spare_frames: int | None = None) -> tuple[bytearray, BufferMemory]:
+    """A host-side scratch copy of (the start of) the page-table pool,
+    addressed like guest RAM: ``initial`` plus ``spare_frames`` free frames."""
+    size = _POOL_SIZE if spare_frames is None else min(_POOL_SIZE, len(initial) + spare_frames * PAGE_SIZE)
+    scratch = bytearray(initial)
+    scratch.extend(bytes(size - len(initial)))
+    return scratch, BufferMemory(scratch, base=PT_POOL_START)
+
+
+def _kernel_table_frames(image: KernelImage | None) -> int:
+    """An upper bound on the tables the kernel's mappings add (PDPT, PD,
+    one PT per 2 MiB spanned, plus one for a boundary crossing)."""
+    if image is None:
+        return 0
+    span = image.vaddr_end - image.vaddr_start
+    return 3 + (span + (2 << 20) - 1) // (2 << 20) + 1
+
+
+def _direct_map_template(ram_size: int, use_1g: bool) -> tuple[bytes, int, int]:
     """The page-table pool holding just the direct map, built once per RAM size:
     (pool bytes up to the first free frame, root, first free frame)."""
-    key = (memory.size, use_1g)
+    key = (ram_size, use_1g)
     hit = _DIRECT_MAP_CACHE.get(key)
     if hit is None:
+        scratch, pool = _pool_memory()
         frames = BumpFrameAllocator(PT_POOL_START, PT_POOL_END)
-        mapper = Mapper.new(memory.physmem, frames, forbid_wx=True)
-        _map_direct(mapper, memory.size, use_1g)
-        hit = (memory.read(PT_POOL_START, frames.next - PT_POOL_START), mapper.root, frames.next)
+        mapper = Mapper.new(pool, frames, forbid_wx=True)
+        _map_direct(mapper, ram_size, use_1g)
+        hit = (bytes(scratch[: frames.next - PT_POOL_START]), mapper.root, frames.next)
+        pool.close()
         if len(_DIRECT_MAP_CACHE) > 16:
             _DIRECT_MAP_CACHE.clear()
         _DIRECT_MAP_CACHE[key] = hit
@@ -251,16 +296,23 @@ def _direct_map_template(memory: GuestMemory, use_1g: bool) -> tuple[bytes, int,
 
 
 def build_page_tables(memory: GuestMemory, image: KernelImage | None, slide: int, use_1g: bool) -> PageTables:
-    template, root, first_free = _direct_map_template(memory, use_1g)
-    memory.write(PT_POOL_START, template)  # a no-op rewrite when the template was just built here
-    frames = BumpFrameAllocator(first_free, PT_POOL_END)
+    """Direct map (from a per-RAM-size template) plus the kernel's segments.
+
+    The tables are assembled in a host buffer that stands for the pool (every
+    table frame comes from it), then written to guest RAM in one copy.
+    """
+    template, root, first_free = _direct_map_template(memory.size, use_1g)
+    scratch, pool = _pool_memory(template, _kernel_table_frames(image))
+    frames = BumpFrameAllocator(first_free, PT_POOL_START + len(scratch))
     frames.allocated = [PT_POOL_START + i * PAGE_SIZE for i in range((first_free - PT_POOL_START) // PAGE_SIZE)]
-    mapper = Mapper(memory.physmem, root, frames, forbid_wx=True)
+    mapper = Mapper(pool, root, frames, forbid_wx=True)
     if image is not None:
         for seg in image.segments:
             vstart = _page_down(seg.vaddr) + slide
             pstart, pend = segment_phys_range(seg)
             mapper.map_range(vstart, pstart, pend - pstart, segment_flags(seg), PageSize.SIZE_4K)
+    pool.close()
+    memory.write(PT_POOL_START, memoryview(scratch)[: frames.next - PT_POOL_START])
     return PageTables(mapper.root, len(frames.allocated), frames.next, use_1g)
 
 
