@@ -258,11 +258,11 @@ def cmd_run(args) -> int:
     stream = sys.stderr.buffer if args.json else sys.stdout.buffer
     tail = None
     console = None
-    if args.inspect:
+    if args.inspect and sys.stdout.isatty():
         from .inspector.live import ConsoleTail
 
         tail = ConsoleTail()
-        console = tail.feed
+        console = tail.feed  # shown inside the live view
     elif not args.quiet:
         def console(data: bytes) -> None:
             stream.write(data)

@@ -106,3 +106,16 @@ def test_cli_pt_pictures(guest_kernel_path, tmp_path):
         w, h = struct.unpack(">II", data[16:24])
         if size:
             assert (w, h) == size
+
+
+def test_cli_run_inspect_without_a_terminal(guest_kernel_path):
+    """Piped output: the console as usual plus one inspector summary line a second."""
+    proc = subprocess.run(
+        [sys.executable, "vmm.py", "run", "--kernel", str(guest_kernel_path), "--inspect",
+         "-c", "workload=mm workload_ms=1200"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "kernel: READY" in out and "inspect: refresh" in out
+    assert "0 audit errors" in out

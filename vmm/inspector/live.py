@@ -42,6 +42,19 @@ class ConsoleTail:
         return Text(body)
 
 
+class _NoLive:
+    """Stands in for rich.live.Live when the output is not a terminal."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, renderable, refresh: bool = False) -> None:
+        pass
+
+
 def live_view(
     target,
     *,
@@ -64,7 +77,7 @@ def live_view(
         from .dirty import DirtyTracker
 
         dirty = DirtyTracker(target.dirty_pages, target.facts().memmap)
-    with Live(console=console, auto_refresh=False, transient=False) as live:
+    with Live(console=console, auto_refresh=False, transient=False) if console.is_terminal else _NoLive() as live:
         while not stop.is_set() and is_running():
             t0 = time.perf_counter()
             if poll_serial is not None:
@@ -94,6 +107,11 @@ def live_view(
                 parts.append(Text(f"dirty pages: {d.pages} in {d.interval_s * 1e3:.0f} ms "
                                   f"({d.pages_per_s:.0f} pages/s) {regions}", style="magenta"))
             parts.append(view.render(max_rows=max_rows))
-            live.update(Group(*parts), refresh=True)
+            if console.is_terminal:
+                live.update(Group(*parts), refresh=True)
+            elif refreshes % max(1, round(hz)) == 1 or hz < 1:
+                # Not a terminal (a pipe, a log): one summary line a second, not a redraw per refresh.
+                s = view.summary_line()
+                console.print(f"inspect: refresh {refreshes}: {s}; {total_changes} mapping changes so far", soft_wrap=True)
             stop.wait(max(0.0, 1.0 / hz - (time.perf_counter() - t0)))
     return {"refreshes": refreshes, "changes": total_changes, "refresh_ms": refresh_ms}

@@ -111,6 +111,18 @@ class Inspection:
             out["diff"] = {"summary": summarize(self.changes), "changes": [c.to_json() for c in self.changes[:2000]]}
         return out
 
+    def summary_line(self) -> str:
+        s = self.snapshot
+        errors = sum(1 for f in self.findings if f.severity == Severity.ERROR)
+        parts = [f"{len(s.runs)} runs", f"pause {s.pause_ms:.2f} ms", f"{errors} audit errors"]
+        if self.changes is not None:
+            parts.append(f"{len(self.changes)} changes")
+        if self.physical is not None:
+            parts.append(f"{self.physical.allocated} frames allocated")
+        if self.heap is not None:
+            parts.append(f"heap {len(self.heap.blocks)} free blocks")
+        return ", ".join(parts)
+
     # --- rich --------------------------------------------------------------------------------
     def render(self, max_rows: int = 40) -> Group:
         s = self.snapshot
