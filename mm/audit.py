@@ -21,6 +21,7 @@ __all__ = [
     "audit_user_in_kernel_half",
     "audit_guard_pages",
     "audit_pt_aliases",
+    "pt_alias_findings",
     "audit_reserved_bits",
     "audit_outside_ram",
     "audit_all",
@@ -80,7 +81,9 @@ def audit_guard_pages(mem: PhysicalMemory, cr3: int, ranges: Iterable[tuple[int,
     return out
 
 
-def _pt_aliases(runs: RunArrays, report: WalkReport, exclude: Sequence[tuple[int, int]]) -> list[Finding]:
+def pt_alias_findings(runs: RunArrays, report: WalkReport, exclude: Sequence[tuple[int, int]] = ()) -> list[Finding]:
+    """Writable runs covering page-table frames, from a walk already done
+    (``report.tables``), outside the ``exclude`` virtual ranges."""
     frames = np.unique(np.concatenate([np.zeros(0, np.uint64), *report.tables.values()]))
     if frames.size == 0:
         return []
@@ -105,7 +108,7 @@ def audit_pt_aliases(mem: PhysicalMemory, cr3: int, exclude: Sequence[tuple[int,
     """
     report = WalkReport()
     runs = walk_arrays(mem, cr3, report=report, **kw)
-    return _pt_aliases(runs, report, exclude)
+    return pt_alias_findings(runs, report, exclude)
 
 
 def audit_reserved_bits(mem: PhysicalMemory, cr3: int, **kw) -> list[Finding]:
@@ -136,5 +139,5 @@ def audit_all(
     found += audit_wx(runs)
     found += audit_user_in_kernel_half(runs)
     found += audit_guard_pages(mem, cr3, guard_ranges, **kw)
-    found += _pt_aliases(runs, report, pt_alias_exclude)
+    found += pt_alias_findings(runs, report, pt_alias_exclude)
     return sorted(found, key=lambda f: (-f.severity, f.virt if f.virt is not None else -1))

@@ -15,7 +15,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from mm.audit import _pt_aliases, audit_user_in_kernel_half, audit_wx  # noqa: F401 (private helper reused)
+from mm.audit import audit_user_in_kernel_half, audit_wx, pt_alias_findings
 from mm.findings import Finding, Severity, WalkReport
 from mm.render import flags_str, hex_addr, human_size
 
@@ -50,7 +50,7 @@ def audits(snap: Snapshot) -> list[Finding]:
     report = WalkReport()
     report.tables = snap.table_frames
     direct = (PHYS_OFFSET, PHYS_OFFSET + snap.facts.ram_size)
-    found += _pt_aliases(snap.runs, report, [direct])
+    found += pt_alias_findings(snap.runs, report, [direct])
     translator = RunTranslator(snap.runs)
     for lo, hi in stack_ranges(snap):
         for where, page in (("below", lo - 4096), ("above", hi)):
