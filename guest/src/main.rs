@@ -16,6 +16,7 @@ pub mod arch;
 pub mod bench;
 pub mod boot;
 pub mod cmdline;
+pub mod framebuffer;
 pub mod image;
 pub mod inspect;
 pub mod interrupts;
@@ -57,6 +58,9 @@ pub extern "sysv64" fn _start(boot_info: &'static BootInfo) -> ! {
     };
 
     print_banner(boot_info, cmdline);
+    if cmdline.get("fb") == Some("1") {
+        framebuffer::draw_memory_map(boot_info);
+    }
     let trace = cmdline.get("trace") == Some("1");
     let mut phases = BootPhases::start(trace);
     ALLOCATOR_WORD.store(

@@ -119,3 +119,39 @@ def test_cli_run_inspect_without_a_terminal(guest_kernel_path):
     out = proc.stdout
     assert "kernel: READY" in out and "inspect: refresh" in out
     assert "0 audit errors" in out
+
+
+def _png_pixels(path):
+    """Decode the PNGs we write (8-bit RGB, filter 0 on every row)."""
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    w, h = struct.unpack(">II", data[16:24])
+    pos, idat = 8, b""
+    while pos < len(data):
+        n, tag = struct.unpack(">I4s", data[pos : pos + 8])
+        if tag == b"IDAT":
+            idat += data[pos + 8 : pos + 8 + n]
+        pos += 12 + n
+    raw = zlib.decompress(idat)
+    rows = [raw[y * (3 * w + 1) + 1 : (y + 1) * (3 * w + 1)] for y in range(h)]
+    return w, h, rows
+
+
+def test_screenshot_shows_what_the_guest_drew(guest_kernel_path, tmp_path):
+    """With fb=1 the guest draws its memory map as colour bands; the host's
+    screenshot must show them (Conventional RAM is green 0x28A03C)."""
+    shot = tmp_path / "fb.png"
+    proc = subprocess.run(
+        [sys.executable, "vmm.py", "run", "--kernel", str(guest_kernel_path), "-q", "-c", "fb=1",
+         "--screenshot", str(shot)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    w, h, rows = _png_pixels(shot)
+    top = rows[4]
+    pixels = {tuple(top[i : i + 3]) for i in range(0, len(top), 3)}
+    assert (0x28, 0xA0, 0x3C) in pixels
+    assert len(pixels) >= 4  # several memory types, several colours
+    assert set(rows[h - 1]) == {0}  # below the strip: untouched
