@@ -37,7 +37,9 @@ def kvm_unavailable_reason() -> str | None:
     if _KVM_REASON:
         return _KVM_REASON[0]
     reason = None
-    if not os.path.exists("/dev/kvm"):
+    if os.environ.get("VMM_TEST_NO_KVM"):
+        reason = "VMM_TEST_NO_KVM is set (simulating a machine without KVM)"
+    elif not os.path.exists("/dev/kvm"):
         reason = "/dev/kvm does not exist (no KVM on this machine)"
     elif not os.access("/dev/kvm", os.R_OK | os.W_OK):
         reason = "/dev/kvm is not readable and writable by this user"
@@ -351,4 +353,4 @@ class GuestTestItem(pytest.Item):
         return super().repr_failure(excinfo)
 
     def reportinfo(self):
-        return self.path, None, f"guest: {self.name}"
+        return self.path, 0, f"guest: {self.name}"
