@@ -59,3 +59,50 @@ def test_diff_against_empty():
     empty = walk_arrays(BufferMemory(bytearray(1 << 20)), 0x1000)
     assert summarize(diff_runs(empty, a))["mapped"]["bytes"] == 0x10000 + 0x200000
     assert summarize(diff_runs(a, empty))["unmapped"]["bytes"] == 0x10000 + 0x200000
+
+
+from hypothesis import given, settings, strategies as st
+
+_PAGES = 64  # a small window of 4 KiB pages, kept in one page table
+
+
+@st.composite
+def _mapping(draw):
+    """A random 4 KiB mapping of the window: page -> (frame, writable)."""
+    chosen = draw(st.lists(st.integers(0, _PAGES - 1), unique=True, max_size=_PAGES))
+    return {p: (draw(st.integers(0x100, 0x140)), draw(st.booleans())) for p in chosen}
+
+
+def _walk_of(mapping):
+    mem = BufferMemory(bytearray(2 << 20))
+    m = Mapper.new(mem, BumpFrameAllocator(0x1000, 0x20000))
+    for page, (frame, writable) in mapping.items():
+        flags = P | NX | (W if writable else 0)
+        m.map(HI + page * 0x1000, frame * 0x1000, PageSize.SIZE_4K, flags)
+    return walk_arrays(mem, m.root)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_mapping(), _mapping())
+def test_diff_agrees_with_a_page_by_page_comparison(old, new):
+    changes = diff_runs(_walk_of(old), _walk_of(new))
+    seen = {}
+    for c in changes:
+        assert c.size % 0x1000 == 0 and c.size > 0
+        for i in range(c.size // 0x1000):
+            page = (c.virt - HI) // 0x1000 + i
+            assert page not in seen, "changes overlap"
+            seen[page] = c.kind
+    for page in range(_PAGES):
+        a, b = old.get(page), new.get(page)
+        if a is None and b is None or a == b:
+            expected = None
+        elif a is None:
+            expected = "mapped"
+        elif b is None:
+            expected = "unmapped"
+        elif a[0] != b[0]:
+            expected = "moved"
+        else:
+            expected = "flags"
+        assert seen.get(page) == expected, (page, a, b, seen.get(page))
