@@ -295,13 +295,10 @@ def _direct_map_template(ram_size: int, use_1g: bool) -> tuple[bytes, int, int]:
     return hit
 
 
-def build_page_tables(memory: GuestMemory, image: KernelImage | None, slide: int, use_1g: bool) -> PageTables:
-    """Direct map (from a per-RAM-size template) plus the kernel's segments.
-
-    The tables are assembled in a host buffer that stands for the pool (every
-    table frame comes from it), then written to guest RAM in one copy.
-    """
-    template, root, first_free = _direct_map_template(memory.size, use_1g)
+def _build_pool(ram_size: int, image: KernelImage | None, slide: int, use_1g: bool) -> tuple[bytearray, int, int, int]:
+    """Direct map plus kernel segments with the mapper, in a host buffer:
+    (pool bytes, root, first free frame after the direct map, end of used frames)."""
+    template, root, first_free = _direct_map_template(ram_size, use_1g)
     scratch, pool = _pool_memory(template, _kernel_table_frames(image))
     frames = BumpFrameAllocator(first_free, PT_POOL_START + len(scratch))
     frames.allocated = [PT_POOL_START + i * PAGE_SIZE for i in range((first_free - PT_POOL_START) // PAGE_SIZE)]
@@ -312,8 +309,94 @@ def build_page_tables(memory: GuestMemory, image: KernelImage | None, slide: int
             pstart, pend = segment_phys_range(seg)
             mapper.map_range(vstart, pstart, pend - pstart, segment_flags(seg), PageSize.SIZE_4K)
     pool.close()
-    memory.write(PT_POOL_START, memoryview(scratch)[: frames.next - PT_POOL_START])
-    return PageTables(mapper.root, len(frames.allocated), frames.next, use_1g)
+    return scratch, root, first_free, frames.next
+
+
+@dataclass
+class _KernelTablesTemplate:
+    """The boot tables built once at slide 0, and where the kernel's
+    intermediate entries sit, so another slide only moves those entries."""
+
+    pool: bytes
+    root: int
+    end: int
+    pdpt_frame: int  # the PDPT the kernel's PML4 entry points to
+    pd_frame: int
+    pdpt_index: int  # at slide 0
+    pd_index: int  # first PD entry at slide 0
+    pd_count: int  # PD entries (one per PT) the kernel uses
+
+
+_KERNEL_TABLES_CACHE: dict[tuple, _KernelTablesTemplate | None] = {}
+_ADDR = 0x000F_FFFF_FFFF_F000
+
+
+def _kernel_tables_template(ram_size: int, image: KernelImage, use_1g: bool) -> _KernelTablesTemplate | None:
+    """None when the kernel does not sit in one PDPT/PD chain of its own."""
+    key = (ram_size, use_1g, id(image), tuple((s.vaddr, s.paddr, s.memsz, s.flags) for s in image.segments))
+    if key in _KERNEL_TABLES_CACHE:
+        return _KERNEL_TABLES_CACHE[key]
+    scratch, root, _first_free, end = _build_pool(ram_size, image, 0, use_1g)
+    u64 = np.frombuffer(scratch, dtype="<u8")
+    base = image.vaddr_start & ~((2 << 20) - 1)
+    i4, i3, i2 = (base >> 39) & 511, (base >> 30) & 511, (base >> 21) & 511
+    last = image.vaddr_end - 1
+    pd_count = ((last >> 21) - (base >> 21)) + 1
+
+    def entry(frame: int, index: int) -> int:
+        return int(u64[(frame - PT_POOL_START) // 8 + index])
+
+    template = None
+    e4 = entry(root, i4)
+    if e4 & 1 and i4 == 511 and (last >> 30) == (base >> 30):
+        pdpt = e4 & _ADDR
+        e3 = entry(pdpt, i3)
+        # The kernel's PDPT and PD must be its own (allocated after the direct map).
+        if e3 & 1 and not e3 & 0x80 and pdpt >= _first_free:
+            pd = e3 & _ADDR
+            template = _KernelTablesTemplate(bytes(scratch[: end - PT_POOL_START]), root, end, pdpt, pd, i3, i2, pd_count)
+    if len(_KERNEL_TABLES_CACHE) > 16:
+        _KERNEL_TABLES_CACHE.clear()
+    _KERNEL_TABLES_CACHE[key] = template
+    return template
+
+
+def _slid_pool(t: _KernelTablesTemplate, image: KernelImage, slide: int) -> bytearray | None:
+    """The template's tables with the kernel's PDPT and PD entries moved to
+    where ``slide`` puts it (2 MiB-aligned slides leave the PTs unchanged)."""
+    base = (image.vaddr_start & ~((2 << 20) - 1)) + slide
+    i3, i2 = (base >> 30) & 511, (base >> 21) & 511
+    if i2 + t.pd_count > 512 or ((base + (t.pd_count << 21) - 1) >> 30) != (base >> 30):
+        return None  # the kernel would straddle a 1 GiB boundary: let the mapper do it
+    pool = bytearray(t.pool)
+    u64 = np.frombuffer(pool, dtype="<u8")
+    pdpt, pd = (t.pdpt_frame - PT_POOL_START) // 8, (t.pd_frame - PT_POOL_START) // 8
+    e3 = u64[pdpt + t.pdpt_index]
+    pd_entries = u64[pd + t.pd_index : pd + t.pd_index + t.pd_count].copy()
+    u64[pdpt + t.pdpt_index] = 0
+    u64[pdpt + i3] = e3
+    u64[pd + t.pd_index : pd + t.pd_index + t.pd_count] = 0
+    u64[pd + i2 : pd + i2 + t.pd_count] = pd_entries
+    return pool
+
+
+def build_page_tables(memory: GuestMemory, image: KernelImage | None, slide: int, use_1g: bool) -> PageTables:
+    """Direct map plus the kernel's segments, written to guest RAM in one copy.
+
+    The tables are built once per (RAM size, kernel) at slide 0 with the
+    mapper; another slide only moves the kernel's PDPT and PD entries (a
+    2 MiB-aligned slide leaves every PT unchanged). If the kernel would
+    straddle a 1 GiB boundary, the mapper builds that slide from scratch.
+    """
+    if image is not None and slide % (2 << 20) == 0:
+        t = _kernel_tables_template(memory.size, image, use_1g)
+        pool = _slid_pool(t, image, slide) if t is not None else None
+        if pool is not None:
+            memory.write(PT_POOL_START, pool)
+            return PageTables(t.root, (t.end - PT_POOL_START) // PAGE_SIZE, t.end, use_1g)
+    scratch, root, _first_free, end = _build_pool(memory.size, image, slide, use_1g)
+    memory.write(PT_POOL_START, memoryview(scratch)[: end - PT_POOL_START])
+    return PageTables(root, (end - PT_POOL_START) // PAGE_SIZE, end, use_1g)
 
 
 # --- boot info ------------------------------------------------------------------------

@@ -1,0 +1,51 @@
+"""The slid page-table template equals what the mapper builds for that slide."""
+
+import random
+
+import pytest
+
+
+from mm import BufferMemory
+from mm.walker import walk_arrays
+from tests.elfgen import simple_kernel
+from vmm.boot import KASLR_ALIGN, _build_pool, build_page_tables, slide_range
+from vmm.elf import parse_kernel
+from vmm.layout import PT_POOL_START
+from vmm.memory import GuestMemory
+
+
+def _runs(buf: bytes, root: int, ram: int):
+    mem = bytearray(PT_POOL_START) + bytearray(buf)
+    mem += bytearray(max(0, (1 << 20) - len(mem)))
+    runs = walk_arrays(BufferMemory(mem), root)
+    return [tuple(int(x) for x in row) for row in zip(runs.virt, runs.phys, runs.size, runs.flags, runs.page_size)]
+
+
+@pytest.fixture(scope="module")
+def image():
+    img = parse_kernel(simple_kernel().build())
+    img.elf_type = 3  # pretend relocatable: slides are allowed
+    return img
+
+
+def test_template_matches_mapper_for_random_slides(image):
+    ram = 64 << 20
+    rng = random.Random(5)
+    n = slide_range(image)
+    slides = {0, KASLR_ALIGN, (n - 1) * KASLR_ALIGN, 511 * KASLR_ALIGN, 512 * KASLR_ALIGN}
+    slides |= {rng.randrange(n) * KASLR_ALIGN for _ in range(40)}
+    for slide in sorted(slides):
+        with GuestMemory(ram) as mem:
+            tables = build_page_tables(mem, image, slide, use_1g=False)
+            fast = mem.read(PT_POOL_START, tables.pool_end - PT_POOL_START)
+        scratch, root, _, end = _build_pool(ram, image, slide, False)
+        assert tables.cr3 == root
+        assert _runs(fast, root, ram) == _runs(bytes(scratch[: end - PT_POOL_START]), root, ram), hex(slide)
+        assert fast == bytes(scratch[: end - PT_POOL_START]), hex(slide)  # byte for byte, even
+
+
+def test_the_template_path_is_taken(image, guest_image):
+    from vmm.boot import _kernel_tables_template
+
+    for img in (image, guest_image):
+        assert _kernel_tables_template(128 << 20, img, False) is not None
