@@ -97,3 +97,18 @@ def exit_storm_kernel(n: int) -> Elf:
         + b"\xe7\xf4"  # out 0xf4, eax
     )
     return Elf(segments=[Seg(HIGH, 0x100000, code, flags=PF_R | PF_X)], entry=HIGH)
+
+
+def icount_kernel(nops: int) -> Elf:
+    """Counts ``nops`` NOPs (plus the one MOV that sets up the stop port)
+    between the instruction counter's start and stop OUTs, then exits 0."""
+    code = (
+        b"\xb8\x07\x00\x00\x00"  # mov eax, 7 (the count's id)
+        + b"\x66\xba\x10\x05"  # mov dx, 0x510 (start)
+        + b"\xef"  # out dx, eax
+        + b"\x90" * nops
+        + b"\x66\xba\x14\x05"  # mov dx, 0x514 (stop)
+        + b"\xef"  # out dx, eax
+        + b"\x31\xc0\xe7\xf4"  # xor eax, eax ; out 0xf4, eax
+    )
+    return Elf(segments=[Seg(HIGH, 0x100000, code, flags=PF_R | PF_X)], entry=HIGH)

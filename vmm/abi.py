@@ -68,6 +68,10 @@ EXIT_PORT = 0xF4
 EXIT_PORT_SIZE = 4
 REPORT_PORT = 0x500
 REPORT_PORT_SIZE = 4
+# Instruction counter: OUT id to ICOUNT_PORT starts single-stepping, OUT id
+# to ICOUNT_PORT + 4 stops it; the host counts the instructions in between.
+ICOUNT_PORT = 0x510
+ICOUNT_PORT_SIZE = 8
 
 
 class ExitCode(enum.IntEnum):

@@ -157,4 +157,48 @@ def read_report(memory: GuestMemory, addr: int) -> Report:
     return decode_payload(kind, memory.read(addr + REPORT_HEADER_SIZE, length))
 
 
-__all__ = ["Device", "ExitCode", "ExitDevice", "PortBus", "ReportDevice", "Stop", "Uart16550", "read_report"]
+
+
+class InstructionCounter(Device):
+    """Counts the guest's instructions between two marker OUTs by single-stepping.
+
+    ``set_stepping(bool)`` turns KVM_GUESTDBG_SINGLESTEP on or off; the run
+    loop calls ``step()`` for every debug exit while ``active``.
+    """
+
+    name = "icount"
+    MAX_STEPS = 5_000_000  # a runaway count stops stepping (the guest goes on)
+
+    def __init__(self, set_stepping: Callable[[bool], None]):
+        self.set_stepping = set_stepping
+        self.active: int | None = None
+        self.steps = 0
+        self.counts: dict[int, int] = {}
+        self.errors: list[str] = []
+
+    def io_out(self, offset: int, data: bytes) -> Stop | None:
+        ident = int.from_bytes(data, "little")
+        if offset == 0:
+            if self.active is not None:
+                self.errors.append(f"count {ident} started inside count {self.active}")
+                return None
+            self.active, self.steps = ident, 0
+            self.set_stepping(True)
+        elif offset == 4:
+            if self.active != ident:
+                self.errors.append(f"count {ident} stopped but {self.active} was running")
+            else:
+                self.counts[ident] = self.steps
+            self.active = None
+            self.set_stepping(False)
+        return None
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps >= self.MAX_STEPS:
+            self.errors.append(f"count {self.active} exceeded {self.MAX_STEPS} instructions: stopped")
+            self.active = None
+            self.set_stepping(False)
+
+
+__all__ = ["Device", "ExitCode", "ExitDevice", "InstructionCounter", "PortBus", "ReportDevice", "Stop", "Uart16550", "read_report"]

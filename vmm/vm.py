@@ -20,15 +20,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import exits as X
-from .abi import COM1_BASE, COM1_SIZE, EXIT_PORT, EXIT_PORT_SIZE, REPORT_PORT, REPORT_PORT_SIZE, ExitCode
+from .abi import (
+    COM1_BASE,
+    COM1_SIZE,
+    EXIT_PORT,
+    EXIT_PORT_SIZE,
+    ICOUNT_PORT,
+    ICOUNT_PORT_SIZE,
+    REPORT_PORT,
+    REPORT_PORT_SIZE,
+    ExitCode,
+)
 from .abi import Backend, BootInfo, ReportKind
 from .layout import BOOT_INFO_PHYS
 from .backend import BackendInfo, detect_backend, host_has_1g_pages
 from .boot import BootLayout, choose_slide, prepare_guest
 from .cpu import decode_bits, entry_regs, long_mode_sregs
-from .devices import ExitDevice, PortBus, ReportDevice, Stop, Uart16550
+from .devices import ExitDevice, InstructionCounter, PortBus, ReportDevice, Stop, Uart16550
 from .elf import KernelImage, Symbolizer
 from .kvm import Kvm, KvmError
+from . import kvm_abi as K
 from .kvm_abi import KVM_CAP_READONLY_MEM, KVM_EXIT_IO, KVM_EXIT_IO_OUT, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_RUN
 from .memory import GuestMemory
 from .reports import Report
@@ -72,6 +83,7 @@ class RunResult:
     registers: dict[str, int] | None = None
     rip_symbol: str | None = None
     fault_rip_symbol: str | None = None
+    instruction_counts: dict[int, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -107,6 +119,7 @@ class RunResult:
             "registers": self.registers,
             "rip_symbol": self.rip_symbol,
             "fault": self.fault,
+            "instruction_counts": {str(k): v for k, v in self.instruction_counts.items()},
         }
 
 
@@ -296,6 +309,8 @@ class Vm:
         self.bus.add(COM1_BASE, COM1_SIZE, self.uart)
         self.bus.add(EXIT_PORT, EXIT_PORT_SIZE, ExitDevice())
         self.bus.add(REPORT_PORT, REPORT_PORT_SIZE, self.reports)
+        self.icount = InstructionCounter(self._set_single_step)
+        self.bus.add(ICOUNT_PORT, ICOUNT_PORT_SIZE, self.icount)
         self._ready_ns: int | None = None
 
     # --- lifetime -------------------------------------------------------------------
@@ -483,9 +498,15 @@ class Vm:
             result.timings_ms["in_kvm_run"] = in_kvm / 1e6
         return result
 
+    def _set_single_step(self, on: bool) -> None:
+        self.vcpu.set_guest_debug(K.KVM_GUESTDBG_ENABLE | K.KVM_GUESTDBG_SINGLESTEP if on else 0)
+
     def _slow_exit(self, reason: int, run_map) -> Stop | None:
         """Every exit but a single OUT to a known port: decode, then handle."""
         ex = X.decode_exit(reason, memoryview(run_map))
+        if isinstance(ex, X.Debug) and self.icount.active is not None:
+            self.icount.step()  # one single-stepped instruction
+            return None
         if isinstance(ex, X.Mmio) and ex.is_write and any(a <= ex.phys_addr < b for a, b in self.protected):
             return Stop(
                 ExitCode.KERNEL_WRITE,
@@ -522,6 +543,7 @@ class Vm:
         if faults and faults[-1].int("rip") is not None:
             fault_sym = self.symbolizer.format(faults[-1].int("rip"))
         return RunResult(
+            instruction_counts=dict(self.icount.counts),
             fault_rip_symbol=fault_sym,
             exit_code=int(stop.exit_code),
             stop_reason=stop.reason,

@@ -184,6 +184,10 @@ pub mod port {
     pub const EXIT: u16 = 0xF4;
     /// Report channel: a 32-bit OUT of a report record's physical address.
     pub const REPORT: u16 = 0x500;
+    /// Instruction counter: a 32-bit OUT of an id starts single-stepping
+    /// (the host counts every instruction), one to `ICOUNT_STOP` ends it.
+    pub const ICOUNT_START: u16 = 0x510;
+    pub const ICOUNT_STOP: u16 = 0x514;
 }
 
 /// Line status register bit 5: transmit holding register empty.

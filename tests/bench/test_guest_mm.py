@@ -134,3 +134,25 @@ def test_cpl_agreement_messages():
     assert "agree within 25 %" in cpl_agreement([b(0, 31.0), b(3, 30.0)], "VMX")
     assert "disagree" in cpl_agreement([b(0, 90.0), b(3, 30.0)], "SVM")
     assert cpl_agreement([b(3, 30.0)], "VMX") == ""
+
+
+def test_icount_section_from_a_result():
+    from vmm.abi import ReportKind
+    from vmm.bench.guest_mm import icount_section, instruction_counts
+    from vmm.reports import Report
+
+    class Result:
+        reports = [Report(ReportKind.BENCH, {"name": "alloc_free_64", "unit": "instructions", "icount_id": "1",
+                                             "impl": "fast"}),
+                   Report(ReportKind.BENCH, {"name": "translate", "unit": "instructions", "icount_id": "6"}),
+                   Report(ReportKind.BENCH, {"name": "lost", "unit": "instructions", "icount_id": "9"})]
+        instruction_counts = {1: 99, 6: 63}
+
+        def reports_of(self, kind):
+            return [r for r in self.reports if r.kind == kind]
+
+    counts = instruction_counts(Result())
+    assert counts == [("alloc_free_64", "fast", 99), ("translate", "", 63)]
+    sec = icount_section(counts)
+    assert [r.figure["median"] for r in sec.rows] == [99.0, 63.0]
+    assert icount_section([]) is None

@@ -282,12 +282,42 @@ def growth_section(benches: list[GuestBench], tsc_khz: float, baselines: dict[tu
     return sec
 
 
+def instruction_counts(result) -> list[tuple[str, str, int]]:
+    """(name, impl, instructions) for each path the host single-stepped (pure)."""
+    out = []
+    for r in result.reports_of(ReportKind.BENCH):
+        ident = r.int("icount_id")
+        if r.get("unit") == "instructions" and ident is not None and ident in result.instruction_counts:
+            out.append((r.get("name") or f"id {ident}", r.get("impl") or "", result.instruction_counts[ident]))
+    return out
+
+
+def icount_section(counts: list[tuple[str, str, int]]) -> Section | None:
+    """Instructions per operation, counted by single-stepping (pure; any backend)."""
+    if not counts:
+        return None
+    sec = Section("guest_icount", "Instructions per operation (the host single-steps the guest; same on every backend)")
+    for name, impl, n in counts:
+        label = f"{name} ({impl})" if impl else name
+        sec.add(f"icount/{name}/{impl}", label, {"median": float(n), "min": float(n), "max": float(n), "n": 1,
+                                                  "unit": "instructions"}, cpl=0)
+    sec.message = ("what CPL0 emulation multiplies on KVM-PVM; a REP string instruction counts once per "
+                   "iteration, as single-stepping traps after each")
+    return sec
+
+
+_LAST_ICOUNTS: list[tuple[str, str, int]] = []
+
+
 def boot_benchmarks(image, cmdline: str, timeout: float, backend=None) -> tuple[list[GuestBench], float, str]:
     """One boot with the guest's benchmarks on: decoded BENCH reports, TSC kHz, problem (or '')."""
     with Vm(image, VmConfig(memory=GUEST_RAM, cmdline=cmdline, timeout=timeout), backend=backend) as vm:
         tsc_khz = vm.tsc_khz
         result = vm.run()
     benches = [b for r in result.reports_of(ReportKind.BENCH) if (b := decode(r)) is not None]
+    counts = instruction_counts(result)
+    if counts:
+        _LAST_ICOUNTS[:] = counts
     problem = "" if result.exit_code == 0 else f"guest stopped: {result.message} (exit {result.exit_code})"
     return benches, tsc_khz, problem
 
@@ -318,6 +348,7 @@ def cpl_agreement(benches: list[GuestBench], backend: str) -> str:
 
 def run(image, runs: int, *, quick: bool, cmdline: str = "bench=all", timeout: float = 300.0,
         backend=None) -> list[Section]:
+    _LAST_ICOUNTS.clear()
     all_runs, problems, tsc_khz = [], [], 0.0
     for _ in range(runs):
         benches, tsc_khz, problem = boot_benchmarks(image, cmdline, timeout, backend)
@@ -337,4 +368,5 @@ def run(image, runs: int, *, quick: bool, cmdline: str = "bench=all", timeout: f
     main = section_from(merged, tsc_khz, baselines, message="; ".join(msgs),
                         meta={"cmdline": cmdline, "boots": len(all_runs), "memory": GUEST_RAM})
     growth = growth_section(merged, tsc_khz, baselines)
-    return [main] if growth is None else [main, growth]
+    icounts = icount_section(list(_LAST_ICOUNTS))
+    return [s for s in (main, growth, icounts) if s is not None]

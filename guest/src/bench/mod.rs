@@ -13,6 +13,7 @@
 //! benchmark names (from either set).
 
 mod cpl0;
+mod icount;
 pub mod timing;
 pub mod user;
 mod cpl3;
@@ -109,6 +110,7 @@ pub fn run(words: &str) {
     println!("bench: {} (backend {})", words, Backend::from_raw(boot_info().backend).name());
     cpl0::run(&sel);
     cpl3::run(&sel);
+    icount::run(&sel);
     if user::runs() > 0 {
         // Every U/S bit set for the ring-3 runs must be gone again.
         let (clean, a) = user::audit_after();
