@@ -143,8 +143,8 @@ def _take_snapshot_once(target: Target, facts: GuestFacts, max_tables: int) -> S
         if block is not None:  # live values override the INSPECT report's boot-time ones
             facts = dataclasses.replace(facts, inspect={**facts.inspect, **block.as_inspect_fields()})
         # The allocator state must match the tables: copy it inside the pause too.
-        bitmap_raw = _read_bitmaps(target.physmem, facts)
-        heap = _walk_heap(target.physmem, runs, facts)
+        bitmap_raw = read_bitmaps(target.physmem, facts)
+        heap = walk_heap(target.physmem, runs, facts)
         t2 = time.perf_counter_ns()
     t3 = time.perf_counter_ns()
     try:
@@ -166,7 +166,7 @@ def _take_snapshot_once(target: Target, facts: GuestFacts, max_tables: int) -> S
     )
 
 
-def _read_bitmaps(physmem, facts: GuestFacts) -> bytes | None:
+def read_bitmaps(physmem, facts: GuestFacts) -> bytes | None:
     """Both frame bitmaps (used, then managed) as raw bytes, bounds-checked."""
     paddr, bits = facts.inspect_int("bitmap_phys"), facts.inspect_int("bitmap_bits")
     if paddr is None or not bits or bits > facts.ram_size // 4096 + 64:
@@ -177,7 +177,7 @@ def _read_bitmaps(physmem, facts: GuestFacts) -> bytes | None:
     return physmem.read(paddr, n)
 
 
-def _walk_heap(physmem, runs: RunArrays, facts: GuestFacts):
+def walk_heap(physmem, runs: RunArrays, facts: GuestFacts):
     from .heap import RunTranslator, walk_free_list
 
     start, end, head = (facts.inspect_int(k) for k in ("heap_start", "heap_end", "heap_free_head"))
@@ -211,10 +211,8 @@ def label_ranges(facts: GuestFacts) -> list[tuple[int, int, str]]:
     heap_start, heap_end = facts.inspect_int("heap_start"), facts.inspect_int("heap_end")
     if heap_start is not None and heap_end is not None:
         out.append((heap_start, max(heap_end, heap_start), "heap"))
-    for i in range(min(facts.inspect_int("stack_count") or 0, 64)):
-        lo, hi = facts.inspect_int(f"stack{i}_base"), facts.inspect_int(f"stack{i}_top")
-        if lo is not None and hi is not None:
-            out.append((lo, hi, f"stack (task {facts.inspect.get(f'stack{i}_task', '?')})"))
+    for lo, hi, task in facts.stacks():
+        out.append((lo, hi, f"stack (task {task})"))
     scratch, scratch_size = facts.inspect_int("scratch_start"), facts.inspect_int("scratch_size")
     if scratch is not None and scratch_size:
         out.append((scratch, scratch + scratch_size, "scratch (tests, workload)"))

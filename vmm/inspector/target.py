@@ -58,6 +58,15 @@ class GuestFacts:
         except ValueError:
             return None
 
+    def stacks(self) -> list[tuple[int, int, str]]:
+        """(base, top, task) of each stack the guest reported (``stackN_*`` keys)."""
+        out = []
+        for i in range(min(self.inspect_int("stack_count") or 0, 64)):
+            lo, hi = self.inspect_int(f"stack{i}_base"), self.inspect_int(f"stack{i}_top")
+            if lo is not None and hi is not None and lo < hi:
+                out.append((lo, hi, self.inspect.get(f"stack{i}_task", "?")))
+        return out
+
     def to_json(self) -> dict:
         return {
             "ram_size": self.ram_size,

@@ -24,21 +24,14 @@ from ..layout import PHYS_OFFSET
 from .diff import Change, diff_runs, summarize
 from .heap import HeapView, RunTranslator, walk_free_list
 from .physical import PhysicalView, physical_view
-from .snapshot import RunFilter, Snapshot, filtered_runs
+from .snapshot import RunFilter, Snapshot, filtered_runs, walk_heap
 
 SCHEMA_VERSION = 1
 
 
 def stack_ranges(snap: Snapshot) -> list[tuple[int, int]]:
-    """Stacks the guest reported in its inspect block (``stack_N`` keys)."""
-    out = []
-    facts = snap.facts
-    n = facts.inspect_int("stack_count") or 0
-    for i in range(min(n, 64)):
-        lo, hi = facts.inspect_int(f"stack{i}_base"), facts.inspect_int(f"stack{i}_top")
-        if lo is not None and hi is not None and lo < hi:
-            out.append((lo, hi))
-    return out
+    """Stacks the guest reported in its inspect block."""
+    return [(lo, hi) for lo, hi, _task in snap.facts.stacks()]
 
 
 def audits(snap: Snapshot) -> list[Finding]:
@@ -202,12 +195,7 @@ class Inspection:
 def heap_view(snap: Snapshot, physmem) -> HeapView | None:
     if snap.extra.get("heap") is not None:  # walked while the vCPU was parked
         return snap.extra["heap"]
-    facts = snap.facts
-    start, end = facts.inspect_int("heap_start"), facts.inspect_int("heap_end")
-    head = facts.inspect_int("heap_free_head")
-    if start is None or end is None or head is None:
-        return None
-    return walk_free_list(physmem, RunTranslator(snap.runs), head, start, end)
+    return walk_heap(physmem, snap.runs, snap.facts)
 
 
 def inspect(snap: Snapshot, physmem, flt: RunFilter | None = None, previous: Snapshot | None = None) -> Inspection:
