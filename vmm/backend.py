@@ -8,6 +8,7 @@ must say which backend produced it.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -40,8 +41,12 @@ def _cpu_model(cpuinfo: str) -> str:
     return "unknown"
 
 
+@functools.lru_cache(maxsize=4)
 def detect_backend(sys_module: str = "/sys/module", cpuinfo_path: str = "/proc/cpuinfo") -> BackendInfo:
-    """Look at the loaded KVM vendor module (the authority) and the CPU flags."""
+    """Look at the loaded KVM vendor module (the authority) and the CPU flags.
+
+    Cached: neither changes while the process runs, and every Vm asks.
+    """
     try:
         with open(cpuinfo_path) as f:
             cpuinfo = f.read()
@@ -58,6 +63,7 @@ def detect_backend(sys_module: str = "/sys/module", cpuinfo_path: str = "/proc/c
     return BackendInfo(Backend.UNKNOWN, "none", model, "no KVM vendor module found")
 
 
+@functools.lru_cache(maxsize=4)
 def host_has_1g_pages(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
     try:
         with open(cpuinfo_path) as f:

@@ -345,9 +345,6 @@ def _screenshot(physmem, ram_size: int, path: str) -> None:
 
 
 def cmd_pt(args) -> int:
-    from .inspector.snapshot import take_snapshot
-    from .inspector.views import inspect
-
     flt = _filter_from(args)
     if args.socket:
         from .inspector.control import RemoteTarget
