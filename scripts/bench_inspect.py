@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import statistics
 import struct
 import sys
 import threading
@@ -28,6 +27,7 @@ from rich.console import Console  # noqa: E402
 
 from tests.elfgen import HIGH, PF_R, PF_X, Elf, Seg  # noqa: E402
 from vmm.backend import detect_backend  # noqa: E402
+from vmm.bench.stats import distribution  # noqa: E402
 from vmm.elf import parse_kernel  # noqa: E402
 from vmm.inspector.snapshot import take_snapshot  # noqa: E402
 from vmm.inspector.target import LocalTarget  # noqa: E402
@@ -43,17 +43,6 @@ def compute_kernel(iterations: int) -> bytes:
         + b"\x31\xc0\xe7\xf4"  # xor eax, eax ; out 0xf4, eax
     )
     return Elf(segments=[Seg(HIGH, 0x100000, code, flags=PF_R | PF_X)], entry=HIGH).build()
-
-
-def stats(values: list[float]) -> dict:
-    values = sorted(values)
-    return {
-        "median": statistics.median(values),
-        "min": values[0],
-        "max": values[-1],
-        "p99": values[min(len(values) - 1, int(len(values) * 0.99))],
-        "n": len(values),
-    }
 
 
 def run_once(image, hz: float | None) -> tuple[float, list[float], list[float], int]:
@@ -114,18 +103,18 @@ def main() -> int:
     out = {
         "backend": backend.to_json(),
         "hz": args.hz,
-        "guest_run_ms_unwatched": stats(plain),
-        "guest_run_ms_watched": stats(watched),
-        "slowdown": stats(slowdown),
-        "refreshes_per_s": stats(rates),
-        "refresh_ms": stats(refresh_ms),
-        "snapshot_pause_ms": stats(pauses) if pauses else None,
+        "guest_run_ms_unwatched": distribution(plain, "ms"),
+        "guest_run_ms_watched": distribution(watched, "ms"),
+        "slowdown": distribution(slowdown, "ratio"),
+        "refreshes_per_s": distribution(rates, "/s"),
+        "refresh_ms": distribution(refresh_ms, "ms"),
+        "snapshot_pause_ms": distribution(pauses, "ms") if pauses else None,
     }
     print(f"{'figure':<52} {'median':>10} {'min':>10} {'max':>10}")
     rows = [
         ("guest run, unwatched (ms)", out["guest_run_ms_unwatched"]),
         (f"guest run, watched at {args.hz:g} Hz (ms)", out["guest_run_ms_watched"]),
-        ("guest slowdown while watched (%)", {k: v * 100 for k, v in out["slowdown"].items() if k != "n"}),
+        ("guest slowdown while watched (%)", {k: out["slowdown"][k] * 100 for k in ("median", "min", "max")}),
         ("live-view refreshes per second achieved", out["refreshes_per_s"]),
         ("one refresh: snapshot + all views + render (ms)", out["refresh_ms"]),
     ]
