@@ -82,23 +82,6 @@ def simple_kernel() -> Elf:
     )
 
 
-def exit_storm_kernel(n: int) -> Elf:
-    """A kernel that writes ``n`` bytes to the UART scratch register, then exits 0.
-
-    Each ``out`` is one port-I/O exit: a pure measure of exit dispatch cost.
-    """
-    code = (
-        b"\xb9" + n.to_bytes(4, "little")  # mov ecx, n
-        + b"\x66\xba\xff\x03"  # mov dx, 0x3ff (COM1 scratch)
-        + b"\xee"  # L: out dx, al
-        + b"\xff\xc9"  # dec ecx
-        + b"\x75\xfb"  # jnz L
-        + b"\x31\xc0"  # xor eax, eax
-        + b"\xe7\xf4"  # out 0xf4, eax
-    )
-    return Elf(segments=[Seg(HIGH, 0x100000, code, flags=PF_R | PF_X)], entry=HIGH)
-
-
 def icount_kernel(nops: int) -> Elf:
     """Counts ``nops`` NOPs (plus the one MOV that sets up the stop port)
     between the instruction counter's start and stop OUTs, then exits 0."""

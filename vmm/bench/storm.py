@@ -4,7 +4,7 @@ Each ``out`` is one port-I/O exit to COM1's scratch register (no console
 output), then the guest writes 0 to the exit port: a pure measure of exit
 round trips, with no guest work in between. One PT_LOAD segment, ET_EXEC at
 the kernel link base; built here so the benchmark needs neither the guest
-toolchain nor the test tree (``tests/elfgen.py`` builds the same code).
+toolchain nor the test tree.
 """
 
 from __future__ import annotations
