@@ -70,8 +70,43 @@ def cyclic_page_tables() -> bytes:
     )
 
 
-def random_cr3(value: int = 0x0000_7A5A_1234_5000) -> bytes:
-    return kernel(b"\x48\xb8" + struct.pack("<Q", value) + b"\x0f\x22\xd8" + EXIT_0)  # movabs rax ; mov cr3, rax
+# CPUID.80000008H:EAX[7:0] is MAXPHYADDR: the guest asks its own vCPU, so the
+# CR3 guests below mean the same thing on a 36-bit and on a 52-bit host.
+_MAXPHYADDR_TO_ECX = (
+    b"\xb8\x08\x00\x00\x80"  # mov eax, 0x80000008
+    + b"\x0f\xa2"  # cpuid
+    + b"\x0f\xb6\xc8"  # movzx ecx, al        (ecx = MAXPHYADDR)
+)
+_RAX_1_SHL_CL = b"\xb8\x01\x00\x00\x00" + b"\x48\xd3\xe0"  # mov eax, 1 ; shl rax, cl
+
+#: Offset of the ``mov cr3, rax`` in :func:`cr3_reserved_bits` (for the RIP check).
+CR3_RESERVED_MOV_OFFSET = len(_MAXPHYADDR_TO_ECX) + len(_RAX_1_SHL_CL) + 6
+
+
+def cr3_outside_ram() -> bytes:
+    """Load CR3 with 2^(MAXPHYADDR-1) + 0x5000: a legal value (no reserved bit)
+    far outside RAM (MAXPHYADDR >= 36, guest RAM <= 64 GiB), then exit."""
+    return kernel(
+        _MAXPHYADDR_TO_ECX
+        + b"\xff\xc9"  # dec ecx
+        + _RAX_1_SHL_CL
+        + b"\x48\x0d\x00\x50\x00\x00"  # or rax, 0x5000
+        + b"\x0f\x22\xd8"  # mov cr3, rax
+        + EXIT_0
+    )
+
+
+def cr3_reserved_bits() -> bytes:
+    """Set bit MAXPHYADDR (reserved: SDM 4.5.2) in the current CR3 and load it:
+    MOV to CR3 raises #GP, which with no IDT becomes a triple fault."""
+    return kernel(
+        _MAXPHYADDR_TO_ECX
+        + _RAX_1_SHL_CL
+        + b"\x0f\x20\xdb"  # mov rbx, cr3
+        + b"\x48\x09\xd8"  # or rax, rbx
+        + b"\x0f\x22\xd8"  # mov cr3, rax       (#GP)
+        + EXIT_0
+    )
 
 
 def serial_spam(n: int) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from . import gdt
 from .kvm_abi import kvm_regs, kvm_sregs
 
@@ -79,3 +81,53 @@ def entry_regs(rip: int, rsp: int, rdi: int) -> kvm_regs:
     regs.rdi = rdi
     regs.rflags = RFLAGS_RESERVED
     return regs
+
+
+# --- what the vCPU reports (CPUID as set on it) ------------------------------------------
+CPUID_EXT_MAX = 0x8000_0000  # EAX: highest extended leaf
+CPUID_EXT_FEATURES = 0x8000_0001  # EDX bit 26: 1 GiB pages (Page1GB)
+CPUID_ADDRESS_SIZES = 0x8000_0008  # EAX[7:0]: MAXPHYADDR, EAX[15:8]: linear-address bits
+CPUID_PAGE1GB = 1 << 26
+#: SDM 4.1.4: without leaf 0x80000008 a CPU with PAE has MAXPHYADDR 36.
+MAXPHYADDR_FALLBACK = 36
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """Paging facts of the vCPU: what a walker must know to judge entries like the CPU does.
+
+    Decoded from the CPUID table the VMM sets on the vCPU. On KVM-PVM the CPUID
+    instruction in the guest sees host-like values (shared/HOST.md); for these
+    leaves that is the same host's MAXPHYADDR and the same (absent) Page1GB bit.
+    """
+
+    maxphyaddr: int = 52
+    linear_bits: int = 48
+    gbpages: bool = True
+
+    def to_json(self) -> dict:
+        return {"maxphyaddr": self.maxphyaddr, "linear_bits": self.linear_bits, "gbpages": self.gbpages}
+
+
+def cpu_features(cpuid: dict[int, tuple[int, int, int, int]]) -> CpuFeatures:
+    """CpuFeatures from ``{leaf: (eax, ebx, ecx, edx)}`` (subleaf 0)."""
+    ext_max = cpuid.get(CPUID_EXT_MAX, (0, 0, 0, 0))[0]
+    gbpages = ext_max >= CPUID_EXT_FEATURES and bool(cpuid.get(CPUID_EXT_FEATURES, (0, 0, 0, 0))[3] & CPUID_PAGE1GB)
+    if ext_max >= CPUID_ADDRESS_SIZES and CPUID_ADDRESS_SIZES in cpuid:
+        eax = cpuid[CPUID_ADDRESS_SIZES][0]
+        phys, linear = eax & 0xFF, (eax >> 8) & 0xFF
+    else:
+        phys, linear = MAXPHYADDR_FALLBACK, 48
+    if not 32 <= phys <= 52:  # a nonsense table: assume the architectural limit
+        phys = 52
+    return CpuFeatures(maxphyaddr=phys, linear_bits=linear or 48, gbpages=gbpages)
+
+
+def cpuid_leaves(cpuid2) -> dict[int, tuple[int, int, int, int]]:
+    """``{leaf: (eax, ebx, ecx, edx)}`` of subleaf 0 from a kvm_cpuid2 buffer."""
+    out = {}
+    for i in range(cpuid2.nent):
+        e = cpuid2.entries[i]
+        if e.index == 0 and e.function not in out:
+            out[e.function] = (e.eax, e.ebx, e.ecx, e.edx)
+    return out

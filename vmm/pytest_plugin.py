@@ -163,12 +163,18 @@ class GuestRun:
         """Coalesced runs of the guest's live page tables (``mm.walker.Run``)."""
         from mm import walker
 
-        return list(walker.walk(self.vm.memory.physmem, self.cr3, start, end))
+        return list(walker.walk(self.vm.memory.physmem, self.cr3, start, end, **self._cpu))
 
     def translate(self, virt: int):
         from mm import walker
 
-        return walker.translate(self.vm.memory.physmem, self.cr3, virt)
+        return walker.translate(self.vm.memory.physmem, self.cr3, virt, **self._cpu)
+
+    @property
+    def _cpu(self) -> dict:
+        """Walk as this vCPU would: its MAXPHYADDR and 1 GiB-page support."""
+        f = self.vm.cpu_features
+        return {"maxphyaddr": f.maxphyaddr, "gbpages": f.gbpages}
 
     def read_phys(self, paddr: int, n: int) -> bytes:
         return self.vm.memory.read(paddr, n)

@@ -35,7 +35,7 @@ from .abi import Backend, BootInfo, ReportKind
 from .layout import BOOT_INFO_PHYS
 from .backend import BackendInfo, detect_backend, host_has_1g_pages
 from .boot import BootLayout, choose_slide, prepare_guest
-from .cpu import decode_bits, entry_regs, long_mode_sregs
+from .cpu import cpu_features, cpuid_leaves, decode_bits, entry_regs, long_mode_sregs
 from .devices import ExitDevice, InstructionCounter, PortBus, ReportDevice, Stop, Uart16550
 from .elf import KernelImage, Symbolizer
 from .kvm import Kvm, KvmError
@@ -267,7 +267,9 @@ class Vm:
             self.vm = self.kvm.create_vm()
             t3 = t()
             self.vcpu = self.vm.create_vcpu(0)
-            self.vcpu.set_cpuid2(_supported_cpuid(self.kvm))
+            cpuid = _supported_cpuid(self.kvm)
+            self.vcpu.set_cpuid2(cpuid)
+            self.cpu_features = cpu_features(cpuid_leaves(cpuid))
             try:
                 tsc_khz = self.vcpu.get_tsc_khz()
             except KvmError:

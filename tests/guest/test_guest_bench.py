@@ -48,8 +48,9 @@ def test_small_alloc_reports_free_list_length(boot):
             check_keys(b)
             assert b.get("impl") == imp and b.int("freelist_target") == fl
             assert b.int("freelist_len") >= fl
-    # The list allocator walks the fragments; the fast path does not.
-    assert got["alloc_free_64.list.fl64.cpl0"].int("p50") > 2 * got["alloc_free_64.fast.fl64.cpl0"].int("p50")
+    # How the two paths compare is a figure for `vmm bench`, not a test: timings
+    # differ by backend (CPL0 is emulated on PVM, native on VMX/SVM). Their
+    # instruction counts, which do not, are checked in tests/vmm/test_icount_kvm.py.
 
 
 def test_cpl3_mode_and_clean_self_check_after(boot):
@@ -65,8 +66,9 @@ def test_cpl3_mode_and_clean_self_check_after(boot):
                 b = got[f"alloc_free_64.{imp}.fl{fl}.cpl{cpl}"]
                 check_keys(b)
                 assert b.int("cpl") == cpl
-    # CPL3 runs natively: the same walk costs far less than emulated CPL0.
-    assert got["translate.cpl3"].int("p50") * 10 < got["translate.cpl0"].int("p50")
+    # Which CPL is faster depends on the backend (PVM emulates CPL0 only), so
+    # the figures are reported by `vmm bench`, never compared here.
+    assert {b.get("backend").upper() for b in got.values()} == {r.backend}
     after = [i for i in r.reports_of(ReportKind.INFO) if i.get("phase") == "after_cpl3"]
     assert len(after) == 1
     a = after[0]

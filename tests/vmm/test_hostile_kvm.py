@@ -60,10 +60,35 @@ def test_cyclic_page_tables():
     assert seconds < 30
 
 
-def test_random_cr3():
-    result, view, _ = _run(hostile.random_cr3())
+def test_cr3_inside_maxphyaddr_outside_ram():
+    """A legal CR3 (no bit at or above the vCPU's MAXPHYADDR) that points past
+    guest RAM: the guest dies on its next fetch, the inspector says where CR3 went."""
+    with Vm(parse_kernel(hostile.cr3_outside_ram()), VmConfig(memory=RAM, timeout=20)) as vm:
+        result = vm.run()
+        cr3 = vm.vcpu.get_sregs().cr3
+        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory.physmem)
+        maxphyaddr = vm.cpu_features.maxphyaddr
     assert result.exit_code in (ExitCode.TRIPLE_FAULT, ExitCode.EMULATION_FAILURE, ExitCode.UNBACKED_MMIO), result.message
-    assert any(f.kind == "cr3_outside_ram" for f in view.findings)
+    # The guest computed its CR3 from its own CPUID; the host's decode of the vCPU agrees.
+    assert cr3 & ~0xFFF == (1 << (maxphyaddr - 1)) | 0x5000, (hex(cr3), maxphyaddr)
+    found = [f for f in view.findings if f.kind == "cr3_outside_ram"]
+    assert found, {f.kind for f in view.findings}
+    assert not any(f.kind == "reserved_bits" for f in view.findings)
+
+
+def test_cr3_with_reserved_bits_faults_and_is_reported():
+    """Bit MAXPHYADDR set in CR3: MOV to CR3 raises #GP (no IDT: triple fault).
+    CR3 keeps its old value, and the host's report names the faulting instruction."""
+    with Vm(parse_kernel(hostile.cr3_reserved_bits()), VmConfig(memory=RAM, timeout=20)) as vm:
+        boot_cr3 = vm.layout.cr3
+        result = vm.run()
+        cr3 = vm.vcpu.get_sregs().cr3
+        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory.physmem)
+    assert result.exit_code == ExitCode.TRIPLE_FAULT, result.message
+    assert cr3 & ~0xFFF == boot_cr3 & ~0xFFF, (hex(cr3), hex(boot_cr3))
+    assert result.registers is not None
+    assert result.registers["rip"] == hostile.HIGH + hostile.CR3_RESERVED_MOV_OFFSET, hex(result.registers["rip"])
+    assert not any(f.kind in ("cr3_outside_ram", "reserved_bits") for f in view.findings)
 
 
 def test_serial_spam_is_bounded():
@@ -108,7 +133,7 @@ def test_report_channel_outside_ram():
 
 def test_host_survives_many_hostile_boots_without_leaking_fds():
     before = len(os.listdir("/proc/self/fd"))
-    for make in (hostile.triple_fault, hostile.unknown_port, hostile.random_cr3, hostile.garbage_page_tables):
+    for make in (hostile.triple_fault, hostile.unknown_port, hostile.cr3_outside_ram, hostile.cr3_reserved_bits, hostile.garbage_page_tables):
         for _ in range(5):
             _run(make())
     assert len(os.listdir("/proc/self/fd")) <= before + 2

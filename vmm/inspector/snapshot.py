@@ -122,7 +122,7 @@ def _take_snapshot_once(target: Target, facts: GuestFacts, max_tables: int) -> S
         rec = _RecordingMemory(target.physmem)
         pre_report = WalkReport()
         try:
-            pre_runs = walk_arrays(rec, guess_cr3, report=pre_report, max_tables=max_tables, nxe=nxe)
+            pre_runs = walk_arrays(rec, guess_cr3, report=pre_report, max_tables=max_tables, nxe=nxe, **_cpu(facts))
             optimistic = (rec, pre_report, pre_runs)
         except Exception:  # a torn read of a table being rewritten: walk parked instead
             optimistic = None
@@ -138,7 +138,9 @@ def _take_snapshot_once(target: Target, facts: GuestFacts, max_tables: int) -> S
             _, report, runs = optimistic
         else:
             report = WalkReport()
-            runs = walk_arrays(target.physmem, regs.root, report=report, max_tables=max_tables, nxe=nxe_now)
+            runs = walk_arrays(
+                target.physmem, regs.root, report=report, max_tables=max_tables, nxe=nxe_now, **_cpu(facts)
+            )
         block = _read_block(target.physmem, facts)
         if block is not None:  # live values override the INSPECT report's boot-time ones
             facts = dataclasses.replace(facts, inspect={**facts.inspect, **block.as_inspect_fields()})
@@ -164,6 +166,11 @@ def _take_snapshot_once(target: Target, facts: GuestFacts, max_tables: int) -> S
         parked=bool(parked),
         extra={"inspect_block": block, "bitmap_raw": bitmap_raw, "heap": heap, "validated_walk": validated},
     )
+
+
+def _cpu(facts: GuestFacts) -> dict:
+    """The walker's CPU parameters from what the vCPU reports."""
+    return {"maxphyaddr": facts.maxphyaddr, "gbpages": facts.gbpages}
 
 
 def read_bitmaps(physmem, facts: GuestFacts) -> bytes | None:

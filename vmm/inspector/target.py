@@ -50,6 +50,10 @@ class GuestFacts:
     segments: list[tuple[int, int, str]] = field(default_factory=list)  # (virt start, end, perms)
     inspect: dict[str, str] = field(default_factory=dict)  # latest INSPECT report fields
     memmap: list[dict] = field(default_factory=list)  # memory map as JSON dicts
+    # The vCPU's paging facts (CPUID): a walk judges reserved bits and 1 GiB
+    # leaves as this CPU does, not as the widest x86-64 would.
+    maxphyaddr: int = 52
+    gbpages: bool = True
 
     def inspect_int(self, key: str) -> int | None:
         raw = self.inspect.get(key)
@@ -74,6 +78,8 @@ class GuestFacts:
             "segments": [list(s) for s in self.segments],
             "inspect": self.inspect,
             "memmap": self.memmap,
+            "maxphyaddr": self.maxphyaddr,
+            "gbpages": self.gbpages,
         }
 
     @classmethod
@@ -84,6 +90,8 @@ class GuestFacts:
             segments=[tuple(s) for s in d.get("segments", [])],
             inspect=dict(d.get("inspect", {})),
             memmap=list(d.get("memmap", [])),
+            maxphyaddr=int(d.get("maxphyaddr", 52)),
+            gbpages=bool(d.get("gbpages", True)),
         )
 
 
@@ -112,6 +120,8 @@ def facts_from_vm(vm) -> GuestFacts:
         segments=segs,
         inspect=inspect,
         memmap=vm.layout.memmap.to_json(),
+        maxphyaddr=vm.cpu_features.maxphyaddr,
+        gbpages=vm.cpu_features.gbpages,
     )
 
 
