@@ -189,6 +189,13 @@ pub fn end() {
     }
 }
 
+/// True inside a critical section (debug assertions of the mutators).
+#[inline(always)]
+pub fn in_critical() -> bool {
+    // SAFETY: single CPU, see `Depth`.
+    unsafe { *DEPTH.0.get() > 0 }
+}
+
 /// Runs `f` inside a critical section.
 #[inline(always)]
 pub fn critical<R>(f: impl FnOnce() -> R) -> R {

@@ -230,6 +230,10 @@ extern "sysv64" fn kernel_main(arg: u64) -> ! {
     }
     match cmdline.get("workload") {
         Some("mm") => workload::run(cmdline.get("workload_ms").and_then(|v| v.parse().ok())),
+        Some("compute") => workload::compute(
+            cmdline.get("workload_ms").and_then(|v| v.parse().ok()),
+            cmdline.get("frag_blocks").and_then(|v| v.parse().ok()).unwrap_or(0),
+        ),
         Some(other) => println!("kernel: unknown workload '{}', ignored", other),
         None => {}
     }

@@ -114,13 +114,17 @@ fn publish(i: usize, t: &Task) {
 /// Registers the boot flow as task 0 on a fresh guarded stack; returns the
 /// stack top to switch to.
 pub fn init_boot_task() -> Result<u64, TaskError> {
-    let rec = stack::alloc_stack(0, &[]).map_err(TaskError::Stack)?;
-    let t = table();
-    t.tasks[0] = Task { id: 0, state: State::Running, rsp: 0, name: "kernel", stack: rec };
-    t.current = 0;
-    publish(0, &t.tasks[0]);
-    inspect::update(|b| b.current_task = 0);
-    Ok(rec.top)
+    // Map and record in one inspect critical section: a host never sees the
+    // stack's pages mapped without the record that owns them.
+    inspect::critical(|| {
+        let rec = stack::alloc_stack(0, &[]).map_err(TaskError::Stack)?;
+        let t = table();
+        t.tasks[0] = Task { id: 0, state: State::Running, rsp: 0, name: "kernel", stack: rec };
+        t.current = 0;
+        publish(0, &t.tasks[0]);
+        inspect::update(|b| b.current_task = 0);
+        Ok(rec.top)
+    })
 }
 
 /// Frees the stacks of dead tasks other than the current one.
@@ -128,9 +132,12 @@ pub fn reap() {
     let t = table();
     for i in 0..MAX_TASKS {
         if t.tasks[i].state == State::Dead && i != t.current {
-            stack::free_stack(&t.tasks[i].stack);
-            t.tasks[i] = Task::FREE;
-            publish(i, &t.tasks[i]);
+            // Unmap and drop the record in one inspect critical section.
+            inspect::critical(|| {
+                stack::free_stack(&t.tasks[i].stack);
+                t.tasks[i] = Task::FREE;
+                publish(i, &t.tasks[i]);
+            });
         }
     }
 }
@@ -142,7 +149,16 @@ pub fn spawn(name: &'static str, entry: extern "sysv64" fn(u64), arg: u64) -> Re
     let i = t.tasks.iter().position(|x| x.state == State::Free).ok_or(TaskError::TooManyTasks)?;
     let in_use: [StackRecord; MAX_TASKS] = core::array::from_fn(|k| t.tasks[k].stack);
     let id = t.next_id;
-    let rec = stack::alloc_stack(id, &in_use).map_err(TaskError::Stack)?;
+    // The stack is mapped and its record published in one inspect critical
+    // section (see `init_boot_task`).
+    inspect::begin();
+    let rec = match stack::alloc_stack(id, &in_use) {
+        Ok(rec) => rec,
+        Err(e) => {
+            inspect::end();
+            return Err(TaskError::Stack(e));
+        }
+    };
     t.next_id += 1;
     // Initial frame popped by `task_switch`: r15 r14 r13 r12(arg) rbx(entry)
     // rbp(0), then `ret` into the trampoline with RSP 16-byte aligned.
@@ -152,6 +168,7 @@ pub fn spawn(name: &'static str, entry: extern "sysv64" fn(u64), arg: u64) -> Re
     unsafe { core::ptr::copy_nonoverlapping(words.as_ptr(), frame as *mut u64, words.len()) };
     t.tasks[i] = Task { id, state: State::Ready, rsp: frame, name, stack: rec };
     publish(i, &t.tasks[i]);
+    inspect::end();
     Ok(id)
 }
 

@@ -61,18 +61,21 @@ pub fn run(ms: Option<u64>) {
         // Map/unmap churn.
         let pg = ((r >> 16) % PAGES) as usize;
         let va = VA + pg as u64 * PAGE_SIZE;
-        if mapped[pg] != 0 {
-            if paging::unmap_page(va).is_ok() {
-                let _ = frames::free_frame(mapped[pg]);
+        // Frame and mapping change in one inspect critical section.
+        inspect::critical(|| {
+            if mapped[pg] != 0 {
+                if paging::unmap_page(va).is_ok() {
+                    let _ = frames::free_frame(mapped[pg]);
+                }
+                mapped[pg] = 0;
+            } else if let Ok(f) = frames::alloc_frame() {
+                if paging::map_page(va, f, PageSize::Size4K, PageFlags::WRITABLE | PageFlags::NO_EXECUTE).is_ok() {
+                    mapped[pg] = f;
+                } else {
+                    let _ = frames::free_frame(f);
+                }
             }
-            mapped[pg] = 0;
-        } else if let Ok(f) = frames::alloc_frame() {
-            if paging::map_page(va, f, PageSize::Size4K, PageFlags::WRITABLE | PageFlags::NO_EXECUTE).is_ok() {
-                mapped[pg] = f;
-            } else {
-                let _ = frames::free_frame(f);
-            }
-        }
+        });
         // Task churn.
         for w in workers.iter_mut() {
             if *w == 0 || task::state_of(*w).map_or(true, |s| s == task::State::Dead) {
@@ -113,10 +116,60 @@ pub fn run(ms: Option<u64>) {
             unsafe { dealloc(p as *mut u8, l) };
         }
     }
-    for (pg, f) in mapped.iter().enumerate() {
-        if *f != 0 && paging::unmap_page(VA + pg as u64 * PAGE_SIZE).is_ok() {
-            let _ = frames::free_frame(*f);
+    inspect::critical(|| {
+        for (pg, f) in mapped.iter().enumerate() {
+            if *f != 0 && paging::unmap_page(VA + pg as u64 * PAGE_SIZE).is_ok() {
+                let _ = frames::free_frame(*f);
+            }
+        }
+    });
+    println!("workload: done, {} iterations", iters);
+}
+
+/// Rounds of xorshift per `workload=compute` iteration (a few ms of
+/// emulated CPL0 code on KVM-PVM).
+const COMPUTE_ROUNDS: u32 = 500;
+
+/// `workload=compute`: a CPL0 compute loop whose iteration count (published
+/// in the inspect block, printed at the end) measures the guest's speed, so
+/// the host can tell what watching it costs. `frag_blocks=N` first leaves N
+/// free 32-byte holes on the heap's free list (the list the host walks on
+/// every snapshot). Each iteration also allocates and frees 16 bytes: with
+/// `allocator=list` that changes the head of the free list every iteration
+/// (inside the allocator's critical section), with the default fast path it
+/// touches only the size-class cache. `workload_ms=N` ends the loop.
+pub fn compute(ms: Option<u64>, frag_blocks: u64) {
+    let khz = match crate::boot_info().tsc_khz {
+        0 => 2_600_000,
+        k => k,
+    };
+    if frag_blocks > 0 {
+        let len = crate::bench::cpl3::fragment(frag_blocks);
+        println!("workload: heap fragmented, free list {} blocks", len);
+    }
+    let start = rdtsc();
+    let deadline = ms.map(|m| start + m * khz);
+    println!("workload: compute, {}", ms.map_or("until stopped".into(), |m| alloc::format!("{} ms", m)));
+    let small = Layout::from_size_align(16, 16).unwrap();
+    let (mut x, mut iters) = (rdtsc() | 1, 0u64);
+    loop {
+        for _ in 0..COMPUTE_ROUNDS {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+        }
+        // SAFETY: non-zero layout; freed right away.
+        unsafe {
+            let p = alloc(small);
+            if !p.is_null() {
+                dealloc(core::hint::black_box(p), small);
+            }
+        }
+        iters += 1;
+        inspect::update(|b| b.workload_iters = iters);
+        if deadline.is_some_and(|d| rdtsc() >= d) {
+            break;
         }
     }
-    println!("workload: done, {} iterations", iters);
+    println!("workload: done, {} iterations (x={:#x})", iters, x);
 }

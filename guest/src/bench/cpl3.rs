@@ -64,6 +64,22 @@ fn build(len: u64) -> u64 {
     heap::stats_raw().free_blocks as u64
 }
 
+/// Leaves `blocks` (at most 16,384) unmergeable 32-byte holes on the heap's
+/// free list for good (`workload=compute frag_blocks=N`: what the host's
+/// heap walk faces on a fragmented heap); returns the measured free-list
+/// length. Built at CPL3 when long (native speed on KVM-PVM); the live
+/// blocks between the holes are never freed.
+pub fn fragment(blocks: u64) -> u64 {
+    let blocks = blocks.min(MAX_FRAGS as u64);
+    let mode = heap::mode();
+    heap::set_mode(Mode::List);
+    heap::reserve(blocks * 64 + (64 << 10)).expect("heap reserve");
+    let builder = if blocks > 64 { 3 } else { 0 };
+    let measured = at(builder, || build(blocks + 1));
+    heap::set_mode(mode);
+    measured
+}
+
 fn teardown(len: u64) {
     let f = frags();
     // Lowest first: each free merges with the holes around it, so the

@@ -16,7 +16,7 @@ mod cpl0;
 mod icount;
 pub mod timing;
 pub mod user;
-mod cpl3;
+pub mod cpl3;
 
 use crate::abi::{Backend, ReportKind};
 use crate::report;

@@ -31,6 +31,11 @@ pub fn handle_fault(addr: u64, error: u64) -> bool {
     if !contains(addr) || error & (PRESENT | USER | RSVD) != 0 {
         return false;
     }
+    // Frame, mapping and counter change in one inspect critical section.
+    crate::inspect::critical(|| map_zeroed(addr))
+}
+
+fn map_zeroed(addr: u64) -> bool {
     let Ok(frame) = frames::alloc_frame() else { return false };
     // SAFETY: a frame we just allocated.
     unsafe { zero_frames(frame, 1) };
@@ -49,10 +54,13 @@ pub fn release(start: u64, len: u64) -> u64 {
     let mut va = align_down(start, PAGE_SIZE);
     while va < start + len {
         if contains(va) && paging::translate(va).is_some() {
-            if let Ok(t) = paging::unmap_page(va) {
-                let _ = frames::free_frame(t.phys);
-                n += 1;
-            }
+            // Unmap and free together: no snapshot between the two.
+            crate::inspect::critical(|| {
+                if let Ok(t) = paging::unmap_page(va) {
+                    let _ = frames::free_frame(t.phys);
+                    n += 1;
+                }
+            });
         }
         va += PAGE_SIZE;
     }

@@ -150,7 +150,13 @@ impl Heap {
 
     /// Maps `bytes` (page multiple) more at the end of the heap and frees it
     /// into the list. On failure the pages mapped so far stay in the heap.
+    ///
+    /// Callers hold an inspect critical section around the grow *and* the
+    /// publish that follows: pages are mapped one by one and `heap_end` is
+    /// published at the end, so between the two a host would otherwise see
+    /// mapped heap pages past the published end with `seq` even.
     fn grow(&mut self, bytes: u64) -> Result<(), MapError> {
+        debug_assert!(crate::inspect::in_critical(), "heap: grow outside an inspect critical section");
         let bytes = align_up(bytes, PAGE_SIZE);
         if self.end + bytes > self.max_end {
             return Err(MapError::FrameAllocationFailed);
@@ -416,20 +422,24 @@ pub static HEAP: SpinLock<Heap> = SpinLock::new("heap", Heap::empty());
 pub fn init() -> Result<(), MapError> {
     let start = HEAP_REGION + crate::rand::below((HEAP_RANDOM_SPAN - HEAP_MAX) / SIZE_2M) * SIZE_2M;
     let mut h = HEAP.lock();
-    h.start = start;
-    h.end = start;
-    h.max_end = start + HEAP_MAX;
-    let r = h.grow(HEAP_INITIAL);
-    h.publish();
-    r
+    crate::inspect::critical(|| {
+        h.start = start;
+        h.end = start;
+        h.max_end = start + HEAP_MAX;
+        let r = h.grow(HEAP_INITIAL);
+        h.publish();
+        r
+    })
 }
 
 /// Stats of the backing list after flushing the fast path's caches (so
 /// they compare equal before and after balanced alloc/free pairs).
 pub fn stats() -> HeapStats {
     let mut h = HEAP.lock();
-    h.flush();
-    h.publish();
+    crate::inspect::critical(|| {
+        h.flush();
+        h.publish();
+    });
     h.stats()
 }
 
@@ -445,11 +455,13 @@ pub fn mode() -> Mode {
 /// Switches the small-allocation path; leaving Fast flushes the caches.
 pub fn set_mode(mode: Mode) {
     let mut h = HEAP.lock();
-    if mode == Mode::List {
-        h.flush();
-    }
-    h.mode = mode;
-    h.publish();
+    crate::inspect::critical(|| {
+        if mode == Mode::List {
+            h.flush();
+        }
+        h.mode = mode;
+        h.publish();
+    })
 }
 
 /// Bytes in the fast path's caches.
@@ -459,11 +471,16 @@ pub fn cached_bytes() -> usize {
 
 /// Makes sure a free block of at least `bytes` exists without further
 /// growth (the CPL3 benchmarks cannot map pages).
+///
+/// One critical section over the whole growth and the publish of the new
+/// `heap_end` (see `grow`).
 pub fn reserve(bytes: u64) -> Result<(), MapError> {
     let mut h = HEAP.lock();
-    let r = if h.stats().largest_free as u64 >= bytes { Ok(()) } else { h.grow(bytes + PAGE_SIZE) };
-    h.publish();
-    r
+    crate::inspect::critical(|| {
+        let r = if h.stats().largest_free as u64 >= bytes { Ok(()) } else { h.grow(bytes + PAGE_SIZE) };
+        h.publish();
+        r
+    })
 }
 
 /// Lowers the heap's growth limit (tests of exhaustion); returns the old

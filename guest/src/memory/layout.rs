@@ -36,9 +36,12 @@ pub const STACKS_START: u64 = 0xFFFF_C800_0000_0000;
 pub const STACK_SLOT: u64 = 128 << 10;
 pub const STACK_SLOTS: u64 = 8192;
 
-/// Scratch virtual range the paging tests map and unmap in.
+/// Scratch virtual range the paging tests, benchmarks and `workload=mm`
+/// map and unmap in: everything up to the demand-paged region (they use
+/// offsets up to 0xA0_0000_0000, so the INSPECT report's `scratch_size`
+/// must cover the whole gap for the host to label their pages).
 pub const SCRATCH_START: u64 = 0xFFFF_D000_0000_0000;
-pub const SCRATCH_SIZE: u64 = 1 << 39;
+pub const SCRATCH_SIZE: u64 = DEMAND_START - SCRATCH_START;
 
 /// Demand-paged region: the #PF handler maps a zeroed frame on first touch.
 pub const DEMAND_START: u64 = 0xFFFF_D800_0000_0000;

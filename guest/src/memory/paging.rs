@@ -257,6 +257,11 @@ pub fn make_entry(phys: u64, size: PageSize, flags: PageFlags) -> Result<u64, Ma
 /// every table entry above those leaves; returns the leaves changed. The
 /// caller flushes the TLB (CR3 reload). Used by the CPL3 benchmark mode.
 pub fn set_user_range(start: u64, end: u64, on: bool) -> u64 {
+    // Table entries change: one inspect critical section for the whole range.
+    crate::inspect::critical(|| set_user_range_inner(start, end, on))
+}
+
+fn set_user_range_inner(start: u64, end: u64, on: bool) -> u64 {
     let mut count = 0;
     let mut va = start & !(PAGE_SIZE - 1);
     let bit = PageFlags::USER.0;
