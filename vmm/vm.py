@@ -236,6 +236,7 @@ class Vm:
         self._unparked = threading.Event()
         self.running = False
         self._vcpu_thread: int | None = None
+        _install_stop_signal()  # here too: run() may be called from another thread
         t = time.perf_counter_ns
         t0 = t()
         try:
@@ -337,7 +338,9 @@ class Vm:
         if vcpu is not None and vcpu.run_struct is not None:
             vcpu.run_struct.immediate_exit = 1
         tid = self._vcpu_thread
-        if tid is not None:
+        # Without a handler SIGUSR1 would kill the process: a Vm built and run
+        # outside the main thread relies on immediate_exit alone.
+        if tid is not None and callable(signal.getsignal(STOP_SIGNAL)):
             try:
                 signal.pthread_kill(tid, STOP_SIGNAL)
             except (ProcessLookupError, OSError):

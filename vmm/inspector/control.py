@@ -10,14 +10,18 @@ Protocol: one JSON object per line in each direction.
 
     -> {"op": "hello"}     <- {"ok": true, "facts": {...}}  + the memfd
     -> {"op": "facts"}     <- {"ok": true, "facts": {...}}  (latest reports)
-    -> {"op": "pause"}     <- {"ok": true, "parked": bool, "registers": {...}}
-    -> {"op": "resume"}    <- {"ok": true, "paused_ms": float}
+    -> {"op": "pause"}     <- {"ok": true, "parked": bool, "registers": {...}, "max_pause_ms": float}
+    -> {"op": "resume"}    <- {"ok": true, "paused_ms": float, "expired": bool}
     -> {"op": "status"}    <- {"ok": true, "running": bool, "exits": ..., ...}
     -> {"op": "serial", "since": N}   <- {"ok": true, "data": "...", "next": M}
     -> {"op": "dirty"}     <- {"ok": true, "pages": [page numbers written since the last call]}
 
 A pause lasts until "resume", the client disconnecting, or ``MAX_PAUSE_S``,
-whichever comes first: a dead inspector cannot hold the guest.
+whichever comes first: a dead inspector cannot hold the guest. A pause that
+ran out is not silent: the client's "resume" is answered with expired=true.
+
+Only the socket's owner gets in: the socket is created 0600 whatever the
+umask, and a peer whose uid (SO_PEERCRED) is neither ours nor root is refused.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ import json
 import mmap
 import os
 import socket
+import stat
+import struct
 import threading
 import time
 
 import numpy as np
 
-from .target import ControlRegisters, GuestFacts, facts_from_vm
+from .target import ControlRegisters, GuestFacts, Pause, facts_from_vm
 
 MAX_PAUSE_S = 0.2
 MAX_LINE = 1 << 20
@@ -85,22 +91,15 @@ class ControlServer:
             raise ControlError("the VM's RAM is not memfd-backed; it cannot be shared")
         self.vm = vm
         self.path = path
-        if os.path.exists(path):
-            if not _is_socket(path):
-                raise ControlError(f"{path} exists and is not a socket")
-            with contextlib.suppress(OSError):
-                probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                probe.settimeout(0.2)
-                try:
-                    probe.connect(path)
-                    raise ControlError(f"{path} is in use by another VM")
-                except (ConnectionRefusedError, FileNotFoundError):
-                    os.unlink(path)  # stale socket from a dead VM
-                finally:
-                    probe.close()
+        _clear_stale_socket(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Whoever can connect can pause the guest and map all of its RAM, so the
+        # socket is its owner's alone whatever the umask: Linux gives the bound
+        # file the socket inode's mode (masked by the umask), so set 0600 first.
+        os.fchmod(self.sock.fileno(), 0o600)
         try:
             self.sock.bind(path)
+            os.chmod(path, 0o600)
         except OSError as exc:
             self.sock.close()
             raise ControlError(f"cannot listen on {path}: {exc.strerror}") from None
@@ -146,6 +145,11 @@ class ControlServer:
     def _serve(self, conn: socket.socket) -> None:
         reader = _LineReader(conn)
         try:
+            uid = peer_uid(conn)
+            if uid not in (os.geteuid(), 0):
+                _send(conn, {"ok": False, "error": f"permission denied: uid {uid} does not own this VM"})
+                return
+            expired_ms: float | None = None  # a pause that ran out before the client resumed
             while True:
                 msg = reader.readline()
                 if msg is None:
@@ -171,9 +175,13 @@ class ControlServer:
                         bits = self.vm.dirty_pages()
                         _send(conn, {"ok": True, "pages": np.flatnonzero(bits).tolist()})
                 elif op == "pause":
-                    self._pause(conn, reader)
+                    expired_ms = self._pause(conn, reader)
                 elif op == "resume":
-                    _send(conn, {"ok": False, "error": "not paused"})
+                    if expired_ms is None:
+                        _send(conn, {"ok": False, "error": "not paused"})
+                    else:  # the client learns that its pause ended without it
+                        _send(conn, {"ok": True, "paused_ms": expired_ms, "expired": True})
+                        expired_ms = None
                 else:
                     _send(conn, {"ok": False, "error": f"unknown op {op!r}"})
         except (OSError, ControlError, ValueError):
@@ -181,18 +189,30 @@ class ControlServer:
         finally:
             conn.close()
 
-    def _pause(self, conn: socket.socket, reader: _LineReader) -> None:
+    def _pause(self, conn: socket.socket, reader: _LineReader) -> float | None:
+        """Park the guest until the client resumes, at most MAX_PAUSE_S.
+
+        Returns None after a normal resume, or the pause's length in ms if it
+        expired: the guest then ran again while the client still thought it
+        parked, and the client's next "resume" is answered with expired=true.
+        """
         t0 = time.perf_counter()
         with self.vm.paused() as parked:
             regs = _registers(self.vm) if (parked or not self.vm.running) else None
-            _send(conn, {"ok": True, "parked": bool(parked), "registers": regs})
+            _send(conn, {"ok": True, "parked": bool(parked), "registers": regs,
+                         "max_pause_ms": MAX_PAUSE_S * 1e3})
             try:
                 msg = reader.readline(timeout=MAX_PAUSE_S)
             except TimeoutError:
                 msg = None
         paused_ms = (time.perf_counter() - t0) * 1e3
-        if msg is not None and msg.get("op") == "resume":
-            _send(conn, {"ok": True, "paused_ms": paused_ms})
+        if msg is None:
+            return paused_ms
+        if msg.get("op") == "resume":
+            _send(conn, {"ok": True, "paused_ms": paused_ms, "expired": False})
+        else:
+            _send(conn, {"ok": False, "error": f"op {msg.get('op')!r} while paused: only 'resume' is allowed"})
+        return None
 
 
 def _registers(vm) -> dict | None:
@@ -202,13 +222,41 @@ def _registers(vm) -> dict | None:
     return {"cr0": s.cr0, "cr3": s.cr3, "cr4": s.cr4, "efer": s.efer, "rip": vm.vcpu.get_regs().rip}
 
 
-def _is_socket(path: str) -> bool:
-    import stat
+def peer_uid(conn: socket.socket) -> int:
+    """The connecting process's uid (SO_PEERCRED: struct ucred {pid, uid, gid})."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
 
+
+def _clear_stale_socket(path: str) -> None:
+    """Make room for a new socket at ``path``: only a dead socket of our own goes.
+
+    Anything else at the path (a file, a live VM's socket, another user's
+    socket) is left untouched and refused with one line.
+    """
     try:
-        return stat.S_ISSOCK(os.stat(path).st_mode)
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ControlError(f"cannot check {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlError(f"{path} exists and is not a socket; refusing to replace it")
+    if st.st_uid != os.geteuid():
+        raise ControlError(f"{path} is a socket of uid {st.st_uid}, not ours; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.2)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # stale socket from a dead VM of ours
+        return
     except OSError:
-        return False
+        pass  # busy or timing out: somebody is there
+    finally:
+        probe.close()
+    raise ControlError(f"{path} is in use by another VM")
 
 
 class RemoteTarget:
@@ -233,7 +281,11 @@ class RemoteTarget:
         data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_LINE, 1)
         if not fds:
             self.sock.close()
-            raise ControlError("the VM did not pass its memory (is this a vmm control socket?)")
+            try:
+                refusal = json.loads(data.split(b"\n", 1)[0]).get("error")
+            except (ValueError, AttributeError):
+                refusal = None
+            raise ControlError(refusal or "the VM did not pass its memory (is this a vmm control socket?)")
         self.reader.buf = data
         hello = self.reader.readline(timeout)
         if not hello or not hello.get("ok"):
@@ -269,14 +321,25 @@ class RemoteTarget:
 
     @contextlib.contextmanager
     def paused(self):
+        """Park the remote guest for the block; yields a :class:`Pause`.
+
+        The server lets the guest go after ``max_pause_ms`` whatever the
+        client does. After the block, ``pause.expired`` says whether that
+        happened: what was read in the block may then be torn.
+        """
         reply = self._call({"op": "pause"})
         regs = reply.get("registers")
         self._registers = ControlRegisters(**regs) if regs else None
+        pause = Pause(parked=bool(reply.get("parked")))
         try:
-            yield bool(reply.get("parked"))
+            yield pause
         finally:
-            with contextlib.suppress(ControlError, OSError, TimeoutError):
-                self._call({"op": "resume"})
+            try:
+                done = self._call({"op": "resume"})
+                pause.expired = bool(done.get("expired"))
+                pause.paused_ms = float(done.get("paused_ms", 0.0))
+            except (ControlError, OSError, TimeoutError):
+                pause.expired = pause.parked  # cannot tell: assume the worst
 
     def dirty_pages(self):
         """Pages written since the last call, as a bool array; None if the VM logs none."""

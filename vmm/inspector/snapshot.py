@@ -72,7 +72,8 @@ def take_snapshot(target: Target, *, facts: GuestFacts | None = None, max_tables
     for attempt in range(BUSY_RETRIES):
         snap = _take_snapshot_once(target, facts, max_tables)
         block = snap.extra.get("inspect_block")
-        if block is None or not block.busy or not snap.parked:
+        retake = snap.extra.get("pause_expired") or (block is not None and block.busy and snap.parked)
+        if not retake:
             break
         time.sleep(0.0002 * (attempt + 1))
     snap.extra["busy"] = bool(snap.extra.get("inspect_block") is not None and snap.extra["inspect_block"].busy)
@@ -149,6 +150,9 @@ def _take_snapshot_once(target: Target, facts: GuestFacts, max_tables: int) -> S
         heap = walk_heap(target.physmem, runs, facts)
         t2 = time.perf_counter_ns()
     t3 = time.perf_counter_ns()
+    # A remote pause that ran out let the guest go mid-read: not a parked snapshot.
+    expired = bool(getattr(parked, "expired", False))
+    parked = bool(parked) and not expired
     try:
         target._last_cr3, target._last_nxe = regs.root, nxe_now
     except AttributeError:
@@ -164,7 +168,8 @@ def _take_snapshot_once(target: Target, facts: GuestFacts, max_tables: int) -> S
         walk_ms=(t2 - t1) / 1e6,
         facts=facts,
         parked=bool(parked),
-        extra={"inspect_block": block, "bitmap_raw": bitmap_raw, "heap": heap, "validated_walk": validated},
+        extra={"inspect_block": block, "bitmap_raw": bitmap_raw, "heap": heap, "validated_walk": validated,
+               "pause_expired": expired},
     )
 
 

@@ -95,12 +95,27 @@ class GuestFacts:
         )
 
 
+@dataclass
+class Pause:
+    """What ``Target.paused()`` yields: whether the vCPU is parked, and, once
+    the block has ended, whether the pause ran out before it did (a remote
+    target's server lets the guest go after a bound; reads made after that
+    moment may be torn)."""
+
+    parked: bool
+    expired: bool = False
+    paused_ms: float = 0.0
+
+    def __bool__(self) -> bool:
+        return self.parked
+
+
 class Target(Protocol):
     physmem: object
 
     def control_registers(self) -> ControlRegisters: ...
 
-    def paused(self) -> contextlib.AbstractContextManager[bool]: ...
+    def paused(self) -> contextlib.AbstractContextManager[Pause | bool]: ...
 
     def facts(self) -> GuestFacts: ...
 
