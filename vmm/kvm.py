@@ -189,6 +189,10 @@ class VcpuFd(_FdOwner):
         _ioctl(self.fd, K.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
 
     def translate(self, linear_address: int) -> K.kvm_translation:
+        """KVM_TRANSLATE. Not for observing a guest: it walks like the CPU and
+        sets Accessed bits in the guest's tables, accepts non-canonical
+        addresses and, on PVM, always answers writeable=1, usermode=0
+        (shared/HOST.md). Observers use ``mm.walker`` on guest RAM instead."""
         tr = K.kvm_translation(linear_address=linear_address)
         _ioctl(self.fd, K.KVM_TRANSLATE, tr, "KVM_TRANSLATE")
         return tr
