@@ -23,6 +23,44 @@ if ! have_debian_rust && ! have_rustup_target; then
     $SUDO apt-get install -y -qq cargo-web rustc-web rust-web-src >/dev/null
 fi
 
+# The tests' second KVM backend (vmm/svm: KVM-SVM nested in QEMU TCG): QEMU,
+# a static busybox, and Debian's cloud kernel, which ships kvm-amd.ko. The
+# kernel package is unpacked into the cache with dpkg-deb -x, never installed
+# as this machine's kernel. `vmm svm` itself never touches the network.
+SVM_LINUX="${PYVMM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pyvmm}/svm/linux"
+svm_apt() {
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get "$@"
+}
+svm_kernel_pkg() {  # the versioned package behind the linux-image-cloud-amd64 metapackage
+    apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
+}
+svm_missing=""
+command -v qemu-system-x86_64 >/dev/null 2>&1 || svm_missing="$svm_missing qemu-system-x86"
+[ -x /bin/busybox ] || svm_missing="$svm_missing busybox-static"
+svm_pkg="$(svm_kernel_pkg)"
+if [ -n "$svm_missing" ] || [ -z "$svm_pkg" ]; then
+    echo "setup: installing the SVM test backend's packages:${svm_missing:- (package lists)}..." >&2
+    svm_apt update -qq
+    [ -z "$svm_missing" ] || svm_apt install -y -qq --no-install-recommends $svm_missing >/dev/null
+    svm_pkg="$(svm_kernel_pkg)"
+fi
+if [ -z "$svm_pkg" ]; then
+    echo "setup: warning: linux-image-cloud-amd64 is not available from apt; the SVM test pass will be unavailable" >&2
+elif [ ! -d "$SVM_LINUX/$svm_pkg/boot" ]; then
+    echo "setup: unpacking $svm_pkg for the SVM test backend into $SVM_LINUX..." >&2
+    svm_tmp="$(mktemp -d)"
+    chmod 755 "$svm_tmp"  # apt's download sandbox user must be able to write here
+    (cd "$svm_tmp" && svm_apt download -qq "$svm_pkg" >/dev/null 2>&1)
+    mkdir -p "$SVM_LINUX"
+    dpkg-deb -x "$svm_tmp"/*.deb "$SVM_LINUX/.$svm_pkg.tmp"
+    rm -rf "$svm_tmp" "$SVM_LINUX/$svm_pkg"
+    mv "$SVM_LINUX/.$svm_pkg.tmp" "$SVM_LINUX/$svm_pkg"
+    for old in "$SVM_LINUX"/*/; do  # one kernel at a time
+        [ "$old" = "$SVM_LINUX/$svm_pkg/" ] || rm -rf "$old"
+    done
+fi
+
 PY="${PYTHON:-python3}"
 echo "setup: installing Python dependencies..." >&2
 "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'
