@@ -85,7 +85,9 @@ pub struct InspectBlock {
     pub heap_cached_bytes: u64,
     /// Iterations of the `workload=` loop so far.
     pub workload_iters: u64,
-    pub reserved: u64,
+    /// Virtual address of the heap index (`heap::HeapIndex`: backing
+    /// allocator, findings, TLSF lists); 0 before the heap exists.
+    pub heap_index: u64,
     pub stacks: [StackRecord; MAX_STACKS],
 }
 
@@ -111,7 +113,7 @@ const _: () = assert!(offset_of!(InspectBlock, heap_allocs) == 120);
 const _: () = assert!(offset_of!(InspectBlock, heap_frees) == 128);
 const _: () = assert!(offset_of!(InspectBlock, heap_cached_bytes) == 136);
 const _: () = assert!(offset_of!(InspectBlock, workload_iters) == 144);
-const _: () = assert!(offset_of!(InspectBlock, reserved) == 152);
+const _: () = assert!(offset_of!(InspectBlock, heap_index) == 152);
 const _: () = assert!(offset_of!(InspectBlock, stacks) == 160);
 
 struct Global(UnsafeCell<InspectBlock>);
@@ -143,7 +145,7 @@ static BLOCK: Global = Global(UnsafeCell::new(InspectBlock {
     heap_frees: 0,
     heap_cached_bytes: 0,
     workload_iters: 0,
-    reserved: 0,
+    heap_index: 0,
     stacks: [StackRecord::EMPTY; MAX_STACKS],
 }));
 

@@ -66,8 +66,12 @@ pub extern "sysv64" fn _start(boot_info: &'static BootInfo) -> ! {
     ALLOCATOR_WORD.store(
         match cmdline.get("allocator") {
             Some("list") => 1,
-            Some("fast") => 2,
-            _ => 0,
+            Some("tlsf") | Some("fast") => 2,
+            Some(other) => {
+                println!("kernel: unknown allocator={:?}, using tlsf", other);
+                0
+            }
+            None => 0,
         },
         Ordering::Relaxed,
     );
@@ -89,14 +93,14 @@ pub extern "sysv64" fn _start(boot_info: &'static BootInfo) -> ! {
     unsafe { memory::stack::switch_to(top, kernel_main, &cmdline_copy as *const CmdlineCell as u64) }
 }
 
-/// `allocator=list|fast` from the command line (read before the heap is used).
+/// `allocator=tlsf|list` from the command line: the heap's backing
+/// allocator (`fast`, the old name of the default, means `tlsf`).
 static ALLOCATOR_WORD: AtomicU64 = AtomicU64::new(0);
 
-fn cmdline_allocator() -> Option<memory::heap::Mode> {
+fn cmdline_backing() -> memory::heap::Backing {
     match ALLOCATOR_WORD.load(Ordering::Relaxed) {
-        1 => Some(memory::heap::Mode::List),
-        2 => Some(memory::heap::Mode::Fast),
-        _ => None,
+        1 => memory::heap::Backing::List,
+        _ => memory::heap::Backing::Tlsf,
     }
 }
 
@@ -155,15 +159,12 @@ fn init_memory(bi: &'static BootInfo, phases: &mut BootPhases) {
         Err(e) => panic!("frame allocator: {:?}", e),
     }
     phases.mark("frame bitmap");
-    if let Err(e) = memory::heap::init() {
+    if let Err(e) = memory::heap::init(cmdline_backing()) {
         panic!("heap: {:?}", e);
     }
     phases.mark("heap");
     memory::demand::init();
     phases.mark("demand region");
-    if let Some(a) = cmdline_allocator() {
-        memory::heap::set_mode(a);
-    }
 }
 
 /// Runs on the guarded kernel stack. `arg` points at the command line,
@@ -266,6 +267,8 @@ pub fn send_inspect() {
             .kv_hex("heap_start", heap.start)
             .kv_hex("heap_end", heap.end)
             .kv_hex("heap_free_head", heap.free_head)
+            .kv("heap_allocator", memory::heap::backing().name())
+            .kv_hex("heap_index", memory::heap::index_addr())
             .kv_hex("demand_start", memory::layout::DEMAND_START)
             .kv_hex("demand_size", memory::layout::DEMAND_SIZE)
             .kv_hex("scratch_start", memory::layout::SCRATCH_START)

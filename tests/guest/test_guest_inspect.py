@@ -23,7 +23,7 @@ FIELDS = {
     "bitmap_phys": (72, "Q"), "bitmap_bits": (80, "Q"), "stack_count": (88, "I"),
     "current_task": (92, "I"), "demand_start": (96, "Q"), "demand_end": (104, "Q"),
     "demand_faults": (112, "Q"), "heap_allocs": (120, "Q"), "heap_frees": (128, "Q"),
-    "heap_cached_bytes": (136, "Q"), "workload_iters": (144, "Q"), "reserved": (152, "Q"),
+    "heap_cached_bytes": (136, "Q"), "workload_iters": (144, "Q"), "heap_index": (152, "Q"),
 }
 STACKS_OFF, STACK_REC, MAX_STACKS = 160, 40, 16
 
@@ -60,7 +60,9 @@ def test_block_readable_and_current(vmm_boot):
     assert b["magic"] == MAGIC and b["version"] == 1 and b["size"] == SIZE
     assert b["seq"] % 2 == 0
     assert b["heap_start"] == ins.int("heap_start")
-    assert b["heap_start"] <= b["heap_free_head"] < b["heap_end"]
+    # The default TLSF heap publishes its index (the free-list head is the list allocator's).
+    assert b["heap_free_head"] == 0 and b["heap_index"] == ins.int("heap_index") != 0
+    assert ins.get("heap_allocator") == "tlsf"
     assert b["bitmap_phys"] == ins.int("bitmap_phys")
     assert b["bitmap_bits"] == ins.int("bitmap_bits")
     assert 0 < b["frames_free"] <= b["bitmap_bits"]

@@ -17,6 +17,14 @@ measured in the same run:
 - demand fault: a Linux minor fault (anonymous ``mmap``, first touch);
 - map+unmap: ``mmap(MAP_POPULATE)`` + ``munmap`` of one page.
 
+- aligned allocations (a name ending ``_a512``): glibc ``aligned_alloc``.
+
+The heap's backing allocator is fixed at boot (``allocator=tlsf|list``), so
+when the guest runs its heap benchmarks, each run also boots the guest with
+``bench=heap allocator=list`` and the first-fit rows stand beside TLSF's in
+the same report. The guest's fragmentation trace (INFO ``event=heap_frag``,
+both allocators on one trace) becomes its own section.
+
 INVLPG and CR3 flushes have no user-space equivalent: no baseline. Unknown
 benchmarks are shown as the guest named them. On KVM-PVM CPL0 code is
 emulated and CPL3 code native, so every row carries the privilege level.
@@ -54,6 +62,8 @@ _LARGE = re.compile(r"large|big|page", re.I)
 #: A size in a benchmark's name: ``alloc_free_64``, ``alloc_free_4k``, ``map_unmap_2m``.
 _NAME_SIZE = re.compile(r"(?:^|_)(\d+)([kmg]?)(?:_|$)", re.I)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+#: An alignment in a benchmark's name: ``alloc_free_64_a512``.
+_NAME_ALIGN = re.compile(r"_a(\d+)$")
 SMALL_DEFAULT, LARGE_DEFAULT = 64, 4096
 
 
@@ -70,10 +80,17 @@ class GuestBench:
     figure: dict  # in the guest's unit (cycles)
     bench_id: str | None = None  # the guest's unique id, when it sends one
     extra: tuple = ()  # other keys the guest sent, as (key, value) pairs
+    align: int = 0  # alignment above 16 asked for (0: default)
 
     @property
     def ident(self) -> tuple:
         return (self.bench_id,) if self.bench_id else (self.name, self.cpl, self.size, self.freelist_len, self.impl)
+
+
+def align_from_name(name: str) -> int:
+    """``alloc_free_64_a512`` -> 512; 0 if the name asks for no alignment."""
+    m = _NAME_ALIGN.search(name)
+    return int(m.group(1)) if m else 0
 
 
 def size_from_name(name: str) -> int | None:
@@ -111,7 +128,7 @@ def decode(report) -> GuestBench | None:
     known = {"name", "id", "unit", "n", "p50", "p99", "min", "max", "cpl", "size", "freelist_len", "impl"}
     extra = tuple(sorted((k, v) for k, v in report.fields.items() if k not in known))
     return GuestBench(name, classify(name, size), report.int("cpl"), size, report.int("freelist_len"),
-                      report.get("impl"), fig, report.get("id"), extra)
+                      report.get("impl"), fig, report.get("id"), extra, align_from_name(name))
 
 
 def to_ns(fig: dict, tsc_khz: int | float) -> dict:
@@ -132,7 +149,7 @@ def merge_runs(runs: list[list[GuestBench]]) -> list[GuestBench]:
         first = items[0]
         fig = merge_distributions([b.figure for b in items]) if len(items) > 1 else dict(first.figure, runs=1)
         out.append(GuestBench(first.name, first.kind, first.cpl, first.size, first.freelist_len, first.impl, fig,
-                              first.bench_id, first.extra))
+                              first.bench_id, first.extra, first.align))
     return out
 
 
@@ -147,7 +164,7 @@ def baseline_requests(benches: list[GuestBench]) -> set[tuple]:
     req: set[tuple] = set()
     for b in benches:
         if b.kind in ("small_alloc", "large_alloc"):
-            req.add(("malloc", alloc_size(b), b.freelist_len or 0))
+            req.add(("malloc", alloc_size(b), b.freelist_len or 0) + ((b.align,) if b.align > 16 else ()))
         elif b.kind == "demand_fault":
             req.add(("fault",))
         elif b.kind == "map_unmap":
@@ -158,6 +175,8 @@ def baseline_requests(benches: list[GuestBench]) -> set[tuple]:
 def baseline_label(req: tuple) -> str:
     if req[0] == "malloc":
         extra = f", {req[2]} free chunk{'s' if req[2] != 1 else ''}" if req[2] else ""
+        if len(req) > 3:
+            return f"glibc aligned_alloc({req[3]})+free {human_bytes(req[1])}{extra}"
         return f"glibc malloc+free {human_bytes(req[1])}{extra}"
     if req[0] == "fault":
         return "Linux minor fault (mmap + first touch)"
@@ -173,7 +192,7 @@ def measure_baselines(requests: set[tuple], quick: bool) -> tuple[dict[tuple, di
         khz = hb.tsc_khz()
         for req in sorted(requests, key=str):
             if req[0] == "malloc":
-                out[req] = hb.malloc_free(req[1], 20_000 if quick else 200_000, khz, req[2])
+                out[req] = hb.malloc_free(req[1], 20_000 if quick else 200_000, khz, req[2], *req[3:])
             elif req[0] == "fault":
                 out[req] = hb.minor_fault(2048 if quick else 8192, 2 if quick else 4, khz)
             elif req[0] == "map":
@@ -193,7 +212,7 @@ def human_bytes(n: int) -> str:
 def label(b: GuestBench) -> str:
     parts = []
     if b.size is not None and b.kind in ("small_alloc", "large_alloc"):
-        parts.append(human_bytes(b.size))
+        parts.append(human_bytes(b.size) + (f" aligned {b.align}" if b.align > 16 else ""))
     if b.freelist_len is not None:
         parts.append(f"free list {b.freelist_len}")
     if b.impl:
@@ -250,14 +269,14 @@ def growth_section(benches: list[GuestBench], tsc_khz: float, baselines: dict[tu
     """
     groups: dict[tuple, dict[int, GuestBench]] = {}
     for b in benches:
-        if b.kind == "small_alloc" and b.freelist_len is not None:
+        if b.kind in ("small_alloc", "large_alloc") and b.freelist_len is not None:
             groups.setdefault((b.name, b.impl or "", -1 if b.cpl is None else b.cpl), {})[b.freelist_len] = b
     groups = {k: v for k, v in groups.items() if len(v) > 1}
     if not groups:
         return None
     sec = Section("guest_freelist", "Small allocation + free vs free-list length (each beside the shortest list)")
     lengths: set[int] = set()
-    sizes: set[int] = set()
+    sizes: set[tuple] = set()
     for (name, impl, cpl), by_len in sorted(groups.items()):
         first = min(by_len)
         ref = to_ns(by_len[first].figure, tsc_khz)
@@ -266,19 +285,70 @@ def growth_section(benches: list[GuestBench], tsc_khz: float, baselines: dict[tu
         for n in sorted(by_len):
             b = by_len[n]
             lengths.add(n)
-            sizes.add(alloc_size(b))
+            sizes.add((alloc_size(b),) + ((b.align,) if b.align > 16 else ()))
             sec.add(f"{name}/{impl}/cpl{cpl}/fl{n}", f"free list {n}", to_ns(b.figure, tsc_khz), indent=1,
                     cpl=None if cpl < 0 else cpl, baseline=ref if n != first else None,
                     baseline_label=f"free list {first}" if n != first else "")
-    for size in sorted(sizes):
-        host = {n: baselines[("malloc", size, n)] for n in sorted(lengths) if ("malloc", size, n) in baselines}
+    for shape in sorted(sizes):
+        size, align = shape[0], shape[1:]
+        host = {n: baselines[("malloc", size, n) + align] for n in sorted(lengths) if ("malloc", size, n) + align in baselines}
         if len(host) > 1:
             first = min(host)
-            sec.add(f"glibc/{size}", f"host: glibc malloc+free {human_bytes(size)}", None)
+            key = f"{size}" + (f"a{align[0]}" if align else "")
+            sec.add(f"glibc/{key}", f"host: {baseline_label(('malloc', size, 0) + align)}", None)
             for n, fig in host.items():
-                sec.add(f"glibc/{size}/fl{n}", f"{n} free chunk{'s' if n != 1 else ''}", fig, indent=1,
+                sec.add(f"glibc/{key}/fl{n}", f"{n} free chunk{'s' if n != 1 else ''}", fig, indent=1,
                         baseline=host[first] if n != first else None,
                         baseline_label=f"{first} free chunk{'s' if first != 1 else ''}" if n != first else "")
+    return sec
+
+
+def frag_reports(result) -> list[dict]:
+    """The guest's fragmentation-trace results (INFO ``event=heap_frag``), one per allocator."""
+    return [dict(r.fields) for r in result.reports_of(ReportKind.INFO) if r.get("event") == "heap_frag"]
+
+
+def _int(d: dict, k: str) -> int:
+    try:
+        return int(d.get(k, 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def frag_section(frags: list[dict]) -> Section | None:
+    """Fragmentation after the same random churn trace on each allocator, first fit as baseline (pure)."""
+    by = {f.get("allocator"): f for f in frags if f.get("allocator")}
+    if not by:
+        return None
+    first = next(iter(by.values()))
+    sec = Section("guest_frag", "Heap fragmentation after a random churn trace (same trace on each allocator)")
+    sec.meta = {k: first.get(k) for k in ("ops", "seed", "cpl", "live_blocks", "live_bytes")}
+
+    def fig(v: float, unit: str) -> dict:
+        return {"median": float(v), "min": float(v), "max": float(v), "n": 1, "unit": unit}
+
+    def figures(f: dict) -> dict[str, dict]:
+        free, largest = _int(f, "free_bytes"), _int(f, "largest_free")
+        return {
+            "pages": fig(_int(f, "pages"), "pages"),
+            "free_over_largest": fig(free / largest if largest else 0.0, "x"),
+            "free_bytes": fig(free, "bytes"),
+            "largest_free": fig(largest, "bytes"),
+            "free_blocks": fig(_int(f, "free_blocks"), "blocks"),
+        }
+
+    labels = {"pages": "heap pages in use (high-water mark)", "free_over_largest": "free bytes / largest free block",
+              "free_bytes": "free bytes", "largest_free": "largest free block", "free_blocks": "free blocks"}
+    base = figures(by["list"]) if "list" in by else None
+    for name in sorted(by, key=lambda n: (n != "tlsf", n)):
+        f = by[name]
+        sec.add(f"frag/{name}", f"{name} ({'check ok' if f.get('check') == 'ok' else 'CORRUPT'})", None)
+        for key, value in figures(f).items():
+            baseline = base[key] if base is not None and name != "list" else None
+            sec.add(f"frag/{name}/{key}", labels[key], value, indent=1, cpl=_int(f, "cpl"),
+                    baseline=baseline, baseline_label="first fit" if baseline else "")
+    sec.message = (f"{first.get('ops')} operations, {first.get('live_blocks')} blocks "
+                   f"({first.get('live_bytes')} B) live at the end; lower is better")
     return sec
 
 
@@ -306,7 +376,9 @@ def icount_section(counts: list[tuple[str, str, int]]) -> Section | None:
     return sec
 
 
-_LAST_ICOUNTS: list[tuple[str, str, int]] = []
+#: Instruction counts by (name, impl), the last boot's winning (they are exact).
+_LAST_ICOUNTS: dict[tuple[str, str], int] = {}
+_LAST_FRAG: list[dict] = []
 
 
 def boot_benchmarks(image, cmdline: str, timeout: float, backend=None) -> tuple[list[GuestBench], float, str]:
@@ -315,9 +387,11 @@ def boot_benchmarks(image, cmdline: str, timeout: float, backend=None) -> tuple[
         tsc_khz = vm.tsc_khz
         result = vm.run()
     benches = [b for r in result.reports_of(ReportKind.BENCH) if (b := decode(r)) is not None]
-    counts = instruction_counts(result)
-    if counts:
-        _LAST_ICOUNTS[:] = counts
+    for name, impl, n in instruction_counts(result):
+        _LAST_ICOUNTS[(name, impl)] = n
+    frags = frag_reports(result)
+    if frags:
+        _LAST_FRAG[:] = frags
     problem = "" if result.exit_code == 0 else f"guest stopped: {result.message} (exit {result.exit_code})"
     return benches, tsc_khz, problem
 
@@ -346,16 +420,36 @@ def cpl_agreement(benches: list[GuestBench], backend: str) -> str:
     return f"CPL0 and CPL3 disagree by more than 25 % on {', '.join(off)} ({backend}): look into it"
 
 
+def list_allocator_cmdline(cmdline: str) -> str | None:
+    """The extra boot that measures the first-fit list beside TLSF, if ``cmdline`` runs the heap benchmarks (pure)."""
+    words = dict(w.split("=", 1) for w in cmdline.split() if "=" in w)
+    if "allocator" in words:
+        return None
+    bench = set(words.get("bench", "").split(","))
+    if not bench & {"all", "cpl3", "heap"}:
+        return None
+    extra = ",icount" if bench & {"all", "icount"} else ""
+    rest = " ".join(w for w in cmdline.split() if not w.startswith("bench="))
+    return f"bench=heap{extra} allocator=list" + (f" {rest}" if rest else "")
+
+
 def run(image, runs: int, *, quick: bool, cmdline: str = "bench=all", timeout: float = 300.0,
         backend=None) -> list[Section]:
     _LAST_ICOUNTS.clear()
+    _LAST_FRAG.clear()
     all_runs, problems, tsc_khz = [], [], 0.0
+    list_cmdline = list_allocator_cmdline(cmdline)
     for _ in range(runs):
         benches, tsc_khz, problem = boot_benchmarks(image, cmdline, timeout, backend)
         if problem:
             problems.append(problem)
         if not benches:
             break  # a guest without benchmarks will not grow them on the next boot
+        if list_cmdline:
+            more, _khz, problem = boot_benchmarks(image, list_cmdline, timeout, backend)
+            if problem:
+                problems.append(f"allocator=list: {problem}")
+            benches = benches + more
         all_runs.append(benches)
     merged = merge_runs(all_runs)
     requests = baseline_requests(merged) if merged else {
@@ -368,5 +462,6 @@ def run(image, runs: int, *, quick: bool, cmdline: str = "bench=all", timeout: f
     main = section_from(merged, tsc_khz, baselines, message="; ".join(msgs),
                         meta={"cmdline": cmdline, "boots": len(all_runs), "memory": GUEST_RAM})
     growth = growth_section(merged, tsc_khz, baselines)
-    icounts = icount_section(list(_LAST_ICOUNTS))
-    return [s for s in (main, growth, icounts) if s is not None]
+    icounts = icount_section([(n, i, c) for (n, i), c in _LAST_ICOUNTS.items()])
+    frag = frag_section(list(_LAST_FRAG))
+    return [s for s in (main, growth, icounts, frag) if s is not None]

@@ -98,7 +98,11 @@ static void emit(const char *what, long size, long extra, uint64_t *s, long n, u
 
 /* malloc(size) + free with `freelist` chunks of the same size already free
    (every other one of 2*freelist, so they cannot coalesce). */
-static void bench_malloc(long size, long iters, long freelist) {
+static void *alloc_aligned(long size, long align) {
+    return align > 16 ? aligned_alloc(align, (size + align - 1) / align * align) : malloc(size);
+}
+
+static void bench_malloc(long size, long iters, long freelist, long align) {
     uint64_t ovh = overhead();
     void **keep = NULL;
     if (freelist > 0) {
@@ -107,10 +111,10 @@ static void bench_malloc(long size, long iters, long freelist) {
         for (long i = 0; i < 2 * freelist; i += 2) { free(keep[i]); keep[i] = NULL; }
     }
     uint64_t *s = calloc(iters, sizeof *s);
-    for (long i = 0; i < iters / 10; i++) { void *p = malloc(size); sink = p; free(p); }  /* warm up */
+    for (long i = 0; i < iters / 10; i++) { void *p = alloc_aligned(size, align); sink = p; free(p); }  /* warm up */
     for (long i = 0; i < iters; i++) {
         uint64_t a = t_start();
-        void *p = malloc(size);
+        void *p = alloc_aligned(size, align);
         sink = p;
         free(p);
         s[i] = t_end() - a;
@@ -196,12 +200,12 @@ static void bench_kvm_setup(long mem, long reps) {
 
 int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "tsc")) bench_tsc();
-    else if (argc >= 5 && !strcmp(argv[1], "malloc")) bench_malloc(atol(argv[2]), atol(argv[3]), atol(argv[4]));
+    else if (argc >= 5 && !strcmp(argv[1], "malloc")) bench_malloc(atol(argv[2]), atol(argv[3]), atol(argv[4]), argc >= 6 ? atol(argv[5]) : 0);
     else if (argc >= 4 && !strcmp(argv[1], "fault")) bench_fault(atol(argv[2]), atol(argv[3]));
     else if (argc >= 3 && !strcmp(argv[1], "mapunmap")) bench_map_unmap(atol(argv[2]));
     else if (argc >= 4 && !strcmp(argv[1], "kvmsetup")) bench_kvm_setup(atol(argv[2]), atol(argv[3]));
     else {
-        fprintf(stderr, "usage: host_bench tsc | malloc SIZE ITERS FREELIST | fault PAGES REPS | mapunmap ITERS"
+        fprintf(stderr, "usage: host_bench tsc | malloc SIZE ITERS FREELIST [ALIGN] | fault PAGES REPS | mapunmap ITERS"
                         " | kvmsetup MEMORY REPS\n");
         return 2;
     }
@@ -282,9 +286,9 @@ def cycles_figure(raw: dict, khz: float) -> dict:
     return scale(fig, 1e6 / khz, "ns")
 
 
-def malloc_free(size: int, iters: int, khz: float, freelist: int = 0) -> dict:
-    """glibc malloc(size) + free, per operation pair, in ns."""
-    return cycles_figure(_run("malloc", size, iters, freelist), khz)
+def malloc_free(size: int, iters: int, khz: float, freelist: int = 0, align: int = 0) -> dict:
+    """glibc malloc(size) (aligned_alloc above 16-byte alignment) + free, per operation pair, in ns."""
+    return cycles_figure(_run("malloc", size, iters, freelist, align), khz)
 
 
 def minor_fault(pages: int, reps: int, khz: float) -> dict:

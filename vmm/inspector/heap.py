@@ -1,7 +1,13 @@
-"""The guest's heap free list, walked from the host.
+"""The guest's heap, walked from the host.
 
-The guest's linked-list allocator keeps free blocks in address order, each
-starting with a node ``{size: u64, next: u64}`` (guest/src/memory/heap.rs).
+Which walk applies comes from the heap index (inspect block ``heap_index``,
+docs/ABI.md "Heap index"): the TLSF allocator (the default) is walked by
+``tlsf.walk_tlsf`` (tags and segregated lists); the first-fit list
+(``allocator=list``, or a guest without a heap index) by ``walk_free_list``
+below. Both fill a ``HeapView``.
+
+The first-fit allocator keeps free blocks in address order, each
+starting with a node ``{size: u64, next: u64}`` (guest/src/memory/firstfit.rs).
 The walk trusts nothing: a pointer outside the heap, a misaligned or
 unmapped node, a size that runs past the heap, a list that is not in
 address order, or a cycle ends the walk with a finding; at most
@@ -47,6 +53,13 @@ class HeapView:
     blocks: list[tuple[int, int]] = field(default_factory=list)  # (address, size)
     findings: list[Finding] = field(default_factory=list)
     truncated: bool = False
+    allocator: str = "list"
+    #: TLSF only: blocks in use (tag walk), of which held by the size-class caches,
+    #: members per segregated list ("fl.sl"), findings the guest counted itself.
+    used_blocks: int | None = None
+    cached_blocks: int = 0
+    lists: dict[str, int] = field(default_factory=dict)
+    guest_findings: int = 0
 
     @property
     def free_bytes(self) -> int:
@@ -84,6 +97,11 @@ class HeapView:
             "blocks": [[a, s] for a, s in self.blocks[:4096]],
             "truncated": self.truncated,
             "findings": [str(f) for f in self.findings],
+            "allocator": self.allocator,
+            "used_blocks": self.used_blocks,
+            "cached_blocks": self.cached_blocks,
+            "lists": {k: v for k, v in self.lists.items() if v},
+            "guest_findings": self.guest_findings,
         }
 
 
@@ -132,3 +150,21 @@ def walk_free_list(
 def physmem_contains(physmem, paddr: int, n: int) -> bool:
     size = getattr(physmem, "size", None)
     return size is None or (0 <= paddr and paddr + n <= size)
+
+
+def walk_heap_any(physmem, translator: RunTranslator, heap_start: int, heap_end: int, head: int,
+                  index: int | None) -> HeapView:
+    """The walk the guest's heap index asks for: TLSF, or the first-fit list."""
+    from .tlsf import BACKING_TLSF, VirtReader, read_index_header, walk_tlsf
+
+    if index:
+        hdr = read_index_header(VirtReader(physmem, translator), index)
+        if hdr is not None and hdr.backing == BACKING_TLSF:
+            return walk_tlsf(physmem, translator, index, heap_start, heap_end)
+        view = walk_free_list(physmem, translator, head, heap_start, heap_end)
+        if hdr is None:
+            view.findings.append(Finding("heap-index", index, 0, f"no readable heap index at {index:#x}", Severity.ERROR))
+        elif hdr.findings:
+            view.guest_findings = hdr.findings
+        return view
+    return walk_free_list(physmem, translator, head, heap_start, heap_end)

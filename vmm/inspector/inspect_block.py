@@ -57,7 +57,7 @@ class InspectBlockRaw(C.LittleEndianStructure):
         ("heap_frees", u64),
         ("heap_cached_bytes", u64),
         ("workload_iters", u64),
-        ("reserved", u64),
+        ("heap_index", u64),
         ("stacks", StackRecord * MAX_STACKS),
     ]
 
@@ -116,7 +116,7 @@ def read_inspect_block(physmem, paddr: int, retries: int = 8) -> InspectBlock:
     values = {
         name: getattr(raw, name)
         for name, _ in InspectBlockRaw._fields_
-        if name not in ("magic", "version", "size", "seq", "stacks", "stack_count", "current_task", "reserved")
+        if name not in ("magic", "version", "size", "seq", "stacks", "stack_count", "current_task")
     }
     stacks = [
         Stack(r.task_id, r.base, r.top, r.guard_low, r.guard_high)

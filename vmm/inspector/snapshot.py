@@ -190,12 +190,12 @@ def read_bitmaps(physmem, facts: GuestFacts) -> bytes | None:
 
 
 def walk_heap(physmem, runs: RunArrays, facts: GuestFacts):
-    from .heap import RunTranslator, walk_free_list
+    from .heap import RunTranslator, walk_heap_any
 
     start, end, head = (facts.inspect_int(k) for k in ("heap_start", "heap_end", "heap_free_head"))
     if start is None or end is None or head is None:
         return None
-    return walk_free_list(physmem, RunTranslator(runs), head, start, end)
+    return walk_heap_any(physmem, RunTranslator(runs), start, end, head, facts.inspect_int("heap_index"))
 
 
 def _read_block(physmem, facts: GuestFacts):

@@ -5,14 +5,19 @@
 //!
 //! Free list of length L: L-1 free 32-byte fragments (each followed by a
 //! live 32-byte block, so they cannot merge) lie before the block that
-//! serves the 64-byte request, so the list allocator walks past all of them
-//! on allocation and on free (address-ordered insert). `freelist_len` is the
-//! measured length (the heap may hold a few other fragments).
+//! serves the request, so the first-fit list walks past all of them on
+//! allocation and on free (address-ordered insert); TLSF keeps them on the
+//! 48-byte list and never looks at them. `freelist_len` is the measured
+//! number of free blocks (the heap may hold a few other fragments).
+//!
+//! Requests: 64 B (`alloc_free_64`, with the backing allocator alone and
+//! with the size-class caches in front), 3 KiB (`alloc_free_3k`) and 64 B
+//! aligned to 512 (`alloc_free_64_a512`), which the caches never serve.
 
 use super::timing::{calibrate, measure, Stats};
 use super::user;
 use super::{emit, Extra, Selection};
-use crate::memory::heap::{self, Mode};
+use crate::memory::heap::{self, Backing, Mode};
 use crate::memory::paging::{self, PageFlags, PageSize};
 use crate::memory::frames;
 use alloc::alloc::{alloc, dealloc, Layout};
@@ -39,10 +44,20 @@ const FRAG: Layout = match Layout::from_size_align(32, 16) {
     Ok(l) => l,
     Err(_) => panic!(),
 };
-const SMALL: Layout = match Layout::from_size_align(64, 16) {
-    Ok(l) => l,
-    Err(_) => panic!(),
-};
+/// The sizes measured at every free-list length: (name, layout). 3 KiB and
+/// the 512-aligned request always miss the size-class caches.
+const SHAPES: [(&str, Layout); 3] = [
+    ("alloc_free_64", layout(64, 16)),
+    ("alloc_free_3k", layout(3072, 16)),
+    ("alloc_free_64_a512", layout(64, 512)),
+];
+
+const fn layout(size: usize, align: usize) -> Layout {
+    match Layout::from_size_align(size, align) {
+        Ok(l) => l,
+        Err(_) => panic!(),
+    }
+}
 
 /// Makes `len - 1` unmergeable 32-byte holes; returns the measured list length.
 fn build(len: u64) -> u64 {
@@ -104,12 +119,12 @@ fn at<R: Copy + Default>(cpl: u8, mut f: impl FnMut() -> R) -> R {
     }
 }
 
-fn small_alloc_free(n: usize, overhead: u64) -> Stats {
+fn alloc_free(l: Layout, n: usize, overhead: u64) -> Stats {
     measure(n, overhead, |_| {
         // SAFETY: non-zero layout; freed right away.
         unsafe {
-            let p = black_box(alloc(SMALL));
-            dealloc(p, SMALL);
+            let p = black_box(alloc(l));
+            dealloc(p, l);
         }
     })
 }
@@ -117,43 +132,61 @@ fn small_alloc_free(n: usize, overhead: u64) -> Stats {
 pub fn run(sel: &Selection) {
     let set0 = sel.cpl0_set();
     let set3 = sel.cpl3_set();
-    let cpl3_ok = set3 || sel.has_cpl3_name();
+    // `bench=heap`: only the heap shapes, at every free-list length, at
+    // CPL3 (and 64 B at CPL0): what `vmm bench` boots `allocator=list` for.
+    let heap_only = sel.has("heap");
+    let cpl3_ok = set3 || heap_only || sel.has_cpl3_name();
     let mut cpls: [(u8, bool, u64); 2] = [(0, true, 0), (3, cpl3_ok, 0)];
-    let any = set0 || set3 || ["alloc_free_64", "frame_alloc_free", "pte_build", "translate"].iter().any(|n| sel.wants(false, n));
+    let any = set0 || set3 || heap_only || ["alloc_free_64", "alloc_free_3k", "alloc_free_64_a512", "frame_alloc_free", "pte_build", "translate"].iter().any(|n| sel.wants(false, n));
     if !any {
         return;
     }
     for c in cpls.iter_mut().filter(|c| c.1) {
         c.2 = at(c.0, || calibrate(N0));
     }
-    let lengths: &[u64] = if set3 { &LENGTHS } else { &LENGTHS[..2] };
+    let lengths: &[u64] = if set3 || heap_only { &LENGTHS } else { &LENGTHS[..2] };
 
-    if sel.wants(set0 || set3, "alloc_free_64") {
+    let shapes: alloc::vec::Vec<(&str, Layout)> =
+        SHAPES.iter().copied().filter(|(name, _)| sel.wants(set0 || set3 || heap_only, name)).collect();
+    if !shapes.is_empty() {
         let default_mode = heap::mode();
-        for imp in [Mode::List, Mode::Fast] {
+        let backing = heap::backing();
+        // The backing allocator alone, then with the size-class caches in
+        // front (only 64 B can hit them).
+        let fast_name = if backing == Backing::Tlsf { "fast" } else { "fast-list" };
+        for (mode, imp) in [(Mode::Backing, backing.name()), (Mode::Fast, fast_name)] {
             for &len in lengths {
-                heap::set_mode(Mode::List);
-                // Room for the fragments without growing (growing maps pages:
-                // privileged, impossible at CPL3).
-                heap::reserve(len * 64 + (64 << 10)).expect("heap reserve");
+                heap::set_mode(Mode::Backing);
+                // Room for the fragments (48 B each with TLSF tags) without
+                // growing (growing maps pages: privileged, impossible at CPL3).
+                heap::reserve(len * 128 + (128 << 10)).expect("heap reserve");
                 let builder = if len > 64 && cpl3_ok { 3 } else { 0 };
                 let measured = at(builder, || build(len));
-                heap::set_mode(imp);
-                for &(cpl, on, overhead) in cpls.iter().filter(|c| c.1) {
-                    // Under CPL0 emulation a walk of 16384 nodes costs ~50 ms.
-                    let n = if cpl == 3 { N3 } else { (N0 as u64 * 64 / len.max(64)).max(5) as usize };
-                    let _ = on;
-                    let st = at(cpl, || small_alloc_free(n, overhead));
-                    let id = alloc::format!("alloc_free_64.{}.fl{}.cpl{}", imp.name(), len, cpl);
-                    emit(
-                        "alloc_free_64",
-                        &id,
-                        cpl,
-                        &st,
-                        Extra { imp: Some(imp.name()), freelist_len: Some(measured), freelist_target: Some(len), batch: None },
-                    );
+                heap::set_mode(mode);
+                for &(name, l) in shapes.iter() {
+                    if mode == Mode::Fast && name != "alloc_free_64" {
+                        continue;
+                    }
+                    for &(cpl, _, overhead) in cpls.iter().filter(|c| c.1) {
+                        // Only 64 B is measured at emulated CPL0 (its cost
+                        // history); the others where the CPU runs natively.
+                        if cpl == 0 && name != "alloc_free_64" && cpl3_ok {
+                            continue;
+                        }
+                        // Under CPL0 emulation a walk of 16384 nodes costs ~50 ms.
+                        let n = if cpl == 3 { N3 } else { (N0 as u64 * 64 / len.max(64)).max(5) as usize };
+                        let st = at(cpl, || alloc_free(l, n, overhead));
+                        let id = alloc::format!("{}.{}.fl{}.cpl{}", name, imp, len, cpl);
+                        emit(
+                            name,
+                            &id,
+                            cpl,
+                            &st,
+                            Extra { imp: Some(imp), freelist_len: Some(measured), freelist_target: Some(len), batch: None },
+                        );
+                    }
                 }
-                heap::set_mode(Mode::List);
+                heap::set_mode(Mode::Backing);
                 at(builder, || {
                     teardown(len);
                     0u64

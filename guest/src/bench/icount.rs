@@ -41,15 +41,25 @@ pub fn run(sel: &Selection) {
     if !(sel.has("icount") || sel.has("all")) {
         return;
     }
-    let small = Layout::from_size_align(64, 8).unwrap();
     let old = heap::mode();
-    for (id, mode, detail) in [(1u32, Mode::Fast, "fast"), (2, Mode::List, "list")] {
+    let backing = heap::backing().name();
+    let fast = if heap::backing() == heap::Backing::Tlsf { "fast" } else { "fast-list" };
+    // (id, name, layout, mode, impl): the backing allocator alone for every
+    // shape, the caches in front for 64 B.
+    let shapes = [
+        (1u32, "alloc_free_64", (64, 8), Mode::Fast, fast),
+        (2, "alloc_free_64", (64, 8), Mode::Backing, backing),
+        (7, "alloc_free_3k", (3072, 16), Mode::Backing, backing),
+        (8, "alloc_free_64_a512", (64, 512), Mode::Backing, backing),
+    ];
+    for (id, name, (size, align), mode, detail) in shapes {
+        let l = Layout::from_size_align(size, align).unwrap();
         heap::set_mode(mode);
-        counted(id, "alloc_free_64", detail, || {
+        counted(id, name, detail, || {
             // SAFETY: non-zero layout, freed right away.
             unsafe {
-                let p = black_box(alloc(small));
-                dealloc(p, small);
+                let p = black_box(alloc(l));
+                dealloc(p, l);
             }
         });
     }

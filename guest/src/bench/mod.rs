@@ -10,9 +10,13 @@
 //!
 //! `bench=1` (or `cpl0`): the CPL0 set. `bench=cpl3`: the CPL3 set (and the
 //! same operations at CPL0). `bench=all`: both. `bench=a,b`: just those
-//! benchmark names (from either set).
+//! benchmark names (from either set). `bench=heap`: the heap's alloc+free
+//! shapes at every free-list length (CPL3, and 64 B at CPL0 too).
+//! `heap_frag` (in the CPL3 set): fragmentation after a random churn trace
+//! on both backing allocators (INFO `event=heap_frag`).
 
 mod cpl0;
+mod frag;
 mod icount;
 pub mod timing;
 pub mod user;
@@ -110,6 +114,7 @@ pub fn run(words: &str) {
     println!("bench: {} (backend {})", words, Backend::from_raw(boot_info().backend).name());
     cpl0::run(&sel);
     cpl3::run(&sel);
+    frag::run(&sel);
     icount::run(&sel);
     if user::runs() > 0 {
         // Every U/S bit set for the ring-3 runs must be gone again.

@@ -4,7 +4,7 @@ use super::TestResult;
 use crate::memory::heap::{self, LARGE_THRESHOLD};
 use crate::memory::layout::HEAP_MAX;
 use crate::memory::{frames, phys_offset, PAGE_SIZE};
-use crate::{check, check_eq};
+use crate::{check, check_eq, check_ok, skip};
 use alloc::alloc::{alloc, dealloc, Layout};
 use alloc::boxed::Box;
 use alloc::string::String;
@@ -163,7 +163,7 @@ pub fn exhaustion_returns_null() -> TestResult {
 pub fn fast_path_reuses() -> TestResult {
     let old = heap::mode();
     // Start from empty caches whatever ran before (List mode flushes them).
-    heap::set_mode(heap::Mode::List);
+    heap::set_mode(heap::Mode::Backing);
     heap::set_mode(heap::Mode::Fast);
     let l = Layout::from_size_align(40, 8).unwrap();
     // SAFETY: non-zero layouts, freed below.
@@ -179,7 +179,7 @@ pub fn fast_path_reuses() -> TestResult {
         dealloc(b, l);
     }
     check_eq!(heap::cached_bytes(), 128);
-    heap::set_mode(heap::Mode::List);
+    heap::set_mode(heap::Mode::Backing);
     check_eq!(heap::cached_bytes(), 0);
     heap::set_mode(old);
     Ok(())
@@ -231,5 +231,193 @@ pub fn random_mixed() -> TestResult {
         // SAFETY: allocated above with this layout.
         unsafe { dealloc(p as *mut u8, Layout::from_size_align(size, align).unwrap()) };
     }
+    Ok(())
+}
+
+/// Random mixed traffic (sizes 1 B .. 4 KiB, alignments 16 .. 4096) on a
+/// private heap of `backing` over fresh frames, every block filled with a
+/// pattern checked before its free; then everything is freed, the tags are
+/// walked (TLSF) and all memory must be one free block again.
+fn random_private(backing: heap::Backing) -> TestResult {
+    const PAGES: u64 = 64;
+    const SLOTS: usize = 64;
+    let phys = check_ok!(frames::with(|fa| fa.alloc_contiguous(PAGES, PAGE_SIZE)));
+    let base = crate::memory::phys_to_virt(phys);
+    let mut h = heap::PrivateHeap::new(backing, base, base + PAGES * PAGE_SIZE, 16 * 1024);
+    let mut live = [(0usize, 0usize, 0usize); SLOTS];
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ crate::rand::u64();
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let pattern = |p: usize, i: usize| (p.wrapping_mul(31) ^ i) as u8;
+    let mut result = Ok(());
+    for _ in 0..400 {
+        let slot = (next() % SLOTS as u64) as usize;
+        let (p, size, align) = live[slot];
+        if p != 0 {
+            for i in (0..size).step_by(size / 8 + 1) {
+                // SAFETY: inside the live block.
+                if unsafe { *((p + i) as *const u8) } != pattern(p, i) {
+                    result = Err(crate::ktest::TestError::Fail(crate::ktest::Msg::new(format_args!(
+                        "{}: block {:#x}+{} corrupted", backing.name(), p, i
+                    ))));
+                }
+            }
+            // SAFETY: allocated from `h` with this layout.
+            check_ok!(unsafe { h.dealloc(p as *mut u8, Layout::from_size_align(size, align).unwrap()) });
+            live[slot] = (0, 0, 0);
+        } else {
+            let size = [1usize, 8, 24, 64, 100, 256, 1000, 2048, 3000, 4000][(next() % 10) as usize];
+            let align = 1usize << (4 + next() % 9);
+            let l = Layout::from_size_align(size, align).unwrap();
+            // SAFETY: the private heap's memory is ours.
+            let p = unsafe { h.alloc(l) } as usize;
+            check!(p != 0, "{}: allocation of {} bytes (align {}) failed", backing.name(), size, align);
+            check!(p % align == 0, "{}: block {:#x} not aligned to {}", backing.name(), p, align);
+            for i in (0..size).step_by(size / 8 + 1) {
+                // SAFETY: inside the new block.
+                unsafe { *((p + i) as *mut u8) = pattern(p, i) };
+            }
+            live[slot] = (p, size, align);
+        }
+    }
+    result?;
+    check_ok!(h.check());
+    for &(p, size, align) in live.iter().filter(|l| l.0 != 0) {
+        // SAFETY: allocated from `h` with this layout.
+        check_ok!(unsafe { h.dealloc(p as *mut u8, Layout::from_size_align(size, align).unwrap()) });
+    }
+    check_eq!(h.findings, 0);
+    let (blocks, largest) = h.list_stats();
+    check_eq!(blocks, 1);
+    check_eq!(largest, h.free_bytes());
+    check_ok!(h.check());
+    check_ok!(frames::with(|fa| fa.free_contiguous(phys, PAGES)));
+    Ok(())
+}
+
+pub fn random_tlsf() -> TestResult {
+    random_private(heap::Backing::Tlsf)
+}
+
+pub fn random_list() -> TestResult {
+    random_private(heap::Backing::List)
+}
+
+/// A second free of the same block is refused and counted, with and
+/// without the size-class caches; the heap stays consistent.
+pub fn double_free_detected() -> TestResult {
+    // Private heaps of both backings first.
+    for backing in [heap::Backing::Tlsf, heap::Backing::List] {
+        let phys = check_ok!(frames::with(|fa| fa.alloc_contiguous(4, PAGE_SIZE)));
+        let base = crate::memory::phys_to_virt(phys);
+        let mut h = heap::PrivateHeap::new(backing, base, base + 4 * PAGE_SIZE, 4 * PAGE_SIZE);
+        let l = Layout::from_size_align(200, 16).unwrap();
+        // SAFETY: private memory; the second free is the point of the test.
+        unsafe {
+            let a = h.alloc(l);
+            let b = h.alloc(l);
+            check!(!a.is_null() && !b.is_null());
+            check_ok!(h.dealloc(a, l));
+            let e = h.dealloc(a, l);
+            check!(matches!(e, Err(f) if f.kind == heap::FindingKind::DoubleFree), "{}: {:?}", backing.name(), e);
+            check_ok!(h.dealloc(b, l));
+        }
+        check_eq!(h.findings, 1);
+        check_eq!(h.list_stats().0, 1);
+        check_ok!(h.check());
+        check_ok!(frames::with(|fa| fa.free_contiguous(phys, 4)));
+    }
+    // The kernel heap: a backing-path block (3000 B), then a cached one.
+    if heap::backing() != heap::Backing::Tlsf {
+        return Ok(());
+    }
+    let (n0, _) = heap::findings();
+    for size in [3000usize, 64] {
+        let l = Layout::from_size_align(size, 16).unwrap();
+        // SAFETY: the second free is the point of the test; it is refused.
+        unsafe {
+            let p = core::hint::black_box(alloc(l));
+            check!(!p.is_null());
+            dealloc(p, l);
+            dealloc(core::hint::black_box(p), l);
+        }
+    }
+    let (n1, last) = heap::findings();
+    check_eq!(n1, n0 + 2);
+    check!(matches!(last, Some(f) if f.kind == heap::FindingKind::DoubleFree), "{:?}", last);
+    check_ok!(heap::check());
+    let s = heap::stats();
+    check_ok!(heap::check());
+    check!(s.free_blocks >= 1);
+    Ok(())
+}
+
+/// Writing past the end of a block breaks the next block's tag: its free
+/// is refused with an `overflow` finding (nothing is changed), and once the
+/// tag is repaired the same free succeeds.
+pub fn overflow_into_tag_detected() -> TestResult {
+    if heap::backing() != heap::Backing::Tlsf {
+        skip!("the list allocator has no tags");
+    }
+    let before = heap::stats();
+    let (n0, _) = heap::findings();
+    let l = Layout::from_size_align(3000, 16).unwrap();
+    // SAFETY: we write 16 bytes past the block on purpose and restore them.
+    unsafe {
+        let p = core::hint::black_box(alloc(l));
+        check!(!p.is_null());
+        // The block may be a little larger than asked: overwrite the
+        // slack and the next tag.
+        let usable = check_ok!(heap::usable(p));
+        check!(usable >= 3000 && usable < 3000 + 48, "usable {}", usable);
+        let over = p.add(usable - 8) as *mut [u8; 16];
+        let saved = over.read();
+        over.write([0xAA; 16]);
+        dealloc(p, l);
+        let (n1, last) = heap::findings();
+        check_eq!(n1, n0 + 1);
+        check!(
+            matches!(last, Some(f) if f.kind == heap::FindingKind::Overflow && f.addr == p as u64 + usable as u64),
+            "{:?} (block {:p})",
+            last,
+            p
+        );
+        over.write(saved);
+        check_ok!(heap::check());
+        dealloc(p, l);
+    }
+    check_eq!(heap::findings().0, n0 + 1);
+    check_ok!(heap::check());
+    let after = heap::stats();
+    check_eq!(after.free_bytes, before.free_bytes);
+    check_eq!(after.free_blocks, before.free_blocks);
+    Ok(())
+}
+
+/// The tags of the kernel heap are consistent after the other tests' kind
+/// of traffic, and the index the host reads says which allocator runs.
+pub fn tags_consistent() -> TestResult {
+    let mut v: Vec<Box<[u8]>> = Vec::new();
+    for i in 0..64usize {
+        v.push(alloc::vec![i as u8; 1 + (i * 97) % 3000].into_boxed_slice());
+    }
+    for i in (0..64).step_by(3) {
+        v[i] = Box::new([]);
+    }
+    let (blocks, free) = check_ok!(heap::check());
+    if heap::backing() == heap::Backing::Tlsf {
+        check!(blocks > free && free >= 1, "{} blocks, {} free", blocks, free);
+    }
+    drop(v);
+    check_ok!(heap::check());
+    let b = crate::inspect::snapshot();
+    check_eq!(b.heap_index, heap::index_addr());
+    // SAFETY: the index is a static inside the heap's lock; read-only here.
+    let magic = unsafe { (b.heap_index as *const u64).read_volatile() };
+    check_eq!(magic, heap::INDEX_MAGIC);
     Ok(())
 }

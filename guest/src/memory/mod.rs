@@ -2,11 +2,13 @@
 
 pub mod audit;
 pub mod demand;
+pub mod firstfit;
 pub mod frames;
 pub mod heap;
 pub mod layout;
 pub mod paging;
 pub mod stack;
+pub mod tlsf;
 
 use core::sync::atomic::{AtomicU64, Ordering};
 

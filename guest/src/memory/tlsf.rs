@@ -1,0 +1,577 @@
+//! Two-level segregated fit (TLSF) with boundary tags: the kernel heap's
+//! default backing allocator (`allocator=tlsf`), still a linked-list design.
+//!
+//! Memory is tiled by blocks. Each block starts with an 8-byte *tag* (its
+//! header); the payload follows at a 16-byte boundary, so block addresses
+//! are 8 mod 16 and block sizes are multiples of 16 (tag included):
+//!
+//! ```text
+//!   tag (u64):  bits 0 FREE, 1 PREV_FREE (the block below is free),
+//!               2 CACHED (held by the heap's size-class caches),
+//!               4..47 size in bytes (tag included), 48..63 check
+//!   free block: tag | next_free u64 | prev_free u64 | ... | size u64 (footer)
+//! ```
+//!
+//! `check` is a 16-bit hash of the block's address and size
+//! ([`tag_check`]); an overflow out of one block's payload lands on the next
+//! block's tag and breaks it, a double free finds FREE or CACHED set, a
+//! pointer into a merged block finds a poisoned (zero) tag. Such frees are
+//! refused and returned as a [`Finding`]: the heap leaks the block instead
+//! of corrupting itself. The flags are outside the check so that setting
+//! PREV_FREE or CACHED is one OR.
+//!
+//! Free blocks sit on one of `FL_COUNT x SL_COUNT` doubly linked lists,
+//! indexed by (first level = log2 of the size, second level = the next
+//! `SL_LOG2` bits); sizes under 256 B have one list per 16 B. Two bitmaps
+//! say which lists are non-empty, so finding a list that surely fits is two
+//! bit scans (`BSF`: no SSE, no loop), and the free/prev links plus the
+//! footer (the size, in the last 8 bytes of a free block, read through the
+//! PREV_FREE bit) make insert, remove and coalescing with both neighbours
+//! constant time. Allocation first looks at the head of the request's own
+//! list (good fit without rounding up), then at the next larger non-empty
+//! list. Alignments above 16 search for `size + align + MIN_BLOCK` and split
+//! the misaligned front off as a free block.
+//!
+//! The region ends with a sentinel tag (size 0, not free). Growing turns the
+//! old sentinel into the tag of a new free block and writes a new one.
+//!
+//! The fields up to `heads` are read by the host (docs/ABI.md, "Heap
+//! index"); their offsets are pinned below.
+
+use core::mem::{offset_of, size_of};
+use core::ptr::null_mut;
+
+/// Payload alignment and size granularity.
+pub const GRAIN: usize = 16;
+/// Tag bytes before each payload.
+pub const TAG: usize = 8;
+/// Smallest block: tag, two links, footer.
+pub const MIN_BLOCK: usize = 32;
+const SL_LOG2: u32 = 4;
+pub const SL_COUNT: usize = 1 << SL_LOG2;
+/// Sizes below `SMALL` (256) have linear lists, one per 16 bytes.
+const FL_SHIFT: u32 = SL_LOG2 + 4;
+const SMALL: usize = 1 << FL_SHIFT;
+/// First-level lists: block sizes below 2^(FL_SHIFT + FL_COUNT - 1) = 128 MiB.
+pub const FL_COUNT: usize = 20;
+
+pub const FREE: u64 = 1;
+pub const PREV_FREE: u64 = 2;
+pub const CACHED: u64 = 4;
+const FLAGS: u64 = 0xF;
+pub const SIZE_MASK: u64 = 0x0000_FFFF_FFFF_FFF0;
+pub const CHECK_SHIFT: u32 = 48;
+
+/// A heap inconsistency found while allocating or freeing (the operation
+/// was refused; the kernel keeps running).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum FindingKind {
+    /// The block is already free (or, with the caches, already cached).
+    DoubleFree = 1,
+    /// The freed pointer has no valid tag: a wild pointer, a second free of
+    /// a block since merged, or an overflow from the block below.
+    BadTag = 2,
+    /// The tag after the freed block is broken: the block's payload
+    /// overflowed into it.
+    Overflow = 3,
+    /// PREV_FREE is set but the footer does not lead to a free block of
+    /// that size.
+    BadFooter = 4,
+    /// A free list's links disagree (cross-linked or corrupt list).
+    CrossLinked = 5,
+    /// The pointer is not inside the heap, or misaligned.
+    NotHeap = 6,
+    /// The layout handed to `dealloc` is larger than the block.
+    SizeMismatch = 7,
+}
+
+impl FindingKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FindingKind::DoubleFree => "double_free",
+            FindingKind::BadTag => "bad_tag",
+            FindingKind::Overflow => "overflow",
+            FindingKind::BadFooter => "bad_footer",
+            FindingKind::CrossLinked => "cross_linked",
+            FindingKind::NotHeap => "not_heap",
+            FindingKind::SizeMismatch => "size_mismatch",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub kind: FindingKind,
+    /// Address of the offending tag (or pointer).
+    pub addr: u64,
+}
+
+/// 16-bit check of a tag: a multiplicative hash of address and size (the
+/// host computes the same, vmm/inspector/heap.py).
+#[inline(always)]
+pub fn tag_check(addr: u64, size: u64) -> u64 {
+    (addr ^ size.rotate_left(23)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> CHECK_SHIFT
+}
+
+#[inline(always)]
+pub fn make_tag(addr: u64, size: u64, flags: u64) -> u64 {
+    size | flags | (tag_check(addr, size) << CHECK_SHIFT)
+}
+
+#[inline(always)]
+fn tag_ok(addr: u64, tag: u64) -> bool {
+    tag >> CHECK_SHIFT == tag_check(addr, tag & SIZE_MASK)
+}
+
+#[inline(always)]
+unsafe fn rd(a: u64) -> u64 {
+    *(a as *const u64)
+}
+
+#[inline(always)]
+unsafe fn wr(a: u64, v: u64) {
+    *(a as *mut u64) = v
+}
+
+#[inline(always)]
+fn msb(x: usize) -> u32 {
+    63 - (x as u64).leading_zeros()
+}
+
+/// List indices of a free block of `size` bytes.
+#[inline(always)]
+fn mapping(size: usize) -> (usize, usize) {
+    if size < SMALL {
+        (0, size / GRAIN)
+    } else {
+        let fl = msb(size);
+        ((fl - FL_SHIFT + 1) as usize, (size >> (fl - SL_LOG2)) ^ SL_COUNT)
+    }
+}
+
+/// List indices from which every block is at least `size` bytes.
+#[inline(always)]
+fn mapping_search(size: usize) -> (usize, usize) {
+    if size < SMALL {
+        mapping(size)
+    } else {
+        mapping(size + (1 << (msb(size) - SL_LOG2)) - 1)
+    }
+}
+
+/// Block size for a payload of `size` bytes.
+#[inline(always)]
+pub fn block_size(size: usize) -> usize {
+    ((size.max(1) + TAG + GRAIN - 1) & !(GRAIN - 1)).max(MIN_BLOCK)
+}
+
+#[repr(C)]
+pub struct Tlsf {
+    /// Tag address of the lowest block (0 while empty).
+    pub first: u64,
+    /// Tag address of the end sentinel.
+    pub sentinel: u64,
+    /// Bit f: some list of first level f is non-empty.
+    pub fl_bitmap: u32,
+    pub sl_count: u32,
+    pub fl_count: u32,
+    pub min_block: u32,
+    /// Bit s of `sl_bitmap[f]`: list (f, s) is non-empty.
+    pub sl_bitmap: [u32; FL_COUNT],
+    /// Tag address of each list's first block (0 if empty).
+    pub heads: [[u64; SL_COUNT]; FL_COUNT],
+    free_bytes: u64,
+}
+
+pub const PUBLISHED_SIZE: usize = offset_of!(Tlsf, free_bytes);
+const _: () = assert!(offset_of!(Tlsf, sentinel) == 8);
+const _: () = assert!(offset_of!(Tlsf, fl_bitmap) == 16);
+const _: () = assert!(offset_of!(Tlsf, sl_count) == 20);
+const _: () = assert!(offset_of!(Tlsf, fl_count) == 24);
+const _: () = assert!(offset_of!(Tlsf, min_block) == 28);
+const _: () = assert!(offset_of!(Tlsf, sl_bitmap) == 32);
+const _: () = assert!(offset_of!(Tlsf, heads) == 112);
+const _: () = assert!(PUBLISHED_SIZE == 112 + 8 * SL_COUNT * FL_COUNT);
+const _: () = assert!(size_of::<u64>() == TAG);
+
+// SAFETY: the addresses point into memory the owner of the Tlsf handed it.
+unsafe impl Send for Tlsf {}
+
+impl Tlsf {
+    pub const fn new() -> Tlsf {
+        Tlsf {
+            first: 0,
+            sentinel: 0,
+            fl_bitmap: 0,
+            sl_count: SL_COUNT as u32,
+            fl_count: FL_COUNT as u32,
+            min_block: MIN_BLOCK as u32,
+            sl_bitmap: [0; FL_COUNT],
+            heads: [[0; SL_COUNT]; FL_COUNT],
+            free_bytes: 0,
+        }
+    }
+
+    pub fn free_bytes(&self) -> usize {
+        self.free_bytes as usize
+    }
+
+    #[inline(always)]
+    unsafe fn insert(&mut self, b: u64, size: usize) {
+        let (fl, sl) = mapping(size);
+        let head = self.heads[fl][sl];
+        wr(b + 8, head);
+        wr(b + 16, 0);
+        if head != 0 {
+            wr(head + 16, b);
+        }
+        self.heads[fl][sl] = b;
+        self.fl_bitmap |= 1 << fl;
+        self.sl_bitmap[fl] |= 1 << sl;
+    }
+
+    /// True if the list links around free block `b` agree with each other.
+    #[inline(always)]
+    unsafe fn links_ok(&self, b: u64, size: usize) -> bool {
+        let (next, prev) = (rd(b + 8), rd(b + 16));
+        let (fl, sl) = mapping(size);
+        (if prev == 0 { self.heads[fl][sl] == b } else { self.in_range(prev) && rd(prev + 8) == b })
+            && (next == 0 || (self.in_range(next) && rd(next + 16) == b))
+    }
+
+    #[inline(always)]
+    fn in_range(&self, b: u64) -> bool {
+        b >= self.first && b < self.sentinel && b % GRAIN as u64 == TAG as u64
+    }
+
+    #[inline(always)]
+    unsafe fn remove(&mut self, b: u64, size: usize) {
+        let (next, prev) = (rd(b + 8), rd(b + 16));
+        if next != 0 {
+            wr(next + 16, prev);
+        }
+        if prev != 0 {
+            wr(prev + 8, next);
+        } else {
+            let (fl, sl) = mapping(size);
+            self.heads[fl][sl] = next;
+            if next == 0 {
+                self.sl_bitmap[fl] &= !(1 << sl);
+                if self.sl_bitmap[fl] == 0 {
+                    self.fl_bitmap &= !(1 << fl);
+                }
+            }
+        }
+    }
+
+    /// A non-empty list at or above (fl, sl).
+    #[inline(always)]
+    fn find(&self, fl: usize, sl: usize) -> Option<(usize, usize)> {
+        if fl >= FL_COUNT {
+            return None;
+        }
+        let mut fl = fl;
+        let mut sl_map = self.sl_bitmap[fl] & (!0u32 << sl);
+        if sl_map == 0 {
+            let fl_map = self.fl_bitmap & (!0u32).checked_shl(fl as u32 + 1).unwrap_or(0);
+            if fl_map == 0 {
+                return None;
+            }
+            fl = fl_map.trailing_zeros() as usize;
+            sl_map = self.sl_bitmap[fl];
+        }
+        Some((fl, sl_map.trailing_zeros() as usize))
+    }
+
+    /// Writes a free block's tag and footer and links it.
+    #[inline(always)]
+    unsafe fn make_free(&mut self, b: u64, size: usize) {
+        wr(b, make_tag(b, size as u64, FREE));
+        wr(b + size as u64 - 8, size as u64);
+        self.insert(b, size);
+    }
+
+    /// Takes a free block at least `min` bytes long off its list, or None.
+    /// A list head with a broken tag or links is dropped from its list
+    /// (its blocks leak) and reported through `found`.
+    #[inline(always)]
+    unsafe fn pop_fit(&mut self, min: usize, found: &mut Option<Finding>) -> Option<(u64, usize)> {
+        // The request's own list first: its head may fit without rounding up.
+        let (fl, sl) = mapping(min);
+        let mut start = mapping_search(min);
+        if fl < FL_COUNT {
+            let h = self.heads[fl][sl];
+            if h != 0 {
+                let t = rd(h);
+                if tag_ok(h, t) && (t & SIZE_MASK) as usize >= min && t & FREE != 0 {
+                    let size = (t & SIZE_MASK) as usize;
+                    if self.links_ok(h, size) {
+                        self.remove(h, size);
+                        return Some((h, size));
+                    }
+                }
+            }
+        }
+        loop {
+            let (fl, sl) = self.find(start.0, start.1)?;
+            let h = self.heads[fl][sl];
+            let t = rd(h);
+            let size = (t & SIZE_MASK) as usize;
+            if tag_ok(h, t) && t & FREE != 0 && mapping(size) == (fl, sl) && self.links_ok(h, size) {
+                self.remove(h, size);
+                return Some((h, size));
+            }
+            // Corrupt head: detach the whole list and look further.
+            *found = Some(Finding { kind: FindingKind::CrossLinked, addr: h });
+            self.heads[fl][sl] = 0;
+            self.sl_bitmap[fl] &= !(1 << sl);
+            if self.sl_bitmap[fl] == 0 {
+                self.fl_bitmap &= !(1 << fl);
+            }
+            start = (fl, sl);
+        }
+    }
+
+    /// Allocates `size` payload bytes aligned to `align` (power of two, at
+    /// most 4096 in the kernel heap). Null if no block fits.
+    pub unsafe fn alloc(&mut self, size: usize, align: usize, found: &mut Option<Finding>) -> *mut u8 {
+        let need = block_size(size);
+        if align <= GRAIN {
+            let Some((b, bsize)) = self.pop_fit(need, found) else { return null_mut() };
+            self.carve(b, bsize, need, rd(b) & PREV_FREE);
+            return (b + TAG as u64) as *mut u8;
+        }
+        let Some((b, bsize)) = self.pop_fit(need + align + MIN_BLOCK, found) else { return null_mut() };
+        let a = align as u64;
+        let mut payload = (b + TAG as u64 + a - 1) & !(a - 1);
+        if payload - TAG as u64 - b != 0 && ((payload - TAG as u64 - b) as usize) < MIN_BLOCK {
+            payload += a;
+        }
+        let nb = payload - TAG as u64;
+        let gap = (nb - b) as usize;
+        if gap > 0 {
+            // The front becomes a free block of its own (its lower
+            // neighbour is in use: free blocks never touch).
+            self.make_free(b, gap);
+            self.carve(nb, bsize - gap, need, PREV_FREE);
+        } else {
+            self.carve(b, bsize, need, rd(b) & PREV_FREE);
+        }
+        payload as *mut u8
+    }
+
+    /// Marks `need` bytes at `b` (a block of `bsize` bytes just taken off
+    /// its list) in use and frees the remainder if it is a block.
+    #[inline(always)]
+    unsafe fn carve(&mut self, b: u64, bsize: usize, need: usize, prev_free: u64) {
+        let rem = bsize - need;
+        if rem >= MIN_BLOCK {
+            wr(b, make_tag(b, need as u64, prev_free));
+            let r = b + need as u64;
+            self.make_free(r, rem);
+            // The block after `r` already has PREV_FREE (b was free).
+            self.free_bytes -= need as u64;
+        } else {
+            wr(b, make_tag(b, bsize as u64, prev_free));
+            let n = b + bsize as u64;
+            wr(n, rd(n) & !PREV_FREE);
+            self.free_bytes -= bsize as u64;
+        }
+    }
+
+    /// Checks the tag of the block whose payload is `ptr`; returns (tag
+    /// address, tag).
+    #[inline(always)]
+    pub unsafe fn tag_of(&self, ptr: *mut u8) -> Result<(u64, u64), Finding> {
+        let b = (ptr as u64).wrapping_sub(TAG as u64);
+        if !self.in_range(b) {
+            return Err(Finding { kind: FindingKind::NotHeap, addr: ptr as u64 });
+        }
+        let t = rd(b);
+        let size = t & SIZE_MASK;
+        if !tag_ok(b, t) || size < MIN_BLOCK as u64 || b + size > self.sentinel {
+            return Err(Finding { kind: FindingKind::BadTag, addr: b });
+        }
+        if t & (FREE | CACHED) != 0 {
+            return Err(Finding { kind: FindingKind::DoubleFree, addr: b });
+        }
+        Ok((b, t))
+    }
+
+    /// Usable payload bytes of an allocated block (its tag checked).
+    pub unsafe fn usable(&self, ptr: *mut u8) -> Result<usize, Finding> {
+        self.tag_of(ptr).map(|(_, t)| (t & SIZE_MASK) as usize - TAG)
+    }
+
+    /// Sets or clears CACHED on an allocated block (the heap's size-class
+    /// caches hold it).
+    #[inline(always)]
+    pub unsafe fn set_cached(ptr: *mut u8, on: bool) {
+        let b = ptr as u64 - TAG as u64;
+        wr(b, if on { rd(b) | CACHED } else { rd(b) & !CACHED });
+    }
+
+    /// CACHED or FREE set on the block of `ptr` (tag not validated).
+    #[inline(always)]
+    pub unsafe fn cached_or_free(ptr: *mut u8) -> bool {
+        rd(ptr as u64 - TAG as u64) & (CACHED | FREE) != 0
+    }
+
+    /// Frees the block whose payload is `ptr`, merging it with free
+    /// neighbours. `min_size` (the layout's size) must fit in the block.
+    /// Every tag, footer and link involved is checked before anything is
+    /// written: on a finding nothing changes (the block leaks).
+    pub unsafe fn free(&mut self, ptr: *mut u8, min_size: usize) -> Result<usize, Finding> {
+        let (b, t) = self.tag_of(ptr)?;
+        let size = (t & SIZE_MASK) as usize;
+        if size - TAG < min_size {
+            return Err(Finding { kind: FindingKind::SizeMismatch, addr: b });
+        }
+        let n = b + size as u64;
+        let nt = rd(n);
+        let nsize = (nt & SIZE_MASK) as usize;
+        if !tag_ok(n, nt) || nt & PREV_FREE != 0 || (n != self.sentinel && (nsize < MIN_BLOCK || n + nsize as u64 > self.sentinel)) {
+            return Err(Finding { kind: FindingKind::Overflow, addr: n });
+        }
+        let next_free = nt & FREE != 0;
+        if next_free && !self.links_ok(n, nsize) {
+            return Err(Finding { kind: FindingKind::CrossLinked, addr: n });
+        }
+        let mut prev = None;
+        if t & PREV_FREE != 0 {
+            let psize = rd(b - 8) as usize;
+            let p = b.wrapping_sub(psize as u64);
+            let ok = psize >= MIN_BLOCK && psize % GRAIN == 0 && psize as u64 <= b - self.first && {
+                let pt = rd(p);
+                tag_ok(p, pt) && pt & FREE != 0 && (pt & SIZE_MASK) as usize == psize
+            };
+            if !ok {
+                return Err(Finding { kind: FindingKind::BadFooter, addr: b - 8 });
+            }
+            if !self.links_ok(p, psize) {
+                return Err(Finding { kind: FindingKind::CrossLinked, addr: p });
+            }
+            prev = Some((p, psize));
+        }
+        // All checked: merge.
+        let (mut start, mut total) = (b, size);
+        if next_free {
+            self.remove(n, nsize);
+            wr(n, 0); // poison: a later free of that block finds no tag
+            total += nsize;
+        }
+        if let Some((p, psize)) = prev {
+            self.remove(p, psize);
+            wr(b, 0);
+            start = p;
+            total += psize;
+        }
+        self.make_free(start, total);
+        let after = start + total as u64;
+        wr(after, rd(after) | PREV_FREE);
+        self.free_bytes += size as u64;
+        Ok(size)
+    }
+
+    /// Hands `[start, end)` to the allocator: the first call makes the
+    /// region (start and end 16-aligned), later calls extend it at its end
+    /// (`start` = the previous `end`).
+    pub unsafe fn extend(&mut self, start: u64, end: u64) {
+        if self.first == 0 {
+            // [start, start+8) stays unused so payloads are 16-aligned.
+            let b = start + TAG as u64;
+            let s = end - TAG as u64;
+            self.first = b;
+            self.sentinel = s;
+            wr(s, make_tag(s, 0, 0));
+            if s - b >= MIN_BLOCK as u64 {
+                self.make_free(b, (s - b) as usize);
+                wr(s, rd(s) | PREV_FREE);
+                self.free_bytes += s - b;
+            }
+            return;
+        }
+        debug_assert_eq!(start, self.sentinel + TAG as u64);
+        let b = self.sentinel;
+        let st = rd(b);
+        let s = end - TAG as u64;
+        self.sentinel = s;
+        wr(s, make_tag(s, 0, 0));
+        let grown = (s - b) as usize;
+        self.free_bytes += grown as u64;
+        let (mut start, mut total) = (b, grown);
+        if st & PREV_FREE != 0 {
+            let psize = rd(b - 8) as usize;
+            let p = b - psize as u64;
+            self.remove(p, psize);
+            start = p;
+            total += psize;
+        }
+        self.make_free(start, total);
+        wr(s, rd(s) | PREV_FREE);
+    }
+
+    /// (free blocks, largest free block) from the lists (at most `max`
+    /// blocks are counted).
+    pub fn list_stats(&self, max: usize) -> (usize, usize) {
+        let (mut n, mut largest) = (0, 0);
+        for fl in 0..FL_COUNT {
+            for sl in 0..SL_COUNT {
+                let mut b = self.heads[fl][sl];
+                while b != 0 && n < max {
+                    // SAFETY: list members are free blocks in our region.
+                    unsafe {
+                        largest = largest.max((rd(b) & SIZE_MASK) as usize);
+                        b = rd(b + 8);
+                    }
+                    n += 1;
+                }
+            }
+        }
+        (n, largest)
+    }
+
+    /// Walks the blocks in address order and checks every tag, footer and
+    /// flag: (blocks, free blocks) or the first inconsistency.
+    pub fn check(&self) -> Result<(usize, usize), Finding> {
+        if self.first == 0 {
+            return Ok((0, 0));
+        }
+        let (mut blocks, mut free) = (0, 0);
+        let mut b = self.first;
+        let mut prev_free = false;
+        // SAFETY: tags are validated before their sizes are followed.
+        unsafe {
+            while b < self.sentinel {
+                let t = rd(b);
+                let size = t & SIZE_MASK;
+                if !tag_ok(b, t) || size < MIN_BLOCK as u64 || b + size > self.sentinel {
+                    return Err(Finding { kind: FindingKind::BadTag, addr: b });
+                }
+                if (t & PREV_FREE != 0) != prev_free || (prev_free && t & FREE != 0) {
+                    return Err(Finding { kind: FindingKind::BadFooter, addr: b });
+                }
+                let is_free = t & FREE != 0;
+                if is_free {
+                    if rd(b + size - 8) != size {
+                        return Err(Finding { kind: FindingKind::BadFooter, addr: b + size - 8 });
+                    }
+                    if !self.links_ok(b, size as usize) {
+                        return Err(Finding { kind: FindingKind::CrossLinked, addr: b });
+                    }
+                    free += 1;
+                }
+                prev_free = is_free;
+                blocks += 1;
+                b += size;
+            }
+            let t = rd(b);
+            if b != self.sentinel || !tag_ok(b, t) || t & SIZE_MASK != 0 || (t & PREV_FREE != 0) != prev_free {
+                return Err(Finding { kind: FindingKind::BadTag, addr: b });
+            }
+        }
+        let _ = FLAGS;
+        Ok((blocks, free))
+    }
+}

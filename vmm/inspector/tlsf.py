@@ -1,0 +1,246 @@
+"""The guest's TLSF heap (guest/src/memory/tlsf.rs), walked from the host.
+
+The inspect block's ``heap_index`` points at the kernel's heap index
+(docs/ABI.md, "Heap index"): which backing allocator runs, the findings the
+guest counted itself, and the TLSF control block (first/second-level
+bitmaps and the head of every segregated free list). Two walks:
+
+- the *tags*: every block of ``[first, sentinel]`` in address order through
+  its 8-byte tag (size, FREE, PREV_FREE, CACHED, a 16-bit check of address
+  and size), with the footer of every free block;
+- the *lists*: each non-empty list from its head through the ``next``
+  links, each member checked against the ``prev`` link, its tag, its list
+  (size class) and the tag walk.
+
+Nothing read is trusted: a broken check (an overflow into a tag), a footer
+that disagrees, two free neighbours, a list whose links disagree, a block on
+two lists or in a loop (cross-linked), a free block on no list, or a bitmap
+that disagrees with the heads gives a finding; reads are bounded
+(``max_bytes`` of heap, ``max_blocks`` blocks), so a hostile heap costs a
+bounded time. ``physmem.read`` is the only access, so the caller can wrap it
+(record what was read, check it later inside a pause).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from mm.findings import Finding, Severity
+
+INDEX_MAGIC = int.from_bytes(b"PYHEAPX1", "little")
+INDEX_HEADER = struct.Struct("<QIIIIQIIQ")  # magic version size backing caches findings last_kind reserved last_addr
+INDEX_TLSF_OFFSET = 48
+TLSF_HEADER = struct.Struct("<QQIIII")  # first sentinel fl_bitmap sl_count fl_count min_block
+SL_BITMAP_OFFSET, HEADS_OFFSET = 32, 112
+BACKING_TLSF, BACKING_LIST = 1, 2
+BACKINGS = {BACKING_TLSF: "tlsf", BACKING_LIST: "list"}
+FINDING_KINDS = {1: "double_free", 2: "bad_tag", 3: "overflow", 4: "bad_footer", 5: "cross_linked",
+                 6: "not_heap", 7: "size_mismatch"}
+
+FREE, PREV_FREE, CACHED = 1, 2, 4
+SIZE_MASK = 0x0000_FFFF_FFFF_FFF0
+CHECK_SHIFT = 48
+GRAIN, TAG = 16, 8
+SL_LOG2, FL_SHIFT = 4, 8
+MAX_FL, MAX_SL = 32, 32
+M64 = (1 << 64) - 1
+PAGE = 4096
+
+
+def tag_check(addr: int, size: int) -> int:
+    """The guest's ``tag_check``: a 16-bit hash of a tag's address and size."""
+    rot = ((size << 23) | (size >> 41)) & M64
+    return (((addr ^ rot) * 0x9E37_79B9_7F4A_7C15) & M64) >> CHECK_SHIFT
+
+
+def make_tag(addr: int, size: int, flags: int) -> int:
+    return size | flags | (tag_check(addr, size) << CHECK_SHIFT)
+
+
+def mapping(size: int) -> tuple[int, int]:
+    """(first level, second level) of the list a free block of ``size`` bytes sits on."""
+    if size < 1 << FL_SHIFT:
+        return 0, size // GRAIN
+    fl = size.bit_length() - 1
+    return fl - FL_SHIFT + 1, (size >> (fl - SL_LOG2)) ^ (1 << SL_LOG2)
+
+
+@dataclass
+class IndexHeader:
+    backing: int
+    caches: bool
+    findings: int
+    last_kind: int
+    last_addr: int
+
+    @property
+    def backing_name(self) -> str:
+        return BACKINGS.get(self.backing, f"unknown ({self.backing})")
+
+
+class VirtReader:
+    """Reads guest-virtual ranges page by page through a translator; None if unmapped."""
+
+    def __init__(self, physmem, translator):
+        self.physmem = physmem
+        self.translator = translator
+
+    def read(self, virt: int, n: int) -> bytes | None:
+        out = bytearray()
+        size = getattr(self.physmem, "size", None)
+        while n > 0:
+            chunk = min(n, PAGE - virt % PAGE)
+            phys = self.translator.translate(virt)
+            if phys is None or phys < 0 or (size is not None and phys + chunk > size):
+                return None
+            out += self.physmem.read(phys, chunk)
+            virt, n = virt + chunk, n - chunk
+        return bytes(out)
+
+
+def read_index_header(reader: VirtReader, index: int) -> IndexHeader | None:
+    raw = reader.read(index, INDEX_HEADER.size)
+    if raw is None:
+        return None
+    magic, _version, size, backing, caches, findings, last_kind, _r, last_addr = INDEX_HEADER.unpack(raw)
+    if magic != INDEX_MAGIC or size < INDEX_TLSF_OFFSET:
+        return None
+    return IndexHeader(backing, bool(caches), findings, last_kind, last_addr)
+
+
+def walk_tlsf(physmem, translator, index: int, heap_start: int, heap_end: int, *,
+              max_bytes: int = 64 << 20, max_blocks: int = 1 << 20, view=None):
+    """Walk tags and lists of the TLSF heap whose index is at ``index``; fills and returns a HeapView."""
+    from .heap import HeapView
+
+    view = view or HeapView(heap_start, heap_end, 0)
+    view.allocator = "tlsf"
+    reader = VirtReader(physmem, translator)
+
+    def finding(kind: str, addr: int | None, detail: str, sev: Severity = Severity.ERROR) -> None:
+        view.findings.append(Finding(kind, addr, 0, detail, sev))
+
+    hdr = read_index_header(reader, index)
+    if hdr is None:
+        finding("heap-index", index, f"no readable heap index at {index:#x}")
+        return view
+    view.guest_findings = hdr.findings
+    if hdr.findings:
+        kind = FINDING_KINDS.get(hdr.last_kind, str(hdr.last_kind))
+        finding("heap-guest-finding", hdr.last_addr,
+                f"the guest's heap refused {hdr.findings} operation(s); last: {kind} at {hdr.last_addr:#x}",
+                Severity.WARNING)
+    ctl = reader.read(index + INDEX_TLSF_OFFSET, TLSF_HEADER.size)
+    if ctl is None:
+        finding("heap-index", index, "TLSF control block unreadable")
+        return view
+    first, sentinel, fl_bitmap, sl_count, fl_count, min_block = TLSF_HEADER.unpack(ctl)
+    if not (0 < fl_count <= MAX_FL and sl_count == 1 << SL_LOG2 and min_block >= 2 * GRAIN):
+        finding("heap-index", index, f"TLSF geometry fl_count={fl_count} sl_count={sl_count} min_block={min_block} is not sane")
+        return view
+    lists_raw = reader.read(index + INDEX_TLSF_OFFSET + SL_BITMAP_OFFSET, HEADS_OFFSET - SL_BITMAP_OFFSET + 8 * fl_count * sl_count)
+    if lists_raw is None:
+        finding("heap-index", index, "TLSF lists unreadable")
+        return view
+    sl_bitmap = struct.unpack_from(f"<{fl_count}I", lists_raw, 0)
+    heads = struct.unpack_from(f"<{fl_count * sl_count}Q", lists_raw, HEADS_OFFSET - SL_BITMAP_OFFSET)
+    if first == 0:
+        return view
+    if not (heap_start <= first < sentinel < heap_end and first % GRAIN == TAG and sentinel % GRAIN == TAG):
+        finding("heap-bad-bounds", first, f"TLSF blocks [{first:#x}, {sentinel:#x}] are not inside the heap "
+                                          f"[{heap_start:#x}, {heap_end:#x})")
+        return view
+    span = sentinel + TAG - first
+    if span > max_bytes:
+        view.truncated = True
+        finding("heap-too-long", first, f"heap of {span} bytes is larger than {max_bytes}: stopped")
+        return view
+    mem = reader.read(first, span)
+    if mem is None:
+        finding("heap-unmapped", first, f"heap [{first:#x}, {sentinel + TAG:#x}) is not all mapped to guest RAM")
+        return view
+
+    def rd(addr: int) -> int:
+        return struct.unpack_from("<Q", mem, addr - first)[0]
+
+    # 1. Tags, in address order.
+    free: dict[int, int] = {}
+    b, prev_free, used, complete = first, False, 0, False
+    while b < sentinel:
+        if used + len(free) >= max_blocks:
+            view.truncated = True
+            finding("heap-too-long", b, f"more than {max_blocks} blocks: stopped")
+            break
+        t = rd(b)
+        size = t & SIZE_MASK
+        if t >> CHECK_SHIFT != tag_check(b, size):
+            finding("heap-bad-tag", b, f"tag {t:#018x} at {b:#x} fails its check (an overflow from the block below?)")
+            break
+        if size < min_block or b + size > sentinel:
+            finding("heap-bad-size", b, f"block at {b:#x} has size {size:#x}")
+            break
+        if bool(t & PREV_FREE) != prev_free:
+            finding("heap-bad-tag", b, f"PREV_FREE of the block at {b:#x} is {bool(t & PREV_FREE)}, the block below is "
+                                       f"{'free' if prev_free else 'in use'}")
+        is_free = bool(t & FREE)
+        if is_free:
+            if prev_free:
+                finding("heap-uncoalesced", b, f"free blocks at {b:#x} and below it were not merged")
+            if rd(b + size - 8) != size:
+                finding("heap-bad-footer", b + size - 8, f"footer of the free block at {b:#x} is {rd(b + size - 8):#x}, "
+                                                         f"its size {size:#x}")
+            free[b] = size
+        else:
+            used += 1
+            if t & CACHED:
+                view.cached_blocks += 1
+        prev_free = is_free
+        b += size
+    else:
+        complete = True
+        t = rd(sentinel)
+        if t & SIZE_MASK or t >> CHECK_SHIFT != tag_check(sentinel, 0):
+            finding("heap-bad-tag", sentinel, f"end sentinel at {sentinel:#x} is broken ({t:#018x})")
+    view.used_blocks = used
+
+    # 2. Segregated lists.
+    on_list: dict[int, tuple[int, int]] = {}
+    budget = max_blocks
+    for fl in range(fl_count):
+        if bool(fl_bitmap >> fl & 1) != bool(sl_bitmap[fl]):
+            finding("heap-bitmap", index, f"first-level bit {fl} is {fl_bitmap >> fl & 1}, second-level map {sl_bitmap[fl]:#x}")
+        for sl in range(sl_count):
+            head = heads[fl * sl_count + sl]
+            if bool(sl_bitmap[fl] >> sl & 1) != bool(head):
+                finding("heap-bitmap", head or index, f"list ({fl}, {sl}): bitmap bit {sl_bitmap[fl] >> sl & 1}, head {head:#x}")
+            cur, prev, n = head, 0, 0
+            while cur:
+                budget -= 1
+                if budget < 0:
+                    view.truncated = True
+                    finding("heap-too-long", cur, f"lists hold more than {max_blocks} blocks: stopped")
+                    break
+                where = f"list ({fl}, {sl}) member {n} at {cur:#x}"
+                if not (first <= cur < sentinel and cur % GRAIN == TAG):
+                    finding("heap-pointer-outside", cur, f"{where} is outside the heap or misaligned")
+                    break
+                if cur in on_list:
+                    other = on_list[cur]
+                    finding("heap-cross-linked", cur, f"{where} is already on list {other} (cross-linked or a loop)")
+                    break
+                on_list[cur] = (fl, sl)
+                t = rd(cur)
+                size = t & SIZE_MASK
+                if complete and cur not in free:
+                    finding("heap-listed-not-free", cur, f"{where} is not a free block in the tag walk")
+                elif mapping(size) != (fl, sl):
+                    finding("heap-wrong-list", cur, f"{where} has size {size:#x}, which belongs on list {mapping(size)}")
+                if rd(cur + 16) != prev:
+                    finding("heap-cross-linked", cur, f"{where}: prev link {rd(cur + 16):#x}, expected {prev:#x}")
+                prev, cur, n = cur, rd(cur + 8), n + 1
+            view.lists[f"{fl}.{sl}"] = n
+    for addr in sorted(set(free) - set(on_list)) if budget >= 0 else ():
+        finding("heap-unlisted", addr, f"free block at {addr:#x} ({free[addr]:#x} bytes) is on no list")
+    view.blocks = sorted(free.items())
+    return view
