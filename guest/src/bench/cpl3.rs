@@ -87,8 +87,9 @@ fn build(len: u64) -> u64 {
 pub fn fragment(blocks: u64) -> u64 {
     let blocks = blocks.min(MAX_FRAGS as u64);
     let mode = heap::mode();
-    heap::set_mode(Mode::List);
-    heap::reserve(blocks * 64 + (64 << 10)).expect("heap reserve");
+    heap::set_mode(Mode::Backing);
+    // 48 B per hole and per live block with TLSF tags.
+    heap::reserve(blocks * 128 + (128 << 10)).expect("heap reserve");
     let builder = if blocks > 64 { 3 } else { 0 };
     let measured = at(builder, || build(blocks + 1));
     heap::set_mode(mode);
