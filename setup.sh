@@ -61,6 +61,15 @@ elif [ ! -d "$SVM_LINUX/$svm_pkg/boot" ]; then
     done
 fi
 
+# Debian tools the tests drive for real: readelf (binutils) reads snapshot core files.
+if ! command -v readelf >/dev/null 2>&1; then
+    echo "setup: installing binutils (readelf)..." >&2
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq binutils >/dev/null
+fi
+
 PY="${PYTHON:-python3}"
 echo "setup: installing Python dependencies..." >&2
 "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'

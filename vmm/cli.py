@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hz", type=float, default=10.0, help="refresh rate of --inspect (default 10)")
     run.add_argument("--control", metavar="SOCKET", help="serve this VM on a UNIX socket for `vmm inspect` / `vmm pt`")
     run.add_argument("--screenshot", metavar="FILE.png", help="save the guest's framebuffer as PNG when it stops")
+    from .snapshot.commands import add_run_arguments as _snapshot_args
+
+    _snapshot_args(run)
 
     mm = sub.add_parser(
         "memmap",
@@ -261,9 +264,14 @@ def cmd_run(args) -> int:
     from .backend import detect_backend
     from .vm import Vm, VmConfig
 
+    from .snapshot import commands as snapshot_cli
+
     t_start = time.perf_counter_ns()
-    size = _memory(args)
+    snapshot_cli.check_run_arguments(args)
     image = _kernel(args, quiet=args.quiet or args.json)
+    restore = snapshot_cli.open_for_run(args, image) if args.restore else None
+    size = restore.memory_size if restore is not None else _memory(args)
+    saver = snapshot_cli.plan_for_run(args, say=None) if args.save else None
     backend = detect_backend()
     stream = sys.stderr.buffer if args.json else sys.stdout.buffer
     tail = None
@@ -283,10 +291,22 @@ def cmd_run(args) -> int:
     slide = 0 if args.no_kaslr else args.slide
     watched = bool(args.inspect or args.control)
     config = VmConfig(memory=size, cmdline=args.cmdline, slide=slide, timeout=args.timeout, dirty_log=watched)
-    with Vm(image, config, backend=backend, console=console) as vm:
+    on_report = saver.on_report if saver is not None else None
+    if restore is not None:
+        from .snapshot.machine import restore_vm
+
+        with restore:
+            vm = restore_vm(restore, image, config, backend=backend, console=console, on_report=on_report)
+    else:
+        vm = Vm(image, config, backend=backend, console=console, on_report=on_report)
+    if saver is not None:
+        saver.say = say
+        saver.attach(vm)
+    with vm:
         say(
             f"{backend.banner} | RAM {size >> 20} MiB | kernel {image.path} | "
             f"slide {vm.slide:#x} | setup {vm.timings_ms['setup_total']:.2f} ms"
+            + (f" | resumed from {args.restore} (saved at {restore.meta['saved_at']})" if restore is not None else "")
         )
         server = None
         viewer = None
@@ -310,7 +330,11 @@ def cmd_run(args) -> int:
 
                 viewer = threading.Thread(target=_view, name="vmm-live-view", daemon=True)
                 viewer.start()
+            if saver is not None:
+                saver.start()
             result = vm.run()
+            if saver is not None:
+                saver.finish(result)
         finally:
             stop_view.set()
             if viewer is not None:
@@ -326,6 +350,11 @@ def cmd_run(args) -> int:
         out = result.to_json()
         out["kernel"] = image.path
         out["cpu_model"] = backend.cpu_model
+        if saver is not None:
+            out["snapshot"] = saver.info
+        if restore is not None:
+            out["restored_from"] = {"path": args.restore, "saved_at": restore.meta["saved_at"],
+                                    "serial_offset": restore.meta.get("serial_offset", 0)}
         print(json.dumps(out))
     else:
         say(f"{result.message} (exit code {result.exit_code}, {result.timings_ms['run']:.1f} ms, {result.exits} exits)")
@@ -468,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         MMError = RuntimeError  # type: ignore[misc,assignment]
 
     from .inspector.control import ControlError
+    from .snapshot.format import SnapshotError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -484,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KernelImageError, GuestMemoryError, BootError, UsageError) as exc:
         print(f"vmm: error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    except ControlError as exc:
+    except (ControlError, SnapshotError) as exc:
         print(f"vmm: error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     except (KvmError, GuestBuildError) as exc:

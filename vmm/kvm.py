@@ -97,6 +97,21 @@ class Kvm(_FdOwner):
         _ioctl(self.fd, K.KVM_GET_SUPPORTED_CPUID, buf, "KVM_GET_SUPPORTED_CPUID")
         return buf
 
+    def get_msr_index_list(self) -> list[int]:
+        """MSRs KVM saves and restores for a vCPU (KVM_GET_MSR_INDEX_LIST)."""
+        n = 64
+        while True:
+            buf = K.kvm_msr_list_with(n)()
+            buf.nmsrs = n
+            try:
+                _ioctl(self.fd, K.KVM_GET_MSR_INDEX_LIST, buf, "KVM_GET_MSR_INDEX_LIST")
+            except KvmError as exc:
+                if exc.errno == errno.E2BIG and n < 1 << 16:  # nmsrs now holds the count needed
+                    n = max(n * 2, buf.nmsrs)
+                    continue
+                raise
+            return list(buf.indices[: buf.nmsrs])
+
     def create_vm(self) -> "VmFd":
         fd = _ioctl(self.fd, K.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
         return VmFd(fd, self)
@@ -219,3 +234,39 @@ class VcpuFd(_FdOwner):
 
     def get_tsc_khz(self) -> int:
         return _ioctl(self.fd, K.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
+
+    # --- the rest of the vCPU's state (snapshots) ------------------------------------
+    def _get(self, request: int, ctype: type, what: str):
+        value = ctype()
+        _ioctl(self.fd, request, value, what)
+        return value
+
+    def get_vcpu_events(self) -> K.kvm_vcpu_events:
+        return self._get(K.KVM_GET_VCPU_EVENTS, K.kvm_vcpu_events, "KVM_GET_VCPU_EVENTS")
+
+    def set_vcpu_events(self, events: K.kvm_vcpu_events) -> None:
+        _ioctl(self.fd, K.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
+
+    def get_debugregs(self) -> K.kvm_debugregs:
+        return self._get(K.KVM_GET_DEBUGREGS, K.kvm_debugregs, "KVM_GET_DEBUGREGS")
+
+    def set_debugregs(self, regs: K.kvm_debugregs) -> None:
+        _ioctl(self.fd, K.KVM_SET_DEBUGREGS, regs, "KVM_SET_DEBUGREGS")
+
+    def get_xsave(self) -> K.kvm_xsave:
+        return self._get(K.KVM_GET_XSAVE, K.kvm_xsave, "KVM_GET_XSAVE")
+
+    def set_xsave(self, xsave: K.kvm_xsave) -> None:
+        _ioctl(self.fd, K.KVM_SET_XSAVE, xsave, "KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> K.kvm_xcrs:
+        return self._get(K.KVM_GET_XCRS, K.kvm_xcrs, "KVM_GET_XCRS")
+
+    def set_xcrs(self, xcrs: K.kvm_xcrs) -> None:
+        _ioctl(self.fd, K.KVM_SET_XCRS, xcrs, "KVM_SET_XCRS")
+
+    def get_mp_state(self) -> K.kvm_mp_state:
+        return self._get(K.KVM_GET_MP_STATE, K.kvm_mp_state, "KVM_GET_MP_STATE")
+
+    def set_mp_state(self, state: K.kvm_mp_state) -> None:
+        _ioctl(self.fd, K.KVM_SET_MP_STATE, state, "KVM_SET_MP_STATE")

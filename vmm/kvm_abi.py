@@ -310,6 +310,84 @@ class kvm_run(_Struct):
     ]
 
 
+# --- vCPU state beyond regs/sregs (snapshots) -------------------------------
+class _exception_state(_Struct):
+    _fields_ = [("injected", u8), ("nr", u8), ("has_error_code", u8), ("pending", u8), ("error_code", u32)]
+
+
+class _interrupt_state(_Struct):
+    _fields_ = [("injected", u8), ("nr", u8), ("soft", u8), ("shadow", u8)]
+
+
+class _nmi_state(_Struct):
+    _fields_ = [("injected", u8), ("pending", u8), ("masked", u8), ("pad", u8)]
+
+
+class _smi_state(_Struct):
+    _fields_ = [("smm", u8), ("pending", u8), ("smm_inside_nmi", u8), ("latched_init", u8)]
+
+
+class kvm_vcpu_events(_Struct):
+    _fields_ = [
+        ("exception", _exception_state),
+        ("interrupt", _interrupt_state),
+        ("nmi", _nmi_state),
+        ("sipi_vector", u32),
+        ("flags", u32),
+        ("smi", _smi_state),
+        ("triple_fault_pending", u8),
+        ("reserved", u8 * 26),
+        ("exception_has_payload", u8),
+        ("exception_payload", u64),
+    ]
+
+
+KVM_VCPUEVENT_VALID_NMI_PENDING = 0x01
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x02
+KVM_VCPUEVENT_VALID_SHADOW = 0x04
+KVM_VCPUEVENT_VALID_SMM = 0x08
+KVM_VCPUEVENT_VALID_PAYLOAD = 0x10
+KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 0x20
+
+
+class kvm_debugregs(_Struct):
+    _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64), ("reserved", u64 * 9)]
+
+
+class kvm_xsave(_Struct):
+    """The legacy 4 KiB XSAVE area (KVM_CAP_XSAVE2 may report more; it is 4096 here)."""
+
+    _fields_ = [("region", u32 * 1024)]
+
+
+KVM_MAX_XCRS = 16
+
+
+class kvm_xcr(_Struct):
+    _fields_ = [("xcr", u32), ("reserved", u32), ("value", u64)]
+
+
+class kvm_xcrs(_Struct):
+    _fields_ = [("nr_xcrs", u32), ("flags", u32), ("xcrs", kvm_xcr * KVM_MAX_XCRS), ("padding", u64 * 16)]
+
+
+class kvm_mp_state(_Struct):
+    _fields_ = [("mp_state", u32)]
+
+
+class kvm_msr_list(_Struct):
+    """Header only; the u32 indices follow it (flexible array member)."""
+
+    _fields_ = [("nmsrs", u32)]
+
+
+def kvm_msr_list_with(n: int) -> type[C.Structure]:
+    class _kvm_msr_list_n(_Struct):
+        _fields_ = [("nmsrs", u32), ("indices", u32 * n)]
+
+    return _kvm_msr_list_n
+
+
 # --- ioctl numbers ----------------------------------------------------------
 # system ioctls (on /dev/kvm)
 KVM_GET_API_VERSION = _IO(KVMIO, 0x00)
@@ -317,6 +395,7 @@ KVM_CREATE_VM = _IO(KVMIO, 0x01)
 KVM_CHECK_EXTENSION = _IO(KVMIO, 0x03)
 KVM_GET_VCPU_MMAP_SIZE = _IO(KVMIO, 0x04)
 KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, kvm_cpuid2)
+KVM_GET_MSR_INDEX_LIST = _IOWR(KVMIO, 0x02, kvm_msr_list)
 # VM ioctls
 KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
 KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, kvm_dirty_log)
@@ -336,6 +415,16 @@ KVM_SET_MSRS = _IOW(KVMIO, 0x89, kvm_msrs)
 KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, kvm_cpuid2)
 KVM_SET_GUEST_DEBUG = _IOW(KVMIO, 0x9B, kvm_guest_debug)
 KVM_GET_TSC_KHZ = _IO(KVMIO, 0xA3)
+KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, kvm_mp_state)
+KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, kvm_mp_state)
+KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, kvm_vcpu_events)
+KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, kvm_vcpu_events)
+KVM_GET_DEBUGREGS = _IOR(KVMIO, 0xA1, kvm_debugregs)
+KVM_SET_DEBUGREGS = _IOW(KVMIO, 0xA2, kvm_debugregs)
+KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, kvm_xsave)
+KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, kvm_xsave)
+KVM_GET_XCRS = _IOR(KVMIO, 0xA6, kvm_xcrs)
+KVM_SET_XCRS = _IOW(KVMIO, 0xA7, kvm_xcrs)
 
 # capabilities (KVM_CHECK_EXTENSION)
 KVM_CAP_USER_MEMORY = 3
@@ -346,6 +435,10 @@ KVM_CAP_GET_TSC_KHZ = 61
 KVM_CAP_READONLY_MEM = 81
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_GUEST_DEBUG_HW_BPS = 119
+KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_DEBUGREGS = 50
+KVM_CAP_XSAVE = 55
+KVM_CAP_XCRS = 56
 
 # MSRs
 MSR_EFER = 0xC0000080

@@ -34,7 +34,7 @@ from .abi import (
 from .abi import Backend, BootInfo, ReportKind
 from .layout import BOOT_INFO_PHYS
 from .backend import BackendInfo, detect_backend, host_has_1g_pages
-from .boot import BootLayout, choose_slide, prepare_guest
+from .boot import BootLayout, cached_memory_map, choose_slide, prepare_guest
 from .cpu import cpu_features, cpuid_leaves, decode_bits, entry_regs, long_mode_sregs
 from .devices import ExitDevice, InstructionCounter, PortBus, ReportDevice, Stop, Uart16550
 from .elf import KernelImage, Symbolizer
@@ -222,7 +222,10 @@ class Vm:
         console: Callable[[bytes], None] | None = None,
         on_report: Callable[[Report], Stop | None] | None = None,
         backend: BackendInfo | None = None,
+        restore=None,
     ):
+        """``restore`` (a ``vmm.snapshot.machine.RestoreSource``) starts the
+        guest from saved RAM and vCPU state instead of booting it."""
         self.image = image
         self.config = config
         self.backend = backend or detect_backend()
@@ -237,32 +240,24 @@ class Vm:
         self.running = False
         self._vcpu_thread: int | None = None
         _install_stop_signal()  # here too: run() may be called from another thread
+        self.restored_from = restore
         t = time.perf_counter_ns
         t0 = t()
         try:
             # Guest RAM is prepared before the VM exists: once KVM_CREATE_VM
             # has attached KVM's MMU notifier to this process, every first
             # touch of a fresh page costs noticeably more.
-            self.memory = GuestMemory(config.memory, shared=config.shared_memory)
-            t1 = t()
-            self.slide = choose_slide(image, config.slide)
-            if config.use_1g is None:
-                # On KVM-PVM a 1 GiB page in the boot tables does not translate
-                # (KVM_TRANSLATE reports it invalid and the first access triple
-                # faults), so the direct map uses 2 MiB pages there.
-                use_1g = host_has_1g_pages() and self.backend.backend != Backend.PVM
+            if restore is None:
+                self.memory = GuestMemory(config.memory, shared=config.shared_memory)
             else:
-                use_1g = config.use_1g
-            self.layout: BootLayout = prepare_guest(
-                self.memory,
-                image,
-                slide=self.slide,
-                cmdline=config.cmdline,
-                backend=int(self.backend.backend),
-                tsc_khz=0,  # known once the vCPU exists; patched below
-                use_1g=use_1g,
-                fresh_memory=True,  # a new memfd: every page reads as zero
-            )
+                self.memory = restore.make_memory(config)
+            t1 = t()
+            if restore is None:
+                self._write_boot_state(image, config)
+            else:
+                self.slide = restore.slide
+                self.layout = None
+                self.memmap = cached_memory_map(self.memory.size, image)
             t2 = t()
             self.kvm = Kvm()
             self.vm = self.kvm.create_vm()
@@ -275,7 +270,8 @@ class Vm:
                 tsc_khz = self.vcpu.get_tsc_khz()
             except KvmError:
                 tsc_khz = 0
-            self.memory.write_u64(BOOT_INFO_PHYS + BootInfo.tsc_khz.offset, tsc_khz)
+            if restore is None:
+                self.memory.write_u64(BOOT_INFO_PHYS + BootInfo.tsc_khz.offset, tsc_khz)
             t4 = t()
             self.protected = protected_ranges(image) if config.protect_kernel else []
             if self.protected and not self.vm.check_extension(KVM_CAP_READONLY_MEM):
@@ -287,9 +283,12 @@ class Vm:
                     slot, gpa, size, self.memory.host_address + gpa, log | (KVM_MEM_READONLY if readonly else 0)
                 )
             t4b = t()
-            sregs = long_mode_sregs(self.vcpu.get_sregs(), self.layout.cr3, self.layout.gdt_base)
-            self.vcpu.set_sregs(sregs)
-            self.vcpu.set_regs(entry_regs(self.layout.entry, self.layout.stack_top, self.layout.boot_info_virt))
+            if restore is None:
+                sregs = long_mode_sregs(self.vcpu.get_sregs(), self.layout.cr3, self.layout.gdt_base)
+                self.vcpu.set_sregs(sregs)
+                self.vcpu.set_regs(entry_regs(self.layout.entry, self.layout.stack_top, self.layout.boot_info_virt))
+            else:
+                restore.load_vcpu(self.vcpu)
             t5 = t()
         except BaseException:
             self.close()
@@ -298,7 +297,7 @@ class Vm:
         self.symbolizer: Symbolizer = image.symbolizer(self.slide)
         self.timings_ms = {
             "guest_memory": (t1 - t0) / 1e6,
-            **self.layout.timings_ms,
+            **(self.layout.timings_ms if self.layout is not None else {"restore_state": (t2 - t1) / 1e6}),
             "kvm_create_vm": (t3 - t2) / 1e6,
             "vcpu_create": (t4 - t3) / 1e6,
             "memory_slots": (t4b - t4) / 1e6,
@@ -315,6 +314,28 @@ class Vm:
         self.icount = InstructionCounter(self._set_single_step)
         self.bus.add(ICOUNT_PORT, ICOUNT_PORT_SIZE, self.icount)
         self._ready_ns: int | None = None
+
+    def _write_boot_state(self, image: KernelImage, config: VmConfig) -> None:
+        """A cold boot: kernel, page tables and boot info written into fresh RAM."""
+        self.slide = choose_slide(image, config.slide)
+        if config.use_1g is None:
+            # On KVM-PVM a 1 GiB page in the boot tables does not translate
+            # (KVM_TRANSLATE reports it invalid and the first access triple
+            # faults), so the direct map uses 2 MiB pages there.
+            use_1g = host_has_1g_pages() and self.backend.backend != Backend.PVM
+        else:
+            use_1g = config.use_1g
+        self.layout: BootLayout | None = prepare_guest(
+            self.memory,
+            image,
+            slide=self.slide,
+            cmdline=config.cmdline,
+            backend=int(self.backend.backend),
+            tsc_khz=0,  # known once the vCPU exists; patched by __init__
+            use_1g=use_1g,
+            fresh_memory=True,  # a new memfd: every page reads as zero
+        )
+        self.memmap = self.layout.memmap
 
     # --- lifetime -------------------------------------------------------------------
     def close(self) -> None:

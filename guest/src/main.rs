@@ -230,7 +230,10 @@ extern "sysv64" fn kernel_main(arg: u64) -> ! {
         bench::run(words);
     }
     match cmdline.get("workload") {
-        Some("mm") => workload::run(cmdline.get("workload_ms").and_then(|v| v.parse().ok())),
+        Some("mm") => workload::run(
+            cmdline.get("workload_ms").and_then(|v| v.parse().ok()),
+            cmdline.get("workload_iters").and_then(|v| v.parse().ok()),
+        ),
         Some("compute") => workload::compute(
             cmdline.get("workload_ms").and_then(|v| v.parse().ok()),
             cmdline.get("frag_blocks").and_then(|v| v.parse().ok()).unwrap_or(0),

@@ -7,7 +7,10 @@
 //! short-lived tasks around (they allocate, yield, free) and yields to them.
 //! A status line is printed about once a second (TSC). `workload_ms=N` ends
 //! the loop after N ms, frees everything and returns (exit 0); without it
-//! the loop runs until the host stops the guest.
+//! the loop runs until the host stops the guest. `workload_iters=N` ends it
+//! after N iterations instead and prints no timed status lines, so that with
+//! `rng=seed` the whole console output is a function of the saved state
+//! (snapshot determinism tests resume such a guest mid-way).
 
 use crate::arch::x86_64::rdtsc;
 use crate::memory::layout::SCRATCH_START;
@@ -32,7 +35,7 @@ extern "sysv64" fn worker(seed: u64) {
     }
 }
 
-pub fn run(ms: Option<u64>) {
+pub fn run(ms: Option<u64>, max_iters: Option<u64>) {
     let khz = match crate::boot_info().tsc_khz {
         0 => 2_600_000,
         k => k,
@@ -44,7 +47,11 @@ pub fn run(ms: Option<u64>) {
     let mut mapped = [0u64; PAGES as usize];
     let mut workers = [0u32; 2];
     let mut iters = 0u64;
-    println!("workload: mm, {}", ms.map_or("until stopped".into(), |m| alloc::format!("{} ms", m)));
+    match (ms, max_iters) {
+        (_, Some(n)) => println!("workload: mm, {} iterations", n),
+        (Some(m), None) => println!("workload: mm, {} ms", m),
+        (None, None) => println!("workload: mm, until stopped"),
+    }
     loop {
         let r = rand::u64();
         // Heap churn.
@@ -86,8 +93,11 @@ pub fn run(ms: Option<u64>) {
         iters += 1;
         inspect::update(|b| b.workload_iters = iters);
 
+        if max_iters.is_some_and(|n| iters >= n) {
+            break;
+        }
         let now = rdtsc();
-        if now >= next_status {
+        if max_iters.is_none() && now >= next_status {
             let h = heap::stats_raw();
             println!(
                 "workload: t={}ms iters={} heap_end={:#x} heap_free={} cached={} frames_free={} tasks={}",
@@ -123,7 +133,14 @@ pub fn run(ms: Option<u64>) {
             }
         }
     });
-    println!("workload: done, {} iterations", iters);
+    let h = heap::stats_raw();
+    println!(
+        "workload: done, {} iterations, heap_end={:#x} heap_free={} frames_free={}",
+        iters,
+        h.end,
+        h.free_bytes,
+        frames::free_count()
+    );
 }
 
 /// Rounds of xorshift per `workload=compute` iteration (a few ms of

@@ -21,6 +21,11 @@ SIZES = {
     "kvm_msrs": 8,
     "kvm_msr_entry": 16,
     "kvm_debug_exit_arch": 32,
+    "kvm_vcpu_events": 64,
+    "kvm_debugregs": 128,
+    "kvm_xsave": 4096,
+    "kvm_xcrs": 392,
+    "kvm_mp_state": 4,
 }
 
 OFFSETS = [
@@ -41,6 +46,12 @@ OFFSETS = [
     ("kvm_translation", "valid", 16),
     ("kvm_guest_debug", "arch", 8),
     ("kvm_userspace_memory_region", "userspace_addr", 24),
+    ("kvm_vcpu_events", "sipi_vector", 16),
+    ("kvm_vcpu_events", "flags", 20),
+    ("kvm_vcpu_events", "exception_has_payload", 55),
+    ("kvm_vcpu_events", "exception_payload", 56),
+    ("kvm_debugregs", "dr7", 40),
+    ("kvm_xcrs", "xcrs", 8),
 ]
 
 IOCTLS = {
@@ -66,6 +77,17 @@ IOCTLS = {
     "KVM_GET_TSC_KHZ": 0xAEA3,
     "KVM_GET_STATS_FD": 0xAECE,
     "KVM_SET_IDENTITY_MAP_ADDR": 0x4008AE48,
+    "KVM_GET_MSR_INDEX_LIST": 0xC004AE02,
+    "KVM_GET_VCPU_EVENTS": 0x8040AE9F,
+    "KVM_SET_VCPU_EVENTS": 0x4040AEA0,
+    "KVM_GET_XSAVE": 0x9000AEA4,
+    "KVM_SET_XSAVE": 0x5000AEA5,
+    "KVM_GET_XCRS": 0x8188AEA6,
+    "KVM_SET_XCRS": 0x4188AEA7,
+    "KVM_GET_DEBUGREGS": 0x8080AEA1,
+    "KVM_SET_DEBUGREGS": 0x4080AEA2,
+    "KVM_GET_MP_STATE": 0x8004AE98,
+    "KVM_SET_MP_STATE": 0x4004AE99,
 }
 
 

@@ -134,7 +134,7 @@ def facts_from_vm(vm) -> GuestFacts:
         kaslr_slide=vm.slide,
         segments=segs,
         inspect=inspect,
-        memmap=vm.layout.memmap.to_json(),
+        memmap=vm.memmap.to_json(),
         maxphyaddr=vm.cpu_features.maxphyaddr,
         gbpages=vm.cpu_features.gbpages,
     )

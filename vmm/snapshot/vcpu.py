@@ -1,0 +1,125 @@
+"""Read and write a vCPU's whole state through KVM (the ioctls, nothing else).
+
+Order matters on the way back in (the order QEMU and Firecracker use):
+regs, XSAVE, XCRs, sregs, MSRs (IA32_TSC among them), events, debug
+registers, MP state. sregs before MSRs because EFER is in both and the MSR
+write of EFER is checked against CR0/CR4; events last but one because
+setting sregs can clear a pending exception.
+"""
+
+from __future__ import annotations
+
+from .. import kvm_abi as K
+from ..kvm import KvmError, VcpuFd
+from .format import VcpuState
+
+MSR_IA32_TSC = 0x10
+
+_MSR_INDEX_CACHE: dict[int, list[int]] = {}
+
+
+def msr_indices(kvm) -> list[int]:
+    """The MSRs KVM says a VMM must save (KVM_GET_MSR_INDEX_LIST), asked once."""
+    key = id(type(kvm))
+    if key not in _MSR_INDEX_CACHE:
+        _MSR_INDEX_CACHE[key] = kvm.get_msr_index_list()
+    return _MSR_INDEX_CACHE[key]
+
+
+def complete_pending_io(vcpu: VcpuFd) -> None:
+    """Finish the I/O the last exit reported, without running guest code.
+
+    After an IN/OUT/MMIO exit the instruction is only complete (RIP past it,
+    an IN's data in RAX) once KVM_RUN is entered again. KVM's documented way
+    to get there without executing guest code: KVM_RUN with immediate_exit
+    set, which completes the operation and returns EINTR.
+    """
+    run = vcpu.run_struct
+    run.immediate_exit = 1
+    try:
+        vcpu.run()
+    except InterruptedError:
+        pass
+    finally:
+        run.immediate_exit = 0
+
+
+def read_msrs(vcpu: VcpuFd, indices: list[int]) -> dict[int, int]:
+    msrs = vcpu.get_msrs(indices)
+    if len(msrs) != len(indices):  # KVM stops at the first MSR it cannot read: go one by one
+        msrs = {}
+        for idx in indices:
+            try:
+                msrs.update(vcpu.get_msrs([idx]))
+            except KvmError:
+                pass
+    return msrs
+
+
+def capture(vcpu: VcpuFd, kvm, tsc_khz: int) -> VcpuState:
+    """The vCPU's state now (call with the vCPU stopped and its I/O completed)."""
+    msrs = read_msrs(vcpu, msr_indices(kvm))
+    state = VcpuState(
+        regs=vcpu.get_regs(),
+        sregs=vcpu.get_sregs(),
+        msrs=msrs,
+        tsc=msrs.get(MSR_IA32_TSC, 0),
+        tsc_khz=tsc_khz,
+    )
+    for attr, getter in (
+        ("xsave", vcpu.get_xsave), ("xcrs", vcpu.get_xcrs), ("events", vcpu.get_vcpu_events),
+        ("debugregs", vcpu.get_debugregs), ("mp_state", vcpu.get_mp_state),
+    ):
+        try:
+            setattr(state, attr, getter())
+        except KvmError:
+            pass  # not supported here: the note is simply absent
+    return state
+
+
+def apply(vcpu: VcpuFd, state: VcpuState) -> None:
+    """Load ``state`` into a vCPU (CPUID must already be set)."""
+    vcpu.set_regs(state.regs)
+    if state.xsave is not None:
+        vcpu.set_xsave(state.xsave)
+    if state.xcrs is not None:
+        vcpu.set_xcrs(state.xcrs)
+    vcpu.set_sregs(state.sregs)
+    if state.msrs:
+        # Only what differs from a fresh vCPU: KVM refuses writes to some MSRs
+        # it lists (KVM's own paravirtual MSRs without the CPUID bits that
+        # enable them), even of the value they already hold.
+        fresh = read_msrs(vcpu, list(state.msrs))
+        changed = {i: v for i, v in state.msrs.items() if fresh.get(i) != v}
+        if changed:
+            set_msrs(vcpu, changed)
+    if state.events is not None:
+        ev = K.kvm_vcpu_events.from_buffer_copy(bytes(state.events))
+        # Say which optional fields are meant (NMI pending, interrupt shadow);
+        # SMM and SIPI are not used by this guest and left as KVM has them.
+        ev.flags &= K.KVM_VCPUEVENT_VALID_NMI_PENDING | K.KVM_VCPUEVENT_VALID_SHADOW | K.KVM_VCPUEVENT_VALID_PAYLOAD
+        vcpu.set_vcpu_events(ev)
+    if state.debugregs is not None:
+        vcpu.set_debugregs(state.debugregs)
+    if state.mp_state is not None:
+        vcpu.set_mp_state(state.mp_state)
+
+
+class MsrRestoreError(KvmError):
+    pass
+
+
+def set_msrs(vcpu: VcpuFd, msrs: dict[int, int]) -> None:
+    """KVM_SET_MSRS returns how many it set; one it refuses ends the batch."""
+    buf = K.kvm_msrs_with(len(msrs))()
+    buf.nmsrs = len(msrs)
+    items = list(msrs.items())
+    for i, (idx, val) in enumerate(items):
+        buf.entries[i].index = idx
+        buf.entries[i].data = val
+    import fcntl
+
+    n = fcntl.ioctl(vcpu.fd, K.KVM_SET_MSRS, buf)
+    if n != len(items):
+        idx, val = items[n]
+        raise MsrRestoreError(22, f"KVM_SET_MSRS refused MSR {idx:#x} = {val:#x}")
