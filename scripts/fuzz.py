@@ -31,7 +31,7 @@ from mm.memmap import MemoryMap  # noqa: E402
 from mm.walker import RunArrays, walk_arrays  # noqa: E402
 from tests.elfgen import simple_kernel  # noqa: E402
 from vmm.abi import ReportKind  # noqa: E402
-from vmm.boot import build_memory_map  # noqa: E402
+from vmm.boot_plan import build_memory_map  # noqa: E402
 from vmm.elf import KernelImageError, parse_kernel  # noqa: E402
 from vmm.inspector.heap import RunTranslator, walk_free_list  # noqa: E402
 from vmm.reports import ReportError, decode_report, encode_report  # noqa: E402

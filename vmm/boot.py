@@ -2,13 +2,18 @@
 
 Each step is one function with its own error type:
 
-- ``build_memory_map``: the UEFI-like map the guest receives (also what
-  ``vmm.py memmap`` prints);
 - ``load_kernel``: PT_LOAD segments copied to their physical addresses and
   R_X86_64_RELATIVE relocations applied for the KASLR slide;
 - ``build_page_tables``: direct map of all RAM plus each kernel segment at its
   (slid) virtual address with its own permissions;
 - ``write_boot_info``: GDT, memory map, command line and BootInfo.
+
+What depends only on (kernel, RAM size, direct-map page size) -- the memory
+map and the page tables at slide 0 -- is a ``BootPlan``, built once by
+``vmm.boot_plan`` with the page-table mapper (``mm``, numpy) and reused: from
+this process, or from the kernel file's cache (``vmm.kernel_cache``). A boot
+whose plan is cached therefore never imports ``mm`` or numpy: this module and
+its imports are the whole of the boot path.
 """
 
 from __future__ import annotations
@@ -20,21 +25,10 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from mm.addr import PageSize
-from mm.flags import PteFlags
-from mm.frames import BumpFrameAllocator
-from mm.mapper import Mapper
-from mm.physmem import BufferMemory
-from mm.memmap import MemoryMap, MemoryType
-
 from . import gdt
 from .abi import BOOT_FLAG_DIRECT_MAP_1G, BOOT_INFO_MAGIC, BOOT_INFO_SIZE, BOOT_INFO_VERSION, BootInfo
 from .elf import KernelImage, KernelImageError, Segment
 from .layout import (
-    ACPI_NVS_PHYS,
-    ACPI_RECLAIM_PHYS,
     BOOT_INFO_PHYS,
     BOOT_STACK_PHYS,
     BOOT_STACK_SIZE,
@@ -42,7 +36,6 @@ from .layout import (
     CMDLINE_PHYS,
     FB_FORMAT_BGRX8888,
     FB_HEIGHT,
-    FB_SIZE,
     FB_STRIDE,
     FB_WIDTH,
     GDT_PHYS,
@@ -51,13 +44,11 @@ from .layout import (
     KASLR_WINDOW,
     KERNEL_LINK_BASE,
     KERNEL_PHYS_MIN,
-    LEGACY_HOLE_START,
     MEMMAP_END,
     MEMMAP_PHYS,
     MiB,
     PAGE_SIZE,
     PHYS_OFFSET,
-    PT_POOL_END,
     PT_POOL_START,
     framebuffer_phys,
 )
@@ -98,43 +89,6 @@ def check_kernel_fits(image: KernelImage, ram_size: int) -> None:
             )
 
 
-_MEMMAP_CACHE: dict[tuple, MemoryMap] = {}
-
-
-def cached_memory_map(ram_size: int, image: KernelImage | None) -> MemoryMap:
-    """``build_memory_map``, memoised: the map depends only on RAM size and segments.
-    Callers must treat the result as read-only."""
-    key = (ram_size, None if image is None else tuple((s.paddr, s.memsz, s.flags) for s in image.segments))
-    memmap = _MEMMAP_CACHE.get(key)
-    if memmap is None:
-        if len(_MEMMAP_CACHE) > 64:
-            _MEMMAP_CACHE.clear()
-        memmap = _MEMMAP_CACHE[key] = build_memory_map(ram_size, image)
-        memmap.cached_bytes = memmap.to_bytes()
-    return memmap
-
-
-def build_memory_map(ram_size: int, image: KernelImage | None) -> MemoryMap:
-    """Carve the fixed regions and the kernel image out of RAM."""
-    mm = MemoryMap.from_ram(ram_size)
-    mm.carve(0, PAGE_SIZE, MemoryType.RESERVED)  # the null page is never handed out
-    mm.carve(GDT_PHYS, CMDLINE_PHYS + CMDLINE_MAX - GDT_PHYS, MemoryType.LOADER_DATA)
-    mm.carve(PT_POOL_START, PT_POOL_END - PT_POOL_START, MemoryType.LOADER_DATA)
-    mm.carve(BOOT_STACK_PHYS, BOOT_STACK_SIZE, MemoryType.LOADER_DATA)
-    mm.carve(LEGACY_HOLE_START, ACPI_RECLAIM_PHYS - LEGACY_HOLE_START, MemoryType.RESERVED)
-    mm.carve(ACPI_RECLAIM_PHYS, ACPI_NVS_PHYS - ACPI_RECLAIM_PHYS, MemoryType.ACPI_RECLAIM)
-    mm.carve(ACPI_NVS_PHYS, KERNEL_PHYS_MIN - ACPI_NVS_PHYS, MemoryType.ACPI_NVS)
-    if image is not None:
-        check_kernel_fits(image, ram_size)
-        for seg in sorted(image.segments, key=lambda s: s.paddr):
-            start, end = segment_phys_range(seg)
-            kind = MemoryType.LOADER_CODE if seg.executable else MemoryType.LOADER_DATA
-            mm.carve(start, end - start, kind)
-    mm.carve(framebuffer_phys(ram_size), FB_SIZE, MemoryType.FRAMEBUFFER)
-    mm.validate()
-    return mm
-
-
 # --- KASLR -------------------------------------------------------------------------
 def slide_range(image: KernelImage) -> int:
     """Number of distinct 2 MiB-aligned slides this image can take."""
@@ -167,10 +121,10 @@ class _SegmentPlan:
     and where the relocations go (computed once per image)."""
 
     written: int  # bytes to write (file size, or up to the last relocation)
-    base: np.ndarray | None  # uint8 copy of those bytes (None: no relocations)
-    word_index: np.ndarray | None  # u64 index of each RELATIVE target (8-aligned case)
-    byte_index: np.ndarray | None  # (n, 8) byte indices (unaligned fallback)
-    addends: np.ndarray | None
+    base: bytes | None  # a copy of those bytes, padded to 8 (None: no relocations)
+    offsets: list[int]  # byte offset of each R_X86_64_RELATIVE target in the segment
+    addends: list[int]
+    aligned: bool  # every offset 8-aligned: the words are set through a u64 view
 
 
 def _segment_plans(image: KernelImage) -> list[_SegmentPlan]:
@@ -181,18 +135,14 @@ def _segment_plans(image: KernelImage) -> list[_SegmentPlan]:
     for seg in image.segments:
         picked = [(r - seg.vaddr, a) for r, a in image.relocations if seg.vaddr <= r and r + 8 <= seg.vaddr + seg.memsz]
         if not picked:
-            plans.append(_SegmentPlan(seg.filesz, None, None, None, None))
+            plans.append(_SegmentPlan(seg.filesz, None, [], [], True))
             continue
-        offs = np.array([o for o, _ in picked], dtype=np.int64)
-        adds = np.array([a for _, a in picked], dtype=np.uint64)
-        written = max(seg.filesz, int(offs.max()) + 8)
-        size = (written + 7) // 8 * 8
-        base = np.zeros(size, dtype=np.uint8)
-        base[: seg.filesz] = np.frombuffer(image.data, dtype=np.uint8, count=seg.filesz, offset=seg.offset)
-        if not (offs % 8).any():
-            plans.append(_SegmentPlan(written, base, offs // 8, None, adds))
-        else:
-            plans.append(_SegmentPlan(written, base, None, offs[:, None] + np.arange(8)[None, :], adds))
+        offs = [o for o, _ in picked]
+        written = max(seg.filesz, max(offs) + 8)
+        base = bytearray((written + 7) // 8 * 8)
+        base[: seg.filesz] = image.data[seg.offset : seg.offset + seg.filesz]
+        aligned = not any(o % 8 for o in offs)
+        plans.append(_SegmentPlan(written, bytes(base), offs, [a for _, a in picked], aligned))
     image._load_plans = plans
     return plans
 
@@ -202,7 +152,8 @@ def load_kernel(memory: GuestMemory, image: KernelImage, slide: int, *, fresh_me
 
     Segments without relocations are written straight from the file image;
     the others from a per-image template with every R_X86_64_RELATIVE word
-    set in one vectorised store. The zero-filled tail (.bss) is only written
+    set (about 250 words for the guest: a Python loop is cheaper than
+    importing numpy for it). The zero-filled tail (.bss) is only written
     when ``fresh_memory`` is false: fresh guest RAM already reads as zero.
     """
     check_kernel_fits(image, memory.size)
@@ -211,29 +162,26 @@ def load_kernel(memory: GuestMemory, image: KernelImage, slide: int, *, fresh_me
         if plan.base is None:
             memory.write(seg.paddr, data[seg.offset : seg.offset + seg.filesz])
         else:
-            buf = plan.base.copy()
+            buf = bytearray(plan.base)
             # R_X86_64_RELATIVE: the word becomes B + A, B being the load bias (the slide).
-            values = plan.addends + np.uint64(slide)
-            if plan.word_index is not None:
-                buf.view("<u8")[plan.word_index] = values
+            if plan.aligned:
+                words = memoryview(buf).cast("Q")  # native order: x86-64 hosts only
+                for off, addend in zip(plan.offsets, plan.addends):
+                    words[off >> 3] = (addend + slide) & _U64
+                words.release()
             else:
-                buf[plan.byte_index] = values.astype("<u8").view(np.uint8).reshape(-1, 8)
+                for off, addend in zip(plan.offsets, plan.addends):
+                    buf[off : off + 8] = ((addend + slide) & _U64).to_bytes(8, "little")
             memory.write(seg.paddr, memoryview(buf)[: plan.written])
         if seg.memsz > plan.written and not fresh_memory:
             memory.zero(seg.paddr + plan.written, seg.memsz - plan.written)
 
 
-def segment_flags(seg: Segment) -> PteFlags:
-    """R -> P|NX, RX -> P, RW -> P|W|NX; W+X was refused at parse time."""
-    flags = PteFlags.PRESENT
-    if seg.writable:
-        flags |= PteFlags.WRITABLE
-    if not seg.executable:
-        flags |= PteFlags.NO_EXECUTE
-    return flags
-
-
 # --- page tables -----------------------------------------------------------------------
+_U64 = (1 << 64) - 1
+_ADDR = 0x000F_FFFF_FFFF_F000
+
+
 @dataclass
 class PageTables:
     cr3: int
@@ -242,78 +190,8 @@ class PageTables:
     direct_map_1g: bool
 
 
-def _map_direct(mapper: Mapper, ram_size: int, use_1g: bool) -> None:
-    """Map [0, ram_size) at PHYS_OFFSET with the largest pages that fit."""
-    flags = PteFlags.PRESENT | PteFlags.WRITABLE | PteFlags.NO_EXECUTE | PteFlags.GLOBAL
-    pos = 0
-    sizes = [PageSize.SIZE_1G, PageSize.SIZE_2M, PageSize.SIZE_4K] if use_1g else [PageSize.SIZE_2M, PageSize.SIZE_4K]
-    for size in sizes:
-        length = (ram_size - pos) // size * size
-        if length:
-            mapper.map_range(PHYS_OFFSET + pos, pos, length, flags, size)
-            pos += length
-    assert pos == ram_size
-
-
-_DIRECT_MAP_CACHE: dict[tuple[int, bool], tuple[bytes, int, int]] = {}
-_POOL_SIZE = PT_POOL_END - PT_POOL_START
-
-
-def _pool_memory(initial: bytes = b"", spare_frames: int | None = None) -> tuple[bytearray, BufferMemory]:
-    """A host-side scratch copy of (the start of) the page-table pool,
-    addressed like guest RAM: ``initial`` plus ``spare_frames`` free frames."""
-    size = _POOL_SIZE if spare_frames is None else min(_POOL_SIZE, len(initial) + spare_frames * PAGE_SIZE)
-    scratch = bytearray(initial)
-    scratch.extend(bytes(size - len(initial)))
-    return scratch, BufferMemory(scratch, base=PT_POOL_START)
-
-
-def _kernel_table_frames(image: KernelImage | None) -> int:
-    """An upper bound on the tables the kernel's mappings add (PDPT, PD,
-    one PT per 2 MiB spanned, plus one for a boundary crossing)."""
-    if image is None:
-        return 0
-    span = image.vaddr_end - image.vaddr_start
-    return 3 + (span + (2 << 20) - 1) // (2 << 20) + 1
-
-
-def _direct_map_template(ram_size: int, use_1g: bool) -> tuple[bytes, int, int]:
-    """The page-table pool holding just the direct map, built once per RAM size:
-    (pool bytes up to the first free frame, root, first free frame)."""
-    key = (ram_size, use_1g)
-    hit = _DIRECT_MAP_CACHE.get(key)
-    if hit is None:
-        scratch, pool = _pool_memory()
-        frames = BumpFrameAllocator(PT_POOL_START, PT_POOL_END)
-        mapper = Mapper.new(pool, frames, forbid_wx=True)
-        _map_direct(mapper, ram_size, use_1g)
-        hit = (bytes(scratch[: frames.next - PT_POOL_START]), mapper.root, frames.next)
-        pool.close()
-        if len(_DIRECT_MAP_CACHE) > 16:
-            _DIRECT_MAP_CACHE.clear()
-        _DIRECT_MAP_CACHE[key] = hit
-    return hit
-
-
-def _build_pool(ram_size: int, image: KernelImage | None, slide: int, use_1g: bool) -> tuple[bytearray, int, int, int]:
-    """Direct map plus kernel segments with the mapper, in a host buffer:
-    (pool bytes, root, first free frame after the direct map, end of used frames)."""
-    template, root, first_free = _direct_map_template(ram_size, use_1g)
-    scratch, pool = _pool_memory(template, _kernel_table_frames(image))
-    frames = BumpFrameAllocator(first_free, PT_POOL_START + len(scratch))
-    frames.allocated = [PT_POOL_START + i * PAGE_SIZE for i in range((first_free - PT_POOL_START) // PAGE_SIZE)]
-    mapper = Mapper(pool, root, frames, forbid_wx=True)
-    if image is not None:
-        for seg in image.segments:
-            vstart = _page_down(seg.vaddr) + slide
-            pstart, pend = segment_phys_range(seg)
-            mapper.map_range(vstart, pstart, pend - pstart, segment_flags(seg), PageSize.SIZE_4K)
-    pool.close()
-    return scratch, root, first_free, frames.next
-
-
 @dataclass
-class _KernelTablesTemplate:
+class TablesTemplate:
     """The boot tables built once at slide 0, and where the kernel's
     intermediate entries sit, so another slide only moves those entries."""
 
@@ -327,41 +205,53 @@ class _KernelTablesTemplate:
     pd_count: int  # PD entries (one per PT) the kernel uses
 
 
-_KERNEL_TABLES_CACHE: dict[tuple, _KernelTablesTemplate | None] = {}
-_ADDR = 0x000F_FFFF_FFFF_F000
+@dataclass
+class BootPlan:
+    """What boot writes that depends only on (kernel segments, RAM size,
+    direct-map page size): built once, then reused for every slide."""
+
+    memmap: bytes  # the descriptors as the guest reads them
+    memmap_count: int
+    tables: TablesTemplate | None  # None: the kernel needs the mapper at every slide
 
 
-def _kernel_tables_template(ram_size: int, image: KernelImage, use_1g: bool) -> _KernelTablesTemplate | None:
-    """None when the kernel does not sit in one PDPT/PD chain of its own."""
-    key = (ram_size, use_1g, id(image), tuple((s.vaddr, s.paddr, s.memsz, s.flags) for s in image.segments))
-    if key in _KERNEL_TABLES_CACHE:
-        return _KERNEL_TABLES_CACHE[key]
-    scratch, root, _first_free, end = _build_pool(ram_size, image, 0, use_1g)
-    u64 = np.frombuffer(scratch, dtype="<u8")
-    base = image.vaddr_start & ~((2 << 20) - 1)
-    i4, i3, i2 = (base >> 39) & 511, (base >> 30) & 511, (base >> 21) & 511
-    last = image.vaddr_end - 1
-    pd_count = ((last >> 21) - (base >> 21)) + 1
-
-    def entry(frame: int, index: int) -> int:
-        return int(u64[(frame - PT_POOL_START) // 8 + index])
-
-    template = None
-    e4 = entry(root, i4)
-    if e4 & 1 and i4 == 511 and (last >> 30) == (base >> 30):
-        pdpt = e4 & _ADDR
-        e3 = entry(pdpt, i3)
-        # The kernel's PDPT and PD must be its own (allocated after the direct map).
-        if e3 & 1 and not e3 & 0x80 and pdpt >= _first_free:
-            pd = e3 & _ADDR
-            template = _KernelTablesTemplate(bytes(scratch[: end - PT_POOL_START]), root, end, pdpt, pd, i3, i2, pd_count)
-    if len(_KERNEL_TABLES_CACHE) > 16:
-        _KERNEL_TABLES_CACHE.clear()
-    _KERNEL_TABLES_CACHE[key] = template
-    return template
+def plan_key(image: KernelImage | None, ram_size: int, use_1g: bool) -> tuple:
+    segs = () if image is None else tuple((s.vaddr, s.paddr, s.memsz, s.flags) for s in image.segments)
+    return (ram_size, bool(use_1g), segs)
 
 
-def _slid_pool(t: _KernelTablesTemplate, image: KernelImage, slide: int) -> bytearray | None:
+_PLANS: dict[tuple, BootPlan] = {}
+
+
+def boot_plan(image: KernelImage | None, ram_size: int, use_1g: bool) -> BootPlan:
+    """The plan from this process, else from the kernel file's cache, else built
+    (``vmm.boot_plan``, the one place the boot path needs the mapper) and stored in both."""
+    key = plan_key(image, ram_size, use_1g)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    if image is not None:
+        check_kernel_fits(image, ram_size)  # before a cached plan could hide a kernel that does not fit
+    cache = getattr(image, "cache", None)
+    plan = cache.boot_plan(ram_size, use_1g) if cache is not None else None
+    if plan is None:
+        plan = _builder().build_plan(image, ram_size, use_1g)
+        if cache is not None:
+            cache.store_boot_plan(ram_size, use_1g, plan)
+    if len(_PLANS) > 32:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def _builder():
+    """``vmm.boot_plan``: mm and numpy, imported only when a plan must be built."""
+    from . import boot_plan as builder
+
+    return builder
+
+
+def _slid_pool(t: TablesTemplate, image: KernelImage, slide: int) -> bytearray | None:
     """The template's tables with the kernel's PDPT and PD entries moved to
     where ``slide`` puts it (2 MiB-aligned slides leave the PTs unchanged)."""
     base = (image.vaddr_start & ~((2 << 20) - 1)) + slide
@@ -369,14 +259,17 @@ def _slid_pool(t: _KernelTablesTemplate, image: KernelImage, slide: int) -> byte
     if i2 + t.pd_count > 512 or ((base + (t.pd_count << 21) - 1) >> 30) != (base >> 30):
         return None  # the kernel would straddle a 1 GiB boundary: let the mapper do it
     pool = bytearray(t.pool)
-    u64 = np.frombuffer(pool, dtype="<u8")
+    u64 = memoryview(pool).cast("Q")  # page-table entries are little-endian u64, as is the host
     pdpt, pd = (t.pdpt_frame - PT_POOL_START) // 8, (t.pd_frame - PT_POOL_START) // 8
     e3 = u64[pdpt + t.pdpt_index]
-    pd_entries = u64[pd + t.pd_index : pd + t.pd_index + t.pd_count].copy()
+    pd_entries = u64[pd + t.pd_index : pd + t.pd_index + t.pd_count].tolist()
     u64[pdpt + t.pdpt_index] = 0
     u64[pdpt + i3] = e3
-    u64[pd + t.pd_index : pd + t.pd_index + t.pd_count] = 0
-    u64[pd + i2 : pd + i2 + t.pd_count] = pd_entries
+    for i in range(t.pd_count):
+        u64[pd + t.pd_index + i] = 0
+    for i, e in enumerate(pd_entries):
+        u64[pd + i2 + i] = e
+    u64.release()
     return pool
 
 
@@ -389,12 +282,12 @@ def build_page_tables(memory: GuestMemory, image: KernelImage | None, slide: int
     straddle a 1 GiB boundary, the mapper builds that slide from scratch.
     """
     if image is not None and slide % (2 << 20) == 0:
-        t = _kernel_tables_template(memory.size, image, use_1g)
+        t = boot_plan(image, memory.size, use_1g).tables
         pool = _slid_pool(t, image, slide) if t is not None else None
         if pool is not None:
             memory.write(PT_POOL_START, pool)
             return PageTables(t.root, (t.end - PT_POOL_START) // PAGE_SIZE, t.end, use_1g)
-    scratch, root, _first_free, end = _build_pool(memory.size, image, slide, use_1g)
+    scratch, root, _first_free, end = _builder().build_pool(memory.size, image, slide, use_1g)
     memory.write(PT_POOL_START, memoryview(scratch)[: end - PT_POOL_START])
     return PageTables(root, (end - PT_POOL_START) // PAGE_SIZE, end, use_1g)
 
@@ -410,9 +303,17 @@ class BootLayout:
     cr3: int
     gdt_base: int
     slide: int
-    memmap: MemoryMap
+    memmap_bytes: bytes  # as the guest received it
+    ram_size: int
     page_tables: PageTables
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def memmap(self):
+        """The memory map as ``mm.memmap.MemoryMap`` (decoded on demand: mm is not on the boot path)."""
+        from mm.memmap import MemoryMap
+
+        return MemoryMap.parse(self.memmap_bytes, ram_size=self.ram_size)
 
 
 def encode_cmdline(cmdline: str) -> bytes:
@@ -425,7 +326,7 @@ def encode_cmdline(cmdline: str) -> bytes:
 def write_boot_info(
     memory: GuestMemory,
     image: KernelImage | None,
-    memmap: MemoryMap,
+    plan: BootPlan,
     tables: PageTables,
     slide: int,
     cmdline: bytes,
@@ -433,10 +334,9 @@ def write_boot_info(
     tsc_khz: int,
 ) -> None:
     memory.write(GDT_PHYS, gdt.gdt_bytes())
-    raw_map = getattr(memmap, "cached_bytes", None) or memmap.to_bytes()
-    if MEMMAP_PHYS + len(raw_map) > MEMMAP_END:
-        raise BootError(f"memory map of {len(memmap.descriptors)} descriptors does not fit its area")
-    memory.write(MEMMAP_PHYS, raw_map)
+    if MEMMAP_PHYS + len(plan.memmap) > MEMMAP_END:
+        raise BootError(f"memory map of {plan.memmap_count} descriptors does not fit its area")
+    memory.write(MEMMAP_PHYS, plan.memmap)
     memory.write(CMDLINE_PHYS, cmdline)
     bi = BootInfo(
         magic=BOOT_INFO_MAGIC,
@@ -445,7 +345,7 @@ def write_boot_info(
         phys_offset=PHYS_OFFSET,
         ram_size=memory.size,
         memmap_phys=MEMMAP_PHYS,
-        memmap_count=len(memmap.descriptors),
+        memmap_count=plan.memmap_count,
         memmap_desc_size=40,
         kernel_phys_start=image.paddr_start if image else 0,
         kernel_phys_end=image.paddr_end if image else 0,
@@ -484,17 +384,17 @@ def prepare_guest(
     t = time.perf_counter_ns
     timings: dict[str, float] = {}
     t0 = t()
-    memmap = cached_memory_map(memory.size, image)
+    plan = boot_plan(image, memory.size, use_1g)
     raw_cmdline = encode_cmdline(cmdline)
     t1 = t()
-    timings["memory_map"] = (t1 - t0) / 1e6
+    timings["boot_plan"] = (t1 - t0) / 1e6
     load_kernel(memory, image, slide, fresh_memory=fresh_memory)
     t2 = t()
     timings["elf_load"] = (t2 - t1) / 1e6
     tables = build_page_tables(memory, image, slide, use_1g)
     t3 = t()
     timings["page_tables"] = (t3 - t2) / 1e6
-    write_boot_info(memory, image, memmap, tables, slide, raw_cmdline, backend, tsc_khz)
+    write_boot_info(memory, image, plan, tables, slide, raw_cmdline, backend, tsc_khz)
     timings["boot_info"] = (t() - t3) / 1e6
     return BootLayout(
         entry=image.entry + slide,
@@ -503,7 +403,8 @@ def prepare_guest(
         cr3=tables.cr3,
         gdt_base=PHYS_OFFSET + GDT_PHYS,
         slide=slide,
-        memmap=memmap,
+        memmap_bytes=plan.memmap,
+        ram_size=memory.size,
         page_tables=tables,
         timings_ms=timings,
     )
@@ -512,9 +413,10 @@ def prepare_guest(
 __all__ = [
     "BootError",
     "BootLayout",
+    "BootPlan",
     "GiB",
     "MiB",
-    "build_memory_map",
+    "boot_plan",
     "build_page_tables",
     "choose_slide",
     "load_kernel",

@@ -6,6 +6,8 @@ traceback: every error type the VMM raises on purpose is caught here.
 
 from __future__ import annotations
 
+from . import startup  # first: its clock reading is where the interpreter's start ends
+
 import argparse
 import json
 import os
@@ -217,14 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _kernel(args, quiet: bool):
-    from .elf import load_kernel_file
+    """The kernel of --kernel, or the built guest with its cache (vmm.kernel_cache)."""
+    if args.kernel is not None:
+        from .elf import load_kernel_file
 
-    path = args.kernel
-    if path is None:
+        startup.mark("t_built")
+        image = load_kernel_file(args.kernel)
+    else:
         from .guest_build import build_guest
+        from .kernel_cache import load_cached_kernel
 
         path = build_guest(quiet=quiet)
-    return load_kernel_file(path)
+        startup.mark("t_built")
+        image = load_cached_kernel(path)
+    startup.mark("t_kernel")
+    return image
 
 
 def _memory(args) -> int:
@@ -237,7 +246,7 @@ def _memory(args) -> int:
 
 
 def cmd_memmap(args) -> int:
-    from .boot import build_memory_map
+    from .boot_plan import build_memory_map
 
     size = _memory(args)
     image = _kernel(args, quiet=True)
@@ -266,6 +275,7 @@ def cmd_run(args) -> int:
 
     from .snapshot import commands as snapshot_cli
 
+    startup.mark("t_imports")
     t_start = time.perf_counter_ns()
     snapshot_cli.check_run_arguments(args)
     image = _kernel(args, quiet=args.quiet or args.json)
@@ -291,6 +301,7 @@ def cmd_run(args) -> int:
     slide = 0 if args.no_kaslr else args.slide
     watched = bool(args.inspect or args.control)
     config = VmConfig(memory=size, cmdline=args.cmdline, slide=slide, timeout=args.timeout, dirty_log=watched)
+    startup.mark("t_vm")
     on_report = saver.on_report if saver is not None else None
     if restore is not None:
         from .snapshot.machine import restore_vm
@@ -346,6 +357,9 @@ def cmd_run(args) -> int:
             say(f"framebuffer saved to {args.screenshot}")
     stream.flush()
     result.timings_ms["process_total"] = (time.perf_counter_ns() - t_start) / 1e6
+    startup.mark("t_done")
+    startup.write(timings_ms=result.timings_ms, exit_code=result.exit_code, symbols_loaded=image.symbols_loaded,
+                  kernel=image.path, cache_hit=bool(getattr(image.cache, "loaded", False)))
     if args.json:
         out = result.to_json()
         out["kernel"] = image.path
@@ -481,24 +495,34 @@ def _indent(text: str) -> str:
     return "\n".join("  " + line for line in text.splitlines())
 
 
+#: The errors the VMM raises on purpose, by module, and the exit code each gives.
+#: Looked up in sys.modules when one is raised: an exception of a class means
+#: its module was imported, so mapping errors never imports anything (the
+#: inspector's module alone would pull in numpy).
+EXPECTED_ERRORS = (
+    ("vmm.elf", "KernelImageError", ExitCode.USAGE),
+    ("vmm.memory", "GuestMemoryError", ExitCode.USAGE),
+    ("vmm.boot", "BootError", ExitCode.USAGE),
+    ("vmm.inspector.control", "ControlError", ExitCode.USAGE),
+    ("vmm.snapshot.format", "SnapshotError", ExitCode.USAGE),
+    ("mm.errors", "MMError", ExitCode.USAGE),
+    ("vmm.kvm", "KvmError", ExitCode.HOST_ERROR),
+    ("vmm.guest_build", "GuestBuildError", ExitCode.HOST_ERROR),
+)
+
+
+def expected_error_code(exc: BaseException) -> int | None:
+    """The exit code for an error the VMM raises on purpose, else None."""
+    if isinstance(exc, UsageError):
+        return ExitCode.USAGE
+    for module, name, code in EXPECTED_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(exc, cls):
+            return code
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .boot import BootError
-    from .elf import KernelImageError
-    from .kvm import KvmError
-    from .memory import GuestMemoryError
-
-    try:
-        from .guest_build import GuestBuildError
-    except ImportError:  # pragma: no cover
-        GuestBuildError = RuntimeError  # type: ignore[misc,assignment]
-    try:
-        from mm.errors import MMError
-    except ImportError:  # pragma: no cover
-        MMError = RuntimeError  # type: ignore[misc,assignment]
-
-    from .inspector.control import ControlError
-    from .snapshot.format import SnapshotError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -511,23 +535,17 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"run": cmd_run, "memmap": cmd_memmap, "build": cmd_build, "pt": cmd_pt, "inspect": cmd_inspect, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
-    except (KernelImageError, GuestMemoryError, BootError, UsageError) as exc:
-        print(f"vmm: error: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
-    except (ControlError, SnapshotError) as exc:
-        print(f"vmm: error: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
-    except (KvmError, GuestBuildError) as exc:
-        print(f"vmm: error: {exc}", file=sys.stderr)
-        return ExitCode.HOST_ERROR
-    except MMError as exc:
-        print(f"vmm: error: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
     except KeyboardInterrupt:
         print("vmm: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         os._exit(ExitCode.HOST_ERROR)
+    except Exception as exc:
+        code = expected_error_code(exc)
+        if code is None:
+            raise
+        print(f"vmm: error: {exc}", file=sys.stderr)
+        return code
 
 
 def entry_point() -> None:

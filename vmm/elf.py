@@ -84,6 +84,8 @@ class KernelImage:
     # (vmm.kernel_cache) when the kernel file has one.
     symbol_loader: Callable[[], list[Symbol]] | None = field(default=None, repr=False, compare=False)
     _symbols: list[Symbol] | None = field(default=None, repr=False, compare=False)
+    # The kernel file's cache (vmm.kernel_cache.KernelCache), if it has one.
+    cache: object | None = field(default=None, repr=False, compare=False)
 
     @property
     def symbols(self) -> list[Symbol]:

@@ -19,7 +19,12 @@ only applies a KASLR slide to ET_DYN images.
 
 The result is copied to ``guest/target/kernel-<profile>`` with a stamp file
 next to it recording a hash of the guest sources and the toolchain; cargo is
-not run again while that hash matches.
+not run again while that hash matches. The stamp also keeps a manifest: the
+size and mtime of every source file, the compiler's identity and the
+kernel's own stat. While all of those are unchanged the check is a few dozen
+stat calls (about 1 ms, against reading and hashing every source); when
+anything differs, the hash decides, and a rebuild happens only if the
+content changed (a touched file just refreshes the manifest).
 
 Usage: ``python -m vmm.guest_build [--debug] [--force] [--quiet]`` prints the
 kernel path.
@@ -28,15 +33,22 @@ kernel path.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:  # hashlib's import loads OpenSSL (2.5 ms); the builtin module is the same SHA-256
+    from _sha256 import sha256
+except ImportError:  # pragma: no cover - a Python built without it
+    from hashlib import sha256
+
+# subprocess is imported by the two functions that start processes (rustup,
+# cargo): the check that the kernel is current, on every run, starts none.
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GUEST_DIR = REPO_ROOT / "guest"
@@ -115,6 +127,8 @@ def _debian_toolchain() -> Toolchain | None:
 
 
 def _rustup_toolchain() -> Toolchain | None:
+    import subprocess
+
     rustup = shutil.which("rustup") or str(Path.home() / ".cargo" / "bin" / "rustup")
     if not Path(rustup).is_file():
         return None
@@ -143,18 +157,20 @@ def default_kernel_path(release: bool = True) -> Path:
     return GUEST_DIR / "target" / f"kernel-{'release' if release else 'debug'}"
 
 
-def source_hash(toolchain: Toolchain | None = None, release: bool = True) -> str:
-    """SHA-256 over the guest sources, the build recipe and the toolchain."""
-    h = hashlib.sha256()
-    h.update(f"recipe={RECIPE_VERSION} release={release}\n".encode())
-    if toolchain is not None:
-        h.update(f"toolchain={toolchain.identity()}\n".encode())
+def _source_files() -> list[Path]:
     files = [GUEST_DIR / f for f in _SOURCE_FILES]
     for d in _SOURCE_DIRS:
         files += sorted(p for p in (GUEST_DIR / d).rglob("*") if p.is_file())
-    for path in files:
-        if not path.is_file():
-            continue
+    return [p for p in files if p.is_file()]
+
+
+def source_hash(toolchain: Toolchain | None = None, release: bool = True) -> str:
+    """SHA-256 over the guest sources, the build recipe and the toolchain."""
+    h = sha256()
+    h.update(f"recipe={RECIPE_VERSION} release={release}\n".encode())
+    if toolchain is not None:
+        h.update(f"toolchain={toolchain.identity()}\n".encode())
+    for path in _source_files():
         h.update(f"{path.relative_to(GUEST_DIR).as_posix()}\0{path.stat().st_size}\0".encode())
         h.update(path.read_bytes())
     return h.hexdigest()
@@ -164,11 +180,19 @@ def _stamp_path(kernel: Path) -> Path:
     return kernel.with_name(kernel.name + ".stamp")
 
 
-def _is_current(kernel: Path, digest: str) -> bool:
+def _read_stamp(kernel: Path) -> dict:
     try:
         stamp = json.loads(_stamp_path(kernel).read_text())
-        return stamp.get("sources") == digest and stamp.get("kernel_sha256") == hashlib.sha256(kernel.read_bytes()).hexdigest()
     except (OSError, ValueError):
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
+
+
+def _is_current(kernel: Path, digest: str) -> bool:
+    stamp = _read_stamp(kernel)
+    try:
+        return stamp.get("sources") == digest and stamp.get("kernel_sha256") == sha256(kernel.read_bytes()).hexdigest()
+    except OSError:
         return False
 
 
@@ -177,24 +201,91 @@ def _built_from_these_sources(kernel: Path, release: bool) -> bool:
     try:
         stamp = json.loads(_stamp_path(kernel).read_text())
         return stamp.get("sources_only") == source_hash(None, release) and \
-            stamp.get("kernel_sha256") == hashlib.sha256(kernel.read_bytes()).hexdigest()
+            stamp.get("kernel_sha256") == sha256(kernel.read_bytes()).hexdigest()
     except (OSError, ValueError):
         return False
 
 
-def _record_sources_only(kernel: Path, release: bool) -> None:
-    """Add the toolchain-independent source hash to a stamp written before it existed."""
-    path = _stamp_path(kernel)
+# --- the stat manifest: "nothing changed" for the price of a few stat calls ----------------
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _rustup_selection() -> list:
+    """What picks rustup's active toolchain besides the project's files."""
+    settings = Path(os.environ.get("RUSTUP_HOME", Path.home() / ".rustup")) / "settings.toml"
     try:
-        stamp = json.loads(path.read_text())
-        if "sources_only" in stamp:
-            return
-        stamp["sources_only"] = source_hash(None, release)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(stamp, indent=1) + "\n")
-        os.replace(tmp, path)
-    except (OSError, ValueError):
-        pass
+        st = _stat_key(settings)
+    except OSError:
+        st = None
+    return [os.environ.get("RUSTUP_TOOLCHAIN"), st]
+
+
+def _file_stats(kernel: Path) -> dict:
+    files = {p.relative_to(GUEST_DIR).as_posix(): _stat_key(p) for p in _source_files()}
+    for extra in ("rust-toolchain", "rust-toolchain.toml"):  # rustup reads these
+        if (GUEST_DIR / extra).is_file():
+            files[extra] = _stat_key(GUEST_DIR / extra)
+    st = kernel.stat()
+    # ctime and inode too: a copy over the kernel that keeps the old mtime still shows.
+    return {"files": files, "kernel": [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]}
+
+
+_RACY_NS = 2_000_000_000
+
+
+def _manifest(tc: Toolchain, kernel: Path) -> dict:
+    """Stats of everything the build depends on, and of its output.
+
+    A file modified within the last 2 s is recorded as never matching: a
+    second edit inside the same timestamp tick with the same size would
+    otherwise look unchanged (git's "racy clean" problem). The next check
+    hashes, and records it once it is old enough.
+    """
+    stats = _file_stats(kernel)
+    now = time.time_ns()
+    for key, (size, mtime) in stats["files"].items():
+        if now - mtime < _RACY_NS:
+            stats["files"][key] = [size, -1]
+    return {
+        **stats,
+        "toolchain": tc.identity(),
+        "rustc": str(tc.rustc),
+        "rustup": _rustup_selection() if tc.kind == "rustup" else None,
+    }
+
+
+def _unchanged(kernel: Path, stamp: dict) -> bool:
+    """True if no source, compiler or kernel stat differs from the stamp's manifest.
+    Reads no file but the stamp; any doubt returns False and the hash decides."""
+    m = stamp.get("manifest")
+    if not isinstance(m, dict):
+        return False
+    try:
+        debian = _debian_toolchain()
+        if stamp.get("toolchain") == "debian":
+            if debian is None or debian.identity() != m["toolchain"]:
+                return False
+        else:
+            # rustup: Debian's toolchain would win if it had appeared since; the
+            # same compiler binary and the same toolchain selection, without
+            # running `rustup which` (a subprocess per call).
+            rustc = Path(m["rustc"])
+            if debian is not None or Toolchain("rustup", rustc, rustc).identity() != m["toolchain"]:
+                return False
+            if m.get("rustup") != _rustup_selection():
+                return False
+        now = _file_stats(kernel)
+        return now["files"] == m["files"] and now["kernel"] == m["kernel"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+
+
+def _write_stamp(kernel: Path, stamp: dict) -> None:
+    tmp = kernel.with_name(f".{kernel.name}.{os.getpid()}.stamp.tmp")
+    tmp.write_text(json.dumps(stamp, indent=1) + "\n")
+    os.replace(tmp, _stamp_path(kernel))
 
 
 def _mark_pie(image: bytearray) -> bool:
@@ -224,6 +315,8 @@ def _mark_pie(image: bytearray) -> bool:
 
 
 def _run_cargo(tc: Toolchain, release: bool) -> Path:
+    import subprocess
+
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
     env.update(tc.extra_env)
     env["RUSTC"] = str(tc.rustc)
@@ -248,6 +341,9 @@ def _run_cargo(tc: Toolchain, release: bool) -> Path:
 def build_guest(release: bool = True, force: bool = False, quiet: bool = False) -> Path:
     """Build the guest kernel if its sources changed; return the ELF's path."""
     kernel = default_kernel_path(release)
+    stamp = _read_stamp(kernel)
+    if not force and _unchanged(kernel, stamp):
+        return kernel
     try:
         tc = find_toolchain()
     except GuestBuildError:
@@ -258,7 +354,15 @@ def build_guest(release: bool = True, force: bool = False, quiet: bool = False) 
         raise
     digest = source_hash(tc, release)
     if not force and _is_current(kernel, digest):
-        _record_sources_only(kernel, release)
+        # Same content, new stats (a touch, a checkout): the next check is a stat
+        # again. A stamp from before the toolchain-independent hash gets it too.
+        refreshed = {**stamp, "manifest": _manifest(tc, kernel)}
+        if "sources_only" not in refreshed:
+            refreshed["sources_only"] = source_hash(None, release)
+        try:
+            _write_stamp(kernel, refreshed)
+        except OSError:
+            pass
         return kernel
     if not quiet:
         print(f"building guest kernel (cargo, {tc.kind} toolchain, first build ~30 s)...", file=sys.stderr, flush=True)
@@ -269,11 +373,9 @@ def build_guest(release: bool = True, force: bool = False, quiet: bool = False) 
     tmp.write_bytes(image)
     tmp.chmod(0o755)
     os.replace(tmp, kernel)
-    stamp = {"sources": digest, "kernel_sha256": hashlib.sha256(image).hexdigest(), "toolchain": tc.kind,
+    stamp = {"sources": digest, "kernel_sha256": sha256(image).hexdigest(), "toolchain": tc.kind,
              "sources_only": source_hash(None, release)}
-    stamp_tmp = tmp.with_suffix(".stamp")
-    stamp_tmp.write_text(json.dumps(stamp, indent=1) + "\n")
-    os.replace(stamp_tmp, _stamp_path(kernel))
+    _write_stamp(kernel, {**stamp, "manifest": _manifest(tc, kernel)})
     return kernel
 
 

@@ -95,9 +95,9 @@ def _kernel_path(config) -> Path:
 def _kernel_image(config):
     image = getattr(config, "_vmm_kernel_image", None)
     if image is None:
-        from .elf import load_kernel_file
+        from .kernel_cache import load_cached_kernel
 
-        image = load_kernel_file(_kernel_path(config))
+        image = load_cached_kernel(_kernel_path(config))  # symbols and boot plans from <kernel>.cache
         config._vmm_kernel_image = image
     return image
 

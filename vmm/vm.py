@@ -34,7 +34,7 @@ from .abi import (
 from .abi import Backend, BootInfo, ReportKind
 from .layout import BOOT_INFO_PHYS
 from .backend import BackendInfo, detect_backend, host_has_1g_pages
-from .boot import BootLayout, cached_memory_map, choose_slide, prepare_guest
+from .boot import BootLayout, choose_slide, prepare_guest
 from .cpu import cpu_features, cpuid_leaves, decode_bits, entry_regs, long_mode_sregs
 from .devices import ExitDevice, InstructionCounter, PortBus, ReportDevice, Stop, Uart16550
 from .elf import KernelImage, Symbolizer
@@ -241,6 +241,7 @@ class Vm:
         self._vcpu_thread: int | None = None
         _install_stop_signal()  # here too: run() may be called from another thread
         self.restored_from = restore
+        self._memmap = None
         t = time.perf_counter_ns
         t0 = t()
         try:
@@ -257,7 +258,6 @@ class Vm:
             else:
                 self.slide = restore.slide
                 self.layout = None
-                self.memmap = cached_memory_map(self.memory.size, image)
             t2 = t()
             self.kvm = Kvm()
             self.vm = self.kvm.create_vm()
@@ -335,7 +335,19 @@ class Vm:
             use_1g=use_1g,
             fresh_memory=True,  # a new memfd: every page reads as zero
         )
-        self.memmap = self.layout.memmap
+
+    @property
+    def memmap(self):
+        """The memory map the guest was given, as ``mm.memmap.MemoryMap``: decoded
+        on first use (inspection, snapshots), so booting never imports mm."""
+        if self._memmap is None:
+            if self.layout is not None:
+                self._memmap = self.layout.memmap
+            else:  # restored: the map the kernel was booted with, rebuilt
+                from .boot_plan import build_memory_map
+
+                self._memmap = build_memory_map(self.memory.size, self.image)
+        return self._memmap
 
     # --- lifetime -------------------------------------------------------------------
     def close(self) -> None:

@@ -8,7 +8,8 @@ import pytest
 from mm import BufferMemory
 from mm.walker import walk_arrays
 from tests.elfgen import simple_kernel
-from vmm.boot import KASLR_ALIGN, _build_pool, build_page_tables, slide_range
+from vmm.boot import KASLR_ALIGN, boot_plan, build_page_tables, slide_range
+from vmm.boot_plan import build_pool
 from vmm.elf import parse_kernel
 from vmm.layout import PT_POOL_START
 from vmm.memory import GuestMemory
@@ -38,14 +39,12 @@ def test_template_matches_mapper_for_random_slides(image):
         with GuestMemory(ram) as mem:
             tables = build_page_tables(mem, image, slide, use_1g=False)
             fast = mem.read(PT_POOL_START, tables.pool_end - PT_POOL_START)
-        scratch, root, _, end = _build_pool(ram, image, slide, False)
+        scratch, root, _, end = build_pool(ram, image, slide, False)
         assert tables.cr3 == root
         assert _runs(fast, root, ram) == _runs(bytes(scratch[: end - PT_POOL_START]), root, ram), hex(slide)
         assert fast == bytes(scratch[: end - PT_POOL_START]), hex(slide)  # byte for byte, even
 
 
 def test_the_template_path_is_taken(image, guest_image):
-    from vmm.boot import _kernel_tables_template
-
     for img in (image, guest_image):
-        assert _kernel_tables_template(128 << 20, img, False) is not None
+        assert boot_plan(img, 128 << 20, False).tables is not None

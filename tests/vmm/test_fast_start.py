@@ -1,8 +1,22 @@
-"""The fast start path: what a plain boot does not pay for."""
+"""The fast start path: what a plain boot does not pay for, and the kernel cache."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vmm import boot as boot_mod
 from vmm.elf import load_kernel_file
+from vmm.kernel_cache import KernelCache, cache_path, load_cached_kernel
+
+REPO = Path(__file__).resolve().parents[2]
+HEAVY = ("numpy", "rich", "elftools", "mm")
 
 
 def test_symbols_are_read_on_first_use(guest_kernel_path):
@@ -13,3 +27,105 @@ def test_symbols_are_read_on_first_use(guest_kernel_path):
     name = sym.lookup(image.entry + 0x200000)
     assert image.symbols_loaded and name and not name.startswith("0x")
     assert any(s.addr == image.entry for s in image.symbols)
+
+
+@pytest.fixture
+def kernel_copy(tmp_path, guest_kernel_path):
+    path = tmp_path / "kernel"
+    shutil.copy(guest_kernel_path, path)
+    boot_mod._PLANS.clear()  # this process's plans would hide the file's
+    yield path
+    boot_mod._PLANS.clear()
+
+
+def test_cache_round_trip(kernel_copy):
+    first = load_cached_kernel(kernel_copy)
+    assert not first.cache.loaded and not cache_path(kernel_copy).exists()
+    symbols = first.symbols  # read from .symtab, stored
+    plan = boot_mod.boot_plan(first, 128 << 20, False)  # built, stored
+    assert cache_path(kernel_copy).exists()
+    boot_mod._PLANS.clear()
+
+    again = load_cached_kernel(kernel_copy)
+    assert again.cache.loaded
+    assert again.symbols == symbols
+    cached = again.cache.boot_plan(128 << 20, False)
+    assert cached == plan
+    assert again.cache.boot_plan(256 << 20, False) is None  # another RAM size is another plan
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "other-kernel"])
+def test_a_damaged_cache_is_ignored_and_rebuilt(kernel_copy, damage):
+    image = load_cached_kernel(kernel_copy)
+    symbols = image.symbols
+    plan = boot_mod.boot_plan(image, 128 << 20, False)
+    boot_mod._PLANS.clear()
+    path = cache_path(kernel_copy)
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    elif damage == "flip":
+        raw[-10] ^= 0x01  # still valid JSON, most likely: the CRC catches it
+    elif damage == "garbage":
+        raw = bytearray(os.urandom(300))
+    else:
+        header, _, body = bytes(raw).partition(b"\n")
+        h = json.loads(header)
+        h["kernel_sha256"] = "0" * 64
+        raw = bytearray(json.dumps(h).encode() + b"\n" + body)
+    path.write_bytes(raw)
+
+    fresh = load_cached_kernel(kernel_copy)
+    assert not fresh.cache.loaded
+    assert fresh.symbols == symbols
+    assert boot_mod.boot_plan(fresh, 128 << 20, False) == plan
+    assert load_cached_kernel(kernel_copy).cache.loaded  # rewritten whole
+
+
+def test_an_unwritable_directory_only_means_no_cache(kernel_copy, monkeypatch):
+    def refuse(self, data):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)
+    image = load_cached_kernel(kernel_copy)
+    assert image.symbols and boot_mod.boot_plan(image, 128 << 20, False).tables is not None
+    assert not cache_path(kernel_copy).exists()
+
+
+def test_cache_is_keyed_by_content(kernel_copy):
+    load_cached_kernel(kernel_copy).symbols
+    data = bytearray(kernel_copy.read_bytes())
+    data[-1] ^= 0xFF  # same path, other content
+    assert not KernelCache.open(kernel_copy, bytes(data)).loaded
+
+
+def _imports_of(args: list[str], tmp_path) -> tuple[set[str], subprocess.CompletedProcess]:
+    """Top-level packages a fresh `python3 vmm.py ARGS` has imported when it ends."""
+    probe = tmp_path / "probe.py"
+    out = tmp_path / "modules.json"
+    probe.write_text(
+        "import atexit, json, runpy, sys\n"
+        f"atexit.register(lambda: json.dump(sorted(sys.modules), open({str(out)!r}, 'w')))\n"
+        f"sys.argv = [{str(REPO / 'vmm.py')!r}] + {args!r}\n"
+        f"runpy.run_path({str(REPO / 'vmm.py')!r}, run_name='__main__')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.exists(), proc.stderr[-2000:]
+    return {m.split(".")[0] for m in json.loads(out.read_text())}, proc
+
+
+@pytest.mark.kvm
+def test_plain_run_imports_no_numpy_rich_or_pyelftools(tmp_path, guest_kernel_path):
+    """`vmm run --quiet` boots through the light path: the guard that keeps it so."""
+    subprocess.run([sys.executable, str(REPO / "vmm.py"), "run", "--quiet"], env={**os.environ, "PYTHONPATH": str(REPO)},
+                   capture_output=True, timeout=120)  # first run after a build fills the kernel's cache
+    modules, proc = _imports_of(["run", "--quiet"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+
+
+def test_bad_input_imports_nothing_heavy(tmp_path):
+    modules, proc = _imports_of(["run", "--memory", "3M"], tmp_path)
+    assert proc.returncode == 2 and "error" in proc.stderr
+    assert not modules & set(HEAVY), sorted(modules & set(HEAVY))

@@ -32,7 +32,7 @@ VM_STEPS = [
     ("kvm_create_vm", "KVM_CREATE_VM"),
     ("guest_memory", "guest memory (memfd, sparse mapping)"),
     ("vcpu_create", "vCPU create + CPUID"),
-    ("memory_map", "memory map"),
+    ("boot_plan", "boot plan (memory map, slide-0 page tables; cached)"),
     ("elf_load", "ELF load + relocations"),
     ("page_tables", "page tables"),
     ("boot_info", "boot info"),

@@ -12,8 +12,10 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .stats import Section
+if TYPE_CHECKING:  # the CLI imports this module to build its parser: no statistics until a bench runs
+    from .stats import Section
 
 SECTIONS = ("boot", "exits", "guest", "inspector", "scale")
 TITLES = {
@@ -116,6 +118,7 @@ def run(args) -> int:
     from ..backend import detect_backend
     from . import report
     from .env import environment
+    from .stats import Section
 
     t_start = time.perf_counter()
     plan = Plan.from_args(args)

@@ -1,0 +1,154 @@
+"""What depends only on a kernel file, cached next to it: ``<kernel>.cache``.
+
+Two things are worth keeping between processes (measured on the guest
+kernel, KVM-PVM host): its symbols (pyelftools' import plus reading .symtab
+costs about 70 ms) and the boot plans (memory map and slide-0 page tables per
+RAM size, built with the mapper: importing numpy costs about 50 ms). The ELF
+header, segments and relocations are not cached: parsing them takes 0.3 ms,
+no more than reading them back.
+
+The file is keyed by the kernel's SHA-256 (0.2 ms for the guest kernel) and
+is only ever a cache: a missing, stale, truncated or corrupt file (the first
+line carries a CRC-32 of the rest) is ignored and rewritten; a directory that
+cannot be written leaves everything working, just uncached. Writes are atomic
+(rename), so concurrent processes see an old file or a new one.
+
+Format: line 1 is a JSON header ``{"format", "kernel_sha256", "crc32"}``,
+the rest one JSON object ``{"symbols": [[name, addr, size]...], "boot":
+{"<ram>:<0|1>": plan}}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import zlib
+from pathlib import Path
+
+try:  # the same SHA-256 without importing OpenSSL through hashlib (2.5 ms)
+    from _sha256 import sha256
+except ImportError:  # pragma: no cover - a Python built without it
+    from hashlib import sha256
+
+from .boot import BootPlan, TablesTemplate
+from .elf import KernelImage, Symbol, load_kernel_file, read_symbols
+
+FORMAT = 1
+SUFFIX = ".cache"
+
+
+def cache_path(kernel: str | Path) -> Path:
+    kernel = Path(kernel)
+    return kernel.with_name(kernel.name + SUFFIX)
+
+
+class KernelCache:
+    """The cache of one kernel file's contents (``data``)."""
+
+    def __init__(self, path: Path, digest: str):
+        self.path = path
+        self.digest = digest
+        self.payload: dict = {}
+        self.loaded = False  # the file was there and valid
+
+    @classmethod
+    def open(cls, kernel: str | Path, data: bytes) -> "KernelCache":
+        cache = cls(cache_path(kernel), sha256(data).hexdigest())
+        cache.payload = cache._read()
+        cache.loaded = bool(cache.payload)
+        return cache
+
+    def _read(self) -> dict:
+        try:
+            raw = self.path.read_bytes()
+            head, _, body = raw.partition(b"\n")
+            header = json.loads(head)
+            if header.get("format") != FORMAT or header.get("kernel_sha256") != self.digest:
+                return {}
+            if header.get("crc32") != zlib.crc32(body):
+                return {}
+            payload = json.loads(body)
+            return payload if isinstance(payload, dict) else {}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def _write(self) -> None:
+        body = json.dumps(self.payload, separators=(",", ":")).encode()
+        header = json.dumps({"format": FORMAT, "kernel_sha256": self.digest, "crc32": zlib.crc32(body)}).encode()
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_bytes(header + b"\n" + body)
+            os.replace(tmp, self.path)
+        except OSError:  # read-only directory, disk full...: stay uncached
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+    # --- symbols ---------------------------------------------------------------------
+    def symbols(self, data: bytes) -> list[Symbol]:
+        """The kernel's symbols: from the cache, else read from ``data`` and stored."""
+        try:
+            return [Symbol(str(n), int(a), int(s)) for n, a, s in self.payload["symbols"]]
+        except (KeyError, TypeError, ValueError):
+            pass
+        syms = read_symbols(data)
+        self.payload["symbols"] = [[s.name, s.addr, s.size] for s in syms]
+        self._write()
+        return syms
+
+    # --- boot plans ------------------------------------------------------------------
+    @staticmethod
+    def _boot_key(ram_size: int, use_1g: bool) -> str:
+        return f"{ram_size}:{int(bool(use_1g))}"
+
+    def boot_plan(self, ram_size: int, use_1g: bool) -> BootPlan | None:
+        entry = self.payload.get("boot", {}).get(self._boot_key(ram_size, use_1g))
+        if entry is None:
+            return None
+        try:
+            memmap = base64.b64decode(entry["memmap"], validate=True)
+            count = int(entry["memmap_count"])
+            if count <= 0 or len(memmap) != count * 40:
+                return None
+            t = entry["tables"]
+            tables = None
+            if t is not None:
+                pool = zlib.decompress(base64.b64decode(t["pool"], validate=True))
+                tables = TablesTemplate(pool, *(int(t[k]) for k in _TEMPLATE_INTS))
+                if len(pool) % 4096 or tables.pd_count <= 0:
+                    return None
+            return BootPlan(memmap, count, tables)
+        except (KeyError, TypeError, ValueError, zlib.error):
+            return None
+
+    def store_boot_plan(self, ram_size: int, use_1g: bool, plan: BootPlan) -> None:
+        t = plan.tables
+        entry = {
+            "memmap": base64.b64encode(plan.memmap).decode(),
+            "memmap_count": plan.memmap_count,
+            "tables": None if t is None else {
+                "pool": base64.b64encode(zlib.compress(t.pool)).decode(),
+                **{k: getattr(t, k) for k in _TEMPLATE_INTS},
+            },
+        }
+        boot = self.payload.get("boot")
+        if not isinstance(boot, dict) or len(boot) >= 16:
+            boot = self.payload["boot"] = {}
+        boot[self._boot_key(ram_size, use_1g)] = entry
+        self._write()
+
+
+_TEMPLATE_INTS = ("root", "end", "pdpt_frame", "pd_frame", "pdpt_index", "pd_index", "pd_count")
+
+
+def load_cached_kernel(path: str | Path) -> KernelImage:
+    """``load_kernel_file`` with the kernel file's cache attached: symbols and
+    boot plans come from ``<path>.cache`` when it matches, and are stored there
+    the first time they are needed."""
+    image = load_kernel_file(path)
+    cache = KernelCache.open(path, image.data)
+    image.cache = cache
+    image.symbol_loader = lambda: cache.symbols(image.data)
+    return image
