@@ -33,27 +33,59 @@ def _child(t0=0):
             "guest_resident_bytes": 256 * 1024}
 
 
+def _trace(t0=0):
+    """What `vmm run` writes with VMM_STARTUP_TRACE, plus the parent's spawn/exit times."""
+    ms = 1_000_000
+    return {"t_spawn": t0, "t_first": t0 + 25 * ms, "t_imports": t0 + 45 * ms, "t_built": t0 + 46 * ms,
+            "t_kernel": t0 + 48 * ms, "t_vm": t0 + 49 * ms, "t_exit": t0 + 115 * ms,
+            "timings_ms": {"setup_total": 2.0, "to_ready": 60.0, "page_tables": 0.3}}
+
+
 def test_process_figures():
-    f = boot.process_figures(_child())
+    f = boot.process_figures(_trace())
     assert f["proc_to_python"] == pytest.approx(25)
-    assert f["proc_imports"] == pytest.approx(85)
-    assert f["proc_to_first_insn"] == pytest.approx(133)
-    assert f["proc_to_ready"] == pytest.approx(193)
-    assert f["proc_total"] == pytest.approx(220)
+    assert f["proc_imports"] == pytest.approx(20)
+    assert f["proc_build_check"] == pytest.approx(1)
+    assert f["proc_kernel_load"] == pytest.approx(2)
+    assert f["proc_to_first_insn"] == pytest.approx(51)
+    assert f["proc_to_ready"] == pytest.approx(111)
+    assert f["proc_ratio"] == pytest.approx(111 / 60)
+    assert f["proc_total"] == pytest.approx(115)
+
+
+def test_import_groups_count_only_after_site():
+    err = """import time: self [us] | cumulative | imported package
+import time:       300 |        300 |   posix
+import time:      9000 |       9500 |   certifi
+import time:      1200 |      26000 | site
+import time:       800 |        800 |     argparse
+import time:      2000 |       2800 |   vmm.cli
+import time:     50000 |      50000 |       numpy.core
+import time:      1000 |      51000 |     numpy
+import time:       500 |      51500 |   mm.walker
+"""
+    g = boot.import_groups(err)
+    assert g == {"stdlib and others": pytest.approx(0.8), "vmm": pytest.approx(2.0), "numpy": pytest.approx(51.0),
+                 "mm": pytest.approx(0.5)}
 
 
 def test_boot_section_orders_steps_and_pairs_c():
     vm = {"kvm_create_vm": [0.3, 0.35], "guest_memory": [0.05, 0.06], "vcpu_create": [0.36, 0.37],
           "page_tables": [0.26, 0.27], "setup_total": [2.0, 2.1], "to_ready": [60.0, 61.0],
           "to_first_serial_byte": [0.5, 0.6], "run": [61, 62], "brand_new_step": [0.01, 0.02]}
-    proc = {k: [v, v] for k, v in boot.process_figures(_child()).items()}
+    proc = {k: [v, v] for k, v in boot.process_figures(_trace()).items()}
     samples = {"vm": vm, "proc": proc, "c": {"kvm_create_vm": [0.15, 0.2]}, "bare_python": [24.0, 25.0],
-               "errors": []}
+               "imports": {"vmm": [10.0, 11.0], "numpy": [0.5, 0.4]}, "errors": []}
     sec = boot.section_from(samples)
     keys = [r.key for r in sec.rows]
-    assert keys.index("proc_to_python") < keys.index("setup_total") < keys.index("kvm_create_vm")
-    assert keys.index("kvm_create_vm") < keys.index("page_tables") < keys.index("proc_to_first_insn")
-    assert keys.index("proc_to_first_insn") < keys.index("to_ready") < keys.index("proc_to_ready")
+    # From process start, in the order a run takes them; then the VM's own steps.
+    order = ["proc_to_ready", "proc_ratio", "proc_to_python", "proc_imports", "imports_vmm", "imports_numpy",
+             "proc_build_check", "proc_kernel_load", "proc_setup", "proc_guest_to_ready", "setup_total",
+             "kvm_create_vm", "page_tables", "proc_to_first_insn", "to_ready"]
+    assert [k for k in keys if k in order] == order
+    assert sec.figure("proc_ratio")["unit"] == "x"
+    ready = next(r for r in sec.rows if r.key == "proc_to_ready")
+    assert ready.ratio == pytest.approx(111 / 60)
     assert "brand_new_step" in keys and "run" not in keys
     kvm = next(r for r in sec.rows if r.key == "kvm_create_vm")
     assert kvm.baseline["median"] == pytest.approx(0.175)

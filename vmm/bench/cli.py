@@ -144,7 +144,9 @@ def run(args) -> int:
         from . import boot as m
 
         _say(f"boot: {plan.runs} boots in this process, {plan.process_runs} in fresh processes ...")
-        return m.run(image, str(kernel.path), plan.runs, plan.process_runs, backend, args.memory)
+        # The fresh processes run `vmm run` as a user does: the built guest through its
+        # build-cache check and kernel cache, or --kernel as given.
+        return m.run(image, str(kernel.path), plan.runs, plan.process_runs, backend, args.memory, cli_kernel=args.kernel)
 
     def exits() -> Section:
         from . import exits as m
