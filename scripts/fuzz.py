@@ -4,11 +4,12 @@
 The test suite runs short property-based fuzz tests (hypothesis); this script
 runs the same targets for as long as you like with a mutational fuzzer seeded
 from valid inputs: the ELF loader, the memory-map parser, the guest-report
-decoder, the page-table walker and the heap free-list walker. Any exception
+decoder, the page-table walker, the heap free-list walker and the snapshot
+loader. Any exception
 other than the target's own one-line error type is a bug: it is printed with
 the input (hex) and the script exits 1.
 
-    python3 scripts/fuzz.py [--seconds 60] [--target elf|memmap|report|walker|heap|all] [--seed N]
+    python3 scripts/fuzz.py [--seconds 60] [--target elf|memmap|report|walker|heap|snapshot|all] [--seed N]
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from mm.errors import MemoryMapError  # noqa: E402
 from mm.memmap import MemoryMap  # noqa: E402
 from mm.walker import RunArrays, walk_arrays  # noqa: E402
 from tests.elfgen import simple_kernel  # noqa: E402
+from tests.snapgen import load_bytes, snapshot_bytes  # noqa: E402
 from vmm.abi import ReportKind  # noqa: E402
 from vmm.boot_plan import build_memory_map  # noqa: E402
 from vmm.elf import KernelImageError, parse_kernel  # noqa: E402
 from vmm.inspector.heap import RunTranslator, walk_free_list  # noqa: E402
 from vmm.reports import ReportError, decode_report, encode_report  # noqa: E402
+from vmm.snapshot.elfcore import CoreFormatError  # noqa: E402
 
 
 def mutate(rng: random.Random, data: bytes) -> bytes:
@@ -85,6 +88,19 @@ def target_report(rng, seeds):
     return data
 
 
+def target_snapshot(rng, seeds):
+    """The snapshot loader (ELF core + notes + metadata); accepted files must
+    describe only segments inside RAM and inside the file."""
+    data = mutate(rng, rng.choice(seeds["snapshot"]))
+    try:
+        core, state = load_bytes(data)
+    except CoreFormatError:
+        return data
+    for ld in core.loads:
+        assert ld.end <= state.memory_size and ld.offset + ld.size <= core.file_size, "accepted an out-of-bounds segment"
+    return data
+
+
 def target_walker(rng, seeds):
     """Random garbage over a valid tree: the walker must end, in bounds."""
     mem = BufferMemory(bytearray(seeds["pt"]))
@@ -109,7 +125,7 @@ def target_heap(rng, seeds):
 
 
 TARGETS = {"elf": target_elf, "memmap": target_memmap, "report": target_report, "walker": target_walker,
-           "heap": target_heap}
+           "heap": target_heap, "snapshot": target_snapshot}
 
 
 def seeds() -> dict:
@@ -124,6 +140,7 @@ def seeds() -> dict:
         "report": [encode_report(ReportKind.INFO, {"kaslr_slide": "0x200000", "rdrand": 1}),
                    encode_report(ReportKind.TEST_RESULT, {"name": "heap::x", "status": "pass", "msg": ""})],
         "pt": mem.read(0, 0x40000),
+        "snapshot": [snapshot_bytes(runs=[(0x1000, 0x1000), (0x5000, 0x2000)])],
     }
 
 

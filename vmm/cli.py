@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_guest_options(mm)
     mm.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    mm.add_argument("--snapshot", metavar="FILE", help="print the memory map a saved guest was given (from its RAM)")
 
     pt = sub.add_parser(
         "pt",
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     pt.add_argument("socket", nargs="?", metavar="SOCKET", help="control socket of a running VM")
+    pt.add_argument("--snapshot", metavar="FILE", help="inspect a snapshot file (vmm run --save) instead of a guest")
+    pt.add_argument("--diff", metavar="FILE", help="with --snapshot: compare with this later snapshot")
     _add_guest_options(pt)
     pt.add_argument("--cmdline", "-c", default="", metavar="TEXT", help="guest command line (when booting)")
     pt.add_argument("--json", action="store_true", help="print the inspection as JSON (schema in docs/INSPECT.md)")
@@ -248,9 +251,14 @@ def _memory(args) -> int:
 def cmd_memmap(args) -> int:
     from .boot_plan import build_memory_map
 
-    size = _memory(args)
-    image = _kernel(args, quiet=True)
-    memmap = build_memory_map(size, image)
+    if args.snapshot:
+        from .snapshot.commands import memmap_of_snapshot
+
+        size, memmap = memmap_of_snapshot(args.snapshot)
+    else:
+        size = _memory(args)
+        image = _kernel(args, quiet=True)
+        memmap = build_memory_map(size, image)
     if args.json:
         print(json.dumps({"ram_size": size, "descriptors": memmap.to_json(), "usable_frames": memmap.usable_frames()}, indent=2))
     else:
@@ -399,6 +407,18 @@ def _screenshot(physmem, ram_size: int, path: str) -> None:
 
 def cmd_pt(args) -> int:
     flt = _filter_from(args)
+    if args.diff and not args.snapshot:
+        raise UsageError("--diff FILE compares two snapshots: give the earlier one with --snapshot")
+    if args.snapshot:
+        if args.socket:
+            raise UsageError("give either SOCKET or --snapshot FILE, not both")
+        from .snapshot.offline import SnapshotTarget
+
+        with SnapshotTarget.open(args.snapshot) as target:
+            if args.diff:
+                with SnapshotTarget.open(args.diff) as later:
+                    return _print_inspection(args, later, flt, earlier=target)
+            return _print_inspection(args, target, flt)
     if args.socket:
         from .inspector.control import RemoteTarget
 
@@ -424,13 +444,13 @@ def cmd_pt(args) -> int:
         return _print_inspection(args, LocalTarget(vm), flt)
 
 
-def _print_inspection(args, target, flt) -> int:
+def _print_inspection(args, target, flt, earlier=None) -> int:
     from .inspector.physical import write_png
     from .inspector.snapshot import take_snapshot
     from .inspector.views import inspect
 
     snap = take_snapshot(target)
-    previous = None
+    previous = take_snapshot(earlier) if earlier is not None else None
     if args.diff_after:
         time.sleep(args.diff_after)
         previous, snap = snap, take_snapshot(target)

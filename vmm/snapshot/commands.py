@@ -56,6 +56,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("snapshots")
     g.add_argument("--save", metavar="FILE", help="save the guest to FILE (an ELF core file) at --save-at; the run goes on")
     g.add_argument("--save-at", type=parse_save_at, metavar="WHEN", help=SAVE_AT_HELP)
+    g.add_argument(
+        "--save-layout", choices=("compact", "sparse"), default="compact",
+        help="compact: one PT_LOAD per run of non-zero pages (default); sparse: one PT_LOAD over all RAM, "
+        "zero pages as file holes (for tools such as Volatility that only see pages inside a segment)",
+    )
     g.add_argument("--restore", metavar="FILE", help="resume a guest saved with --save instead of booting one")
     g.add_argument(
         "--kernel-mismatch-ok", action="store_true",
@@ -76,8 +81,9 @@ def check_run_arguments(args) -> None:
 class SavePlan:
     """Saves ``vm`` once, at the point ``when`` names."""
 
-    def __init__(self, path: str, when: SaveAt, say=lambda msg: None):
+    def __init__(self, path: str, when: SaveAt, say=lambda msg: None, layout: str = "compact"):
         self.path = path
+        self.layout = layout
         self.when = when
         self.say = say
         self.vm = None
@@ -95,11 +101,11 @@ class SavePlan:
         with self._lock:
             if self.info is not None:
                 return
-            self.info = save_vm(self.vm, self.path, str(self.when))
+            self.info = save_vm(self.vm, self.path, str(self.when), self.layout)
         i = self.info
         self.say(
             f"saved {self.path} at {self.when}: {i['segments']} segments, {i['stored_bytes'] >> 10} KiB of RAM, "
-            f"file {i['file_bytes'] >> 10} KiB, {i['save_ms']:.1f} ms"
+            f"file {i['file_bytes'] >> 10} KiB ({i['disk_bytes'] >> 10} KiB on disk, {i['layout']}), {i['save_ms']:.1f} ms"
         )
 
     # Called by the Vm for every report, in the vCPU thread (the vCPU is out of KVM_RUN).
@@ -155,4 +161,27 @@ def open_for_run(args, image):
 
 def plan_for_run(args, say=None) -> SavePlan:
     when = args.save_at or SaveAt("exit" if args.restore else "ready")
-    return SavePlan(args.save, when, say or (lambda msg: None))
+    return SavePlan(args.save, when, say or (lambda msg: None), layout=args.save_layout)
+
+
+def memmap_of_snapshot(path: str):
+    """(RAM size, the memory map the guest was given), read from the saved RAM
+    where BootInfo says it is, like the guest itself read it."""
+    from mm.errors import MMError
+    from mm.memmap import MemoryMap
+
+    from ..abi import BOOT_INFO_MAGIC
+    from .offline import SnapshotTarget
+
+    with SnapshotTarget.open(path) as target:
+        info = target.snap.state.boot_info
+        size = target.snap.memory_size
+        if info is None or info.magic != BOOT_INFO_MAGIC:
+            raise SnapshotError(f"snapshot {path}: no valid BootInfo note")
+        n = info.memmap_count * info.memmap_desc_size
+        if not info.memmap_desc_size or not target.memory.contains(info.memmap_phys, n):
+            raise SnapshotError(f"snapshot {path}: the BootInfo's memory map lies outside RAM")
+        try:
+            return size, MemoryMap.parse(target.memory.read(info.memmap_phys, n), info.memmap_desc_size, ram_size=size)
+        except MMError as exc:
+            raise SnapshotError(f"snapshot {path}: saved memory map: {exc}") from None

@@ -47,18 +47,22 @@ def state_of(vm, saved_at: str) -> SnapshotState:
         "serial_offset": vm.uart.total_bytes + (prior.meta.get("serial_offset", 0) if prior is not None else 0),
         "inspect": inspect or (prior.meta.get("inspect", {}) if prior is not None else {}),
         "wall_time": time.time(),
+        # What offline inspection needs to label and walk like a live view.
+        "segments": [[s.vaddr + vm.slide, s.vaddr + vm.slide + s.memsz, s.perms] for s in vm.image.segments],
+        "maxphyaddr": vm.cpu_features.maxphyaddr,
+        "gbpages": vm.cpu_features.gbpages,
     }
     boot_info = vm.memory.read_cstruct(BOOT_INFO_PHYS, BootInfo)
     return SnapshotState(vcpu=vcpu_state, meta=meta, boot_info=boot_info)
 
 
-def save_vm(vm, path: str, saved_at: str) -> dict:
+def save_vm(vm, path: str, saved_at: str, layout: str = "compact") -> dict:
     """Save ``vm`` to ``path`` atomically; returns the writer's figures."""
     t0 = time.perf_counter_ns()
     state = state_of(vm, saved_at)
     t1 = time.perf_counter_ns()
     try:
-        out = write_snapshot(path, vm.memory, state)
+        out = write_snapshot(path, vm.memory, state, layout)
     except OSError as exc:
         raise SnapshotError(f"cannot save snapshot to {path}: {exc.strerror or exc}") from None
     out["state_ms"] = (t1 - t0) / 1e6
@@ -103,7 +107,27 @@ class LoadedSnapshot:
         for ld in self.core.loads:
             if not memory.contains(ld.paddr, ld.size):  # read_core checked; belt and braces
                 raise SnapshotError(f"segment {ld.paddr:#x}+{ld.size:#x} lies outside guest RAM")
-            _copy_file_to_memory(self.fd, ld.offset, memory, ld.paddr, ld.size)
+            for off, n in _data_extents(self.fd, ld.offset, ld.size):
+                _copy_file_to_memory(self.fd, off, memory, ld.paddr + (off - ld.offset), n)
+
+
+def _data_extents(fd: int, offset: int, size: int) -> list[tuple[int, int]]:
+    """(offset, size) pieces of [offset, offset + size) that hold data: holes
+    of a sparse file are skipped (they read as zero, and so is fresh RAM)."""
+    out, pos, end = [], offset, offset + size
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break
+            return [(offset, size)]  # no SEEK_DATA on this filesystem: copy it all
+        if start >= end:
+            break
+        stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+        out.append((start, stop - start))
+        pos = stop
+    return out
 
 
 def _copy_file_to_memory(fd: int, offset: int, memory: GuestMemory, paddr: int, size: int) -> None:

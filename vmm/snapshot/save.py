@@ -130,28 +130,57 @@ def kernel_sha256(image) -> str:
     return digest
 
 
-def write_snapshot(path: str, memory, state: SnapshotState) -> dict:
+LAYOUTS = ("compact", "sparse")
+
+
+def _sparse_copier(copy, runs: list[tuple[int, int]]):
+    """Copy only the non-zero runs inside a segment; the rest stays a hole."""
+
+    def copy_runs(fd: int, offset: int, paddr: int, size: int) -> None:
+        for a, n in runs:
+            lo, hi = max(a, paddr), min(a + n, paddr + size)
+            if lo < hi:
+                copy(fd, offset + (lo - paddr), lo, hi - lo)
+
+    return copy_runs
+
+
+def write_snapshot(path: str, memory, state: SnapshotState, layout: str = "compact") -> dict:
     """Write ``state`` and the non-zero pages of ``memory`` to ``path``.
 
+    ``compact``: one PT_LOAD per run of non-zero pages, back to back (the
+    file is as small as the touched RAM). ``sparse``: one PT_LOAD over all
+    of RAM whose zero pages are holes in a sparse file (as small on disk, RAM
+    sized for ``ls``); tools that only believe in pages present in a segment
+    (Volatility's ELF layer) then see every page of RAM, zero ones included.
     Returns figures: runs, stored bytes, file size, time in ms."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
     t0 = time.perf_counter_ns()
     runs = nonzero_runs(memory)
     t1 = time.perf_counter_ns()
     notes = encode_state(state)
     copy = _copier(memory)
+    if layout == "sparse":
+        segments, copy = [(0, memory.size)], _sparse_copier(copy, runs)
+    else:
+        segments = runs
     loads = []
 
     def write(fd: int) -> None:
-        loads.extend(write_core(fd, notes, runs, copy, vaddr_base=PHYS_OFFSET))
+        loads.extend(write_core(fd, notes, segments, copy, vaddr_base=PHYS_OFFSET))
 
     atomic_write(path, write)
     t2 = time.perf_counter_ns()
+    st = os.stat(path)
     return {
         "path": path,
+        "layout": layout,
         "format_version": FORMAT_VERSION,
         "segments": len(loads),
-        "stored_bytes": sum(ld.size for ld in loads),
-        "file_bytes": os.stat(path).st_size,
+        "stored_bytes": sum(n for _, n in runs),
+        "file_bytes": st.st_size,
+        "disk_bytes": st.st_blocks * 512,
         "scan_ms": (t1 - t0) / 1e6,
         "save_ms": (t2 - t0) / 1e6,
     }

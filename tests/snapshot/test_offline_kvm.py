@@ -1,0 +1,93 @@
+"""Offline inspection: a snapshot file gives the same views and JSON as the
+live guest it was saved from; `--diff` compares two saved moments; bad
+files are one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vmm.abi import ReportKind
+from vmm.devices import Stop
+from vmm.inspector.snapshot import take_snapshot
+from vmm.inspector.target import LocalTarget
+from vmm.inspector.views import inspect
+from vmm.snapshot.machine import save_vm
+from vmm.snapshot.offline import SnapshotTarget
+from vmm.vm import Vm, VmConfig
+
+pytestmark = pytest.mark.kvm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TIMING_KEYS = {"taken_at", "pause_ms", "walk_ms", "timings_ms"}
+
+
+def _view_json(target) -> dict:
+    out = inspect(take_snapshot(target), target.physmem).to_json()
+    return {k: v for k, v in out.items() if k not in TIMING_KEYS}
+
+
+@pytest.mark.parametrize("cmdline", ["", "tests=heap"])
+def test_file_views_equal_live_views(tmp_path, vmm_kernel, cmdline):
+    """Stopped at the same point, the live guest and its snapshot give the same JSON."""
+    kinds = {"": ReportKind.READY, "tests=heap": ReportKind.TEST_RESULT}
+
+    def stop_at(report):
+        return Stop(0, "here") if report.kind == kinds[cmdline] else None
+
+    path = tmp_path / "g.core"
+    with Vm(vmm_kernel, VmConfig(memory=64 << 20, cmdline=cmdline, timeout=30), on_report=stop_at) as vm:
+        assert vm.run().stop_reason == "here"
+        save_vm(vm, str(path), "test")
+        live = _view_json(LocalTarget(vm))
+    with SnapshotTarget.open(str(path)) as target:
+        offline = _view_json(target)
+    assert offline == live
+    assert live["runs"] and live["physical"] is not None
+
+
+def vmm(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "vmm.py"), *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
+def test_pt_diff_between_two_saved_moments(tmp_path, vmm_kernel_path):
+    a, b = tmp_path / "a.core", tmp_path / "b.core"
+    k = ["--kernel", str(vmm_kernel_path)]
+    assert vmm("run", *k, "-q", "-c", "workload=mm workload_iters=40 rng=seed", "--save", str(a)).returncode == 0
+    # Resume and save again mid-workload: the scratch pages it maps show up as changes.
+    proc = vmm("run", *k, "-q", "--restore", str(a), "--save", str(b), "--save-at", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    out = vmm("pt", "--snapshot", str(a), "--diff", str(b), "--json")
+    assert out.returncode == 0, out.stderr
+    diff = json.loads(out.stdout)["diff"]
+    same = json.loads(vmm("pt", "--snapshot", str(a), "--diff", str(a), "--json").stdout)["diff"]
+    assert same["changes"] == []
+    assert diff["changes"], "half a second of workload=mm changes some mapping"
+    text = vmm("pt", "--snapshot", str(a), "--writable", "--kernel-half")
+    assert text.returncode == 0 and "heap" in text.stdout
+    mm = vmm("memmap", "--snapshot", str(a), "--json")
+    assert mm.returncode == 0, mm.stderr
+    fresh = vmm("memmap", *k, "--json")
+    assert json.loads(mm.stdout)["descriptors"] == json.loads(fresh.stdout)["descriptors"]
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["pt", "--snapshot", "/nonexistent.core"], "no such file"),
+        (["pt", "--snapshot", "/etc/hostname"], "ELF"),
+        (["memmap", "--snapshot", "/etc/hostname"], "ELF"),
+        (["pt", "--diff", "/etc/hostname"], "--snapshot"),
+        (["pt", "/tmp/some.sock", "--snapshot", "/etc/hostname"], "not both"),
+    ],
+)
+def test_offline_bad_input_is_one_line(args, fragment):
+    proc = vmm(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert fragment in proc.stderr
