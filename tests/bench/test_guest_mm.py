@@ -156,3 +156,44 @@ def test_icount_section_from_a_result():
     sec = icount_section(counts)
     assert [r.figure["median"] for r in sec.rows] == [99.0, 63.0]
     assert icount_section([]) is None
+
+
+def test_aligned_shapes_get_an_aligned_glibc_baseline():
+    b = G.decode(bench("alloc_free_64_a512", cpl=3, impl="tlsf", freelist_len=64))
+    assert b.size == 64 and b.align == 512 and b.kind == "small_alloc"
+    assert G.baseline_requests([b]) == {("malloc", 64, 64, 512)}
+    assert G.baseline_label(("malloc", 64, 64, 512)) == "glibc aligned_alloc(512)+free 64 B, 64 free chunks"
+    plain = G.decode(bench("alloc_free_3k", cpl=3, impl="tlsf", freelist_len=1))
+    assert plain.size == 3072 and plain.align == 0
+    assert G.baseline_requests([plain]) == {("malloc", 3072, 1)}
+    assert "aligned 512" in G.label(b)
+
+
+@pytest.mark.parametrize("cmdline,extra", [
+    ("bench=all", "bench=heap,icount allocator=list"),
+    ("bench=cpl3 rng=seed", "bench=heap allocator=list rng=seed"),
+    ("bench=all allocator=list", None),
+    ("bench=invlpg", None),
+])
+def test_list_allocator_boot_only_when_the_heap_is_measured(cmdline, extra):
+    assert G.list_allocator_cmdline(cmdline) == extra
+
+
+def frag(allocator, seed, pages, free, largest, check="ok"):
+    return {"event": "heap_frag", "allocator": allocator, "seed": seed, "ops": "200000", "cpl": "3",
+            "live_bytes": "1000", "live_blocks": "10", "pages": str(pages), "free_bytes": str(free),
+            "largest_free": str(largest), "free_blocks": "5", "failed": "0", "check": check}
+
+
+def test_frag_section_medians_over_traces_beside_first_fit():
+    sec = G.frag_section([frag("tlsf", 1, 330, 1000, 500), frag("list", 1, 340, 3000, 1000),
+                          frag("tlsf", 2, 332, 900, 100), frag("list", 2, 338, 1000, 100),
+                          frag("tlsf", 3, 331, 800, 400), frag("list", 3, 341, 2000, 1000, check="corrupt")])
+    rows = {r.key: r for r in sec.rows}
+    pages = rows["frag/tlsf/pages"]
+    assert pages.figure["median"] == 331 and pages.figure["n"] == 3 and pages.figure["unit"] == "pages"
+    assert pages.baseline["median"] == 340 and pages.baseline_label == "first fit"
+    assert rows["frag/tlsf/free_over_largest"].figure["median"] == 2.0
+    assert rows["frag/list/pages"].baseline is None
+    assert "CORRUPT" in rows["frag/list"].label and "check ok" in rows["frag/tlsf"].label
+    assert G.frag_section([]) is None

@@ -36,6 +36,12 @@ class Heap:
                 self.heads.setdefault(mapping(size), []).append(addr)
             prev_free, addr = free, addr + size
         self.sentinel = addr
+        self.top = 0
+        if prev_free:  # the last free block is the top: on no list
+            self.top = addr - blocks[-1][0]
+            self.heads[mapping(blocks[-1][0])].remove(self.top)
+            if not self.heads[mapping(blocks[-1][0])]:
+                del self.heads[mapping(blocks[-1][0])]
         self.w(addr, make_tag(addr, 0, PREV_FREE if prev_free else 0))
         for members in self.heads.values():
             for i, b in enumerate(members):
@@ -53,10 +59,10 @@ class Heap:
             fl_bitmap |= 1 << fl
             sl_bitmap[fl] |= 1 << sl
             heads[fl * SL + sl] = members[0]
-        raw = struct.pack("<QIIIIQIIQ", INDEX_MAGIC, 1, 2720, 1, 1, self.findings, 3 if self.findings else 0, 0,
+        raw = struct.pack("<QIIIIQIIQ", INDEX_MAGIC, 1, 2728, 1, 1, self.findings, 3 if self.findings else 0, 0,
                           HEAP + 0x100 if self.findings else 0)
         raw += struct.pack("<QQIIII", HEAP + 8, self.sentinel, fl_bitmap, SL, FL, 32)
-        raw += struct.pack(f"<{FL}I", *sl_bitmap) + struct.pack(f"<{FL * SL}Q", *heads)
+        raw += struct.pack(f"<{FL}I", *sl_bitmap) + struct.pack(f"<{FL * SL}Q", *heads) + struct.pack("<Q", self.top)
         self.mem.write(INDEX_PHYS, raw)
 
     def walk(self):
@@ -138,6 +144,16 @@ def test_unlisted_and_bitmap_mismatch():
     assert set(kinds(h.walk())) == {"heap-bitmap"}
 
 
+def test_top_block_is_on_no_list():
+    h = Heap(LAYOUT[:-1])  # ends with the free 0x1000 block: the top
+    v = h.walk()
+    assert not v.findings, v.findings
+    assert v.top == HEAP + 8 + 0x1E0 and (v.top, 0x1000) in v.blocks and sum(v.lists.values()) == 2
+    h.top = 0
+    h.write_index()
+    assert set(kinds(h.walk())) == {"heap-bad-top", "heap-unlisted"}
+
+
 def test_uncoalesced_neighbours():
     h = Heap([(0x40, False), (0x40, True), (0x40, True), (0x40, False)])
     assert "heap-uncoalesced" in kinds(h.walk())
@@ -161,7 +177,7 @@ def test_corrupted_heap_never_hangs_or_raises(writes):
     for in_index, slot, value in writes:
         if in_index:
             if slot * 8 >= 48:  # keep the magic/header: the geometry checks are tested above
-                h.mem.write(INDEX_PHYS + (slot * 8) % 2720, struct.pack("<Q", value))
+                h.mem.write(INDEX_PHYS + (slot * 8) % 2728, struct.pack("<Q", value))
         else:
             h.w(HEAP + slot * 8, value)
     runs = RunArrays(*(np.array(v, dtype=np.uint64) for v in
@@ -192,4 +208,5 @@ def test_live_guest_heap_walks_clean(guest_image, allocator):
         assert not h.findings, h.findings
         assert h.blocks and h.free_bytes > 0
         if allocator == "tlsf":
-            assert h.used_blocks > 0 and h.cached_blocks > 0 and sum(h.lists.values()) == len(h.blocks)
+            assert h.used_blocks > 0 and h.cached_blocks > 0
+            assert sum(h.lists.values()) + (h.top != 0) == len(h.blocks)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from ..abi import ReportKind
 from ..vm import Vm, VmConfig
 from . import host_baselines as hb
-from .stats import Section, merge_distributions, scale
+from .stats import Section, merge_distributions, scale, summarize
 
 GUEST_RAM = 128 << 20
 NO_BENCHMARKS = "guest reports no benchmarks (update the guest)"
@@ -316,39 +316,46 @@ def _int(d: dict, k: str) -> int:
 
 
 def frag_section(frags: list[dict]) -> Section | None:
-    """Fragmentation after the same random churn trace on each allocator, first fit as baseline (pure)."""
-    by = {f.get("allocator"): f for f in frags if f.get("allocator")}
+    """Fragmentation after the same random churn traces on each allocator, first fit as baseline (pure).
+
+    One report per (trace, allocator); each figure is the median (min, max)
+    over the traces.
+    """
+    by: dict[str, list[dict]] = {}
+    for f in frags:
+        if f.get("allocator"):
+            by.setdefault(f["allocator"], []).append(f)
     if not by:
         return None
     first = next(iter(by.values()))
-    sec = Section("guest_frag", "Heap fragmentation after a random churn trace (same trace on each allocator)")
-    sec.meta = {k: first.get(k) for k in ("ops", "seed", "cpl", "live_blocks", "live_bytes")}
+    sec = Section("guest_frag", "Heap fragmentation after random churn traces (the same traces on each allocator)")
+    sec.meta = {"ops": first[0].get("ops"), "cpl": first[0].get("cpl"), "traces": len(first),
+                "seeds": [f.get("seed") for f in first], "live_bytes": [_int(f, "live_bytes") for f in first]}
 
-    def fig(v: float, unit: str) -> dict:
-        return {"median": float(v), "min": float(v), "max": float(v), "n": 1, "unit": unit}
-
-    def figures(f: dict) -> dict[str, dict]:
-        free, largest = _int(f, "free_bytes"), _int(f, "largest_free")
+    def figures(fs: list[dict]) -> dict[str, dict]:
+        ratios = [_int(f, "free_bytes") / _int(f, "largest_free") if _int(f, "largest_free") else 0.0 for f in fs]
         return {
-            "pages": fig(_int(f, "pages"), "pages"),
-            "free_over_largest": fig(free / largest if largest else 0.0, "x"),
-            "free_bytes": fig(free, "bytes"),
-            "largest_free": fig(largest, "bytes"),
-            "free_blocks": fig(_int(f, "free_blocks"), "blocks"),
+            "pages": summarize([_int(f, "pages") for f in fs], "pages"),
+            "free_over_largest": summarize(ratios, "x"),
+            "free_bytes": summarize([_int(f, "free_bytes") for f in fs], "bytes"),
+            "largest_free": summarize([_int(f, "largest_free") for f in fs], "bytes"),
+            "free_blocks": summarize([_int(f, "free_blocks") for f in fs], "blocks"),
         }
 
     labels = {"pages": "heap pages in use (high-water mark)", "free_over_largest": "free bytes / largest free block",
               "free_bytes": "free bytes", "largest_free": "largest free block", "free_blocks": "free blocks"}
     base = figures(by["list"]) if "list" in by else None
     for name in sorted(by, key=lambda n: (n != "tlsf", n)):
-        f = by[name]
-        sec.add(f"frag/{name}", f"{name} ({'check ok' if f.get('check') == 'ok' else 'CORRUPT'})", None)
-        for key, value in figures(f).items():
+        fs = by[name]
+        ok = all(f.get("check") == "ok" and not _int(f, "failed") for f in fs)
+        sec.add(f"frag/{name}", f"{name} ({'check ok' if ok else 'CORRUPT or failed allocations'})", None)
+        for key, value in figures(fs).items():
             baseline = base[key] if base is not None and name != "list" else None
-            sec.add(f"frag/{name}/{key}", labels[key], value, indent=1, cpl=_int(f, "cpl"),
+            sec.add(f"frag/{name}/{key}", labels[key], value, indent=1, cpl=_int(fs[0], "cpl"),
                     baseline=baseline, baseline_label="first fit" if baseline else "")
-    sec.message = (f"{first.get('ops')} operations, {first.get('live_blocks')} blocks "
-                   f"({first.get('live_bytes')} B) live at the end; lower is better")
+    sec.message = (f"{len(first)} traces of {first[0].get('ops')} operations, "
+                   f"{min(_int(f, 'live_bytes') for f in first)}-{max(_int(f, 'live_bytes') for f in first)} B live "
+                   f"at the end; lower is better")
     return sec
 
 

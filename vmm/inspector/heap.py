@@ -60,6 +60,7 @@ class HeapView:
     cached_blocks: int = 0
     lists: dict[str, int] = field(default_factory=dict)
     guest_findings: int = 0
+    top: int = 0  # TLSF: the free block at the heap's end, on no list (0: none)
 
     @property
     def free_bytes(self) -> int:
@@ -102,6 +103,7 @@ class HeapView:
             "cached_blocks": self.cached_blocks,
             "lists": {k: v for k, v in self.lists.items() if v},
             "guest_findings": self.guest_findings,
+            "top": self.top,
         }
 
 

@@ -10,7 +10,8 @@ bitmaps and the head of every segregated free list). Two walks:
   and size), with the footer of every free block;
 - the *lists*: each non-empty list from its head through the ``next``
   links, each member checked against the ``prev`` link, its tag, its list
-  (size class) and the tag walk.
+  (size class) and the tag walk. The *top* block (the free block that ends
+  at the sentinel) is on no list: the guest uses it last.
 
 Nothing read is trusted: a broken check (an overflow into a tag), a footer
 that disagrees, two free neighbours, a list whose links disagree, a block on
@@ -139,12 +140,15 @@ def walk_tlsf(physmem, translator, index: int, heap_start: int, heap_end: int, *
     if not (0 < fl_count <= MAX_FL and sl_count == 1 << SL_LOG2 and min_block >= 2 * GRAIN):
         finding("heap-index", index, f"TLSF geometry fl_count={fl_count} sl_count={sl_count} min_block={min_block} is not sane")
         return view
-    lists_raw = reader.read(index + INDEX_TLSF_OFFSET + SL_BITMAP_OFFSET, HEADS_OFFSET - SL_BITMAP_OFFSET + 8 * fl_count * sl_count)
+    lists_raw = reader.read(index + INDEX_TLSF_OFFSET + SL_BITMAP_OFFSET,
+                            HEADS_OFFSET - SL_BITMAP_OFFSET + 8 * fl_count * sl_count + 8)
     if lists_raw is None:
         finding("heap-index", index, "TLSF lists unreadable")
         return view
     sl_bitmap = struct.unpack_from(f"<{fl_count}I", lists_raw, 0)
     heads = struct.unpack_from(f"<{fl_count * sl_count}Q", lists_raw, HEADS_OFFSET - SL_BITMAP_OFFSET)
+    (top,) = struct.unpack_from("<Q", lists_raw, HEADS_OFFSET - SL_BITMAP_OFFSET + 8 * fl_count * sl_count)
+    view.top = top
     if first == 0:
         return view
     if not (heap_start <= first < sentinel < heap_end and first % GRAIN == TAG and sentinel % GRAIN == TAG):
@@ -185,6 +189,9 @@ def walk_tlsf(physmem, translator, index: int, heap_start: int, heap_end: int, *
                                        f"{'free' if prev_free else 'in use'}")
         is_free = bool(t & FREE)
         if is_free:
+            if (b + size == sentinel) != (b == top):
+                finding("heap-bad-top", b, f"free block at {b:#x} {'ends' if b + size == sentinel else 'does not end'} at the "
+                                           f"sentinel but the top block is {top:#x}")
             if prev_free:
                 finding("heap-uncoalesced", b, f"free blocks at {b:#x} and below it were not merged")
             if rd(b + size - 8) != size:
@@ -240,7 +247,9 @@ def walk_tlsf(physmem, translator, index: int, heap_start: int, heap_end: int, *
                     finding("heap-cross-linked", cur, f"{where}: prev link {rd(cur + 16):#x}, expected {prev:#x}")
                 prev, cur, n = cur, rd(cur + 8), n + 1
             view.lists[f"{fl}.{sl}"] = n
-    for addr in sorted(set(free) - set(on_list)) if budget >= 0 else ():
+    if top and complete and top not in free:
+        finding("heap-bad-top", top, f"top block {top:#x} is not a free block in the tag walk")
+    for addr in sorted(set(free) - set(on_list) - {top}) if budget >= 0 else ():
         finding("heap-unlisted", addr, f"free block at {addr:#x} ({free[addr]:#x} bytes) is on no list")
     view.blocks = sorted(free.items())
     return view

@@ -9,7 +9,8 @@
 //! 1-4 KiB (under 4 KiB, the heap range's limit), 3 % 16-512 B aligned to
 //! 64-512. Every block is filled with a pattern checked before its free.
 //!
-//! One INFO report per allocator, `event=heap_frag`: `allocator`, `ops`,
+//! Three traces (seeds). One INFO report per trace and allocator,
+//! `event=heap_frag`: `allocator`, `ops`,
 //! `live_blocks`, `live_bytes` (requested bytes live at the end),
 //! `free_bytes` and `largest_free` (inside the grown part), `free_blocks`,
 //! `pages` (high-water mark of the private heap: the pages a real heap
@@ -27,10 +28,12 @@ use core::cell::UnsafeCell;
 const SHORT: usize = 256;
 const LONG: usize = 3840;
 const SLOTS: usize = SHORT + LONG;
-const SEED: u64 = 0x2545_F491_4F6C_DD1D;
+/// One trace per seed (each replayed on both allocators).
+const SEEDS: [u64; 3] = [0x2545_F491_4F6C_DD1D, 0x9E37_79B9_7F4A_7C15, 0xD1B5_4A32_D192_ED03];
 /// Memory the private heaps may grow into.
 const REGION_PAGES: u64 = 4096;
-const STEP: u64 = 64 << 10;
+/// Growth step: one page, so `pages` is exact.
+const STEP: u64 = PAGE_SIZE;
 
 #[derive(Clone, Copy, Default)]
 struct Slot {
@@ -62,12 +65,12 @@ fn pattern(p: u64, i: usize) -> u8 {
 }
 
 /// Replays the trace on a fresh private heap of `backing` over `base`.
-fn replay(backing: Backing, base: u64, ops: u64) -> Outcome {
+fn replay(backing: Backing, base: u64, ops: u64, seed: u64) -> Outcome {
     // SAFETY: see `Slots`.
     let slots = unsafe { &mut *SLOTS_TABLE.0.get() };
     slots.iter_mut().for_each(|s| *s = Slot::default());
     let mut h = PrivateHeap::new(backing, base, base + REGION_PAGES * PAGE_SIZE, STEP);
-    let mut seed = SEED;
+    let mut seed = seed;
     let mut next = || {
         seed ^= seed << 13;
         seed ^= seed >> 7;
@@ -144,12 +147,12 @@ pub fn run(sel: &Selection) {
             return;
         }
     };
-    for backing in [Backing::Tlsf, Backing::List] {
+    for (seed, backing) in SEEDS.iter().flat_map(|&s| [(s, Backing::Tlsf), (s, Backing::List)]) {
         let mut o = Outcome::default();
         user::run(&mut || {
             // The direct map is not usable at CPL3: `phys_to_virt` gives
             // the user alias during the run.
-            o = replay(backing, phys_to_virt(region), ops);
+            o = replay(backing, phys_to_virt(region), ops, seed);
             0
         });
         let ratio_milli = if o.largest_free == 0 { 0 } else { o.free_bytes * 1000 / o.largest_free };
@@ -157,7 +160,7 @@ pub fn run(sel: &Selection) {
             r.kv("event", "heap_frag")
                 .kv("allocator", backing.name())
                 .kv("ops", ops)
-                .kv("seed", SEED)
+                .kv_hex("seed", seed)
                 .kv("cpl", 3)
                 .kv("live_blocks", o.live_blocks)
                 .kv("live_bytes", o.live_bytes)
@@ -169,8 +172,9 @@ pub fn run(sel: &Selection) {
                 .kv("check", if o.corrupt == 0 && o.findings == 0 { "ok" } else { "corrupt" });
         });
         println!(
-            "BENCH heap_frag.{:<19} ops={} live={} B in {} blocks, pages={}, free={} B in {} blocks, largest={} B, free/largest={}.{:03}{}",
+            "BENCH heap_frag.{:<4} seed {:#x} ops={} live={} B in {} blocks, pages={}, free={} B in {} blocks, largest={} B, free/largest={}.{:03}{}",
             backing.name(),
+            seed >> 48,
             ops,
             o.live_bytes,
             o.live_blocks,

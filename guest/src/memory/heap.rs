@@ -121,7 +121,7 @@ const _: () = assert!(offset_of!(HeapIndex, findings) == 24);
 const _: () = assert!(offset_of!(HeapIndex, last_kind) == 32);
 const _: () = assert!(offset_of!(HeapIndex, last_addr) == 40);
 const _: () = assert!(offset_of!(HeapIndex, tlsf) == INDEX_TLSF_OFFSET);
-const _: () = assert!(INDEX_SIZE == 2720);
+const _: () = assert!(INDEX_SIZE == 2728);
 
 pub struct Heap {
     index: HeapIndex,
@@ -516,12 +516,17 @@ impl PrivateHeap {
         }
     }
 
-    /// Same rounding as the kernel heap's backing path.
-    ///
+    /// Sizes rounded to 16 bytes only: without caches there is no size
+    /// class to round to, so this measures the backing allocator alone.
+    #[inline]
+    fn shape(layout: Layout) -> (usize, usize) {
+        ((layout.size().max(1) + MIN_BLOCK - 1) & !(MIN_BLOCK - 1), layout.align().max(MIN_BLOCK))
+    }
+
     /// # Safety
     /// `[base, limit)` must be memory the caller owns, unused elsewhere.
     pub unsafe fn alloc(&mut self, layout: Layout) -> *mut u8 {
-        let (size, align) = Heap::small_shape(layout);
+        let (size, align) = Self::shape(layout);
         loop {
             let p = self.take(size, align);
             if !p.is_null() || self.end >= self.limit {
@@ -539,7 +544,7 @@ impl PrivateHeap {
     /// # Safety
     /// `ptr` must come from this heap's `alloc` (a second free is reported).
     pub unsafe fn dealloc(&mut self, ptr: *mut u8, layout: Layout) -> Result<(), Finding> {
-        let (size, _) = Heap::small_shape(layout);
+        let (size, _) = Self::shape(layout);
         let r = match self.backing {
             Backing::Tlsf => self.tlsf.free(ptr, size),
             Backing::List => self.list.free(ptr, size),

@@ -27,9 +27,10 @@
 //! bit scans (`BSF`: no SSE, no loop), and the free/prev links plus the
 //! footer (the size, in the last 8 bytes of a free block, read through the
 //! PREV_FREE bit) make insert, remove and coalescing with both neighbours
-//! constant time. Allocation first looks at the head of the request's own
-//! list (good fit without rounding up), then at the next larger non-empty
-//! list. Alignments above 16 search for `size + align + MIN_BLOCK` and split
+//! constant time. Allocation first looks at the first `EXACT_PROBES`
+//! members of the request's own list (good fit without rounding up), then
+//! takes the head of the next larger non-empty list (every block there
+//! fits). Alignments above 16 search for `size + align + MIN_BLOCK` and split
 //! the misaligned front off as a free block.
 //!
 //! The region ends with a sentinel tag (size 0, not free). Growing turns the
@@ -54,6 +55,8 @@ const FL_SHIFT: u32 = SL_LOG2 + 4;
 const SMALL: usize = 1 << FL_SHIFT;
 /// First-level lists: block sizes below 2^(FL_SHIFT + FL_COUNT - 1) = 128 MiB.
 pub const FL_COUNT: usize = 20;
+/// Members of the request's own list looked at before the lists above.
+const EXACT_PROBES: usize = 16;
 
 pub const FREE: u64 = 1;
 pub const PREV_FREE: u64 = 2;
@@ -181,6 +184,10 @@ pub struct Tlsf {
     pub sl_bitmap: [u32; FL_COUNT],
     /// Tag address of each list's first block (0 if empty).
     pub heads: [[u64; SL_COUNT]; FL_COUNT],
+    /// The free block that ends at the sentinel (0 if none): on no list,
+    /// used only when no list has a fitting block, so the heap's end stays
+    /// whole and growth is the last resort.
+    pub top: u64,
     free_bytes: u64,
 }
 
@@ -192,7 +199,8 @@ const _: () = assert!(offset_of!(Tlsf, fl_count) == 24);
 const _: () = assert!(offset_of!(Tlsf, min_block) == 28);
 const _: () = assert!(offset_of!(Tlsf, sl_bitmap) == 32);
 const _: () = assert!(offset_of!(Tlsf, heads) == 112);
-const _: () = assert!(PUBLISHED_SIZE == 112 + 8 * SL_COUNT * FL_COUNT);
+const _: () = assert!(offset_of!(Tlsf, top) == 112 + 8 * SL_COUNT * FL_COUNT);
+const _: () = assert!(PUBLISHED_SIZE == 120 + 8 * SL_COUNT * FL_COUNT);
 const _: () = assert!(size_of::<u64>() == TAG);
 
 // SAFETY: the addresses point into memory the owner of the Tlsf handed it.
@@ -209,6 +217,7 @@ impl Tlsf {
             min_block: MIN_BLOCK as u32,
             sl_bitmap: [0; FL_COUNT],
             heads: [[0; SL_COUNT]; FL_COUNT],
+            top: 0,
             free_bytes: 0,
         }
     }
@@ -235,9 +244,12 @@ impl Tlsf {
     #[inline(always)]
     unsafe fn links_ok(&self, b: u64, size: usize) -> bool {
         let (next, prev) = (rd(b + 8), rd(b + 16));
-        let (fl, sl) = mapping(size);
-        (if prev == 0 { self.heads[fl][sl] == b } else { self.in_range(prev) && rd(prev + 8) == b })
-            && (next == 0 || (self.in_range(next) && rd(next + 16) == b))
+        (if prev == 0 {
+            let (fl, sl) = mapping(size);
+            fl < FL_COUNT && self.heads[fl][sl] == b
+        } else {
+            self.in_range(prev) && rd(prev + 8) == b
+        }) && (next == 0 || (self.in_range(next) && rd(next + 16) == b))
     }
 
     #[inline(always)]
@@ -284,6 +296,14 @@ impl Tlsf {
         Some((fl, sl_map.trailing_zeros() as usize))
     }
 
+    /// Writes the top block's tag and footer (it is on no list).
+    #[inline(always)]
+    unsafe fn set_top(&mut self, b: u64, size: usize) {
+        wr(b, make_tag(b, size as u64, FREE));
+        wr(b + size as u64 - 8, size as u64);
+        self.top = b;
+    }
+
     /// Writes a free block's tag and footer and links it.
     #[inline(always)]
     unsafe fn make_free(&mut self, b: u64, size: usize) {
@@ -292,45 +312,126 @@ impl Tlsf {
         self.insert(b, size);
     }
 
-    /// Takes a free block at least `min` bytes long off its list, or None.
-    /// A list head with a broken tag or links is dropped from its list
-    /// (its blocks leak) and reported through `found`.
+    /// Unlinks `h`, the head of list (fl, sl), whose `next` is `next`.
     #[inline(always)]
-    unsafe fn pop_fit(&mut self, min: usize, found: &mut Option<Finding>) -> Option<(u64, usize)> {
-        // The request's own list first: its head may fit without rounding up.
-        let (fl, sl) = mapping(min);
-        let mut start = mapping_search(min);
-        if fl < FL_COUNT {
-            let h = self.heads[fl][sl];
-            if h != 0 {
-                let t = rd(h);
-                if tag_ok(h, t) && (t & SIZE_MASK) as usize >= min && t & FREE != 0 {
-                    let size = (t & SIZE_MASK) as usize;
-                    if self.links_ok(h, size) {
-                        self.remove(h, size);
-                        return Some((h, size));
-                    }
-                }
-            }
-        }
-        loop {
-            let (fl, sl) = self.find(start.0, start.1)?;
-            let h = self.heads[fl][sl];
-            let t = rd(h);
-            let size = (t & SIZE_MASK) as usize;
-            if tag_ok(h, t) && t & FREE != 0 && mapping(size) == (fl, sl) && self.links_ok(h, size) {
-                self.remove(h, size);
-                return Some((h, size));
-            }
-            // Corrupt head: detach the whole list and look further.
-            *found = Some(Finding { kind: FindingKind::CrossLinked, addr: h });
-            self.heads[fl][sl] = 0;
+    unsafe fn remove_head(&mut self, fl: usize, sl: usize, h: u64, next: u64) {
+        let _ = h;
+        self.heads[fl][sl] = next;
+        if next != 0 {
+            wr(next + 16, 0);
+        } else {
             self.sl_bitmap[fl] &= !(1 << sl);
             if self.sl_bitmap[fl] == 0 {
                 self.fl_bitmap &= !(1 << fl);
             }
-            start = (fl, sl);
         }
+    }
+
+    /// The head of list (fl, sl) if its tag and links are sound: (head,
+    /// size, next).
+    #[inline(always)]
+    unsafe fn sound_head(&self, fl: usize, sl: usize) -> Result<(u64, usize, u64), u64> {
+        let h = self.heads[fl][sl];
+        let t = rd(h);
+        let next = rd(h + 8);
+        if tag_ok(h, t) && t & FREE != 0 && rd(h + 16) == 0 && (next == 0 || (self.in_range(next) && rd(next + 16) == h)) {
+            Ok((h, (t & SIZE_MASK) as usize, next))
+        } else {
+            Err(h)
+        }
+    }
+
+    /// Takes a free block at least `min` bytes long off its list, or None.
+    /// A list whose head has a broken tag or links is dropped (its blocks
+    /// leak) and reported through `found`.
+    #[inline(always)]
+    unsafe fn pop_fit(&mut self, min: usize, found: &mut Option<Finding>) -> Option<(u64, usize, bool)> {
+        // Good fit without rounding up: the request's own list may hold a
+        // block that fits; look at its first few members (a constant
+        // bound), then at the lists above, whose every block fits.
+        let (fl, sl) = mapping(min);
+        if fl < FL_COUNT && self.heads[fl][sl] != 0 {
+            // Of the fitting ones, the lowest address: like address-ordered
+            // first fit, it keeps the heap's upper part whole.
+            let mut b = self.heads[fl][sl];
+            let mut best: u64 = 0;
+            let mut best_size = 0;
+            for _ in 0..EXACT_PROBES {
+                if !self.in_range(b) {
+                    break;
+                }
+                let t = rd(b);
+                let size = (t & SIZE_MASK) as usize;
+                if !tag_ok(b, t) || t & FREE == 0 {
+                    break;
+                }
+                if size >= min && (best == 0 || b < best) {
+                    best = b;
+                    best_size = size;
+                }
+                b = rd(b + 8);
+                if b == 0 {
+                    break;
+                }
+            }
+            if best != 0 && self.links_ok(best, best_size) {
+                self.remove(best, best_size);
+                return Some((best, best_size, false));
+            }
+        }
+        let mut start = mapping_search(min);
+        while let Some((fl, sl)) = self.find(start.0, start.1) {
+            match self.sound_head(fl, sl) {
+                Ok((h, size, next)) => {
+                    // Every member fits: the lowest address of the first few.
+                    let (mut best, mut best_size, mut b) = (h, size, next);
+                    for _ in 1..EXACT_PROBES {
+                        if b == 0 || !self.in_range(b) {
+                            break;
+                        }
+                        let t = rd(b);
+                        if !tag_ok(b, t) || t & FREE == 0 {
+                            break;
+                        }
+                        if b < best {
+                            best = b;
+                            best_size = (t & SIZE_MASK) as usize;
+                        }
+                        b = rd(b + 8);
+                    }
+                    if best == h {
+                        self.remove_head(fl, sl, h, next);
+                        return Some((h, size, false));
+                    }
+                    if self.links_ok(best, best_size) {
+                        self.remove(best, best_size);
+                        return Some((best, best_size, false));
+                    }
+                    self.remove_head(fl, sl, h, next);
+                    return Some((h, size, false));
+                }
+                Err(h) => {
+                    // Corrupt head: detach the whole list and look further.
+                    *found = Some(Finding { kind: FindingKind::CrossLinked, addr: h });
+                    self.remove_head(fl, sl, h, 0);
+                    start = (fl, sl);
+                }
+            }
+        }
+        // Last resort before growing: the top block.
+        let top = self.top;
+        if top != 0 {
+            let t = rd(top);
+            let size = (t & SIZE_MASK) as usize;
+            if !tag_ok(top, t) || t & FREE == 0 || top + size as u64 != self.sentinel {
+                *found = Some(Finding { kind: FindingKind::BadTag, addr: top });
+                self.top = 0;
+            } else if size >= min {
+                self.top = 0;
+                return Some((top, size, true));
+            }
+        }
+        None
     }
 
     /// Allocates `size` payload bytes aligned to `align` (power of two, at
@@ -338,11 +439,11 @@ impl Tlsf {
     pub unsafe fn alloc(&mut self, size: usize, align: usize, found: &mut Option<Finding>) -> *mut u8 {
         let need = block_size(size);
         if align <= GRAIN {
-            let Some((b, bsize)) = self.pop_fit(need, found) else { return null_mut() };
-            self.carve(b, bsize, need, rd(b) & PREV_FREE);
+            let Some((b, bsize, top)) = self.pop_fit(need, found) else { return null_mut() };
+            self.carve(b, bsize, need, rd(b) & PREV_FREE, top);
             return (b + TAG as u64) as *mut u8;
         }
-        let Some((b, bsize)) = self.pop_fit(need + align + MIN_BLOCK, found) else { return null_mut() };
+        let Some((b, bsize, top)) = self.pop_fit(need + align + MIN_BLOCK, found) else { return null_mut() };
         let a = align as u64;
         let mut payload = (b + TAG as u64 + a - 1) & !(a - 1);
         if payload - TAG as u64 - b != 0 && ((payload - TAG as u64 - b) as usize) < MIN_BLOCK {
@@ -354,22 +455,27 @@ impl Tlsf {
             // The front becomes a free block of its own (its lower
             // neighbour is in use: free blocks never touch).
             self.make_free(b, gap);
-            self.carve(nb, bsize - gap, need, PREV_FREE);
+            self.carve(nb, bsize - gap, need, PREV_FREE, top);
         } else {
-            self.carve(b, bsize, need, rd(b) & PREV_FREE);
+            self.carve(b, bsize, need, rd(b) & PREV_FREE, top);
         }
         payload as *mut u8
     }
 
     /// Marks `need` bytes at `b` (a block of `bsize` bytes just taken off
-    /// its list) in use and frees the remainder if it is a block.
+    /// its list, or the top block) in use and frees the remainder if it is
+    /// a block (as the new top if `b` was the top).
     #[inline(always)]
-    unsafe fn carve(&mut self, b: u64, bsize: usize, need: usize, prev_free: u64) {
+    unsafe fn carve(&mut self, b: u64, bsize: usize, need: usize, prev_free: u64, top: bool) {
         let rem = bsize - need;
         if rem >= MIN_BLOCK {
             wr(b, make_tag(b, need as u64, prev_free));
             let r = b + need as u64;
-            self.make_free(r, rem);
+            if top {
+                self.set_top(r, rem);
+            } else {
+                self.make_free(r, rem);
+            }
             // The block after `r` already has PREV_FREE (b was free).
             self.free_bytes -= need as u64;
         } else {
@@ -435,7 +541,8 @@ impl Tlsf {
             return Err(Finding { kind: FindingKind::Overflow, addr: n });
         }
         let next_free = nt & FREE != 0;
-        if next_free && !self.links_ok(n, nsize) {
+        let next_top = next_free && n == self.top;
+        if next_free && !next_top && !self.links_ok(n, nsize) {
             return Err(Finding { kind: FindingKind::CrossLinked, addr: n });
         }
         let mut prev = None;
@@ -457,7 +564,11 @@ impl Tlsf {
         // All checked: merge.
         let (mut start, mut total) = (b, size);
         if next_free {
-            self.remove(n, nsize);
+            if next_top {
+                self.top = 0;
+            } else {
+                self.remove(n, nsize);
+            }
             wr(n, 0); // poison: a later free of that block finds no tag
             total += nsize;
         }
@@ -467,8 +578,12 @@ impl Tlsf {
             start = p;
             total += psize;
         }
-        self.make_free(start, total);
         let after = start + total as u64;
+        if after == self.sentinel {
+            self.set_top(start, total);
+        } else {
+            self.make_free(start, total);
+        }
         wr(after, rd(after) | PREV_FREE);
         self.free_bytes += size as u64;
         Ok(size)
@@ -486,7 +601,7 @@ impl Tlsf {
             self.sentinel = s;
             wr(s, make_tag(s, 0, 0));
             if s - b >= MIN_BLOCK as u64 {
-                self.make_free(b, (s - b) as usize);
+                self.set_top(b, (s - b) as usize);
                 wr(s, rd(s) | PREV_FREE);
                 self.free_bytes += s - b;
             }
@@ -501,14 +616,12 @@ impl Tlsf {
         let grown = (s - b) as usize;
         self.free_bytes += grown as u64;
         let (mut start, mut total) = (b, grown);
-        if st & PREV_FREE != 0 {
-            let psize = rd(b - 8) as usize;
-            let p = b - psize as u64;
-            self.remove(p, psize);
-            start = p;
-            total += psize;
+        // The free block before the old sentinel is the top: it grows.
+        if st & PREV_FREE != 0 && self.top != 0 {
+            start = self.top;
+            total += (b - self.top) as usize;
         }
-        self.make_free(start, total);
+        self.set_top(start, total);
         wr(s, rd(s) | PREV_FREE);
     }
 
@@ -516,6 +629,11 @@ impl Tlsf {
     /// blocks are counted).
     pub fn list_stats(&self, max: usize) -> (usize, usize) {
         let (mut n, mut largest) = (0, 0);
+        if self.top != 0 {
+            // SAFETY: the top block lies in our region.
+            largest = unsafe { (rd(self.top) & SIZE_MASK) as usize };
+            n = 1;
+        }
         for fl in 0..FL_COUNT {
             for sl in 0..SL_COUNT {
                 let mut b = self.heads[fl][sl];
@@ -557,7 +675,11 @@ impl Tlsf {
                     if rd(b + size - 8) != size {
                         return Err(Finding { kind: FindingKind::BadFooter, addr: b + size - 8 });
                     }
-                    if !self.links_ok(b, size as usize) {
+                    let at_end = b + size == self.sentinel;
+                    if at_end != (b == self.top) {
+                        return Err(Finding { kind: FindingKind::BadTag, addr: b });
+                    }
+                    if b != self.top && !self.links_ok(b, size as usize) {
                         return Err(Finding { kind: FindingKind::CrossLinked, addr: b });
                     }
                     free += 1;
