@@ -70,6 +70,15 @@ if ! command -v readelf >/dev/null 2>&1; then
     $SUDO apt-get install -y -qq binutils >/dev/null
 fi
 
+if ! command -v gdb >/dev/null 2>&1; then
+    # The gdb stub's tests drive a stock gdb (they skip, saying so, without it).
+    echo "setup: installing gdb..." >&2
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq gdb >/dev/null
+fi
+
 PY="${PYTHON:-python3}"
 echo "setup: installing Python dependencies..." >&2
 "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'

@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .snapshot.commands import add_run_arguments as _snapshot_args
 
     _snapshot_args(run)
+    from .gdbstub.cli import add_run_arguments as _gdb_args
+
+    _gdb_args(run)
 
     mm = sub.add_parser(
         "memmap",
@@ -281,11 +284,13 @@ def cmd_run(args) -> int:
     from .backend import detect_backend
     from .vm import Vm, VmConfig
 
+    from .gdbstub.cli import check_run_arguments as check_gdb_arguments, serving
     from .snapshot import commands as snapshot_cli
 
     startup.mark("t_imports")
     t_start = time.perf_counter_ns()
     snapshot_cli.check_run_arguments(args)
+    check_gdb_arguments(args, UsageError)
     image = _kernel(args, quiet=args.quiet or args.json)
     restore = snapshot_cli.open_for_run(args, image) if args.restore else None
     size = restore.memory_size if restore is not None else _memory(args)
@@ -351,7 +356,9 @@ def cmd_run(args) -> int:
                 viewer.start()
             if saver is not None:
                 saver.start()
-            result = vm.run()
+            warn = lambda msg: print(f"vmm: warning: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+            with serving(vm, args, say, warn, image.path, UsageError):
+                result = vm.run()
             if saver is not None:
                 saver.finish(result)
         finally:

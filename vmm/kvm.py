@@ -228,8 +228,10 @@ class VcpuFd(_FdOwner):
             buf.entries[i].data = data
         _ioctl(self.fd, K.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
 
-    def set_guest_debug(self, control: int) -> None:
+    def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:
         dbg = K.kvm_guest_debug(control=control)
+        for i, value in enumerate(debugreg or ()):
+            dbg.arch.debugreg[i] = value
         _ioctl(self.fd, K.KVM_SET_GUEST_DEBUG, dbg, "KVM_SET_GUEST_DEBUG")
 
     def get_tsc_khz(self) -> int:

@@ -43,6 +43,7 @@ from . import kvm_abi as K
 from .kvm_abi import KVM_CAP_READONLY_MEM, KVM_EXIT_IO, KVM_EXIT_IO_OUT, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_RUN
 from .memory import GuestMemory
 from .reports import Report
+from .watchdog import Watchdog
 
 STOP_SIGNAL = signal.SIGUSR1
 # exit_reason (u32 at 8), then skip to the exit union at 32: kvm_run.io.
@@ -242,6 +243,9 @@ class Vm:
         _install_stop_signal()  # here too: run() may be called from another thread
         self.restored_from = restore
         self._memmap = None
+        #: A vmm.gdbstub.Debugger when `--gdb` serves this VM; the run loop calls its hooks.
+        self.debugger = None
+        self.watchdog = None
         t = time.perf_counter_ns
         t0 = t()
         try:
@@ -379,6 +383,10 @@ class Vm:
             except (ProcessLookupError, OSError):
                 pass
 
+    def kick(self) -> None:
+        """Make the vCPU leave KVM_RUN once (the run loop then asks the debugger)."""
+        self._kick_vcpu()
+
     def request_stop(self, stop: Stop) -> None:
         """Ask the vCPU to stop from any thread."""
         self._stop_request = stop
@@ -394,6 +402,9 @@ class Vm:
         """
         if not self.running or self._vcpu_thread == threading.get_ident():
             yield False
+            return
+        if self.debugger is not None and self.debugger.holding:
+            yield True  # gdb holds the vCPU out of the guest already
             return
         self._resume.clear()
         self._unparked.clear()
@@ -475,13 +486,10 @@ class Vm:
         self.running = True
         watchdog = None
         if self.config.timeout is not None:
-            watchdog = threading.Timer(
-                self.config.timeout,
-                self.request_stop,
-                args=(Stop(ExitCode.TIMEOUT, "timeout", f"watchdog: guest still running after {self.config.timeout:g} s"),),
-            )
-            watchdog.daemon = True
+            timeout = Stop(ExitCode.TIMEOUT, "timeout", f"watchdog: guest still running after {self.config.timeout:g} s")
+            watchdog = self.watchdog = Watchdog(self.config.timeout, functools.partial(self.request_stop, timeout))
             watchdog.start()
+        debugger = self.debugger
         vcpu = self.vcpu
         # Hot loop: locals only, one struct unpack per exit (exit_reason plus
         # the io member of the exit union, which starts 24 bytes after it).
@@ -496,6 +504,8 @@ class Vm:
         start = clock()
         stop: Stop | None = None
         try:
+            if debugger is not None:
+                stop = debugger.on_start()  # --gdb-wait: held before the first instruction
             while stop is None:
                 try:
                     if profile:
@@ -507,7 +517,9 @@ class Vm:
                 except InterruptedError:
                     vcpu.run_struct.immediate_exit = 0
                     stop = self._stop_request
-                    if stop is None and self._pause_requested:
+                    if stop is None and debugger is not None and debugger.pending:
+                        stop = debugger.on_interrupt()
+                    elif stop is None and self._pause_requested:
                         self._paused.set()
                         self._resume.wait()
                         self._paused.clear()
@@ -524,6 +536,8 @@ class Vm:
                         stop = io_out(run_map[off : off + size]) or self._stop_request
                         continue
                 stop = self._slow_exit(reason, run_map) or self._stop_request
+            if debugger is not None:
+                stop = debugger.on_guest_stop(stop)  # gdb sees the corpse before the run ends
         finally:
             if watchdog is not None:
                 watchdog.cancel()
@@ -545,6 +559,8 @@ class Vm:
         if isinstance(ex, X.Debug) and self.icount.active is not None:
             self.icount.step()  # one single-stepped instruction
             return None
+        if isinstance(ex, X.Debug) and self.debugger is not None:
+            return self.debugger.on_debug_exit(ex)
         if isinstance(ex, X.Mmio) and ex.is_write and any(a <= ex.phys_addr < b for a, b in self.protected):
             return Stop(
                 ExitCode.KERNEL_WRITE,

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the CLI imports this module to build its parser: no statistics until a bench runs
     from .stats import Section
 
-SECTIONS = ("boot", "exits", "guest", "inspector", "scale")
+SECTIONS = ("boot", "exits", "guest", "inspector", "gdb", "scale")
 TITLES = {
     "boot": "Boot",
     "exits": "Exits",
     "guest": "Guest memory management",
     "inspector": "Host inspector",
+    "gdb": "gdb stub",
     "scale": "Scale",
 }
 
@@ -128,7 +129,7 @@ def run(args) -> int:
     env["options"] = {**plan.to_json(), "only": only}
     _say(f"{backend.banner}")
     image = kernel = None
-    if set(only) & {"boot", "guest", "inspector", "scale"}:
+    if set(only) & {"boot", "guest", "inspector", "gdb", "scale"}:
         from ..elf import load_kernel_file
         from .kernel import pin, resolve_kernel
 
@@ -166,6 +167,13 @@ def run(args) -> int:
         _say(f"inspector: {plan.inspector_iterations} snapshots and refreshes of a running guest ...")
         return m.run(image, plan.inspector_iterations, backend)
 
+    def gdb() -> Section:
+        from . import gdb as m
+
+        runs = 2 if plan.quick else min(plan.runs, 5)
+        _say(f"gdb: {runs} runs of m 4 KiB, stepi and continue-to-breakpoint against a held guest ...")
+        return m.run(image, runs, backend)
+
     def scale() -> Section:
         from . import scale as m
 
@@ -173,7 +181,7 @@ def run(args) -> int:
         _say(f"scale: {plan.scale_runs} boot(s) of each of {', '.join(m.human(s) for s in sizes)} ...")
         return m.run(str(kernel.path), plan.scale_runs, sizes)
 
-    runners = {"boot": boot, "exits": exits, "guest": guest, "inspector": inspector, "scale": scale}
+    runners = {"boot": boot, "exits": exits, "guest": guest, "inspector": inspector, "gdb": gdb, "scale": scale}
     sections: list[Section] = []
     for name in only:
         t0 = time.perf_counter()
