@@ -18,12 +18,12 @@ def add_run_arguments(p) -> None:
 
 def check_run_arguments(args, usage_error) -> None:
     """Validate before anything boots: bad --gdb text is a one-line usage error."""
-    from .server import GdbAddressError, parse_address
-
     if args.gdb is None:
         if args.gdb_wait or args.gdb_allow_remote:
             raise usage_error("--gdb-wait and --gdb-allow-remote need --gdb")
         return
+    from .server import GdbAddressError, parse_address
+
     try:
         addr = parse_address(args.gdb, allow_remote=args.gdb_allow_remote)
     except GdbAddressError as exc:
