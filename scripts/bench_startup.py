@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Start-up cost of the CLI's commands, whole processes as a user runs them.
 
-    python3 scripts/bench_startup.py [--runs N] [--tree DIR]
+    python3 scripts/bench_startup.py [--runs N] [--tree DIR ...]
 
 For each command: wall time (median, min, max) and CPU time (user + sys of
 the process and its children: steadier than wall time on a shared machine),
 beside a bare ``python3 -c pass`` and the guest's own first instruction ->
-READY (from ``vmm run --json``). ``--tree`` runs another checkout (e.g. an
-older commit unpacked with ``git archive``) to compare before and after; its
-guest kernel must be built there. Bytecode caches are warmed first and
+READY (from ``vmm run --json``). ``--tree`` runs other checkouts (e.g. an
+older commit unpacked with ``git archive``; its guest kernel built there) to
+compare before and after: with several trees the runs alternate between
+them, so a change in the machine's load hits all alike. Bytecode caches are warmed first and
 PYTHONDONTWRITEBYTECODE is dropped, as on a user's machine. Figures are
 reported, never asserted. ``vmm bench --only boot`` splits `vmm run` into
 its steps.
@@ -52,29 +53,37 @@ def fmt(values: list[float]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--tree", type=Path, default=Path(__file__).resolve().parent.parent)
+    ap.add_argument("--tree", type=Path, action="append",
+                    help="checkout to run (repeatable; default: this one)")
     args = ap.parse_args()
-    tree = args.tree.resolve()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPATH"] = str(tree)
-    ready = []
+    trees = [t.resolve() for t in (args.tree or [Path(__file__).resolve().parent.parent])]
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    envs = {t: {**base, "PYTHONPATH": str(t)} for t in trees}
+    print(f"{args.runs} runs each, alternating between trees; load average {os.getloadavg()[0]:.1f} at start")
+    ready = {t: [] for t in trees}
     for _ in range(args.runs):
-        out = one(["vmm.py", "run", "--json"], tree, env)[2]
-        ready.append(json.loads(out.stdout)["timings_ms"]["to_ready"])
-    print(f"tree {tree}; {args.runs} runs each; load average {os.getloadavg()[0]:.1f} at start")
-    print(f"{'guest: first instruction -> READY':58s} {fmt(ready)}")
+        for t in trees:
+            out = one(["vmm.py", "run", "--json"], t, envs[t])[2]
+            ready[t].append(json.loads(out.stdout)["timings_ms"]["to_ready"])
+    results = {t: {} for t in trees}
     for label, cmd in COMMANDS.items():
-        one(cmd, tree, env)  # warm bytecode and kernel caches
-        walls, cpus = [], []
+        for t in trees:
+            one(cmd, t, envs[t])  # warm bytecode and kernel caches
         for _ in range(args.runs):
-            wall, cpu, proc = one(cmd, tree, env)
-            if proc.returncode not in (0, 5):  # 5: the guest's own fault report
-                print(f"{label}: exit {proc.returncode}: {proc.stderr.strip()[-200:]}")
-                break
-            walls.append(wall)
-            cpus.append(cpu)
-        if walls:
-            print(f"{label:58s} wall {fmt(walls)}   cpu {fmt(cpus)}")
+            for t in trees:
+                wall, cpu, proc = one(cmd, t, envs[t])
+                if proc.returncode not in (0, 5):  # 5: the guest's own fault report
+                    print(f"{t} {label}: exit {proc.returncode}: {proc.stderr.strip()[-200:]}")
+                    continue
+                walls, cpus = results[t].setdefault(label, ([], []))
+                walls.append(wall)
+                cpus.append(cpu)
+    for t in trees:
+        print(f"\ntree {t}")
+        print(f"  {'guest: first instruction -> READY':58s} {fmt(ready[t])}")
+        for label, (walls, cpus) in results[t].items():
+            print(f"  {label:58s} wall {fmt(walls)}   cpu {fmt(cpus)}")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
 
