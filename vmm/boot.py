@@ -244,6 +244,22 @@ def boot_plan(image: KernelImage | None, ram_size: int, use_1g: bool) -> BootPla
     return plan
 
 
+def memory_map_bytes(image: KernelImage | None, ram_size: int) -> bytes:
+    """The memory map the guest receives, as bytes: from any plan of this
+    (kernel, RAM size) made or cached already (the map does not depend on
+    the direct map's page size), else from a new plan."""
+    cache = getattr(image, "cache", None)
+    for use_1g in (False, True):
+        plan = _PLANS.get(plan_key(image, ram_size, use_1g))
+        if plan is None and cache is not None:
+            plan = cache.boot_plan(ram_size, use_1g)
+        if plan is not None:
+            if image is not None:
+                check_kernel_fits(image, ram_size)
+            return plan.memmap
+    return boot_plan(image, ram_size, False).memmap
+
+
 def _builder():
     """``vmm.boot_plan``: mm and numpy, imported only when a plan must be built."""
     from . import boot_plan as builder

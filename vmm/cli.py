@@ -252,16 +252,19 @@ def _memory(args) -> int:
 
 
 def cmd_memmap(args) -> int:
-    from .boot_plan import build_memory_map
-
     if args.snapshot:
         from .snapshot.commands import memmap_of_snapshot
 
         size, memmap = memmap_of_snapshot(args.snapshot)
     else:
+        from mm.memmap import MemoryMap
+
+        from .boot import memory_map_bytes
+
         size = _memory(args)
         image = _kernel(args, quiet=True)
-        memmap = build_memory_map(size, image)
+        # From the kernel's cached boot plan when it has one: no mapper, no numpy.
+        memmap = MemoryMap.parse(memory_map_bytes(image, size), ram_size=size)
     if args.json:
         print(json.dumps({"ram_size": size, "descriptors": memmap.to_json(), "usable_frames": memmap.usable_frames()}, indent=2))
     else:

@@ -347,10 +347,13 @@ class Vm:
         if self._memmap is None:
             if self.layout is not None:
                 self._memmap = self.layout.memmap
-            else:  # restored: the map the kernel was booted with, rebuilt
-                from .boot_plan import build_memory_map
+            else:  # restored: the map this kernel is booted with in this much RAM
+                from mm.memmap import MemoryMap
 
-                self._memmap = build_memory_map(self.memory.size, self.image)
+                from .boot import memory_map_bytes
+
+                size = self.memory.size
+                self._memmap = MemoryMap.parse(memory_map_bytes(self.image, size), ram_size=size)
         return self._memmap
 
     # --- lifetime -------------------------------------------------------------------

@@ -125,6 +125,17 @@ def test_plain_run_imports_no_numpy_rich_or_pyelftools(tmp_path, guest_kernel_pa
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
 
 
+@pytest.mark.kvm
+def test_memmap_json_imports_no_numpy(tmp_path, guest_kernel_path):
+    """`vmm memmap --json` reads the memory map from the kernel's cached boot plan."""
+    subprocess.run([sys.executable, str(REPO / "vmm.py"), "run", "--quiet"], env={**os.environ, "PYTHONPATH": str(REPO)},
+                   capture_output=True, timeout=120)  # the plan for 128 MiB is cached now
+    modules, proc = _imports_of(["memmap", "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["ram_size"] == 128 << 20
+    assert not modules & {"numpy", "rich", "elftools"}, sorted(modules & {"numpy", "rich", "elftools"})
+
+
 def test_bad_input_imports_nothing_heavy(tmp_path):
     modules, proc = _imports_of(["run", "--memory", "3M"], tmp_path)
     assert proc.returncode == 2 and "error" in proc.stderr
