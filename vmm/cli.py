@@ -232,12 +232,12 @@ def _kernel(args, quiet: bool):
         startup.mark("t_built")
         image = load_kernel_file(args.kernel)
     else:
-        from .guest_build import build_guest
+        from .guest_build import build_guest, built_kernel_sha256
         from .kernel_cache import load_cached_kernel
 
         path = build_guest(quiet=quiet)
         startup.mark("t_built")
-        image = load_cached_kernel(path)
+        image = load_cached_kernel(path, built_kernel_sha256(path))
     startup.mark("t_kernel")
     return image
 

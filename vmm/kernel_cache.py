@@ -7,8 +7,10 @@ RAM size, built with the mapper: importing numpy costs about 50 ms). The ELF
 header, segments and relocations are not cached: parsing them takes 0.3 ms,
 no more than reading them back.
 
-The file is keyed by the kernel's SHA-256 (0.2 ms for the guest kernel) and
-is only ever a cache: a missing, stale, truncated or corrupt file (the first
+The file is keyed by the kernel's SHA-256: the one the build stamp recorded
+when the file is unchanged since (``guest_build.built_kernel_sha256``: a
+stat), else computed (the kernel carries debug info: 4 MB, about 2 ms with
+OpenSSL). It is only ever a cache: a missing, stale, truncated or corrupt file (the first
 line carries a CRC-32 of the rest) is ignored and rewritten; a directory that
 cannot be written leaves everything working, just uncached. Writes are atomic
 (rename), so concurrent processes see an old file or a new one.
@@ -25,11 +27,6 @@ import json
 import os
 import zlib
 from pathlib import Path
-
-try:  # the same SHA-256 without importing OpenSSL through hashlib (2.5 ms)
-    from _sha256 import sha256
-except ImportError:  # pragma: no cover - a Python built without it
-    from hashlib import sha256
 
 from .boot import BootPlan, TablesTemplate
 from .elf import KernelImage, Symbol, load_kernel_file, read_symbols
@@ -53,8 +50,13 @@ class KernelCache:
         self.loaded = False  # the file was there and valid
 
     @classmethod
-    def open(cls, kernel: str | Path, data: bytes) -> "KernelCache":
-        cache = cls(cache_path(kernel), sha256(data).hexdigest())
+    def open(cls, kernel: str | Path, data: bytes, digest: str | None = None) -> "KernelCache":
+        """``digest``: the SHA-256 of ``data`` if already known (else computed)."""
+        if digest is None:
+            import hashlib  # only when the digest is not known: OpenSSL's import costs 2.5 ms
+
+            digest = hashlib.sha256(data).hexdigest()
+        cache = cls(cache_path(kernel), digest)
         cache.payload = cache._read()
         cache.loaded = bool(cache.payload)
         return cache
@@ -143,12 +145,12 @@ class KernelCache:
 _TEMPLATE_INTS = ("root", "end", "pdpt_frame", "pd_frame", "pdpt_index", "pd_index", "pd_count")
 
 
-def load_cached_kernel(path: str | Path) -> KernelImage:
+def load_cached_kernel(path: str | Path, digest: str | None = None) -> KernelImage:
     """``load_kernel_file`` with the kernel file's cache attached: symbols and
     boot plans come from ``<path>.cache`` when it matches, and are stored there
-    the first time they are needed."""
+    the first time they are needed. ``digest``: the file's SHA-256 if known."""
     image = load_kernel_file(path)
-    cache = KernelCache.open(path, image.data)
+    cache = KernelCache.open(path, image.data, digest)
     image.cache = cache
     image.symbol_loader = lambda: cache.symbols(image.data)
     return image

@@ -95,9 +95,11 @@ def _kernel_path(config) -> Path:
 def _kernel_image(config):
     image = getattr(config, "_vmm_kernel_image", None)
     if image is None:
+        from .guest_build import built_kernel_sha256
         from .kernel_cache import load_cached_kernel
 
-        image = load_cached_kernel(_kernel_path(config))  # symbols and boot plans from <kernel>.cache
+        path = _kernel_path(config)
+        image = load_cached_kernel(path, built_kernel_sha256(path))  # symbols and boot plans from <kernel>.cache
         config._vmm_kernel_image = image
     return image
 

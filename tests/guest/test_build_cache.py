@@ -112,3 +112,15 @@ def test_recently_modified_files_never_match(guest_copy):
     m = guest_build._manifest(tc, dst / "target" / "kernel-release")
     assert m["files"]["src/main.rs"][1] == -1
     assert m["files"]["Cargo.toml"][1] > 0
+
+
+def test_the_stamp_names_the_kernel_only_while_it_is_unchanged(guest_copy):
+    import hashlib
+
+    dst, _ = guest_copy
+    kernel = guest_build.build_guest(quiet=True)
+    assert guest_build.built_kernel_sha256(kernel) == hashlib.sha256(kernel.read_bytes()).hexdigest()
+    st = kernel.stat()
+    kernel.write_bytes(kernel.read_bytes())  # same bytes, rewritten: ctime moved
+    os.utime(kernel, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert guest_build.built_kernel_sha256(kernel) is None

