@@ -65,8 +65,16 @@ import time:      1000 |      51000 |     numpy
 import time:       500 |      51500 |   mm.walker
 """
     g = boot.import_groups(err)
-    assert g == {"stdlib and others": pytest.approx(0.8), "vmm": pytest.approx(2.0), "numpy": pytest.approx(51.0),
-                 "mm": pytest.approx(0.5)}
+    assert g == {"stdlib and others": pytest.approx(0.8), "vmm.cli": pytest.approx(2.0), "numpy": pytest.approx(51.0),
+                 "mm": pytest.approx(0.5), "rich": 0.0, "pyelftools": 0.0}
+
+
+def test_import_rows_sum_the_small_ones():
+    rows = boot._import_rows({"vmm.exits": [5.0, 6.0], "vmm.gdt": [0.1, 0.2], "vmm.layout": [0.1, 0.1],
+                              "numpy": [0.0, 0.0], "vmm.vm": [2.0, 2.0]})
+    names = [name for name, _ in rows]
+    assert names[:2] == ["vmm.exits", "vmm.vm"] and "numpy" in names  # a heavy package always has its row
+    assert rows[-1][0].startswith("modules under") and rows[-1][1] == pytest.approx([0.2, 0.3])
 
 
 def test_boot_section_orders_steps_and_pairs_c():
@@ -75,11 +83,11 @@ def test_boot_section_orders_steps_and_pairs_c():
           "to_first_serial_byte": [0.5, 0.6], "run": [61, 62], "brand_new_step": [0.01, 0.02]}
     proc = {k: [v, v] for k, v in boot.process_figures(_trace()).items()}
     samples = {"vm": vm, "proc": proc, "c": {"kvm_create_vm": [0.15, 0.2]}, "bare_python": [24.0, 25.0],
-               "imports": {"vmm": [10.0, 11.0], "numpy": [0.5, 0.4]}, "errors": []}
+               "imports": {"vmm.exits": [10.0, 11.0], "numpy": [0.5, 0.4]}, "errors": []}
     sec = boot.section_from(samples)
     keys = [r.key for r in sec.rows]
     # From process start, in the order a run takes them; then the VM's own steps.
-    order = ["proc_to_ready", "proc_ratio", "proc_to_python", "proc_imports", "imports_vmm", "imports_numpy",
+    order = ["proc_to_ready", "proc_ratio", "proc_to_python", "proc_imports", "imports_vmm.exits", "imports_numpy",
              "proc_build_check", "proc_kernel_load", "proc_setup", "proc_guest_to_ready", "setup_total",
              "kvm_create_vm", "page_tables", "proc_to_first_insn", "to_ready"]
     assert [k for k in keys if k in order] == order
