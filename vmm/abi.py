@@ -72,6 +72,11 @@ REPORT_PORT_SIZE = 4
 # to ICOUNT_PORT + 4 stops it; the host counts the instructions in between.
 ICOUNT_PORT = 0x510
 ICOUNT_PORT_SIZE = 8
+# Work mailbox (zygote=1): OUT of the mailbox's physical address = "waiting
+# for work"; the host writes u32 length + command-line words there, resumes.
+WORK_PORT = 0x520
+WORK_PORT_SIZE = 4
+WORK_MAILBOX_SIZE = 4096
 
 
 class ExitCode(enum.IntEnum):

@@ -159,6 +159,43 @@ def read_report(memory: GuestMemory, addr: int) -> Report:
 
 
 
+class WorkMailbox(Device):
+    """``zygote=1`` guests ask for work here: an OUT of the mailbox's physical
+    address. With work queued (``give``) it is written there (u32 length +
+    words) and the guest goes on; without, the run stops ("waiting-for-work")
+    so the host can snapshot the guest at that point."""
+
+    name = "work"
+
+    def __init__(self, memory: GuestMemory, mailbox_size: int):
+        self.memory = memory
+        self.mailbox_size = mailbox_size
+        self.mailbox: int | None = None
+        self.pending: bytes | None = None
+
+    def give(self, words: str) -> None:
+        raw = words.encode("utf-8")
+        if len(raw) > self.mailbox_size - 4:
+            raise ValueError(f"work is {len(raw)} bytes, the mailbox holds {self.mailbox_size - 4}")
+        self.pending = raw
+
+    def deliver(self) -> None:
+        """Write the queued work into the mailbox (the guest is stopped in its OUT)."""
+        if self.mailbox is not None and self.pending is not None:
+            self.memory.write(self.mailbox, len(self.pending).to_bytes(4, "little") + self.pending)
+            self.pending = None
+
+    def io_out(self, offset: int, data: bytes) -> Stop | None:
+        addr = int.from_bytes(data, "little")
+        if addr % 4 or not self.memory.contains(addr, self.mailbox_size):
+            return Stop(ExitCode.BAD_REPORT, "bad-mailbox", f"work mailbox at {addr:#x} is not 4 KiB inside guest RAM")
+        self.mailbox = addr
+        if self.pending is not None:
+            self.deliver()
+            return None
+        return Stop(0, "waiting-for-work", "the guest waits for work (zygote=1)")
+
+
 class InstructionCounter(Device):
     """Counts the guest's instructions between two marker OUTs by single-stepping.
 
@@ -201,4 +238,5 @@ class InstructionCounter(Device):
             self.set_stepping(False)
 
 
-__all__ = ["Device", "ExitCode", "ExitDevice", "InstructionCounter", "PortBus", "ReportDevice", "Stop", "Uart16550", "read_report"]
+__all__ = ["Device", "ExitCode", "ExitDevice", "InstructionCounter", "PortBus", "ReportDevice", "Stop", "Uart16550",
+           "WorkMailbox", "read_report"]

@@ -42,11 +42,18 @@ def check_ram_size(size: int) -> None:
 class GuestMemory:
     """Guest RAM at guest-physical 0..size, owned by this object."""
 
-    def __init__(self, size: int, *, shared: bool = True):
+    def __init__(self, size: int, *, shared: bool = True, copy_on_write_of: int | None = None):
+        """``copy_on_write_of``: a memfd holding a saved RAM image (not owned);
+        this RAM starts as that image and every write makes a private copy of
+        the page (MAP_PRIVATE), so the image itself never changes."""
         check_ram_size(size)
         self.size = size
         self.fd: int | None = None
-        if shared:
+        if copy_on_write_of is not None:
+            # fd stays None: writes must go through the private mapping, never
+            # pwrite(2) into the shared image.
+            self.mmap = mmap.mmap(copy_on_write_of, size, mmap.MAP_PRIVATE | MAP_NORESERVE)
+        elif shared:
             self.fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
             os.ftruncate(self.fd, size)
             self.mmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED | MAP_NORESERVE)

@@ -12,7 +12,10 @@ project that installs it gets:
   test, listed by the guest itself (``tests=list``), each run in its own VM.
 
 Options: ``--vmm-kernel PATH`` (or env ``VMM_TEST_KERNEL``) tests a prebuilt
-kernel; ``--vmm-timeout S`` is the per-boot watchdog.
+kernel; ``--vmm-timeout S`` is the per-boot watchdog; ``--vmm-cold`` boots
+every VM cold instead of starting it from a zygote (``vmm.snapshot.zygote``:
+one boot per kernel, memory and boot-time words, snapshotted after READY;
+test VMs are forks of it or reset to it in place).
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ def pytest_addoption(parser):
     group.addoption("--vmm-kernel", metavar="PATH", help="test this kernel instead of building guest/")
     group.addoption(
         "--vmm-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S", help="watchdog per guest boot (default 60 s)"
+    )
+    group.addoption(
+        "--vmm-cold", action="store_true",
+        help="boot every test VM cold instead of starting it from a zygote snapshot taken after READY",
     )
 
 
@@ -232,18 +239,109 @@ def boot_guest(image, *, cmdline: str = "", memory: int = DEFAULT_MEMORY, timeou
         raise
 
 
+# --- zygotes: test VMs that start after READY -------------------------------------------------
+class _ZygotePool:
+    """One zygote per (kernel, memory, boot words) for the session, and the
+    idle VMs forked from it. A VM handed back after a clean exit is reset in
+    place for the next test (only its dirtied pages copied back: the faster
+    mechanism here, see `vmm bench`); with none idle a fresh one is forked
+    (copy-on-write RAM)."""
+
+    def __init__(self):
+        self.zygotes: dict = {}
+        self.idle: dict = {}
+        self.cold: set = set()  # keys whose boot never reaches the wait for work
+
+    def start(self, image, memory: int, cmdline: str, timeout: float):
+        """(vm, result) of ``cmdline`` run from the zygote point (or cold, if
+        its boot-time words end the run before READY: scenario=panic, ...)."""
+        from .snapshot.format import SnapshotError
+        from .snapshot.zygote import Zygote, split_cmdline
+
+        boot, work = split_cmdline(cmdline)
+        key = (image.path, id(image), memory, boot)
+        z = self.zygotes.get(key)
+        if z is None and key not in self.cold:
+            try:
+                z = self.zygotes[key] = Zygote(image, memory, boot, timeout=max(timeout, 60.0))
+                self.idle[key] = []
+            except SnapshotError:
+                self.cold.add(key)
+        if z is None:
+            return boot_guest(image, cmdline=cmdline, memory=memory, timeout=timeout)
+        idle = self.idle[key]
+        if idle:
+            vm = idle.pop()
+            z.reset(vm, work)
+        else:
+            vm = z.fork(work)
+        vm.config.timeout = timeout
+        vm.zygote_key = key
+        try:
+            result = vm.run()
+        except BaseException:
+            vm.close()
+            raise
+        return vm, z.full_result(result)
+
+    def release(self, vm, result) -> None:
+        """A VM the test is done with: kept for a reset if it ended cleanly."""
+        key = getattr(vm, "zygote_key", None)
+        if key in self.idle and result.stop_reason == "exit" and len(self.idle[key]) < 2 and vm.vcpu is not None:
+            self.idle[key].append(vm)
+        else:
+            vm.close()
+
+    def close(self) -> None:
+        for vms in self.idle.values():
+            for vm in vms:
+                vm.close()
+        for z in self.zygotes.values():
+            z.close()
+        self.zygotes.clear()
+        self.idle.clear()
+
+
+def _pool(config) -> _ZygotePool:
+    pool = getattr(config, "_vmm_zygotes", None)
+    if pool is None:
+        pool = config._vmm_zygotes = _ZygotePool()
+    return pool
+
+
+def pytest_unconfigure(config):
+    pool = getattr(config, "_vmm_zygotes", None)
+    if pool is not None:
+        pool.close()
+
+
+def _use_zygote(config, cmdline: str) -> bool:
+    """Cold for --vmm-cold and for the failure scenarios (they end the run
+    before READY: there is no zygote point to start from)."""
+    if config.getoption("--vmm-cold", False):
+        return False
+    return not any(w.startswith("scenario=") for w in cmdline.split())
+
+
 @pytest.fixture
 def vmm_boot(request, pytestconfig):
     """Factory: ``vmm_boot(cmdline="", memory=64 << 20, timeout=None, tests=None,
-    kernel=None, **VmConfig fields) -> GuestRun``. VMs close at teardown."""
+    kernel=None, fresh=False, **VmConfig fields) -> GuestRun``. VMs close at teardown.
+
+    By default the VM starts from a zygote of the same kernel, memory and
+    boot-time words (snapshotted once per session after READY): the run's
+    serial output and reports read as a cold boot's, but every such VM shares
+    the zygote's KASLR slide and boot-time randomness. ``fresh=True``,
+    ``--vmm-cold``, an explicit ``kernel`` or any VmConfig field boot cold."""
     reason = kvm_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
     opened = []
     default_timeout = pytestconfig.getoption("--vmm-timeout", DEFAULT_TIMEOUT)
+    pool = _pool(pytestconfig)
 
     def _boot(cmdline: str = "", *, memory: int = DEFAULT_MEMORY, timeout: float | None = None, tests: str | None = None,
-              kernel=None, **kw) -> GuestRun:
+              kernel=None, fresh: bool = False, **kw) -> GuestRun:
         image = kernel if kernel is not None else _kernel_image(pytestconfig)
         if isinstance(image, (str, Path)):
             from .elf import load_kernel_file
@@ -251,13 +349,21 @@ def vmm_boot(request, pytestconfig):
             image = load_kernel_file(image)
         if tests:
             cmdline = f"{cmdline} tests={tests}".strip()
-        vm, result = boot_guest(image, cmdline=cmdline, memory=memory, timeout=timeout or default_timeout, **kw)
-        opened.append(vm)
+        timeout = timeout or default_timeout
+        if not fresh and not kw and kernel is None and _use_zygote(pytestconfig, cmdline):
+            vm, result = pool.start(image, memory, cmdline, timeout)
+            opened.append((vm, result))
+        else:
+            vm, result = boot_guest(image, cmdline=cmdline, memory=memory, timeout=timeout, **kw)
+            opened.append((vm, None))
         return GuestRun(result, vm, cmdline)
 
     yield _boot
-    for vm in opened:
-        vm.close()
+    for vm, result in opened:
+        if result is not None:
+            pool.release(vm, result)
+        else:
+            vm.close()
 
 
 # --- in-guest tests as pytest items ------------------------------------------------------------
@@ -335,7 +441,12 @@ class GuestTestItem(pytest.Item):
         parent: GuestTestFile = self.parent
         timeout = parent.timeout or self.config.getoption("--vmm-timeout", DEFAULT_TIMEOUT)
         cmdline = f"{parent.extra} tests={self.test}".strip()
-        vm, result = boot_guest(_kernel_image(self.config), cmdline=cmdline, memory=parent.memory, timeout=timeout)
+        image = _kernel_image(self.config)
+        zygote = _use_zygote(self.config, cmdline)
+        if zygote:
+            vm, result = _pool(self.config).start(image, parent.memory, cmdline, timeout)
+        else:
+            vm, result = boot_guest(image, cmdline=cmdline, memory=parent.memory, timeout=timeout)
         try:
             run = GuestRun(result, vm, cmdline)
             report = run.test_results.get(self.test)
@@ -352,7 +463,10 @@ class GuestTestItem(pytest.Item):
                     f"{self.test}: passed, but left the guest insecure: " + "; ".join(violations[:5]), run
                 )
         finally:
-            vm.close()
+            if zygote:
+                _pool(self.config).release(vm, result)
+            else:
+                vm.close()
 
     def repr_failure(self, excinfo):
         if isinstance(excinfo.value, GuestTestFailure):

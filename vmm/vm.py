@@ -29,6 +29,9 @@ from .abi import (
     ICOUNT_PORT_SIZE,
     REPORT_PORT,
     REPORT_PORT_SIZE,
+    WORK_MAILBOX_SIZE,
+    WORK_PORT,
+    WORK_PORT_SIZE,
     ExitCode,
 )
 from .abi import Backend, BootInfo, ReportKind
@@ -36,7 +39,7 @@ from .layout import BOOT_INFO_PHYS
 from .backend import BackendInfo, detect_backend, host_has_1g_pages
 from .boot import BootLayout, choose_slide, prepare_guest
 from .cpu import cpu_features, cpuid_leaves, decode_bits, entry_regs, long_mode_sregs
-from .devices import ExitDevice, InstructionCounter, PortBus, ReportDevice, Stop, Uart16550
+from .devices import ExitDevice, InstructionCounter, PortBus, ReportDevice, Stop, Uart16550, WorkMailbox
 from .elf import KernelImage, Symbolizer
 from .kvm import Kvm, KvmError
 from . import kvm_abi as K
@@ -317,7 +320,22 @@ class Vm:
         self.bus.add(REPORT_PORT, REPORT_PORT_SIZE, self.reports)
         self.icount = InstructionCounter(self._set_single_step)
         self.bus.add(ICOUNT_PORT, ICOUNT_PORT_SIZE, self.icount)
+        self.work = WorkMailbox(self.memory, WORK_MAILBOX_SIZE)
+        self.bus.add(WORK_PORT, WORK_PORT_SIZE, self.work)
         self._ready_ns: int | None = None
+
+    def reset_devices(self) -> None:
+        """Host-side run state back to "nothing happened yet" (a VM reset in
+        place to a snapshot: its guest RAM and vCPU are restored separately)."""
+        self._stop_request = None
+        self.uart.output.clear()
+        self.uart.total_bytes = 0
+        self.uart.first_byte_ns = None
+        self.reports.reports.clear()
+        self.reports.errors.clear()
+        self.icount.active, self.icount.steps = None, 0
+        self.icount.counts.clear()
+        self._ready_ns = None
 
     def _write_boot_state(self, image: KernelImage, config: VmConfig) -> None:
         """A cold boot: kernel, page tables and boot info written into fresh RAM."""
@@ -450,6 +468,30 @@ class Vm:
             self.vm.get_dirty_log(slot, bitmap)
             bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")[:pages]
             out[gpa // 4096 : gpa // 4096 + pages] = bits.astype(bool)
+        return out
+
+    def dirty_page_numbers(self) -> list[int]:
+        """Page numbers written since the last call (KVM_GET_DIRTY_LOG, which
+        also clears the log): the sparse form of ``dirty_pages`` for a few pages."""
+        import numpy as np
+
+        if not self.config.dirty_log:
+            raise ValueError("dirty logging is off (VmConfig.dirty_log)")
+        out: list[int] = []
+        for slot, (gpa, size, readonly) in enumerate(self.slots):
+            if readonly:
+                continue  # nothing writes a read-only slot
+            pages = size // 4096
+            bitmap = (ctypes.c_uint64 * ((pages + 63) // 64))()
+            self.vm.get_dirty_log(slot, bitmap)
+            base = gpa // 4096
+            words = np.frombuffer(bitmap, dtype=np.uint64)
+            for i in np.flatnonzero(words).tolist():
+                word = int(words[i])
+                while word:
+                    low = word & -word
+                    out.append(base + i * 64 + low.bit_length() - 1)
+                    word ^= low
         return out
 
     # --- diagnostics ------------------------------------------------------------------

@@ -188,6 +188,10 @@ pub mod port {
     /// (the host counts every instruction), one to `ICOUNT_STOP` ends it.
     pub const ICOUNT_START: u16 = 0x510;
     pub const ICOUNT_STOP: u16 = 0x514;
+    /// Work mailbox (`zygote=1`): a 32-bit OUT of the mailbox's physical
+    /// address says "waiting for work"; when the run resumes the host has
+    /// written the work (u32 length, then command-line words) there.
+    pub const WORK: u16 = 0x520;
 }
 
 /// Line status register bit 5: transmit holding register empty.

@@ -28,6 +28,7 @@ pub mod serial;
 pub mod sync;
 pub mod task;
 pub mod workload;
+pub mod zygote;
 
 use abi::{exit, memtype, port, Backend, BootInfo, ReportKind};
 use arch::x86_64 as cpu;
@@ -225,6 +226,8 @@ extern "sysv64" fn kernel_main(arg: u64) -> ! {
 
     println!("kernel: READY");
     report::send(ReportKind::Ready, |_| {});
+    // A zygote waits here for the host to say what to run (see zygote.rs).
+    let cmdline = if cmdline.get("zygote") == Some("1") { zygote::wait_for_work(cmdline) } else { cmdline };
 
     if let Some(words) = cmdline.get("bench") {
         bench::run(words);

@@ -17,7 +17,7 @@ def info(r):
 
 
 def test_stack_and_heap_differ_across_boots(boot):
-    a, b = boot(""), boot("")
+    a, b = boot("", fresh=True), boot("", fresh=True)  # boot-time randomness: cold boots
     assert a.exit_code == b.exit_code == 0
     ia, ib = info(a), info(b)
     for i in (ia, ib):
@@ -29,7 +29,7 @@ def test_stack_and_heap_differ_across_boots(boot):
 
 
 def test_seed_fallback_reported_and_random(boot):
-    a, b = boot("rng=seed"), boot("rng=seed")
+    a, b = boot("rng=seed", fresh=True), boot("rng=seed", fresh=True)
     assert info(a).get("entropy") == info(b).get("entropy") == "seed"
     assert info(a).int("stack_base") != info(b).int("stack_base")
 

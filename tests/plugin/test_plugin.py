@@ -62,7 +62,9 @@ def test_failure_report_shows_serial_registers_and_symbol(pytester, kernel_opt):
         P.boot_guest = boot_guest
         """
     )
-    result = pytester.runpytest_subprocess("-p", "vmm.pytest_plugin", kernel_opt, "-q")
+    # --vmm-cold: the injected scenario goes through boot_guest, which a
+    # zygote-started VM does not call.
+    result = pytester.runpytest_subprocess("-p", "vmm.pytest_plugin", kernel_opt, "-q", "--vmm-cold")
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
     assert "stopped before reporting this test" in out

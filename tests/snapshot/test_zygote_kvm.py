@@ -1,0 +1,110 @@
+"""Zygotes: every test VM starts after READY, as a copy-on-write fork of a
+snapshot or by resetting a VM in place, and behaves exactly like a cold
+boot; restored and forked guests keep every protection of a cold boot."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests import hostile
+from vmm.abi import ExitCode, ReportKind
+from vmm.elf import parse_kernel
+from vmm.pytest_plugin import boot_guest, security_violations
+from vmm.snapshot.machine import open_snapshot, restore_vm, save_vm
+from vmm.snapshot.zygote import Zygote, split_cmdline
+from vmm.vm import Vm, VmConfig
+
+pytestmark = pytest.mark.kvm
+MEM = 64 << 20
+
+
+def test_split_cmdline():
+    assert split_cmdline("rng=seed tests=heap allocator=list workload=mm workload_iters=3") == (
+        "rng=seed allocator=list", "tests=heap workload=mm workload_iters=3")
+
+
+def _outcome(result, name):
+    rep = {r.get("name"): r for r in result.reports_of(ReportKind.TEST_RESULT)}.get(name)
+    return (result.exit_code, rep.get("status") if rep else None, rep.get("msg") if rep else None)
+
+
+def test_every_in_guest_test_gives_the_same_result_cold_forked_and_reset(vmm_kernel):
+    """The whole *.ktest set (everything the guest lists): cold boot vs a
+    fresh fork vs the same VM reset in place, one test per VM as the plugin runs them."""
+    vm, listing = boot_guest(vmm_kernel, cmdline="tests=list", memory=MEM, timeout=60)
+    vm.close()
+    names = [n for n in listing.reports_of(ReportKind.TEST_LIST)[0].get("names").split(",") if n]
+    assert len(names) > 20
+    with Zygote(vmm_kernel, MEM) as z:
+        reused = z.fork("tests=list")
+        reused.run()
+        try:
+            for name in names:
+                cold_vm, cold = boot_guest(vmm_kernel, cmdline=f"tests={name}", memory=MEM, timeout=60)
+                cold_vm.close()
+                with z.fork(f"tests={name}") as fork_vm:
+                    forked = fork_vm.run()
+                    assert security_violations(fork_vm) == [], name
+                z.reset(reused, f"tests={name}")
+                again = reused.run()
+                assert security_violations(reused) == [], name
+                want = _outcome(cold, name)
+                assert want[1] in ("pass", "skip"), (name, want)
+                assert _outcome(forked, name) == want, name
+                assert _outcome(again, name) == want, name
+        finally:
+            reused.close()
+
+
+def test_forks_share_the_zygote_slide_and_resets_touch_few_pages(vmm_kernel):
+    with Zygote(vmm_kernel, MEM) as z:
+        slides = set()
+        vm = z.fork("tests=heap::grows")
+        try:
+            r = vm.run()
+            assert r.exit_code == 0
+            slides.add(vm.slide)
+            full = z.full_result(r)
+            assert b"kernel: READY" in full.serial and full.reports_of(ReportKind.READY)
+            for _ in range(3):
+                info = z.reset(vm, "")
+                assert vm.run().exit_code == 0
+                assert 0 < info["pages"] < 512  # only what the last run dirtied
+                slides.add(vm.slide)
+        finally:
+            vm.close()
+        assert slides == {z.slide}
+        with z.fork("") as other:
+            assert other.slide == z.slide and other.protected  # read-only kernel slot there too
+
+
+def test_the_zygote_image_never_changes(vmm_kernel):
+    """Forks write copy-on-write pages; the zygote's RAM stays as it was."""
+    import hashlib
+
+    with Zygote(vmm_kernel, MEM) as z:
+        before = hashlib.sha256(z.memory.view(0, MEM)).hexdigest()
+        with z.fork("workload=mm workload_iters=20 rng=seed") as vm:
+            assert vm.run().exit_code == 0
+        assert hashlib.sha256(z.memory.view(0, MEM)).hexdigest() == before
+
+
+@pytest.mark.parametrize(
+    "make,expect",
+    [(hostile.write_own_text, ExitCode.KERNEL_WRITE), (hostile.garbage_page_tables, None),
+     (hostile.cyclic_page_tables, None)],
+)
+def test_hostile_guests_behave_the_same_when_restored(tmp_path, make, expect):
+    """Saved before their first instruction and restored, hostile guests stop
+    the same way as cold ones: the restored VM has the read-only kernel slot."""
+    image = parse_kernel(make())
+    with Vm(image, VmConfig(memory=32 << 20, timeout=20)) as vm:
+        save_vm(vm, str(tmp_path / "h.core"), "start")
+        cold = vm.run()
+    with open_snapshot(str(tmp_path / "h.core")) as snap:
+        with restore_vm(snap, image, VmConfig(memory=0, timeout=20)) as vm2:
+            again = vm2.run()
+    assert again.exit_code == cold.exit_code, again.message
+    assert again.stop_reason == cold.stop_reason
+    if expect is not None:
+        assert again.exit_code == expect and "read-only kernel memory" in again.message

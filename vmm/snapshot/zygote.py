@@ -1,0 +1,148 @@
+"""Test VMs that start after READY in well under a boot: a zygote and its forks.
+
+A ``Zygote`` boots a guest once with ``zygote=1``: after READY the guest
+asks the host for work (``vmm.devices.WorkMailbox``) and the run stops there.
+Its RAM (a memfd, never run again) and vCPU state are the starting point of
+every VM made from it, in one of two ways:
+
+- ``fork()``: a fresh VM whose RAM is a copy-on-write private mapping of the
+  zygote's memfd (MAP_PRIVATE): nothing is copied up front, a page is copied
+  by the kernel when the guest first writes it;
+- ``reset(vm)``: an existing fork goes back to the zygote point in place:
+  only the pages KVM's dirty log says were written since (plus the mailbox,
+  which the host writes itself) are copied back, then the vCPU state.
+
+Either way the guest then finds its work in the mailbox and runs. Every VM
+from one zygote shares its KASLR slide (and everything else decided before
+READY); tests about KASLR must boot cold.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import dataclasses
+import time
+
+from ..vm import Vm, VmConfig
+from .format import SnapshotError, VcpuState
+from .vcpu import FastLoader, apply, capture, complete_pending_io
+
+PAGE = 4096
+
+# Command-line words the guest only reads after READY: the work. Every other
+# word shapes the boot and so belongs to the zygote's identity.
+WORK_WORDS = frozenset({"tests", "bench", "workload", "workload_ms", "workload_iters", "frag_blocks"})
+
+
+def split_cmdline(cmdline: str) -> tuple[str, str]:
+    """(boot words, work words) of a command line."""
+    boot, work = [], []
+    for word in cmdline.split():
+        (work if word.split("=", 1)[0] in WORK_WORDS else boot).append(word)
+    return " ".join(boot), " ".join(work)
+
+
+class _ForkSource:
+    """``Vm(restore=...)`` from a zygote: CoW RAM, saved vCPU state."""
+
+    def __init__(self, zygote: "Zygote"):
+        self.zygote = zygote
+        self.slide = zygote.slide
+
+    def make_memory(self, config):
+        from ..memory import GuestMemory
+
+        return GuestMemory(self.zygote.memory.size, copy_on_write_of=self.zygote.memory.fd)
+
+    def load_vcpu(self, vcpu) -> None:
+        apply(vcpu, self.zygote.vcpu_state)
+
+
+class Zygote:
+    """One booted guest parked at its request for work."""
+
+    def __init__(self, image, memory: int, boot_cmdline: str = "", *, timeout: float = 60.0, backend=None):
+        self.image = image
+        self.boot_cmdline = boot_cmdline
+        self.timeout = timeout
+        t0 = time.perf_counter_ns()
+        cmd = f"{boot_cmdline} zygote=1".strip()
+        vm = Vm(image, VmConfig(memory=memory, cmdline=cmd, timeout=timeout), backend=backend)
+        try:
+            result = vm.run()
+            if result.stop_reason != "waiting-for-work":
+                raise SnapshotError(
+                    f"zygote boot ({cmd!r}) did not reach its wait for work: {result.stop_reason}: {result.message}"
+                )
+            complete_pending_io(vm.vcpu)  # RIP past the OUT
+            self.vcpu_state: VcpuState = capture(vm.vcpu, vm.kvm, vm.tsc_khz)
+            self.mailbox = vm.work.mailbox
+            self.slide = vm.slide
+            self.tsc_khz = vm.tsc_khz
+            self.backend = vm.backend
+            self.boot_result = result
+            # Keep the RAM, drop KVM: the memfd is the zygote's image from now on.
+            self.memory = vm.memory
+            vm.memory = None
+        finally:
+            vm.close()
+        self.boot_ms = (time.perf_counter_ns() - t0) / 1e6
+        self._loader = FastLoader(self.vcpu_state)
+
+    def close(self) -> None:
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+
+    def __enter__(self) -> "Zygote":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- making VMs -------------------------------------------------------------------
+    def fork(self, work: str = "", *, console=None, on_report=None, dirty_log: bool = True, timeout=None) -> Vm:
+        """A fresh VM at the zygote point with ``work`` in its mailbox."""
+        config = VmConfig(memory=self.memory.size, cmdline=self.boot_cmdline, slide=self.slide,
+                          timeout=timeout if timeout is not None else self.timeout, dirty_log=dirty_log)
+        vm = Vm(self.image, config, restore=_ForkSource(self), backend=self.backend, console=console,
+                on_report=on_report)
+        vm.forked_from = self
+        self._give(vm, work)
+        return vm
+
+    def reset(self, vm: Vm, work: str = "") -> dict:
+        """Put ``vm`` (a fork with dirty logging) back to the zygote point in place."""
+        if getattr(vm, "forked_from", None) is not self:
+            raise ValueError("only a VM forked from this zygote can be reset to it")
+        t0 = time.perf_counter_ns()
+        pages = set(vm.dirty_page_numbers())  # also clears the log for the next round
+        pages.add(self.mailbox // PAGE)  # written by the host, so not in KVM's log
+        src, dst = self.memory.host_address, vm.memory.host_address
+        for p in pages:
+            C.memmove(dst + p * PAGE, src + p * PAGE, PAGE)
+        t1 = time.perf_counter_ns()
+        self._loader.load(vm.vcpu)
+        vm.reset_devices()
+        self._give(vm, work)
+        t2 = time.perf_counter_ns()
+        return {"pages": len(pages), "copy_us": (t1 - t0) / 1e3, "total_us": (t2 - t0) / 1e3}
+
+    def _give(self, vm: Vm, work: str) -> None:
+        vm.work.mailbox = self.mailbox
+        vm.work.give(work)
+        vm.work.deliver()
+
+    # --- results as if booted cold ------------------------------------------------------
+    def full_result(self, result):
+        """A fork's RunResult with the zygote's boot output and reports in
+        front, so it reads like one run from the first instruction."""
+        timings = {**{k: v for k, v in self.boot_result.timings_ms.items() if k not in ("run",)},
+                   "fork_setup": result.timings_ms.get("setup_total", 0.0), "run": result.timings_ms.get("run", 0.0)}
+        timings["zygote_boot"] = self.boot_ms  # paid once per zygote, not by this run
+        return dataclasses.replace(
+            result,
+            serial=self.boot_result.serial + result.serial,
+            reports=list(self.boot_result.reports) + list(result.reports),
+            timings_ms=timings,
+        )
