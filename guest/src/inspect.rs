@@ -217,6 +217,18 @@ pub fn update(f: impl FnOnce(&mut InspectBlock)) {
     end();
 }
 
+/// Runs `f` on the block inside a critical section the caller already
+/// holds: `seq` is odd already and `end` fences the stores, so no second
+/// bracket (on the heap's slow path the nested `begin`/`end` were four
+/// dependent read-modify-writes of the depth counter per operation).
+#[inline(always)]
+pub fn update_in_critical(f: impl FnOnce(&mut InspectBlock)) {
+    debug_assert!(in_critical(), "inspect: update_in_critical outside a critical section");
+    // SAFETY: single CPU, see `Global`; the open section's `end` fences the
+    // field stores before `seq` turns even.
+    unsafe { f(&mut *BLOCK.0.get()) };
+}
+
 /// A copy of the block (tests, reports).
 pub fn snapshot() -> InspectBlock {
     // SAFETY: plain read of a static; one CPU.

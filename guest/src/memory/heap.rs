@@ -437,11 +437,12 @@ impl Heap {
         });
     }
 
-    /// Copies the allocator's state into the inspect block.
+    /// Copies the allocator's state into the inspect block. Callers hold
+    /// an inspect critical section (every mutation does).
     #[inline]
     fn publish(&self) {
         let index = &self.index as *const HeapIndex as u64;
-        crate::inspect::update(|b| {
+        crate::inspect::update_in_critical(|b| {
             b.heap_free_head = self.list.head();
             b.heap_start = self.start;
             b.heap_end = self.end;
