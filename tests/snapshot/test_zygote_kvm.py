@@ -108,3 +108,17 @@ def test_hostile_guests_behave_the_same_when_restored(tmp_path, make, expect):
     assert again.stop_reason == cold.stop_reason
     if expect is not None:
         assert again.exit_code == expect and "read-only kernel memory" in again.message
+
+
+def test_bench_section_reports_every_figure(vmm_kernel, vmm_kernel_path):
+    """`vmm bench --only snapshot`: structure only (figures are never asserted)."""
+    from vmm.backend import detect_backend
+    from vmm.bench import snapshot as bench
+
+    sec = bench.run(vmm_kernel, str(vmm_kernel_path), 1, detect_backend(), quick=True, sizes=(32 << 20,))
+    keys = {r.key for r in sec.rows}
+    assert {"reset", "fork", "reset_cycle", "fork_cycle", "vms_per_s_reset_2", "vms_per_s_fork_2",
+            f"save_{32 << 20}", f"load_{32 << 20}"} <= keys
+    for row in sec.rows:
+        assert row.figure["median"] > 0 and row.figure["unit"] in ("us", "/s")
+    assert sec.figure("reset")["p99"] >= sec.figure("reset")["median"]

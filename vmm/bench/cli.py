@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the CLI imports this module to build its parser: no statistics until a bench runs
     from .stats import Section
 
-SECTIONS = ("boot", "exits", "guest", "inspector", "gdb", "scale")
+SECTIONS = ("boot", "exits", "guest", "inspector", "gdb", "snapshot", "scale")
 TITLES = {
     "boot": "Boot",
     "exits": "Exits",
     "guest": "Guest memory management",
     "inspector": "Host inspector",
     "gdb": "gdb stub",
+    "snapshot": "Snapshots, reset and fork",
     "scale": "Scale",
 }
 
@@ -74,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="port writes per exit storm (default 20000, --quick 5000)")
     parser.add_argument("--sizes", type=parse_sizes, metavar="LIST",
                         help="guest RAM sizes for the scale section (default 16M,1G,16G,64G)")
+    parser.add_argument("--snapshot-sizes", type=parse_sizes, metavar="LIST",
+                        help="guest RAM sizes saved and loaded by the snapshot section (default 128M,16G,64G)")
     parser.add_argument("--guest-cmdline", default="bench=all", metavar="TEXT",
                         help="command line that turns the guest's benchmarks on (default bench=all)")
 
@@ -129,7 +132,7 @@ def run(args) -> int:
     env["options"] = {**plan.to_json(), "only": only}
     _say(f"{backend.banner}")
     image = kernel = None
-    if set(only) & {"boot", "guest", "inspector", "gdb", "scale"}:
+    if set(only) & {"boot", "guest", "inspector", "gdb", "snapshot", "scale"}:
         from ..elf import load_kernel_file
         from .kernel import pin, resolve_kernel
 
@@ -174,6 +177,14 @@ def run(args) -> int:
         _say(f"gdb: {runs} runs of m 4 KiB, stepi and continue-to-breakpoint against a held guest ...")
         return m.run(image, runs, backend)
 
+    def snapshot() -> Section:
+        from . import snapshot as m
+
+        sizes = args.snapshot_sizes or m.SAVE_SIZES
+        _say(f"snapshot: reset/fork of a zygote, test VMs per second (1 and 2 processes), save/load at "
+             f"{', '.join(f'{s >> 20} MiB' for s in sizes)} ...")
+        return m.run(image, str(kernel.path), plan.runs, backend, quick=plan.quick, sizes=sizes)
+
     def scale() -> Section:
         from . import scale as m
 
@@ -181,7 +192,7 @@ def run(args) -> int:
         _say(f"scale: {plan.scale_runs} boot(s) of each of {', '.join(m.human(s) for s in sizes)} ...")
         return m.run(str(kernel.path), plan.scale_runs, sizes)
 
-    runners = {"boot": boot, "exits": exits, "guest": guest, "inspector": inspector, "gdb": gdb, "scale": scale}
+    runners = {"boot": boot, "exits": exits, "guest": guest, "inspector": inspector, "gdb": gdb, "snapshot": snapshot, "scale": scale}
     sections: list[Section] = []
     for name in only:
         t0 = time.perf_counter()

@@ -15,6 +15,7 @@ Protocol: one JSON object per line in each direction.
     -> {"op": "status"}    <- {"ok": true, "running": bool, "exits": ..., ...}
     -> {"op": "serial", "since": N}   <- {"ok": true, "data": "...", "next": M}
     -> {"op": "dirty"}     <- {"ok": true, "pages": [page numbers written since the last call]}
+    -> {"op": "save", "path": P}  <- {"ok": true, "pause_ms": float, "file_bytes": N, ...} (a snapshot file)
 
 A pause lasts until "resume", the client disconnecting, or ``MAX_PAUSE_S``,
 whichever comes first: a dead inspector cannot hold the guest. A pause that
@@ -174,6 +175,15 @@ class ControlServer:
                     else:
                         bits = self.vm.dirty_pages()
                         _send(conn, {"ok": True, "pages": np.flatnonzero(bits).tolist()})
+                elif op == "save":  # vmm snapshot SOCKET FILE (vmm.snapshot.machine)
+                    from ..snapshot.format import SnapshotError
+                    from ..snapshot.machine import save_vm_paused
+
+                    try:
+                        info = save_vm_paused(self.vm, str(msg.get("path", "")))
+                        _send(conn, {"ok": True, **info})
+                    except SnapshotError as exc:
+                        _send(conn, {"ok": False, "error": str(exc)})
                 elif op == "pause":
                     expired_ms = self._pause(conn, reader)
                 elif op == "resume":
@@ -340,6 +350,10 @@ class RemoteTarget:
                 pause.paused_ms = float(done.get("paused_ms", 0.0))
             except (ControlError, OSError, TimeoutError):
                 pause.expired = pause.parked  # cannot tell: assume the worst
+
+    def save(self, path: str) -> dict:
+        """Save the guest to ``path`` (resolved here; written by the VM's process)."""
+        return self._call({"op": "save", "path": os.path.abspath(path)})
 
     def dirty_pages(self):
         """Pages written since the last call, as a bool array; None if the VM logs none."""

@@ -1,0 +1,172 @@
+"""Snapshots: save/load, reset in place, fresh VMs from a zygote, test VMs per second.
+
+Each figure beside a cold boot measured in the same run:
+
+- reset in place to the next guest instruction (dirty pages copied back from
+  the zygote, vCPU state loaded), with the pages a trivial test dirtied;
+- a fresh VM from the zygote (KVM VM + vCPU, RAM a copy-on-write mapping of
+  the zygote's memfd, state loaded), to its first instruction;
+- trivial test VMs per second (work ``""``: READY -> SUMMARY -> exit), one
+  process and two (``pytest -n 2``-style: one zygote per process), reset and
+  fork, beside cold boots to exit;
+- save and load at 128 MiB, 16 GiB and 64 GiB (a guest stopped at READY):
+  file size, time to save (scan + write + fsync), time to load (parse +
+  copy into fresh RAM + a VM ready to run).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+import time
+
+from ..abi import ReportKind
+from ..devices import Stop
+from ..vm import Vm, VmConfig
+from .stats import Section, distribution, summarize
+
+RAM = 64 << 20
+SAVE_SIZES = (128 << 20, 16 << 30, 64 << 30)
+
+
+def _ns() -> int:
+    return time.perf_counter_ns()
+
+
+def _cold_cycle(image, backend) -> float:
+    t0 = _ns()
+    with Vm(image, VmConfig(memory=RAM, timeout=60), backend=backend) as vm:
+        r = vm.run()
+    assert r.exit_code == 0, r.message
+    return (_ns() - t0) / 1e3
+
+
+def _rate_worker(args) -> tuple[int, float]:
+    """In a fresh process: one zygote, then ``n`` trivial test VMs by ``how``."""
+    kernel_path, how, n = args
+    from ..elf import load_kernel_file
+    from ..snapshot.zygote import Zygote
+
+    image = load_kernel_file(kernel_path)
+    if how == "cold":
+        t0 = time.perf_counter()
+        for _ in range(n):
+            _cold_cycle(image, None)
+        return n, time.perf_counter() - t0
+    with Zygote(image, RAM) as z:
+        vm = z.fork("") if how == "reset" else None
+        if vm is not None:
+            vm.run()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            if how == "reset":
+                z.reset(vm, "")
+                r = vm.run()
+            else:
+                with z.fork("") as v:
+                    r = v.run()
+            assert r.exit_code == 0, r.message
+        dt = time.perf_counter() - t0
+        if vm is not None:
+            vm.close()
+    return n, dt
+
+
+def _vms_per_second(kernel_path: str, how: str, procs: int, n: int) -> float:
+    ctx = multiprocessing.get_context("spawn")  # children open their own /dev/kvm
+    with ctx.Pool(procs) as pool:
+        t0 = time.perf_counter()
+        out = pool.map(_rate_worker, [(kernel_path, how, n)] * procs)
+        wall = time.perf_counter() - t0
+    # Per process its own loop time (the zygote boot is paid once, outside).
+    return sum(k for k, _ in out) / max(dt for _, dt in out) if wall else 0.0
+
+
+def _save_load(image, size: int, backend, tmp: str) -> dict:
+    from ..snapshot.machine import open_snapshot, restore_vm, save_vm
+
+    def at_ready(r):
+        return Stop(0, "ready") if r.kind == ReportKind.READY else None
+
+    path = os.path.join(tmp, f"s{size}.core")
+    with Vm(image, VmConfig(memory=size, timeout=120), backend=backend, on_report=at_ready) as vm:
+        assert vm.run().stop_reason == "ready"
+        t0 = _ns()
+        info = save_vm(vm, path, "bench")
+        save_us = (_ns() - t0) / 1e3
+    t0 = _ns()
+    with open_snapshot(path) as snap:
+        with restore_vm(snap, image, VmConfig(memory=0, timeout=60), backend=backend) as vm2:
+            load_us = (_ns() - t0) / 1e3
+            r = vm2.run()
+    assert r.exit_code == 0, r.message
+    os.unlink(path)
+    return {"save_us": save_us, "load_us": load_us, "file": info["file_bytes"], "stored": info["stored_bytes"],
+            "segments": info["segments"]}
+
+
+def run(image, kernel_path: str, runs: int, backend, *, quick: bool = False, sizes=SAVE_SIZES) -> Section:
+    from ..snapshot.zygote import Zygote
+
+    sec = Section("snapshot", "Snapshots, reset and fork")
+    iters = 20 if quick else max(50, 10 * runs)
+    cold = [_cold_cycle(image, backend) for _ in range(max(3, runs))]
+    cold_fig = distribution(cold, "us")
+    with Zygote(image, RAM, backend=backend) as z:
+        sec.meta["zygote_boot_ms"] = z.boot_ms
+        vm = z.fork("")
+        try:
+            vm.run()
+            resets, pages, cycles = [], [], []
+            for _ in range(iters):
+                t0 = _ns()
+                info = z.reset(vm, "")
+                t1 = _ns()
+                r = vm.run()
+                t2 = _ns()
+                assert r.exit_code == 0, r.message
+                resets.append((t1 - t0) / 1e3)
+                cycles.append((t2 - t0) / 1e3)
+                pages.append(info["pages"])
+        finally:
+            vm.close()
+        forks, fork_cycles = [], []
+        for _ in range(iters):
+            t0 = _ns()
+            v = z.fork("")
+            t1 = _ns()
+            try:
+                r = v.run()
+            finally:
+                v.close()
+            fork_cycles.append((_ns() - t0) / 1e3)
+            forks.append((t1 - t0) / 1e3)
+    sec.add("reset", "reset in place to the next guest instruction", distribution(resets, "us"),
+            baseline=cold_fig, baseline_label="cold boot to exit",
+            note=f"a trivial test dirtied {int(summarize(pages, 'pages')['median'])} pages (mailbox included)")
+    sec.add("fork", "fresh VM from the zygote (CoW RAM), to its first instruction", distribution(forks, "us"),
+            baseline=cold_fig, baseline_label="cold boot to exit")
+    sec.add("reset_cycle", "trivial test VM: reset + run to exit", distribution(cycles, "us"),
+            baseline=cold_fig, baseline_label="cold boot to exit")
+    sec.add("fork_cycle", "trivial test VM: fork + run to exit + close", distribution(fork_cycles, "us"),
+            baseline=cold_fig, baseline_label="cold boot to exit")
+    n = 30 if quick else 100
+    for procs in (1, 2):
+        rates = {how: _vms_per_second(kernel_path, how, procs, n if how != "cold" else max(5, n // 10))
+                 for how in ("reset", "fork", "cold")}
+        for how in ("reset", "fork"):
+            sec.add(f"vms_per_s_{how}_{procs}", f"trivial test VMs per second, {procs} process(es), {how}",
+                    summarize([rates[how]], "/s"), baseline=summarize([rates["cold"]], "/s"),
+                    baseline_label="cold boots per second")
+    with tempfile.TemporaryDirectory(dir=os.environ.get("VMM_BENCH_TMP")) as tmp:
+        for size in sizes:
+            got = [_save_load(image, size, backend, tmp) for _ in range(1 if quick or size > 1 << 30 else min(runs, 3))]
+            label = f"{size >> 30} GiB" if size >= 1 << 30 else f"{size >> 20} MiB"
+            sec.add(f"save_{size}", f"save at READY, {label} guest (file {got[0]['file'] / (1 << 20):.2f} MiB)",
+                    summarize([g["save_us"] for g in got], "us"),
+                    note=f"file {got[0]['file'] / (1 << 20):.2f} MiB, {got[0]['segments']} segments")
+            sec.add(f"load_{size}", f"load (parse, copy, VM ready), {label} guest",
+                    summarize([g["load_us"] for g in got], "us"))
+            sec.meta[f"file_bytes_{size}"] = got[0]["file"]
+    return sec
