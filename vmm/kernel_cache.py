@@ -29,6 +29,7 @@ import zlib
 from pathlib import Path
 
 from .boot import BootPlan, TablesTemplate
+from .layout import PT_POOL_START
 from .elf import KernelImage, Symbol, load_kernel_file, read_symbols
 
 FORMAT = 1
@@ -106,10 +107,9 @@ class KernelCache:
         return f"{ram_size}:{int(bool(use_1g))}"
 
     def boot_plan(self, ram_size: int, use_1g: bool) -> BootPlan | None:
-        entry = self.payload.get("boot", {}).get(self._boot_key(ram_size, use_1g))
-        if entry is None:
-            return None
+        """The stored plan, or None if absent or not self-consistent (then it is rebuilt)."""
         try:
+            entry = self.payload["boot"][self._boot_key(ram_size, use_1g)]
             memmap = base64.b64decode(entry["memmap"], validate=True)
             count = int(entry["memmap_count"])
             if count <= 0 or len(memmap) != count * 40:
@@ -119,10 +119,10 @@ class KernelCache:
             if t is not None:
                 pool = zlib.decompress(base64.b64decode(t["pool"], validate=True))
                 tables = TablesTemplate(pool, *(int(t[k]) for k in _TEMPLATE_INTS))
-                if len(pool) % 4096 or tables.pd_count <= 0:
+                if not _template_fits(tables):
                     return None
             return BootPlan(memmap, count, tables)
-        except (KeyError, TypeError, ValueError, zlib.error):
+        except (KeyError, TypeError, ValueError, AttributeError, zlib.error):
             return None
 
     def store_boot_plan(self, ram_size: int, use_1g: bool, plan: BootPlan) -> None:
@@ -143,6 +143,16 @@ class KernelCache:
 
 
 _TEMPLATE_INTS = ("root", "end", "pdpt_frame", "pd_frame", "pdpt_index", "pd_index", "pd_count")
+
+
+def _template_fits(t: TablesTemplate) -> bool:
+    """Every frame inside the pool it came with, every index inside its table:
+    a template that passed the CRC but not this is not used (boot would index
+    outside the tables)."""
+    end = PT_POOL_START + len(t.pool)
+    frames_ok = all(PT_POOL_START <= f < end and f % 4096 == 0 for f in (t.root, t.pdpt_frame, t.pd_frame))
+    return (frames_ok and len(t.pool) % 4096 == 0 and t.end == end and 0 <= t.pdpt_index < 512
+            and 0 < t.pd_count <= 512 and 0 <= t.pd_index <= 512 - t.pd_count)
 
 
 def load_cached_kernel(path: str | Path, digest: str | None = None) -> KernelImage:

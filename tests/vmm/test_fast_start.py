@@ -140,3 +140,35 @@ def test_bad_input_imports_nothing_heavy(tmp_path):
     modules, proc = _imports_of(["run", "--memory", "3M"], tmp_path)
     assert proc.returncode == 2 and "error" in proc.stderr
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+
+
+@pytest.mark.parametrize("edit", ["frame-outside-pool", "index-past-table", "boot-not-a-dict", "symbols-not-a-list"])
+def test_a_consistent_looking_but_wrong_cache_is_not_used(kernel_copy, edit):
+    """CRC right, content wrong (a bug or a hand edit): checked, ignored, rebuilt."""
+    import zlib
+
+    image = load_cached_kernel(kernel_copy)
+    symbols = image.symbols
+    plan = boot_mod.boot_plan(image, 128 << 20, False)
+    boot_mod._PLANS.clear()
+    path = cache_path(kernel_copy)
+    header, _, body = path.read_bytes().partition(b"\n")
+    payload = json.loads(body)
+    tables = payload["boot"][f"{128 << 20}:0"]["tables"]
+    if edit == "frame-outside-pool":
+        tables["pdpt_frame"] = 0
+    elif edit == "index-past-table":
+        tables["pd_index"] = 512
+    elif edit == "boot-not-a-dict":
+        payload["boot"] = []
+    else:
+        payload["symbols"] = 7
+    body = json.dumps(payload).encode()
+    h = json.loads(header)
+    h["crc32"] = zlib.crc32(body)
+    path.write_bytes(json.dumps(h).encode() + b"\n" + body)
+
+    again = load_cached_kernel(kernel_copy)
+    assert again.cache.loaded  # the file itself is intact
+    assert again.symbols == symbols
+    assert boot_mod.boot_plan(again, 128 << 20, False) == plan
