@@ -245,6 +245,8 @@ class Vm:
         self._vcpu_thread: int | None = None
         _install_stop_signal()  # here too: run() may be called from another thread
         self.restored_from = restore
+        # What the guest reported about its layout before the snapshot (INSPECT fields).
+        self.inherited_inspect = dict(getattr(restore, "inspect_fields", None) or {})
         self._memmap = None
         #: A vmm.gdbstub.Debugger when `--gdb` serves this VM; the run loop calls its hooks.
         self.debugger = None

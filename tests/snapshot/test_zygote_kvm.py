@@ -76,6 +76,26 @@ def test_forks_share_the_zygote_slide_and_resets_touch_few_pages(vmm_kernel):
         assert slides == {z.slide}
         with z.fork("") as other:
             assert other.slide == z.slide and other.protected  # read-only kernel slot there too
+            # The fork knows where the guest's inspect block is (the zygote's
+            # INSPECT report), so snapshots see its stacks and heap and the
+            # audits check guard pages as on a cold boot.
+            from vmm.inspector.snapshot import take_snapshot
+            from vmm.inspector.target import LocalTarget, facts_from_vm
+
+            assert facts_from_vm(other).inspect_int("inspect_block_phys") is not None
+            assert take_snapshot(LocalTarget(other)).facts.stacks()
+
+
+def test_a_saved_fork_resumes(tmp_path, vmm_kernel):
+    with Zygote(vmm_kernel, MEM) as z:
+        with z.fork("tests=heap") as vm:
+            save_vm(vm, str(tmp_path / "f.core"), "fork")
+            straight = vm.run()
+    with open_snapshot(str(tmp_path / "f.core")) as snap:
+        assert snap.meta["inspect"] and "zygote=1" in snap.meta["cmdline"]
+        with restore_vm(snap, vmm_kernel, VmConfig(memory=0, timeout=60)) as vm2:
+            again = vm2.run()
+    assert again.exit_code == straight.exit_code == 0 and again.serial == straight.serial
 
 
 def test_the_zygote_image_never_changes(vmm_kernel):

@@ -121,7 +121,9 @@ class Target(Protocol):
 
 
 def facts_from_vm(vm) -> GuestFacts:
-    inspect: dict[str, str] = {}
+    # A guest resumed from a snapshot sent its INSPECT report before the save:
+    # the VM carries those fields over (vmm.snapshot), newer reports win.
+    inspect: dict[str, str] = dict(getattr(vm, "inherited_inspect", None) or {})
     for r in vm.reports.reports:
         if r.kind == ReportKind.INSPECT:
             inspect = dict(r.fields)

@@ -45,7 +45,7 @@ def state_of(vm, saved_at: str) -> SnapshotState:
         "protect_kernel": bool(vm.protected),
         "read_only_slots": [[a, b - a] for a, b in vm.protected],
         "serial_offset": vm.uart.total_bytes + (prior.meta.get("serial_offset", 0) if prior is not None else 0),
-        "inspect": inspect or (prior.meta.get("inspect", {}) if prior is not None else {}),
+        "inspect": inspect or dict(getattr(vm, "inherited_inspect", None) or {}),
         "wall_time": time.time(),
         # What offline inspection needs to label and walk like a live view.
         "segments": [[s.vaddr + vm.slide, s.vaddr + vm.slide + s.memsz, s.perms] for s in vm.image.segments],
@@ -239,6 +239,7 @@ class RestoreSource:
         self.snap = snap
         self.meta = snap.meta
         self.slide = snap.slide
+        self.inspect_fields = {str(k): str(v) for k, v in dict(self.meta.get("inspect") or {}).items()}
 
     def make_memory(self, config) -> GuestMemory:
         if config.memory != self.snap.memory_size:

@@ -23,6 +23,7 @@ import ctypes as C
 import dataclasses
 import time
 
+from ..abi import ReportKind
 from ..vm import Vm, VmConfig
 from .format import SnapshotError, VcpuState
 from .vcpu import FastLoader, apply, capture, complete_pending_io
@@ -48,6 +49,10 @@ class _ForkSource:
     def __init__(self, zygote: "Zygote"):
         self.zygote = zygote
         self.slide = zygote.slide
+        self.inspect_fields = zygote.inspect_fields
+        # What a save of a fork records about where it came from (machine.state_of).
+        self.meta = {"cmdline": f"{zygote.boot_cmdline} zygote=1".strip(),
+                     "serial_offset": len(zygote.boot_result.serial)}
 
     def make_memory(self, config):
         from ..memory import GuestMemory
@@ -81,6 +86,10 @@ class Zygote:
             self.tsc_khz = vm.tsc_khz
             self.backend = vm.backend
             self.boot_result = result
+            self.inspect_fields = {}
+            for r in result.reports:
+                if r.kind == ReportKind.INSPECT:
+                    self.inspect_fields = dict(r.fields)
             # Keep the RAM, drop KVM: the memfd is the zygote's image from now on.
             self.memory = vm.memory
             vm.memory = None
