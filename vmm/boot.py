@@ -233,11 +233,11 @@ def boot_plan(image: KernelImage | None, ram_size: int, use_1g: bool) -> BootPla
     if image is not None:
         check_kernel_fits(image, ram_size)  # before a cached plan could hide a kernel that does not fit
     cache = getattr(image, "cache", None)
-    plan = cache.boot_plan(ram_size, use_1g) if cache is not None else None
+    plan = cache.boot_plan(ram_size, use_1g, key[2]) if cache is not None else None
     if plan is None:
         plan = _builder().build_plan(image, ram_size, use_1g)
         if cache is not None:
-            cache.store_boot_plan(ram_size, use_1g, plan)
+            cache.store_boot_plan(ram_size, use_1g, key[2], plan)
     if len(_PLANS) > 32:
         _PLANS.clear()
     _PLANS[key] = plan
@@ -250,9 +250,10 @@ def memory_map_bytes(image: KernelImage | None, ram_size: int) -> bytes:
     the direct map's page size), else from a new plan."""
     cache = getattr(image, "cache", None)
     for use_1g in (False, True):
-        plan = _PLANS.get(plan_key(image, ram_size, use_1g))
+        key = plan_key(image, ram_size, use_1g)
+        plan = _PLANS.get(key)
         if plan is None and cache is not None:
-            plan = cache.boot_plan(ram_size, use_1g)
+            plan = cache.boot_plan(ram_size, use_1g, key[2])
         if plan is not None:
             if image is not None:
                 check_kernel_fits(image, ram_size)

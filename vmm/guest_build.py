@@ -230,9 +230,12 @@ def _file_stats(kernel: Path) -> dict:
     for extra in ("rust-toolchain", "rust-toolchain.toml"):  # rustup reads these
         if (GUEST_DIR / extra).is_file():
             files[extra] = _stat_key(GUEST_DIR / extra)
-    st = kernel.stat()
+    return {"files": files, "kernel": _kernel_stat(kernel.stat())}
+
+
+def _kernel_stat(st) -> list[int]:
     # ctime and inode too: a copy over the kernel that keeps the old mtime still shows.
-    return {"files": files, "kernel": [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]}
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 _RACY_NS = 2_000_000_000
@@ -296,7 +299,7 @@ def built_kernel_sha256(kernel: Path) -> str | None:
         digest = stamp["kernel_sha256"]
     except (OSError, KeyError, TypeError):
         return None
-    if recorded != [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino] or not isinstance(digest, str):
+    if recorded != _kernel_stat(st) or not isinstance(digest, str):
         return None
     return digest
 
@@ -372,16 +375,23 @@ def build_guest(release: bool = True, force: bool = False, quiet: bool = False) 
             return kernel
         raise
     digest = source_hash(tc, release)
+    try:
+        before = kernel.stat()
+    except OSError:
+        before = None
     if not force and _is_current(kernel, digest):
         # Same content, new stats (a touch, a checkout): the next check is a stat
         # again. A stamp from before the toolchain-independent hash gets it too.
         refreshed = {**stamp, "manifest": _manifest(tc, kernel)}
         if "sources_only" not in refreshed:
             refreshed["sources_only"] = source_hash(None, release)
-        try:
-            _write_stamp(kernel, refreshed)
-        except OSError:
-            pass
+        # Only if the kernel hashed is the kernel stat'ed (no build replaced it in
+        # between): the manifest vouches for the stamp's digest of this very file.
+        if before is not None and refreshed["manifest"]["kernel"] == _kernel_stat(before):
+            try:
+                _write_stamp(kernel, refreshed)
+            except OSError:
+                pass
         return kernel
     if not quiet:
         print(f"building guest kernel (cargo, {tc.kind} toolchain, first build ~30 s)...", file=sys.stderr, flush=True)

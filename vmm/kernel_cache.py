@@ -32,7 +32,7 @@ from .boot import BootPlan, TablesTemplate
 from .layout import PT_POOL_START
 from .elf import KernelImage, Symbol, load_kernel_file, read_symbols
 
-FORMAT = 1
+FORMAT = 2
 SUFFIX = ".cache"
 
 
@@ -106,10 +106,13 @@ class KernelCache:
     def _boot_key(ram_size: int, use_1g: bool) -> str:
         return f"{ram_size}:{int(bool(use_1g))}"
 
-    def boot_plan(self, ram_size: int, use_1g: bool) -> BootPlan | None:
-        """The stored plan, or None if absent or not self-consistent (then it is rebuilt)."""
+    def boot_plan(self, ram_size: int, use_1g: bool, segments: tuple) -> BootPlan | None:
+        """The stored plan, or None if absent, made for other segments (``boot.plan_key``'s)
+        or not self-consistent (then it is rebuilt)."""
         try:
             entry = self.payload["boot"][self._boot_key(ram_size, use_1g)]
+            if [list(s) for s in segments] != entry["segments"]:
+                return None  # a plan keyed to this file's digest must also fit its segments
             memmap = base64.b64decode(entry["memmap"], validate=True)
             count = int(entry["memmap_count"])
             if count <= 0 or len(memmap) != count * 40:
@@ -125,9 +128,10 @@ class KernelCache:
         except (KeyError, TypeError, ValueError, AttributeError, zlib.error):
             return None
 
-    def store_boot_plan(self, ram_size: int, use_1g: bool, plan: BootPlan) -> None:
+    def store_boot_plan(self, ram_size: int, use_1g: bool, segments: tuple, plan: BootPlan) -> None:
         t = plan.tables
         entry = {
+            "segments": [list(s) for s in segments],
             "memmap": base64.b64encode(plan.memmap).decode(),
             "memmap_count": plan.memmap_count,
             "tables": None if t is None else {

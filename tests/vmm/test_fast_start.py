@@ -49,9 +49,12 @@ def test_cache_round_trip(kernel_copy):
     again = load_cached_kernel(kernel_copy)
     assert again.cache.loaded
     assert again.symbols == symbols
-    cached = again.cache.boot_plan(128 << 20, False)
+    segs = boot_mod.plan_key(again, 128 << 20, False)[2]
+    cached = again.cache.boot_plan(128 << 20, False, segs)
     assert cached == plan
-    assert again.cache.boot_plan(256 << 20, False) is None  # another RAM size is another plan
+    assert again.cache.boot_plan(256 << 20, False, segs) is None  # another RAM size is another plan
+    other = tuple((v + 0x1000, p, m, f) for v, p, m, f in segs)
+    assert again.cache.boot_plan(128 << 20, False, other) is None  # made for other segments: not used
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "other-kernel"])
