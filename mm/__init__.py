@@ -36,7 +36,7 @@ _SUBMODULES: dict[str, tuple[str, ...]] = {
     ),
     "physmem": ("BufferMemory", "PhysicalMemory"),
     "walker": (
-        "Run", "RunArrays", "Translation", "coalesce", "naive_translate", "naive_walk", "read_virt",
+        "Run", "RunArrays", "Translation", "coalesce", "read_virt",
         "reverse", "translate", "walk", "walk_arrays", "write_virt",
     ),
 }

@@ -9,7 +9,7 @@ below is U) and never XD: the leaf alone decides the permissions.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -19,9 +19,7 @@ from .errors import AddressError, AlreadyMapped, Misaligned, NotMapped, ParentIs
 from .flags import ADDR_MASK, PteFlags
 from .frames import FrameAllocator
 from .physmem import PhysicalMemory
-
-if TYPE_CHECKING:
-    from .walker import Translation
+from .walker import Translation, translate
 
 __all__ = ["Mapper"]
 
@@ -263,6 +261,4 @@ class Mapper:
 
     def translate(self, virt: int) -> "Translation | None":
         """Hardware translation of ``virt`` through these tables (see walker.translate)."""
-        from .walker import translate
-
         return translate(self.mem, self._root, virt)

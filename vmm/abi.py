@@ -98,6 +98,7 @@ class ExitCode(enum.IntEnum):
     BAD_REPORT = 106
     KERNEL_WRITE = 107  # a write hit the read-only kernel slot
     TIMEOUT = 124
+    INTERRUPTED = 130  # SIGINT (Ctrl-C) stopped the guest: 128 + SIGINT, the shell's convention
 
 
 # --- reports ----------------------------------------------------------------------

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from . import gdt
 from .abi import BOOT_FLAG_DIRECT_MAP_1G, BOOT_INFO_MAGIC, BOOT_INFO_SIZE, BOOT_INFO_VERSION, BootInfo
 from .elf import KernelImage, KernelImageError, Segment
+from .errors import UsageError
 from .layout import (
     BOOT_INFO_PHYS,
     BOOT_STACK_PHYS,
@@ -55,7 +56,7 @@ from .layout import (
 from .memory import GuestMemory
 
 
-class BootError(ValueError):
+class BootError(UsageError):
     """The guest cannot be set up as asked (one-line message)."""
 
 
@@ -235,7 +236,7 @@ def boot_plan(image: KernelImage | None, ram_size: int, use_1g: bool) -> BootPla
     cache = getattr(image, "cache", None)
     plan = cache.boot_plan(ram_size, use_1g, key[2]) if cache is not None else None
     if plan is None:
-        plan = _builder().build_plan(image, ram_size, use_1g)
+        plan = plan_builder().build_plan(image, ram_size, use_1g)
         if cache is not None:
             cache.store_boot_plan(ram_size, use_1g, key[2], plan)
     if len(_PLANS) > 32:
@@ -261,7 +262,7 @@ def memory_map_bytes(image: KernelImage | None, ram_size: int) -> bytes:
     return boot_plan(image, ram_size, False).memmap
 
 
-def _builder():
+def plan_builder():
     """``vmm.boot_plan``: mm and numpy, imported only when a plan must be built."""
     from . import boot_plan as builder
 
@@ -304,7 +305,7 @@ def build_page_tables(memory: GuestMemory, image: KernelImage | None, slide: int
         if pool is not None:
             memory.write(PT_POOL_START, pool)
             return PageTables(t.root, (t.end - PT_POOL_START) // PAGE_SIZE, t.end, use_1g)
-    scratch, root, _first_free, end = _builder().build_pool(memory.size, image, slide, use_1g)
+    scratch, root, _first_free, end = plan_builder().build_pool(memory.size, image, slide, use_1g)
     memory.write(PT_POOL_START, memoryview(scratch)[: end - PT_POOL_START])
     return PageTables(root, (end - PT_POOL_START) // PAGE_SIZE, end, use_1g)
 

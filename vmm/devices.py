@@ -7,13 +7,13 @@ A device answers ``io_out(offset, data)`` and ``io_in(offset, size)``. An
 from __future__ import annotations
 
 import bisect
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .abi import ExitCode
+from .abi import REPORT_HEADER_SIZE, ExitCode
 from .memory import GuestMemory
 from .reports import Report, ReportError, decode_payload, parse_header
-from .abi import REPORT_HEADER_SIZE
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,6 @@ class Uart16550(Device):
     def io_out(self, offset: int, data: bytes) -> Stop | None:
         if offset == self.THR:
             if self.first_byte_ns is None:
-                import time
-
                 self.first_byte_ns = time.perf_counter_ns()
             self.total_bytes += len(data)
             self.output += data

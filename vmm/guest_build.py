@@ -14,7 +14,7 @@ Two toolchains are supported (see shared/HOST.md for why):
 The kernel is linked by GNU ld as a static PIE at 0xFFFFFFFF80000000. GNU ld
 marks a PIE whose first segment is not at address 0 as ET_EXEC even though it
 keeps ``_DYNAMIC``, ``DF_1_PIE`` and the ``R_X86_64_RELATIVE`` entries, so
-after linking the e_type is set back to ET_DYN (see ``_mark_pie``); the host
+after linking the e_type is set back to ET_DYN (``vmm.elf.mark_pie``); the host
 only applies a KASLR slide to ET_DYN images.
 
 The result is copied to ``guest/target/kernel-<profile>`` with a stamp file
@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import shutil
-import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,6 +51,9 @@ def _sha256(data: bytes = b""):
 
     return hashlib.sha256(data)
 
+
+from .elf import KernelImageError, mark_pie
+from .errors import HostError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GUEST_DIR = REPO_ROOT / "guest"
@@ -86,14 +88,7 @@ _SCRUBBED_ENV = (
     "RUSTUP_TOOLCHAIN",
 )
 
-# ELF constants used by _mark_pie.
-_ET_EXEC, _ET_DYN = 2, 3
-_PT_DYNAMIC = 2
-_DT_NULL, _DT_FLAGS_1 = 0, 0x6FFFFFFB
-_DF_1_PIE = 0x08000000
-
-
-class GuestBuildError(RuntimeError):
+class GuestBuildError(HostError, RuntimeError):
     """The guest kernel could not be built (message says why, in one line or a cargo tail)."""
 
 
@@ -311,29 +306,11 @@ def _write_stamp(kernel: Path, stamp: dict) -> None:
 
 
 def _mark_pie(image: bytearray) -> bool:
-    """Set e_type to ET_DYN on an ET_EXEC image that GNU ld linked as a PIE.
-
-    Returns True if the image is (now) a relocatable static PIE: it has a
-    PT_DYNAMIC whose DT_FLAGS_1 carries DF_1_PIE.
-    """
-    if image[:4] != b"\x7fELF" or image[4] != 2 or image[5] != 1:
-        raise GuestBuildError("cargo output is not a little-endian ELF64 file")
-    (e_type,) = struct.unpack_from("<H", image, 16)
-    (e_phoff,) = struct.unpack_from("<Q", image, 32)
-    e_phentsize, e_phnum = struct.unpack_from("<HH", image, 54)
-    for i in range(e_phnum):
-        p_type, _flags, p_offset, _va, _pa, p_filesz = struct.unpack_from("<IIQQQQ", image, e_phoff + i * e_phentsize)
-        if p_type != _PT_DYNAMIC:
-            continue
-        for off in range(p_offset, p_offset + p_filesz - 15, 16):
-            tag, val = struct.unpack_from("<qQ", image, off)
-            if tag == _DT_NULL:
-                break
-            if tag == _DT_FLAGS_1 and val & _DF_1_PIE:
-                if e_type == _ET_EXEC:
-                    struct.pack_into("<H", image, 16, _ET_DYN)
-                return True
-    return e_type == _ET_DYN
+    """``vmm.elf.mark_pie`` on cargo's output, its errors as build errors."""
+    try:
+        return mark_pie(image)
+    except KernelImageError as exc:
+        raise GuestBuildError(f"cargo output is not a usable kernel ELF: {exc}") from None
 
 
 def _run_cargo(tc: Toolchain, release: bool) -> Path:

@@ -15,9 +15,10 @@ import os
 from typing import Any
 
 from . import kvm_abi as K
+from .errors import HostError
 
 
-class KvmError(OSError):
+class KvmError(OSError, HostError):
     """An ioctl on a KVM file descriptor failed (errno and ioctl name kept)."""
 
     def __init__(self, err: int, what: str):

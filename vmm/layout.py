@@ -21,6 +21,8 @@ Physical layout (guest RAM starts at 0; see docs/ABI.md):
 
 from __future__ import annotations
 
+from .errors import UsageError
+
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
@@ -30,6 +32,22 @@ PAGE_SIZE = 4 * KiB
 MIN_RAM = 16 * MiB
 MAX_RAM = 64 * GiB
 DEFAULT_RAM = 128 * MiB
+
+
+class GuestMemoryError(UsageError):
+    """An unusable guest RAM size (one line)."""
+
+
+def check_ram_size(size: int) -> None:
+    if size <= 0:
+        raise GuestMemoryError("memory size must be positive")
+    if size % PAGE_SIZE:
+        raise GuestMemoryError(f"memory size {size} is not a multiple of 4 KiB")
+    if size < MIN_RAM:
+        raise GuestMemoryError(f"memory size {size // 1024} KiB is below the minimum of {MIN_RAM >> 20} MiB")
+    if size > MAX_RAM:
+        raise GuestMemoryError(f"memory size {size >> 30} GiB is above the maximum of {MAX_RAM >> 30} GiB")
+
 
 # --- fixed physical addresses -----------------------------------------------
 NULL_PAGE = 0x0000_0000

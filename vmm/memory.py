@@ -14,7 +14,9 @@ import mmap
 import os
 import struct
 
-from .layout import MAX_RAM, MIN_RAM, PAGE_SIZE
+from .layout import GuestMemoryError, check_ram_size
+
+__all__ = ["GuestMemory", "GuestMemoryError", "check_ram_size"]  # the size check lives in layout
 
 # Python < 3.12 lacks the constant; 0x4000 is MAP_NORESERVE on Linux x86-64.
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
@@ -22,21 +24,6 @@ MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 # Writes at least this large go through pwrite(2) on the memfd.
 PWRITE_MIN = 4096
-
-
-class GuestMemoryError(ValueError):
-    """An access outside guest RAM, or an unusable RAM size."""
-
-
-def check_ram_size(size: int) -> None:
-    if size <= 0:
-        raise GuestMemoryError("memory size must be positive")
-    if size % PAGE_SIZE:
-        raise GuestMemoryError(f"memory size {size} is not a multiple of 4 KiB")
-    if size < MIN_RAM:
-        raise GuestMemoryError(f"memory size {size // 1024} KiB is below the minimum of {MIN_RAM >> 20} MiB")
-    if size > MAX_RAM:
-        raise GuestMemoryError(f"memory size {size >> 30} GiB is above the maximum of {MAX_RAM >> 30} GiB")
 
 
 class GuestMemory:

@@ -26,6 +26,20 @@ from pathlib import Path
 
 import pytest
 
+from mm import walker
+from mm.flags import ADDR_MASK
+
+from .abi import ReportKind
+from .elf import load_kernel_file
+from .guest_build import GuestBuildError, build_guest, built_kernel_sha256
+from .inspector.snapshot import take_snapshot
+from .inspector.target import LocalTarget
+from .inspector.views import audits
+from .kernel_cache import load_cached_kernel
+from .kvm import Kvm
+from .units import parse_size
+from .vm import Vm, VmConfig
+
 DEFAULT_MEMORY = 64 << 20
 DEFAULT_TIMEOUT = 60.0
 SERIAL_TAIL_LINES = 30
@@ -48,8 +62,6 @@ def kvm_unavailable_reason() -> str | None:
         reason = "/dev/kvm is not readable and writable by this user"
     else:
         try:
-            from .kvm import Kvm
-
             with Kvm():
                 pass
         except OSError as exc:
@@ -92,8 +104,6 @@ def _kernel_path(config) -> Path:
         return Path(explicit)
     cached = getattr(config, "_vmm_kernel_path", None)
     if cached is None:
-        from .guest_build import build_guest
-
         cached = build_guest(quiet=True)
         config._vmm_kernel_path = cached
     return cached
@@ -102,9 +112,6 @@ def _kernel_path(config) -> Path:
 def _kernel_image(config):
     image = getattr(config, "_vmm_kernel_image", None)
     if image is None:
-        from .guest_build import built_kernel_sha256
-        from .kernel_cache import load_cached_kernel
-
         path = _kernel_path(config)
         image = load_cached_kernel(path, built_kernel_sha256(path))  # symbols and boot plans from <kernel>.cache
         config._vmm_kernel_image = image
@@ -114,8 +121,6 @@ def _kernel_image(config):
 @pytest.fixture(scope="session")
 def vmm_kernel_path(pytestconfig) -> Path:
     """Path of the guest kernel under test, built once per session."""
-    from .guest_build import GuestBuildError
-
     try:
         return _kernel_path(pytestconfig)
     except GuestBuildError as exc:
@@ -158,26 +163,20 @@ class GuestRun:
     def test_results(self) -> dict:
         """In-guest test name -> its TEST_RESULT report."""
         if self._tests is None:
-            from .abi import ReportKind
-
             self._tests = {r.get("name"): r for r in self.result.reports_of(ReportKind.TEST_RESULT)}
         return self._tests
 
     # inspection API -------------------------------------------------------------
     @property
     def cr3(self) -> int:
-        return self.vm.vcpu.get_sregs().cr3 & 0x000F_FFFF_FFFF_F000
+        return self.vm.vcpu.get_sregs().cr3 & ADDR_MASK
 
     def page_tables(self, start: int = 0, end: int | None = None) -> list:
         """Coalesced runs of the guest's live page tables (``mm.walker.Run``)."""
-        from mm import walker
-
-        return list(walker.walk(self.vm.memory.physmem, self.cr3, start, end, **self._cpu))
+        return list(walker.walk(self.vm.memory, self.cr3, start, end, **self._cpu))
 
     def translate(self, virt: int):
-        from mm import walker
-
-        return walker.translate(self.vm.memory.physmem, self.cr3, virt, **self._cpu)
+        return walker.translate(self.vm.memory, self.cr3, virt, **self._cpu)
 
     @property
     def _cpu(self) -> dict:
@@ -190,8 +189,6 @@ class GuestRun:
 
     def describe(self) -> str:
         """Stop reason, serial tail and (for crashes) registers: for failure reports."""
-        from .vm import Vm
-
         r = self.result
         lines = [f"guest stopped: {r.stop_reason}: {r.message} (exit code {r.exit_code})"]
         if self.cmdline:
@@ -220,17 +217,11 @@ def security_violations(vm) -> list[str]:
     """The guest's final page tables against the security properties every
     boot must keep: no W+X page, no user page in the kernel half, every
     stack's guard pages unmapped."""
-    from .inspector.snapshot import take_snapshot
-    from .inspector.target import LocalTarget
-    from .inspector.views import audits
-
     return [str(f) for f in audits(take_snapshot(LocalTarget(vm))) if f.kind in SECURITY_KINDS]
 
 
 def boot_guest(image, *, cmdline: str = "", memory: int = DEFAULT_MEMORY, timeout: float = DEFAULT_TIMEOUT, **kw):
     """Boot ``image`` to completion; returns (Vm still open, RunResult)."""
-    from .vm import Vm, VmConfig
-
     vm = Vm(image, VmConfig(memory=memory, cmdline=cmdline, timeout=timeout, **kw))
     try:
         return vm, vm.run()
@@ -344,8 +335,6 @@ def vmm_boot(request, pytestconfig):
               kernel=None, fresh: bool = False, **kw) -> GuestRun:
         image = kernel if kernel is not None else _kernel_image(pytestconfig)
         if isinstance(image, (str, Path)):
-            from .elf import load_kernel_file
-
             image = load_kernel_file(image)
         if tests:
             cmdline = f"{cmdline} tests={tests}".strip()
@@ -392,9 +381,6 @@ class GuestTestFile(pytest.File):
     """
 
     def collect(self):
-        from .abi import ReportKind
-        from .cli import parse_size
-
         spec = _parse_ktest(self.path.read_text())
         self.memory = parse_size(spec.get("memory", "64M"))
         self.extra = spec.get("cmdline", "")

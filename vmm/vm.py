@@ -37,7 +37,7 @@ from .abi import (
 from .abi import Backend, BootInfo, ReportKind
 from .layout import BOOT_INFO_PHYS
 from .backend import BackendInfo, detect_backend, host_has_1g_pages
-from .boot import BootLayout, choose_slide, prepare_guest
+from .boot import BootLayout, choose_slide, memory_map_bytes, prepare_guest
 from .cpu import cpu_features, cpuid_leaves, decode_bits, entry_regs, long_mode_sregs
 from .devices import ExitDevice, InstructionCounter, PortBus, ReportDevice, Stop, Uart16550, WorkMailbox
 from .elf import KernelImage, Symbolizer
@@ -370,8 +370,6 @@ class Vm:
             else:  # restored: the map this kernel is booted with in this much RAM
                 from mm.memmap import MemoryMap
 
-                from .boot import memory_map_bytes
-
                 size = self.memory.size
                 self._memmap = MemoryMap.parse(memory_map_bytes(self.image, size), ram_size=size)
         return self._memmap
@@ -455,21 +453,18 @@ class Vm:
         return None
 
     # --- dirty logging -----------------------------------------------------------------
-    def dirty_pages(self):
-        """Pages written since the last call, as a numpy bool array over all of RAM
-        (KVM_GET_DIRTY_LOG, which also clears the log). Needs VmConfig.dirty_log."""
-        import numpy as np
-
+    def dirty_log(self) -> list[tuple[int, int, bytes]]:
+        """KVM_GET_DIRTY_LOG of every slot (which also clears it): ``(first page,
+        pages, little-endian bitmap)`` per slot. Needs VmConfig.dirty_log;
+        ``vmm.inspector.dirty.dirty_pages`` turns it into one array over RAM."""
         if not self.config.dirty_log:
             raise ValueError("dirty logging is off (VmConfig.dirty_log)")
-        out = np.zeros(self.memory.size // 4096, dtype=bool)
+        out = []
         for slot, (gpa, size, _ro) in enumerate(self.slots):
             pages = size // 4096
-            words = (pages + 63) // 64
-            bitmap = (ctypes.c_uint64 * words)()
+            bitmap = (ctypes.c_uint64 * ((pages + 63) // 64))()
             self.vm.get_dirty_log(slot, bitmap)
-            bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")[:pages]
-            out[gpa // 4096 : gpa // 4096 + pages] = bits.astype(bool)
+            out.append((gpa // 4096, pages, bytes(bitmap)))
         return out
 
     def dirty_page_numbers(self) -> list[int]:

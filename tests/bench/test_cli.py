@@ -4,7 +4,8 @@ import argparse
 
 import pytest
 
-from vmm.bench.cli import SECTIONS, Plan, parse_only, parse_sizes
+from vmm.bench.options import SECTIONS, Plan, parse_only
+from vmm.units import parse_sizes
 from vmm.cli import build_parser
 
 

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from mm.findings import Severity, WalkReport
 from mm.flags import PteFlags
 from mm.physmem import BufferMemory
-from mm.walker import naive_translate, translate, walk
+from mm.walker import translate, walk
+from tests.mm.reference import naive_translate
 
 F = PteFlags
 P, W, PS = int(F.PRESENT), int(F.WRITABLE), int(F.HUGE)

@@ -14,8 +14,6 @@ from mm.flags import PteFlags
 from mm.physmem import BufferMemory
 from mm.walker import (
     coalesce,
-    naive_translate,
-    naive_walk,
     read_virt,
     reverse,
     translate,
@@ -23,6 +21,7 @@ from mm.walker import (
     walk_arrays,
     write_virt,
 )
+from tests.mm.reference import naive_translate, naive_walk
 
 from .conftest import new_mapper
 

@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from vmm.cli import main, parse_size, parse_timeout
+from vmm.cli import main
+from vmm.units import parse_size, parse_timeout
 
 
 @pytest.mark.parametrize("text,value", [("64M", 64 << 20), ("2G", 2 << 30), ("128MiB", 128 << 20), ("4096", 4096), ("16m", 16 << 20)])

@@ -27,7 +27,7 @@ def _run(elf: bytes, **kw):
     with Vm(parse_kernel(elf), VmConfig(**cfg)) as vm:
         result = vm.run()
         t0 = time.perf_counter()
-        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory.physmem)  # must never raise
+        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory)  # must never raise
         inspect_s = time.perf_counter() - t0
     return result, view, inspect_s
 
@@ -117,7 +117,7 @@ def test_mmio_beyond_ram():
     with Vm(parse_kernel(hostile.mmio_write(virt)), VmConfig(memory=RAM, timeout=20)) as vm:
         # Play the guest mapping a device window: a page beyond the end of RAM.
         frames = BumpFrameAllocator(0x50000, 0x60000)  # free frames of the low conventional area
-        mapper = Mapper(vm.memory.physmem, vm.layout.cr3, frames)
+        mapper = Mapper(vm.memory, vm.layout.cr3, frames)
         mapper.map(virt, RAM + 0x10_0000, PageSize.SIZE_4K, PteFlags.PRESENT | PteFlags.WRITABLE | PteFlags.NO_EXECUTE)
         result = vm.run()
     assert result.exit_code == ExitCode.UNBACKED_MMIO, result.message

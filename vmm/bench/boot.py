@@ -22,6 +22,7 @@ and a bare ``python3`` beside our process start.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -31,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from ..elf import read_symbols
+from ..kernel_cache import KernelCache
 from ..vm import Vm, VmConfig
 from .host_baselines import BaselineError, kvm_setup
 from .stats import Section, summarize
@@ -172,11 +175,6 @@ def process_figures(trace: dict) -> dict[str, float]:
 def symbol_costs(image, runs: int) -> dict[str, list[float]]:
     """ms to get the kernel's symbols when something needs them: from its
     cache file, and from .symtab with pyelftools (imported by a warm-up)."""
-    from ..elf import read_symbols
-    from ..kernel_cache import KernelCache
-
-    import hashlib
-
     out: dict[str, list[float]] = {"symbols_cache": [], "symbols_symtab": []}
     read_symbols(image.data)
     digest = hashlib.sha256(image.data).hexdigest()  # a run knows it from the build stamp

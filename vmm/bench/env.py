@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ..backend import BackendInfo
+from ..kvm import Kvm, KvmError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,8 +26,6 @@ def git_commit() -> str | None:
 def kvm_tsc_khz() -> int:
     """KVM_GET_TSC_KHZ of a throwaway vCPU (0 if KVM cannot say)."""
     try:
-        from ..kvm import Kvm, KvmError
-
         with Kvm() as kvm:
             vm = kvm.create_vm()
             try:

@@ -19,11 +19,18 @@ once; every run boots afresh, so the path is the same each time.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 import threading
 import time
 
+from .. import kvm_abi as K
 from ..devices import Stop
+from ..gdbstub.breakpoints import GUESTDBG_ENABLE, GUESTDBG_SINGLESTEP, GUESTDBG_USE_HW_BP, dr7_for
+from ..gdbstub.debugger import Debugger
+from ..gdbstub.memory import read_virtual
+from ..gdbstub.packets import Framer, Packet, encode
+from ..gdbstub.server import GdbAddress
 from ..vm import Vm, VmConfig
 from .stats import Section, rate, summarize
 
@@ -33,9 +40,6 @@ AHEAD = 2000  # instructions between the stop and the breakpoint
 
 
 def _client(path: str, body, out: dict) -> None:
-    from vmm.gdbstub.packets import Framer, Packet, encode
-    import socket
-
     sock = None
     try:
         for _ in range(200):
@@ -72,9 +76,6 @@ def _client(path: str, body, out: dict) -> None:
 
 
 def _gdb_run(image, body, backend) -> dict:
-    from vmm.gdbstub.debugger import Debugger
-    from vmm.gdbstub.server import GdbAddress
-
     out: dict = {"error": ""}
     with tempfile.TemporaryDirectory() as tmp, Vm(image, VmConfig(memory=GUEST_RAM, timeout=120, slide=0), backend=backend) as vm:
         path = os.path.join(tmp, "gdb.sock")
@@ -122,8 +123,6 @@ class _BareBreakpoint:
         self.t0 = self.t1 = 0
 
     def on_start(self):
-        from vmm.gdbstub.breakpoints import GUESTDBG_ENABLE, GUESTDBG_USE_HW_BP, dr7_for
-
         self.vm.vcpu.set_guest_debug(GUESTDBG_ENABLE | GUESTDBG_USE_HW_BP, [self.addr, 0, 0, 0, 0, 0, 0, dr7_for(1)])
         self.t0 = time.perf_counter_ns()
         return None
@@ -140,8 +139,6 @@ class _BareBreakpoint:
 
 
 def measure(image, runs: int, backend=None) -> dict:
-    from vmm.gdbstub.memory import read_virtual
-
     s: dict = {"m_us": [], "walk_read_us": [], "stepi_us": [], "kvm_step_us": [], "cont_ms": [], "bare_ms": [],
                "error": ""}
     entry = None
@@ -175,9 +172,6 @@ def measure(image, runs: int, backend=None) -> dict:
             t0 = time.perf_counter_ns()
             read_virtual(pm, sregs.cr3, entry, 4096)
             s["walk_read_us"].append((time.perf_counter_ns() - t0) / 1e3)
-        from vmm.gdbstub.breakpoints import GUESTDBG_ENABLE, GUESTDBG_SINGLESTEP
-        from vmm import kvm_abi as K
-
         vm.vcpu.set_guest_debug(GUESTDBG_ENABLE | GUESTDBG_SINGLESTEP)
         for _ in range(STEPS):
             t0 = time.perf_counter_ns()

@@ -36,6 +36,7 @@ import re
 from dataclasses import dataclass
 
 from ..abi import ReportKind
+from ..units import human_size
 from ..vm import Vm, VmConfig
 from . import host_baselines as hb
 from .stats import Section, merge_distributions, scale, summarize
@@ -176,8 +177,8 @@ def baseline_label(req: tuple) -> str:
     if req[0] == "malloc":
         extra = f", {req[2]} free chunk{'s' if req[2] != 1 else ''}" if req[2] else ""
         if len(req) > 3:
-            return f"glibc aligned_alloc({req[3]})+free {human_bytes(req[1])}{extra}"
-        return f"glibc malloc+free {human_bytes(req[1])}{extra}"
+            return f"glibc aligned_alloc({req[3]})+free {human_size(req[1])}{extra}"
+        return f"glibc malloc+free {human_size(req[1])}{extra}"
     if req[0] == "fault":
         return "Linux minor fault (mmap + first touch)"
     if req[0] == "map":
@@ -202,17 +203,10 @@ def measure_baselines(requests: set[tuple], quick: bool) -> tuple[dict[tuple, di
     return out, ""
 
 
-def human_bytes(n: int) -> str:
-    for shift, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB")):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n} B"
-
-
 def label(b: GuestBench) -> str:
     parts = []
     if b.size is not None and b.kind in ("small_alloc", "large_alloc"):
-        parts.append(human_bytes(b.size) + (f" aligned {b.align}" if b.align > 16 else ""))
+        parts.append(human_size(b.size) + (f" aligned {b.align}" if b.align > 16 else ""))
     if b.freelist_len is not None:
         parts.append(f"free list {b.freelist_len}")
     if b.impl:
@@ -383,24 +377,26 @@ def icount_section(counts: list[tuple[str, str, int]]) -> Section | None:
     return sec
 
 
-#: Instruction counts by (name, impl), the last boot's winning (they are exact).
-_LAST_ICOUNTS: dict[tuple[str, str], int] = {}
-_LAST_FRAG: list[dict] = []
+@dataclass
+class BenchBoot:
+    """What one boot with the guest's benchmarks on gave."""
+
+    benches: list[GuestBench]
+    tsc_khz: float
+    problem: str  # '' when the guest exited cleanly
+    icounts: list[tuple[str, str, int]]  # (path, implementation, instructions)
+    frags: list[dict]  # fragmentation trace reports
 
 
-def boot_benchmarks(image, cmdline: str, timeout: float, backend=None) -> tuple[list[GuestBench], float, str]:
-    """One boot with the guest's benchmarks on: decoded BENCH reports, TSC kHz, problem (or '')."""
+def boot_benchmarks(image, cmdline: str, timeout: float, backend=None) -> BenchBoot:
+    """One boot with the guest's benchmarks on: decoded BENCH reports, TSC kHz,
+    instruction counts and fragmentation traces."""
     with Vm(image, VmConfig(memory=GUEST_RAM, cmdline=cmdline, timeout=timeout), backend=backend) as vm:
         tsc_khz = vm.tsc_khz
         result = vm.run()
     benches = [b for r in result.reports_of(ReportKind.BENCH) if (b := decode(r)) is not None]
-    for name, impl, n in instruction_counts(result):
-        _LAST_ICOUNTS[(name, impl)] = n
-    frags = frag_reports(result)
-    if frags:
-        _LAST_FRAG[:] = frags
     problem = "" if result.exit_code == 0 else f"guest stopped: {result.message} (exit {result.exit_code})"
-    return benches, tsc_khz, problem
+    return BenchBoot(benches, tsc_khz, problem, instruction_counts(result), frag_reports(result))
 
 
 def cpl_agreement(benches: list[GuestBench], backend: str) -> str:
@@ -442,22 +438,25 @@ def list_allocator_cmdline(cmdline: str) -> str | None:
 
 def run(image, runs: int, *, quick: bool, cmdline: str = "bench=all", timeout: float = 300.0,
         backend=None) -> list[Section]:
-    _LAST_ICOUNTS.clear()
-    _LAST_FRAG.clear()
     all_runs, problems, tsc_khz = [], [], 0.0
+    icounts: dict[tuple[str, str], int] = {}  # by (name, impl), the last boot's winning (they are exact)
+    frags: list[dict] = []  # the last boot's that traced
     list_cmdline = list_allocator_cmdline(cmdline)
     for _ in range(runs):
-        benches, tsc_khz, problem = boot_benchmarks(image, cmdline, timeout, backend)
-        if problem:
-            problems.append(problem)
-        if not benches:
+        boots = [boot_benchmarks(image, cmdline, timeout, backend)]
+        tsc_khz = boots[0].tsc_khz
+        if boots[0].problem:
+            problems.append(boots[0].problem)
+        if not boots[0].benches:
             break  # a guest without benchmarks will not grow them on the next boot
         if list_cmdline:
-            more, _khz, problem = boot_benchmarks(image, list_cmdline, timeout, backend)
-            if problem:
-                problems.append(f"allocator=list: {problem}")
-            benches = benches + more
-        all_runs.append(benches)
+            boots.append(boot_benchmarks(image, list_cmdline, timeout, backend))
+            if boots[1].problem:
+                problems.append(f"allocator=list: {boots[1].problem}")
+        for boot in boots:
+            icounts.update(((name, impl), n) for name, impl, n in boot.icounts)
+            frags = boot.frags or frags
+        all_runs.append([b for boot in boots for b in boot.benches])
     merged = merge_runs(all_runs)
     requests = baseline_requests(merged) if merged else {
         ("malloc", SMALL_DEFAULT, 0), ("malloc", LARGE_DEFAULT, 0), ("fault",), ("map",)}
@@ -469,6 +468,6 @@ def run(image, runs: int, *, quick: bool, cmdline: str = "bench=all", timeout: f
     main = section_from(merged, tsc_khz, baselines, message="; ".join(msgs),
                         meta={"cmdline": cmdline, "boots": len(all_runs), "memory": GUEST_RAM})
     growth = growth_section(merged, tsc_khz, baselines)
-    icounts = icount_section([(n, i, c) for (n, i), c in _LAST_ICOUNTS.items()])
-    frag = frag_section(list(_LAST_FRAG))
-    return [s for s in (main, growth, icounts, frag) if s is not None]
+    icount_sec = icount_section([(n, i, c) for (n, i), c in icounts.items()])
+    frag = frag_section(frags)
+    return [s for s in (main, growth, icount_sec, frag) if s is not None]

@@ -19,7 +19,14 @@ import io
 import threading
 import time
 
+from rich.console import Console
+
+from mm.walker import walk_arrays
+
 from ..abi import ReportKind
+from ..inspector.snapshot import take_snapshot
+from ..inspector.target import LocalTarget
+from ..inspector.views import inspect
 from ..devices import Stop
 from ..vm import Vm, VmConfig
 from .stats import Section, rate, summarize
@@ -29,14 +36,6 @@ ENTRIES_PER_TABLE = 512
 
 
 def _measure_live(vm: Vm, inspected: threading.Event, iterations: int, out: dict) -> None:
-    from rich.console import Console
-
-    from mm.walker import walk_arrays
-
-    from ..inspector.snapshot import take_snapshot
-    from ..inspector.target import LocalTarget
-    from ..inspector.views import inspect
-
     try:
         if not inspected.wait(60):
             out["error"] = "the guest sent no INSPECT report within 60 s"

@@ -20,6 +20,8 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..guest_build import GuestBuildError, build_guest, default_kernel_path
+
 
 @dataclass(frozen=True)
 class KernelChoice:
@@ -32,8 +34,6 @@ class KernelChoice:
 def resolve_kernel(path: str | None) -> KernelChoice:
     if path is not None:
         return KernelChoice(Path(path), "given with --kernel")
-    from ..guest_build import GuestBuildError, build_guest, default_kernel_path
-
     try:
         return KernelChoice(build_guest(quiet=True))
     except GuestBuildError as exc:

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import subprocess
 
+from ..units import human_size
 from .boot import ChildError, child_boot
 from .stats import Section, summarize
 
 SIZES = [16 << 20, 1 << 30, 16 << 30, 64 << 30]
-
-
-def human(size: int) -> str:
-    return f"{size >> 30} GiB" if size >= 1 << 30 else f"{size >> 20} MiB"
 
 
 def figures(child: dict) -> dict[str, float]:
@@ -51,7 +48,7 @@ def measure(kernel_path: str, runs: int, sizes: list[int] = SIZES) -> dict:
             try:
                 figs = figures(child_boot(kernel_path, size))
             except (ChildError, subprocess.SubprocessError, ValueError, KeyError) as exc:
-                samples["errors"].append(f"{human(size)}: {exc}")
+                samples["errors"].append(f"{human_size(size)}: {exc}")
                 break
             for k, v in figs.items():
                 per.setdefault(k, []).append(v)
@@ -77,7 +74,7 @@ def section_from(samples: dict) -> Section:
     if base_rss:
         sec.add("rss_before", "RSS of the VMM process before a boot (Python, vmm, numpy)", summarize(base_rss, "MiB"))
     for size, per in sorted(samples["sizes"].items()):
-        sec.add(f"{size}", f"{human(size)} guest", None)
+        sec.add(f"{size}", f"{human_size(size)} guest", None)
         for key, label, unit, indent in ROWS:
             if per.get(key):
                 sec.add(f"{size}/{key}", label, summarize(per[key], unit), indent=indent)

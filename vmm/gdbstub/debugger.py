@@ -29,6 +29,7 @@ from .. import exits as X
 from . import commands as C
 from .breakpoints import BreakpointTable
 from .memory import EFER_NXE, read_virtual, write_virtual
+from .monitor import run_monitor
 from .packets import Malformed, Oversize, Packet
 from .server import ClientGone, Connection, GdbAddress, GdbServer, NewClient
 from .session import (
@@ -404,8 +405,6 @@ class Debugger:
         return self.vm.slide
 
     def monitor(self, command: str) -> str:
-        from .monitor import run_monitor
-
         return run_monitor(self, command)
 
     # --- helpers -----------------------------------------------------------------------------

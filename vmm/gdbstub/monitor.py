@@ -12,6 +12,17 @@ import argparse
 import io
 import shlex
 
+from rich.console import Console
+
+from ..commands.filters import run_filter
+from ..commands.options import add_filters
+from ..inspector.lookup import MAX_DUMP, hexdump, translate_text
+from ..inspector.snapshot import take_snapshot
+from ..inspector.target import LocalTarget
+from ..inspector.views import inspect
+from ..render import memmap_table
+from ..vm import Vm
+
 HELP = """\
 pyvmm monitor commands (the guest is stopped while they run):
   pt [filters]         page tables, effective flags, labels (filters as `vmm pt`: --writable
@@ -34,8 +45,6 @@ class MonitorError(ValueError):
 
 
 def _text(renderable, width: int = 160) -> str:
-    from rich.console import Console
-
     buf = io.StringIO()
     Console(file=buf, width=width, color_system=None, force_terminal=False, highlight=False).print(renderable)
     return buf.getvalue()
@@ -52,38 +61,26 @@ def _number(text: str, what: str) -> int:
 
 
 def _inspection(dbg, flt=None):
-    from ..inspector.snapshot import take_snapshot
-    from ..inspector.target import LocalTarget
-    from ..inspector.views import inspect
-
     target = LocalTarget(dbg.vm)
     snap = take_snapshot(target)
     return inspect(snap, target.physmem, flt=flt)
 
 
 def _pt(dbg, args: list[str]) -> str:
-    from ..cli import _add_filters, _filter_from  # the CLI's own filter syntax
-
     class _Parser(argparse.ArgumentParser):
         def error(self, message):
             raise MonitorError(message)
 
     p = _Parser(prog="monitor pt", add_help=False)
-    _add_filters(p)
+    add_filters(p)
     p.add_argument("--all", action="store_true")
     ns = p.parse_args(args)
-    view = _inspection(dbg, _filter_from(ns))
+    view = _inspection(dbg, run_filter(ns))
     return _text(view.render(max_rows=len(view.runs) if ns.all else 200))
 
 
 def _regs(dbg) -> str:
-    try:
-        from ..registers import capture, format_registers  # shared with `vmm regs` and fault reports
-    except ImportError:  # pragma: no cover - before that module exists
-        from ..vm import Vm
-
-        return Vm.format_registers(dbg.vm.register_dump())
-    return format_registers(capture(dbg.vm.vcpu))
+    return Vm.format_registers(dbg.vm.register_dump())
 
 
 def run_monitor(dbg, command: str) -> str:
@@ -113,8 +110,6 @@ def _dispatch(dbg, cmd: str, args: list[str]) -> str:
     if cmd == "audit":
         return _text(_inspection(dbg)._findings_table())
     if cmd == "memmap":
-        from mm.render import memmap_table
-
         return _text(memmap_table(vm.layout.memmap))
     if cmd == "slide":
         kernel = getattr(vm.image, "path", "KERNEL")
@@ -123,16 +118,12 @@ def _dispatch(dbg, cmd: str, args: list[str]) -> str:
     if cmd == "translate":
         if len(args) != 1:
             raise MonitorError("usage: monitor translate VA")
-        from ..inspector.lookup import translate_text
-
         regs = dbg.registers()
         return translate_text(vm.memory.physmem, regs["cr3"], _number(args[0], "address"),
                               nxe=bool(regs["efer"] & (1 << 11)))
     if cmd == "xp":
         if not 1 <= len(args) <= 2:
             raise MonitorError("usage: monitor xp PA [LEN]")
-        from ..inspector.lookup import MAX_DUMP, hexdump
-
         pa = _number(args[0], "address")
         n = _number(args[1], "length") if len(args) > 1 else 64
         if not 0 < n <= MAX_DUMP:

@@ -39,13 +39,17 @@ import time
 
 import numpy as np
 
+from mm.physmem import BufferMemory
+
+from ..errors import UsageError
+from .dirty import dirty_pages
 from .target import ControlRegisters, GuestFacts, Pause, facts_from_vm
 
 MAX_PAUSE_S = 0.2
 MAX_LINE = 1 << 20
 
 
-class ControlError(RuntimeError):
+class ControlError(UsageError, RuntimeError):
     """The control socket failed or answered with an error (one line)."""
 
 
@@ -173,7 +177,7 @@ class ControlServer:
                     if not self.vm.config.dirty_log:
                         _send(conn, {"ok": False, "error": "dirty logging is off for this VM"})
                     else:
-                        bits = self.vm.dirty_pages()
+                        bits = dirty_pages(self.vm)
                         _send(conn, {"ok": True, "pages": np.flatnonzero(bits).tolist()})
                 elif op == "save":  # vmm snapshot SOCKET FILE (vmm.snapshot.machine)
                     from ..snapshot.format import SnapshotError
@@ -273,8 +277,6 @@ class RemoteTarget:
     """An inspector's view of a VM served by ``ControlServer`` at ``path``."""
 
     def __init__(self, path: str, timeout: float = 5.0):
-        from mm.physmem import BufferMemory
-
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:

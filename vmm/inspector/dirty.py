@@ -14,6 +14,16 @@ import numpy as np
 PAGE = 4096
 
 
+def dirty_pages(vm) -> np.ndarray:
+    """Pages the guest wrote since the last call, as a bool array over all of
+    RAM (from ``Vm.dirty_log``, which clears KVM's log)."""
+    out = np.zeros(vm.memory.size // PAGE, dtype=bool)
+    for first, pages, bitmap in vm.dirty_log():
+        bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")[:pages]
+        out[first : first + pages] = bits.astype(bool)
+    return out
+
+
 @dataclass
 class DirtySample:
     interval_s: float

@@ -17,6 +17,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
+from .dirty import DirtyTracker
 from .snapshot import RunFilter, take_snapshot
 from .views import inspect
 
@@ -74,8 +75,6 @@ def live_view(
     refreshes, total_changes, refresh_ms = 0, 0, []
     dirty = None
     if getattr(target, "dirty_pages", None) is not None and target.dirty_pages() is not None:
-        from .dirty import DirtyTracker
-
         dirty = DirtyTracker(target.dirty_pages, target.facts().memmap)
     with Live(console=console, auto_refresh=False, transient=False) if console.is_terminal else _NoLive() as live:
         while not stop.is_set() and is_running():

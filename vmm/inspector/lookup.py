@@ -13,7 +13,8 @@ from mm.addr import is_canonical
 from mm.entry import LEVELS, Entry
 from mm.errors import OutOfBounds
 from mm.flags import ADDR_MASK, PteFlags
-from mm.render import flags_str
+
+from ..render import flags_str
 
 __all__ = ["translate_text", "hexdump"]
 

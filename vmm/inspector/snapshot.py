@@ -22,6 +22,8 @@ from mm.walker import Run, RunArrays, walk_arrays
 
 from ..cpu import EFER_NXE
 from ..layout import PHYS_OFFSET
+from .heap import RunTranslator, walk_heap_any
+from .inspect_block import InspectBlockError, read_inspect_block
 from .target import ControlRegisters, GuestFacts, Target
 
 
@@ -190,8 +192,6 @@ def read_bitmaps(physmem, facts: GuestFacts) -> bytes | None:
 
 
 def walk_heap(physmem, runs: RunArrays, facts: GuestFacts):
-    from .heap import RunTranslator, walk_heap_any
-
     start, end, head = (facts.inspect_int(k) for k in ("heap_start", "heap_end", "heap_free_head"))
     if start is None or end is None or head is None:
         return None
@@ -203,8 +203,6 @@ def _read_block(physmem, facts: GuestFacts):
     paddr = facts.inspect_int("inspect_block_phys")
     if paddr is None:
         return None
-    from .inspect_block import InspectBlockError, read_inspect_block
-
     try:
         return read_inspect_block(physmem, paddr)
     except (InspectBlockError, ValueError):

@@ -13,8 +13,12 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from mm.flags import ADDR_MASK
+
 from ..abi import ReportKind
+from ..cpu import decode_bits
 from ..reports import Report
+from .dirty import dirty_pages
 
 
 @dataclass
@@ -28,11 +32,9 @@ class ControlRegisters:
     @property
     def root(self) -> int:
         """The PML4's physical address (CR3 bits 51:12; the low bits are PCID/flags)."""
-        return self.cr3 & 0x000F_FFFF_FFFF_F000
+        return self.cr3 & ADDR_MASK
 
     def to_json(self) -> dict:
-        from ..cpu import decode_bits
-
         return {
             "cr0": self.cr0, "cr3": self.cr3, "cr4": self.cr4, "efer": self.efer, "rip": self.rip,
             "cr0_bits": decode_bits("cr0", self.cr0),
@@ -147,7 +149,7 @@ class LocalTarget:
 
     def __init__(self, vm):
         self.vm = vm
-        self.physmem = vm.memory.physmem
+        self.physmem = vm.memory
 
     def control_registers(self) -> ControlRegisters:
         s = self.vm.vcpu.get_sregs()
@@ -164,7 +166,7 @@ class LocalTarget:
         """Pages written since the last call (needs VmConfig.dirty_log), or None."""
         if not self.vm.config.dirty_log:
             return None
-        return self.vm.dirty_pages()
+        return dirty_pages(self.vm)
 
 
 def latest(reports: list[Report], kind: ReportKind) -> Report | None:

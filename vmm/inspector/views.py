@@ -17,10 +17,11 @@ from rich.text import Text
 
 from mm.audit import audit_user_in_kernel_half, audit_wx, pt_alias_findings
 from mm.findings import Finding, Severity, WalkReport
-from mm.render import flags_str, hex_addr, human_size
 
 from ..cpu import decode_bits
 from ..layout import PHYS_OFFSET
+from ..render import flags_str
+from ..units import hex_addr, human_size
 from .diff import Change, diff_runs, summarize
 from .heap import HeapView, RunTranslator, walk_free_list
 from .physical import PhysicalView, physical_view

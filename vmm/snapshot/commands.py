@@ -1,81 +1,21 @@
-"""Command-line side of snapshots: `vmm run --save/--restore` options and
-the plan that saves a running guest at the requested point.
+"""Command-line side of snapshots: the plan that saves a running guest at the
+requested point, and opening the snapshot ``--restore`` names.
 
-Kept out of ``vmm.cli`` so that the run command only wires it in.
+The options themselves are in ``vmm.snapshot.options`` (light: ``vmm.cli``
+adds them to its parser); the run command wires this in.
 """
 
 from __future__ import annotations
 
-import argparse
-import math
 import threading
-from dataclasses import dataclass
 
 from ..abi import ReportKind
 from .format import SnapshotError
+from .machine import check_compatible, open_snapshot, save_vm
+from .options import SAVE_AT_HELP, SaveAt, add_run_arguments, check_run_arguments, parse_save_at
 
-SAVE_AT_HELP = "ready (the guest's READY report, default), exit (when the run ends), report:KIND (first report of KIND, e.g. report:TEST_RESULT) or SECONDS after the start"
-
-
-@dataclass(frozen=True)
-class SaveAt:
-    kind: str  # "ready" | "exit" | "report" | "seconds"
-    report: ReportKind | None = None
-    seconds: float = 0.0
-
-    def __str__(self) -> str:
-        if self.kind == "report":
-            return f"report:{self.report.name}"
-        if self.kind == "seconds":
-            return f"{self.seconds:g}s"
-        return self.kind
-
-
-def parse_save_at(text: str) -> SaveAt:
-    t = text.strip()
-    low = t.lower()
-    if low in ("ready", "exit"):
-        return SaveAt(low)
-    if low.startswith("report:"):
-        name = t.split(":", 1)[1].strip().upper()
-        try:
-            return SaveAt("report", report=ReportKind[name])
-        except KeyError:
-            kinds = ", ".join(k.name for k in ReportKind)
-            raise argparse.ArgumentTypeError(f"unknown report kind {name!r} (one of {kinds})") from None
-    try:
-        seconds = float(low.removesuffix("s"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--save-at {text!r}: expected {SAVE_AT_HELP}") from None
-    if not (seconds >= 0 and math.isfinite(seconds)):
-        raise argparse.ArgumentTypeError(f"--save-at {text!r}: seconds must be a finite number >= 0")
-    return SaveAt("seconds", seconds=seconds)
-
-
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("snapshots")
-    g.add_argument("--save", metavar="FILE", help="save the guest to FILE (an ELF core file) at --save-at; the run goes on")
-    g.add_argument("--save-at", type=parse_save_at, metavar="WHEN", help=SAVE_AT_HELP)
-    g.add_argument(
-        "--save-layout", choices=("compact", "sparse"), default="compact",
-        help="compact: one PT_LOAD per run of non-zero pages (default); sparse: one PT_LOAD over all RAM, "
-        "zero pages as file holes (for tools such as Volatility that only see pages inside a segment)",
-    )
-    g.add_argument("--restore", metavar="FILE", help="resume a guest saved with --save instead of booting one")
-    g.add_argument(
-        "--kernel-mismatch-ok", action="store_true",
-        help="resume even if the kernel's sha256 differs from the one saved",
-    )
-
-
-def check_run_arguments(args) -> None:
-    """Combinations that make no sense, refused before anything starts."""
-    if args.save_at is not None and not args.save:
-        raise SnapshotError("--save-at needs --save FILE")
-    if args.restore:
-        for flag, value in (("--cmdline", args.cmdline), ("--slide", args.slide), ("--no-kaslr", args.no_kaslr)):
-            if value:
-                raise SnapshotError(f"{flag} cannot be combined with --restore (the snapshot holds the guest's own)")
+__all__ = ["SAVE_AT_HELP", "SaveAt", "SavePlan", "add_run_arguments", "check_run_arguments", "open_for_run",
+           "parse_save_at", "plan_for_run"]
 
 
 class SavePlan:
@@ -96,8 +36,6 @@ class SavePlan:
         self.vm = vm
 
     def _save(self) -> None:
-        from .machine import save_vm
-
         with self._lock:
             if self.info is not None:
                 return
@@ -148,8 +86,6 @@ class SavePlan:
 
 def open_for_run(args, image):
     """The snapshot ``--restore`` names, checked against the kernel and --memory."""
-    from .machine import check_compatible, open_snapshot
-
     snap = open_snapshot(args.restore)
     try:
         check_compatible(snap, image, memory=args.memory, kernel_mismatch_ok=args.kernel_mismatch_ok)
@@ -163,25 +99,3 @@ def plan_for_run(args, say=None) -> SavePlan:
     when = args.save_at or SaveAt("exit" if args.restore else "ready")
     return SavePlan(args.save, when, say or (lambda msg: None), layout=args.save_layout)
 
-
-def memmap_of_snapshot(path: str):
-    """(RAM size, the memory map the guest was given), read from the saved RAM
-    where BootInfo says it is, like the guest itself read it."""
-    from mm.errors import MMError
-    from mm.memmap import MemoryMap
-
-    from ..abi import BOOT_INFO_MAGIC
-    from .offline import SnapshotTarget
-
-    with SnapshotTarget.open(path) as target:
-        info = target.snap.state.boot_info
-        size = target.snap.memory_size
-        if info is None or info.magic != BOOT_INFO_MAGIC:
-            raise SnapshotError(f"snapshot {path}: no valid BootInfo note")
-        n = info.memmap_count * info.memmap_desc_size
-        if not info.memmap_desc_size or not target.memory.contains(info.memmap_phys, n):
-            raise SnapshotError(f"snapshot {path}: the BootInfo's memory map lies outside RAM")
-        try:
-            return size, MemoryMap.parse(target.memory.read(info.memmap_phys, n), info.memmap_desc_size, ram_size=size)
-        except MMError as exc:
-            raise SnapshotError(f"snapshot {path}: saved memory map: {exc}") from None

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 
 from .. import kvm_abi as K
 from ..abi import BOOT_INFO_SIZE, BootInfo
-from .elfcore import CoreFormatError, Note
+from ..errors import UsageError
+from ..layout import GuestMemoryError, check_ram_size
+from .elfcore import CoreFormatError, Note, read_core
 
 OWNER = b"PYVMM"
 FORMAT_VERSION = 1
@@ -90,7 +92,7 @@ META_FIELDS = {
 }
 
 
-class SnapshotError(ValueError):
+class SnapshotError(UsageError):
     """A snapshot file is unusable: one line naming the problem."""
 
 
@@ -168,8 +170,6 @@ def _meta_of(notes: list[Note]) -> dict:
 
 def ram_size_of(notes: list[Note]) -> int:
     """The RAM size the notes describe (for checking PT_LOADs against it)."""
-    from ..memory import GuestMemoryError, check_ram_size
-
     size = _meta_of(notes)["memory_size"]
     try:
         check_ram_size(size)
@@ -242,7 +242,5 @@ def read_snapshot(fd: int):
     """Parse and check a whole snapshot file open at ``fd``: (CoreFile, SnapshotState).
 
     Raises CoreFormatError for anything malformed (the loader's one error type)."""
-    from .elfcore import read_core
-
     core = read_core(fd, ram_size=ram_size_of)
     return core, decode_state(core.notes)

@@ -15,8 +15,10 @@ import time
 from dataclasses import dataclass
 
 from ..abi import BootInfo, ReportKind
+from ..boot import BootError, choose_slide
 from ..layout import BOOT_INFO_PHYS
 from ..memory import GuestMemory
+from ..vm import Vm
 from .elfcore import CoreFile, CoreFormatError
 from .format import SnapshotError, SnapshotState, read_snapshot
 from .save import kernel_sha256, write_snapshot
@@ -224,8 +226,6 @@ def check_compatible(snap: LoadedSnapshot, image, *, memory: int | None, kernel_
         raise SnapshotError(
             f"snapshot {snap.path} has {snap.memory_size >> 20} MiB of RAM, --memory asks for {memory >> 20} MiB"
         )
-    from ..boot import BootError, choose_slide
-
     try:
         choose_slide(image, snap.slide)
     except BootError as exc:
@@ -260,8 +260,6 @@ class RestoreSource:
 
 def restore_vm(snap: LoadedSnapshot, image, config, **vm_kwargs):
     """A ``Vm`` that resumes ``snap`` (checked with ``check_compatible`` first)."""
-    from ..vm import Vm
-
     config.memory = snap.memory_size
     config.slide = snap.slide
     return Vm(image, config, restore=RestoreSource(snap), **vm_kwargs)

@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import contextlib
 
+from mm.errors import MMError
+from mm.memmap import MemoryMap
+
+from ..abi import BOOT_INFO_MAGIC
 from ..inspector.target import ControlRegisters, GuestFacts
 from ..memory import GuestMemory
+from .format import SnapshotError
 from .machine import LoadedSnapshot, open_snapshot
 
 
@@ -79,6 +84,21 @@ def facts_from_meta(meta: dict) -> GuestFacts:
             gbpages=bool(meta.get("gbpages", True)),
         )
     except (TypeError, ValueError) as exc:
-        from .format import SnapshotError
-
         raise SnapshotError(f"snapshot metadata is inconsistent ({exc})") from None
+
+
+def memmap_of_snapshot(path: str):
+    """(RAM size, the memory map the guest was given), read from the saved RAM
+    where BootInfo says it is, like the guest itself read it."""
+    with SnapshotTarget.open(path) as target:
+        info = target.snap.state.boot_info
+        size = target.snap.memory_size
+        if info is None or info.magic != BOOT_INFO_MAGIC:
+            raise SnapshotError(f"snapshot {path}: no valid BootInfo note")
+        n = info.memmap_count * info.memmap_desc_size
+        if not info.memmap_desc_size or not target.memory.contains(info.memmap_phys, n):
+            raise SnapshotError(f"snapshot {path}: the BootInfo's memory map lies outside RAM")
+        try:
+            return size, MemoryMap.parse(target.memory.read(info.memmap_phys, n), info.memmap_desc_size, ram_size=size)
+        except MMError as exc:
+            raise SnapshotError(f"snapshot {path}: saved memory map: {exc}") from None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.metadata as md
 import io
 import json
 import lzma
@@ -35,6 +36,8 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from packaging.requirements import Requirement
 
 from .cpio import CpioWriter
 
@@ -130,10 +133,6 @@ def _project_requirements(project: Path) -> list[str]:
 
 def python_distributions(requirements: list[str]) -> list:
     """The installed distributions these requirements need, dependencies included."""
-    import importlib.metadata as md
-
-    from packaging.requirements import Requirement
-
     todo = [(Requirement(r), "") for r in requirements]
     seen: dict[str, object] = {}
     while todo:

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..guest_build import GuestBuildError, build_guest, default_kernel_path
 from .image import SETUP_HINT, TOOLS, BuiltImage, SvmError, build_base, cache_dir, project_manifest
 
 QEMU = "qemu-system-x86_64"
@@ -66,10 +67,6 @@ class SvmRun:
 
 def _guest_kernels(project: Path, log) -> list[Path]:
     """Build the guest kernel on the host (the image has no Rust toolchain) and return it."""
-    try:
-        from ..guest_build import GuestBuildError, build_guest, default_kernel_path
-    except ImportError:
-        return []
     try:
         return [build_guest(quiet=True)]
     except GuestBuildError as exc:

@@ -6,18 +6,10 @@ from rich.console import Console
 
 from mm.audit import audit_all
 from mm.memmap import MemoryMap, MemoryType
-from mm.render import (
-    findings_table,
-    findings_to_json,
-    hex_addr,
-    human_size,
-    memmap_table,
-    runs_table,
-    runs_to_json,
-)
 from mm.walker import walk
-
-from .test_audit import DIRECT, guest
+from tests.mm.test_audit import DIRECT, guest
+from vmm.render import findings_table, findings_to_json, memmap_table, runs_table, runs_to_json
+from vmm.units import hex_addr, human_size
 
 
 def text(renderable) -> str:

@@ -1,46 +1,37 @@
-"""Presentation: rich tables and JSON-ready dicts for maps, runs and findings."""
+"""Presentation of ``mm``'s results: rich tables and JSON-ready dicts for maps, runs and findings.
+
+``mm`` stays a library with no terminal rendering; this is the VMM's view of it.
+"""
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterable, Sequence
 
+from rich.console import Console
 from rich.table import Table
 
-from .findings import Finding, Severity
-from .flags import PteFlags
-from .memmap import MemoryMap, MemoryType
-from .walker import Run, RunArrays
+from mm.findings import Finding, Severity
+from mm.flags import PteFlags
+from mm.memmap import MemoryMap, MemoryType
+from mm.walker import Run, RunArrays
+
+from .units import hex_addr, human_size
 
 __all__ = [
-    "hex_addr",
-    "human_size",
     "flags_str",
     "memmap_table",
     "runs_table",
     "findings_table",
     "runs_to_json",
     "findings_to_json",
+    "console",
 ]
 
 _SEVERITY_STYLE = {Severity.INFO: "dim", Severity.WARNING: "yellow", Severity.ERROR: "bold red"}
 _TYPE_STYLE = {MemoryType.CONVENTIONAL: "green", MemoryType.RESERVED: "red", MemoryType.FRAMEBUFFER: "magenta"}
 
 Labels = Callable[[Run], str] | Sequence[tuple[int, int, str]]
-
-
-def hex_addr(x: int, digits: int = 16) -> str:
-    """``0xffff_8000_0000_0000``: zero-padded hex in groups of four."""
-    width = digits + (digits - 1) // 4 + 2
-    return f"{x:#0{width}_x}"
-
-
-def human_size(n: int) -> str:
-    """``4 KiB``, ``1.5 GiB``: binary units, exact where possible."""
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            v = n / (1 << shift)
-            return f"{v:.2f}".rstrip("0").rstrip(".") + f" {unit}"
-    return f"{n} B"
 
 
 def flags_str(flags: int) -> str:
@@ -146,3 +137,8 @@ def findings_to_json(findings: Iterable[Finding]) -> list[dict]:
         }
         for f in findings
     ]
+
+
+def console(width: int = 160) -> Console:
+    """A rich console; ``width`` columns (full addresses) when output is not a terminal."""
+    return Console() if sys.stdout.isatty() else Console(width=width)

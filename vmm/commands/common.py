@@ -1,0 +1,33 @@
+"""What several commands share: the kernel and RAM size from the options."""
+
+from __future__ import annotations
+
+from .. import startup
+from ..elf import KernelImage, load_kernel_file
+from ..guest_build import build_guest, built_kernel_sha256
+from ..kernel_cache import load_cached_kernel
+from ..layout import DEFAULT_RAM, check_ram_size
+
+
+def kernel_image(args, quiet: bool) -> KernelImage:
+    """The kernel of --kernel, or the built guest with its cache (vmm.kernel_cache)."""
+    if args.kernel is not None:
+        startup.mark("t_built")
+        image = load_kernel_file(args.kernel)
+    else:
+        path = build_guest(quiet=quiet)
+        startup.mark("t_built")
+        image = load_cached_kernel(path, built_kernel_sha256(path))
+    startup.mark("t_kernel")
+    return image
+
+
+def memory_size(args) -> int:
+    """``--memory`` (default 128 MiB), checked."""
+    size = DEFAULT_RAM if args.memory is None else args.memory
+    check_ram_size(size)
+    return size
+
+
+def indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())

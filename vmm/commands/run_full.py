@@ -1,0 +1,106 @@
+"""``vmm run`` with the inspector, snapshots or the gdb stub: ``--inspect``,
+``--control``, ``--screenshot``, ``--save``/``--save-at``, ``--restore`` and
+``--gdb``. The plain run of ``vmm.commands.run`` with these attached through
+its ``RunExtras``."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+
+from ..errors import UsageError
+from ..gdbstub.cli import check_run_arguments as check_gdb_arguments
+from ..gdbstub.cli import serving
+from ..inspector.control import ControlServer
+from ..inspector.live import ConsoleTail, live_view
+from ..inspector.target import LocalTarget
+from ..snapshot.commands import check_run_arguments, open_for_run, plan_for_run
+from ..snapshot.machine import restore_vm
+from ..vm import RunResult, Vm, VmConfig
+from .run import RunExtras, Say, run
+from .screenshot import save_screenshot
+
+
+class FullRun(RunExtras):
+    def __init__(self, args):
+        self.args = args
+        self.tail = ConsoleTail() if args.inspect and sys.stdout.isatty() else None
+        self.console = self.tail.feed if self.tail is not None else None  # shown inside the live view
+        self.restore = None
+        self.saver = None
+
+    def prepare(self, args, image) -> int | None:
+        check_run_arguments(args)
+        check_gdb_arguments(args, UsageError)
+        self.kernel_path = image.path
+        self.restore = open_for_run(args, image) if args.restore else None
+        self.saver = plan_for_run(args, say=None) if args.save else None
+        self.on_report = self.saver.on_report if self.saver is not None else None
+        return self.restore.memory_size if self.restore is not None else None
+
+    def make_vm(self, image, config: VmConfig, **kw) -> Vm:
+        if self.restore is not None:
+            with self.restore:
+                vm = restore_vm(self.restore, image, config, **kw)
+        else:
+            vm = Vm(image, config, **kw)
+        if self.saver is not None:
+            self.saver.attach(vm)
+        return vm
+
+    def banner(self) -> str:
+        if self.restore is None:
+            return ""
+        return f" | resumed from {self.args.restore} (saved at {self.restore.meta['saved_at']})"
+
+    @contextlib.contextmanager
+    def attach(self, vm: Vm, say: Say):
+        args = self.args
+        server = viewer = None
+        stop_view = threading.Event()
+        try:
+            if args.control:
+                server = ControlServer(vm, args.control)
+                say(f"control socket: {args.control} (attach with `vmm inspect {args.control}`)")
+            if args.inspect:
+                target = LocalTarget(vm)
+
+                def _view():
+                    while not vm.running and not stop_view.is_set():  # wait for the vCPU to start
+                        time.sleep(0.001)
+                    live_view(target, console_tail=self.tail, is_running=lambda: vm.running, stop=stop_view, hz=args.hz)
+
+                viewer = threading.Thread(target=_view, name="vmm-live-view", daemon=True)
+                viewer.start()
+            if self.saver is not None:
+                self.saver.say = say
+                self.saver.start()
+            warn = lambda msg: print(f"vmm: warning: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+            with serving(vm, args, say, warn, self.kernel_path, UsageError):
+                yield
+        finally:
+            stop_view.set()
+            if viewer is not None:
+                viewer.join(timeout=5)
+            if server is not None:
+                server.close()
+
+    def finish(self, vm: Vm, result: RunResult, say: Say) -> None:
+        if self.saver is not None:
+            self.saver.finish(result)
+        if self.args.screenshot:
+            save_screenshot(vm.memory.physmem, vm.memory.size, self.args.screenshot)
+            say(f"framebuffer saved to {self.args.screenshot}")
+
+    def add_json(self, out: dict) -> None:
+        if self.saver is not None:
+            out["snapshot"] = self.saver.info
+        if self.restore is not None:
+            out["restored_from"] = {"path": self.args.restore, "saved_at": self.restore.meta["saved_at"],
+                                    "serial_offset": self.restore.meta.get("serial_offset", 0)}
+
+
+def main(args) -> int:
+    return run(args, FullRun(args))
