@@ -66,7 +66,7 @@ def test_cr3_inside_maxphyaddr_outside_ram():
     with Vm(parse_kernel(hostile.cr3_outside_ram()), VmConfig(memory=RAM, timeout=20)) as vm:
         result = vm.run()
         cr3 = vm.vcpu.get_sregs().cr3
-        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory.physmem)
+        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory)
         maxphyaddr = vm.cpu_features.maxphyaddr
     assert result.exit_code in (ExitCode.TRIPLE_FAULT, ExitCode.EMULATION_FAILURE, ExitCode.UNBACKED_MMIO), result.message
     # The guest computed its CR3 from its own CPUID; the host's decode of the vCPU agrees.
@@ -83,7 +83,7 @@ def test_cr3_with_reserved_bits_faults_and_is_reported():
         boot_cr3 = vm.layout.cr3
         result = vm.run()
         cr3 = vm.vcpu.get_sregs().cr3
-        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory.physmem)
+        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory)
     assert result.exit_code == ExitCode.TRIPLE_FAULT, result.message
     assert cr3 & ~0xFFF == boot_cr3 & ~0xFFF, (hex(cr3), hex(boot_cr3))
     assert result.registers is not None
