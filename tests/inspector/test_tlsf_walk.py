@@ -12,7 +12,8 @@ from mm import BufferMemory
 from mm.walker import RunArrays
 from vmm.abi import ReportKind
 from vmm.devices import Stop
-from vmm.inspector.heap import RunTranslator, walk_heap_any
+from vmm.inspector.heap import RunTranslator
+from vmm.inspector.tlsf import walk_heap_any
 from vmm.inspector.tlsf import (FREE, INDEX_MAGIC, PREV_FREE, make_tag, mapping, tag_check, walk_tlsf)
 
 HEAP = 0xFFFF_C000_0000_0000

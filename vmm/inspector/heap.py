@@ -152,21 +152,3 @@ def walk_free_list(
 def physmem_contains(physmem, paddr: int, n: int) -> bool:
     size = getattr(physmem, "size", None)
     return size is None or (0 <= paddr and paddr + n <= size)
-
-
-def walk_heap_any(physmem, translator: RunTranslator, heap_start: int, heap_end: int, head: int,
-                  index: int | None) -> HeapView:
-    """The walk the guest's heap index asks for: TLSF, or the first-fit list."""
-    from .tlsf import BACKING_TLSF, VirtReader, read_index_header, walk_tlsf
-
-    if index:
-        hdr = read_index_header(VirtReader(physmem, translator), index)
-        if hdr is not None and hdr.backing == BACKING_TLSF:
-            return walk_tlsf(physmem, translator, index, heap_start, heap_end)
-        view = walk_free_list(physmem, translator, head, heap_start, heap_end)
-        if hdr is None:
-            view.findings.append(Finding("heap-index", index, 0, f"no readable heap index at {index:#x}", Severity.ERROR))
-        elif hdr.findings:
-            view.guest_findings = hdr.findings
-        return view
-    return walk_free_list(physmem, translator, head, heap_start, heap_end)

@@ -22,9 +22,10 @@ from mm.walker import Run, RunArrays, walk_arrays
 
 from ..cpu import EFER_NXE
 from ..layout import PHYS_OFFSET
-from .heap import RunTranslator, walk_heap_any
+from .heap import RunTranslator
 from .inspect_block import InspectBlockError, read_inspect_block
 from .target import ControlRegisters, GuestFacts, Target
+from .tlsf import walk_heap_any
 
 
 @dataclass

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 from mm.findings import Finding, Severity
 
+from .heap import HeapView, RunTranslator, walk_free_list
+
 INDEX_MAGIC = int.from_bytes(b"PYHEAPX1", "little")
 INDEX_HEADER = struct.Struct("<QIIIIQIIQ")  # magic version size backing caches findings last_kind reserved last_addr
 INDEX_TLSF_OFFSET = 48
@@ -113,8 +115,6 @@ def read_index_header(reader: VirtReader, index: int) -> IndexHeader | None:
 def walk_tlsf(physmem, translator, index: int, heap_start: int, heap_end: int, *,
               max_bytes: int = 64 << 20, max_blocks: int = 1 << 20, view=None):
     """Walk tags and lists of the TLSF heap whose index is at ``index``; fills and returns a HeapView."""
-    from .heap import HeapView
-
     view = view or HeapView(heap_start, heap_end, 0)
     view.allocator = "tlsf"
     reader = VirtReader(physmem, translator)
@@ -253,3 +253,19 @@ def walk_tlsf(physmem, translator, index: int, heap_start: int, heap_end: int, *
         finding("heap-unlisted", addr, f"free block at {addr:#x} ({free[addr]:#x} bytes) is on no list")
     view.blocks = sorted(free.items())
     return view
+
+
+def walk_heap_any(physmem, translator: RunTranslator, heap_start: int, heap_end: int, head: int,
+                  index: int | None) -> HeapView:
+    """The walk the guest's heap index asks for: TLSF, or the first-fit list."""
+    if index:
+        hdr = read_index_header(VirtReader(physmem, translator), index)
+        if hdr is not None and hdr.backing == BACKING_TLSF:
+            return walk_tlsf(physmem, translator, index, heap_start, heap_end)
+        view = walk_free_list(physmem, translator, head, heap_start, heap_end)
+        if hdr is None:
+            view.findings.append(Finding("heap-index", index, 0, f"no readable heap index at {index:#x}", Severity.ERROR))
+        elif hdr.findings:
+            view.guest_findings = hdr.findings
+        return view
+    return walk_free_list(physmem, translator, head, heap_start, heap_end)
