@@ -9,6 +9,8 @@ setting sregs can clear a pending exception.
 
 from __future__ import annotations
 
+import fcntl
+
 from .. import kvm_abi as K
 from ..kvm import KvmError, VcpuFd
 from .format import VcpuState
@@ -117,8 +119,6 @@ def set_msrs(vcpu: VcpuFd, msrs: dict[int, int]) -> None:
     for i, (idx, val) in enumerate(items):
         buf.entries[i].index = idx
         buf.entries[i].data = val
-    import fcntl
-
     n = fcntl.ioctl(vcpu.fd, K.KVM_SET_MSRS, buf)
     if n != len(items):
         idx, val = items[n]
