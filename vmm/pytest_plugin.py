@@ -176,7 +176,7 @@ class GuestRun:
         return list(walker.walk(self.vm.memory, self.cr3, start, end, **self._cpu))
 
     def translate(self, virt: int):
-        return walker.translate(self.vm.memory, self.cr3, virt, **self._cpu)
+        return walker.translate(self.vm.memory.physmem, self.cr3, virt, **self._cpu)
 
     @property
     def _cpu(self) -> dict:
