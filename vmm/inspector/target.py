@@ -149,7 +149,7 @@ class LocalTarget:
 
     def __init__(self, vm):
         self.vm = vm
-        self.physmem = vm.memory
+        self.physmem = vm.memory.physmem
 
     def control_registers(self) -> ControlRegisters:
         s = self.vm.vcpu.get_sregs()
