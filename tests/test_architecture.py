@@ -25,6 +25,8 @@ DEFERRED_IMPORTS_ALLOWED = {
     "vmm.boot": "mm and numpy build a boot plan only on a kernel-cache miss (fast start)",
     "vmm.memory": "the mm view of guest RAM (numpy) only when someone walks tables (fast start)",
     "vmm.guest_build": "subprocess only when cargo or rustup must run (fast start)",
+    "vmm.commands.memmap": "rich and the snapshot reader only when asked (`vmm memmap --json` stays light)",
+    "vmm.vm": "mm decodes a restored guest's memory map only when something inspects it (fast start)",
 }
 
 

@@ -1,4 +1,9 @@
-"""``vmm memmap``: the memory map the guest would be given, or was given (--snapshot)."""
+"""``vmm memmap``: the memory map the guest would be given, or was given (--snapshot).
+
+``--json`` for a built kernel reads the map from the kernel's cached boot
+plan and loads neither rich nor numpy: the table's renderer and the snapshot
+reader are imported only when asked for (listed in tests/test_architecture.py).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,13 @@ import json
 from mm.memmap import MemoryMap
 
 from ..boot import memory_map_bytes
-from ..render import console, memmap_table
-from ..snapshot.offline import memmap_of_snapshot
 from .common import kernel_image, memory_size
 
 
 def main(args) -> int:
     if args.snapshot:
+        from ..snapshot.offline import memmap_of_snapshot
+
         size, memmap = memmap_of_snapshot(args.snapshot)
     else:
         size = memory_size(args)
@@ -22,5 +27,7 @@ def main(args) -> int:
     if args.json:
         print(json.dumps({"ram_size": size, "descriptors": memmap.to_json(), "usable_frames": memmap.usable_frames()}, indent=2))
     else:
+        from ..render import console, memmap_table
+
         console().print(memmap_table(memmap))
     return 0

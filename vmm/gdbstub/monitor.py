@@ -1,7 +1,7 @@
 """``monitor ...`` in gdb (qRcmd): the inspector's views as the CLI prints them.
 
 Each command renders with the same function the command line uses (the
-inspector's ``Inspection.render``, ``mm.render.memmap_table``, the shared
+inspector's ``Inspection.render``, ``vmm.render.memmap_table``, the shared
 ``vmm.inspector.lookup`` text), into plain text for gdb's console. The guest
 is stopped while gdb holds it, so every view is of one consistent moment.
 """
