@@ -138,6 +138,8 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
         if op < 0.5:
             b[rng.randrange(limit)] = rng.randrange(256)
         elif op < 0.75:
+            if limit <= 8:  # truncated below one u64: nothing to overwrite
+                continue
             pos = rng.randrange(limit - 8)
             b[pos : pos + 8] = struct.pack("<Q", rng.choice([0, 1, 4096, 1 << 63, (1 << 64) - 1, rng.getrandbits(64)]))
         elif op < 0.9:
