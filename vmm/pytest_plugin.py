@@ -37,6 +37,8 @@ from .inspector.target import LocalTarget
 from .inspector.views import audits
 from .kernel_cache import load_cached_kernel
 from .kvm import Kvm
+from .snapshot.format import SnapshotError
+from .snapshot.zygote import Zygote, split_cmdline
 from .units import parse_size
 from .vm import Vm, VmConfig
 
@@ -246,9 +248,6 @@ class _ZygotePool:
     def start(self, image, memory: int, cmdline: str, timeout: float):
         """(vm, result) of ``cmdline`` run from the zygote point (or cold, if
         its boot-time words end the run before READY: scenario=panic, ...)."""
-        from .snapshot.format import SnapshotError
-        from .snapshot.zygote import Zygote, split_cmdline
-
         boot, work = split_cmdline(cmdline)
         key = (image.path, id(image), memory, boot)
         z = self.zygotes.get(key)

@@ -136,8 +136,6 @@ class FastLoader:
         self._msrs = None
 
     def _build(self, vcpu: VcpuFd) -> None:
-        import fcntl
-
         items = list(self.state.msrs.items())
         while True:
             buf = K.kvm_msrs_with(len(items))()
@@ -151,8 +149,6 @@ class FastLoader:
             items.pop(n)  # refused: drop it and try the rest
 
     def load(self, vcpu: VcpuFd) -> None:
-        import fcntl
-
         s = self.state
         vcpu.set_regs(s.regs)
         if s.xsave is not None:

@@ -24,6 +24,7 @@ import dataclasses
 import time
 
 from ..abi import ReportKind
+from ..memory import GuestMemory
 from ..vm import Vm, VmConfig
 from .format import SnapshotError, VcpuState
 from .vcpu import FastLoader, apply, capture, complete_pending_io
@@ -55,8 +56,6 @@ class _ForkSource:
                      "serial_offset": len(zygote.boot_result.serial)}
 
     def make_memory(self, config):
-        from ..memory import GuestMemory
-
         return GuestMemory(self.zygote.memory.size, copy_on_write_of=self.zygote.memory.fd)
 
     def load_vcpu(self, vcpu) -> None:
