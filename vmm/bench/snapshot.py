@@ -23,6 +23,9 @@ import time
 
 from ..abi import ReportKind
 from ..devices import Stop
+from ..elf import load_kernel_file
+from ..snapshot.machine import open_snapshot, restore_vm, save_vm
+from ..snapshot.zygote import Zygote
 from ..vm import Vm, VmConfig
 from .stats import Section, distribution, summarize
 
@@ -45,9 +48,6 @@ def _cold_cycle(image, backend) -> float:
 def _rate_worker(args) -> tuple[int, float]:
     """In a fresh process: one zygote, then ``n`` trivial test VMs by ``how``."""
     kernel_path, how, n = args
-    from ..elf import load_kernel_file
-    from ..snapshot.zygote import Zygote
-
     image = load_kernel_file(kernel_path)
     if how == "cold":
         t0 = time.perf_counter()
@@ -84,8 +84,6 @@ def _vms_per_second(kernel_path: str, how: str, procs: int, n: int) -> float:
 
 
 def _save_load(image, size: int, backend, tmp: str) -> dict:
-    from ..snapshot.machine import open_snapshot, restore_vm, save_vm
-
     def at_ready(r):
         return Stop(0, "ready") if r.kind == ReportKind.READY else None
 
@@ -107,8 +105,6 @@ def _save_load(image, size: int, backend, tmp: str) -> dict:
 
 
 def run(image, kernel_path: str, runs: int, backend, *, quick: bool = False, sizes=SAVE_SIZES) -> Section:
-    from ..snapshot.zygote import Zygote
-
     sec = Section("snapshot", "Snapshots, reset and fork")
     iters = 20 if quick else max(50, 10 * runs)
     cold = [_cold_cycle(image, backend) for _ in range(max(3, runs))]

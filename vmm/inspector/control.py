@@ -42,6 +42,8 @@ import numpy as np
 from mm.physmem import BufferMemory
 
 from ..errors import UsageError
+from ..snapshot.format import SnapshotError
+from ..snapshot.machine import save_vm_paused
 from .dirty import dirty_pages
 from .target import ControlRegisters, GuestFacts, Pause, facts_from_vm
 
@@ -180,9 +182,6 @@ class ControlServer:
                         bits = dirty_pages(self.vm)
                         _send(conn, {"ok": True, "pages": np.flatnonzero(bits).tolist()})
                 elif op == "save":  # vmm snapshot SOCKET FILE (vmm.snapshot.machine)
-                    from ..snapshot.format import SnapshotError
-                    from ..snapshot.machine import save_vm_paused
-
                     try:
                         info = save_vm_paused(self.vm, str(msg.get("path", "")))
                         _send(conn, {"ok": True, **info})

@@ -9,6 +9,7 @@ the run loop stopped, or inside ``vm.paused()`` from another thread.
 
 from __future__ import annotations
 
+import ctypes as C
 import errno
 import os
 import time
@@ -21,7 +22,7 @@ from ..memory import GuestMemory
 from ..vm import Vm
 from .elfcore import CoreFile, CoreFormatError
 from .format import SnapshotError, SnapshotState, read_snapshot
-from .save import kernel_sha256, write_snapshot
+from .save import allocated_extents, kernel_sha256, write_snapshot
 from .vcpu import apply, capture, complete_pending_io
 
 
@@ -77,10 +78,6 @@ def save_vm_paused(vm, path: str, saved_at: str = "socket", layout: str = "compa
     copy of its touched RAM (a memfd-to-memfd copy of the allocated extents,
     milliseconds for a small guest); scanning and writing the file happen
     after the guest runs again."""
-    import ctypes as C
-
-    from .save import allocated_extents
-
     with vm.paused() as parked:
         if vm.running and not parked:
             raise SnapshotError("could not park the vCPU to save it")
