@@ -185,9 +185,15 @@ class Inspection:
     def _heap_text(self) -> Text:
         h = self.heap
         text = Text(
-            f"heap [{h.heap_start:#x}, {h.heap_end:#x}): {len(h.blocks)} free blocks, {human_size(h.free_bytes)} free, "
-            f"largest {human_size(h.largest_free)}, fragmentation {h.fragmentation:.0%}"
+            f"heap ({h.allocator}) [{h.heap_start:#x}, {h.heap_end:#x}): {len(h.blocks)} free blocks, "
+            f"{human_size(h.free_bytes)} free, largest {human_size(h.largest_free)}, fragmentation {h.fragmentation:.0%}"
         )
+        if h.used_blocks is not None:  # TLSF: the tag walk and the segregated lists
+            lists = sum(1 for n in h.lists.values() if n)
+            text.append(f"\n  {h.used_blocks} blocks in use ({h.cached_blocks} in the size-class caches), "
+                        f"{lists} non-empty lists, top block {human_size(dict(h.blocks).get(h.top, 0)) if h.top else 'none'}")
+        if h.guest_findings:
+            text.append(f"\n  the guest's heap refused {h.guest_findings} operation(s)", style="bold yellow")
         for f in h.findings:
             text.append(f"\n  {f}", style="bold red")
         return text
