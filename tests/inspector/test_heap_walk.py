@@ -67,3 +67,74 @@ def test_garbage_heap_never_hangs_or_raises(garbage, head_slot):
     runs = RunArrays(*(np.array([v], dtype=np.uint64) for v in (HEAP, PHYS, GARBAGE, 3, 4096, 1)))
     v = walk_free_list(mem, RunTranslator(runs), HEAP + head_slot * 16, HEAP, HEAP + GARBAGE, max_nodes=5000)
     assert len(v.blocks) <= 5000
+
+
+# --- optimistic walks: validation and reuse of an earlier walk -----------------------------
+SLOTS = 64  # 16-byte slots in a small heap
+
+
+def _write_list(mem, blocks):
+    """Write a valid address-ordered list of (slot, slots) blocks; returns the head."""
+    head = 0
+    for (slot, n), nxt in zip(blocks, [b[0] for b in blocks[1:]] + [None]):
+        mem.write(PHYS + slot * 16, struct.pack("<QQ", n * 16, 0 if nxt is None else HEAP + nxt * 16))
+    if blocks:
+        head = HEAP + blocks[0][0] * 16
+    return head
+
+
+def _blocks(draw_slots):
+    """Non-overlapping, non-adjacent (slot, length) blocks from sorted distinct slots."""
+    out, end = [], -1
+    for s in sorted(set(draw_slots)):
+        if s > end + 1 and s < SLOTS:
+            n = 1 + (s * 7) % 3
+            n = min(n, SLOTS - s)
+            out.append((s, n))
+            end = s + n
+    return out
+
+
+def _same(a, b):
+    assert a.blocks == b.blocks
+    assert [f.kind for f in a.findings] == [f.kind for f in b.findings]
+    assert a.truncated == b.truncated
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(0, SLOTS - 1), max_size=30),
+    st.lists(st.integers(0, SLOTS - 1), max_size=30),
+    st.lists(st.tuples(st.integers(0, SLOTS - 1), st.binary(min_size=8, max_size=8)), max_size=3),
+    st.integers(0, 40),
+)
+def test_a_walk_reusing_an_earlier_one_equals_a_fresh_walk(before, after, scribbles, max_nodes):
+    """Whatever the guest did between two walks (a new list, or garbage
+    written over nodes), reusing the first walk gives exactly a fresh walk."""
+    mem, tr = _setup([])
+    head0 = _write_list(mem, _blocks(before))
+    first = walk_free_list(mem, tr, head0, HEAP, HEAP + SLOTS * 16)
+    assert first.unchanged(mem)
+    head1 = _write_list(mem, _blocks(after))
+    for slot, raw in scribbles:
+        mem.write(PHYS + slot * 16 + 8 * (slot % 2), raw)
+    limit = max_nodes or 65536
+    fresh = walk_free_list(mem, tr, head1, HEAP, HEAP + SLOTS * 16, max_nodes=limit)
+    reused = walk_free_list(mem, tr, head1, HEAP, HEAP + SLOTS * 16, max_nodes=limit, prior=first)
+    _same(reused, fresh)
+    assert reused.unchanged(mem)
+
+
+def test_unchanged_list_is_reused_without_reading_it_again():
+    mem, tr = _setup([])
+    blocks = [(i * 3, 1) for i in range(20)]
+    head = _write_list(mem, blocks)
+    first = walk_free_list(mem, tr, head, HEAP, HEAP + SLOTS * 16)
+    assert first.nodes_read == 20
+    # The guest frees the slot after the 5th block: it merges into it.
+    mem.write(PHYS + 12 * 16, struct.pack("<QQ", 32, HEAP + 15 * 16))
+    assert not first.unchanged(mem)
+    again = walk_free_list(mem, tr, head, HEAP, HEAP + SLOTS * 16, prior=first)
+    assert again.nodes_read == 1  # only the changed node; both stretches around it reused
+    _same(again, walk_free_list(mem, tr, head, HEAP, HEAP + SLOTS * 16))
+    assert again.unchanged(mem)

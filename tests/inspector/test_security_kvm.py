@@ -26,7 +26,7 @@ def _stop_at_ready(report):
 
 
 def _check_stacks(snap):
-    block = snap.extra.get("inspect_block")
+    block = snap.block
     assert block is not None, "the guest's inspect block could not be read"
     assert block.stacks, "no stacks reported"
     tr = RunTranslator(snap.runs)
@@ -63,7 +63,7 @@ def test_guest_under_load_stays_secure_and_consistent(guest_image):
                 view = inspect(snap, vm.memory.physmem, previous=previous)
                 previous = snap
                 problems.extend(str(f) for f in view.findings if f.severity.name == "ERROR")
-                block = snap.extra.get("inspect_block")
+                block = snap.block
                 if block is not None:
                     seen_tasks.update(s.task_id for s in block.stacks)
                 time.sleep(0.05)

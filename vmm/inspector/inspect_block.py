@@ -11,7 +11,8 @@ for bounded walks.
 from __future__ import annotations
 
 import ctypes as C
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 INSPECT_BLOCK_MAGIC = int.from_bytes(b"PYVMMIB1", "little")
 INSPECT_BLOCK_SIZE = 800
@@ -66,7 +67,7 @@ class InspectBlockError(ValueError):
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class Stack:
     task_id: int
     base: int
@@ -75,12 +76,30 @@ class Stack:
     guard_high: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class InspectBlock:
+    """One consistent (or, if ``busy``, mid-update) copy of the guest's block."""
+
     seq: int
-    values: dict[str, int]
-    stacks: list[Stack] = field(default_factory=list)
-    current_task: int = 0
+    heap_free_head: int
+    heap_start: int
+    heap_end: int
+    heap_free_bytes: int
+    heap_large_bytes: int
+    frames_free: int
+    bitmap_phys: int
+    bitmap_bits: int
+    current_task: int
+    demand_start: int
+    demand_end: int
+    demand_faults: int
+    heap_allocs: int
+    heap_frees: int
+    heap_cached_bytes: int
+    workload_iters: int
+    #: Virtual address of the guest's heap index (docs/ABI.md "Heap index"), 0 if none.
+    heap_index: int = 0
+    stacks: tuple[Stack, ...] = ()
 
     @property
     def busy(self) -> bool:
@@ -88,19 +107,23 @@ class InspectBlock:
         heap, bitmap and tables may be mid-update."""
         return self.seq % 2 == 1
 
-    def as_inspect_fields(self) -> dict[str, str]:
-        """The block as INSPECT-report style fields (hex strings), stacks numbered."""
-        out = {k: hex(v) for k, v in self.values.items()}
-        out["stack_count"] = str(len(self.stacks))
-        for i, s in enumerate(self.stacks):
-            out[f"stack{i}_base"] = hex(s.base)
-            out[f"stack{i}_top"] = hex(s.top)
-            out[f"stack{i}_task"] = str(s.task_id)
-        return out
+    @classmethod
+    def from_raw(cls, raw: InspectBlockRaw) -> "InspectBlock":
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "stacks"]
+        stacks = tuple(
+            Stack(r.task_id, r.base, r.top, r.guard_low, r.guard_high)
+            for r in raw.stacks
+            if r.flags & STACK_IN_USE and r.base < r.top
+        )
+        return cls(**{n: getattr(raw, n) for n in names}, stacks=stacks)
 
 
 def read_inspect_block(physmem, paddr: int, retries: int = 8) -> InspectBlock:
-    """Read a consistent copy (seq even and unchanged); raises InspectBlockError."""
+    """Read a consistent copy (seq even and unchanged); raises InspectBlockError.
+
+    Still odd after ``retries`` reads: with the vCPU parked that means "inside
+    a critical section"; the caller decides (``InspectBlock.busy``) what to do.
+    """
     size = getattr(physmem, "size", None)
     if paddr < 0 or (size is not None and paddr + INSPECT_BLOCK_SIZE > size):
         raise InspectBlockError(f"inspect block at {paddr:#x} lies outside guest RAM")
@@ -111,16 +134,4 @@ def read_inspect_block(physmem, paddr: int, retries: int = 8) -> InspectBlock:
         seq_after = int.from_bytes(physmem.read(paddr + InspectBlockRaw.seq.offset, 8), "little")
         if raw.seq == seq_after and raw.seq % 2 == 0:
             break
-    # Still odd: with the vCPU parked that means "inside a critical section";
-    # the caller decides (InspectBlock.busy) whether to retry the snapshot.
-    values = {
-        name: getattr(raw, name)
-        for name, _ in InspectBlockRaw._fields_
-        if name not in ("magic", "version", "size", "seq", "stacks", "stack_count", "current_task")
-    }
-    stacks = [
-        Stack(r.task_id, r.base, r.top, r.guard_low, r.guard_high)
-        for r in raw.stacks
-        if r.flags & STACK_IN_USE and r.base < r.top
-    ]
-    return InspectBlock(raw.seq, values, stacks, raw.current_task)
+    return InspectBlock.from_raw(raw)

@@ -24,7 +24,8 @@ import numpy as np
 from mm.findings import Finding, Severity
 
 from ..layout import PHYS_OFFSET
-from .snapshot import Snapshot, label_ranges
+from .labels import HEAP, Labeler
+from .snapshot import Snapshot
 
 PAGE = 4096
 
@@ -81,17 +82,11 @@ def _bits(raw: bytes, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[:n].astype(bool)
 
 
-def _mark(mask: np.ndarray, start: int, end: int) -> None:
-    a, b = max(0, start // PAGE), min(mask.size, -(-end // PAGE))
-    if a < b:
-        mask[a:b] = True
-
-
 def physical_view(snap: Snapshot, physmem) -> PhysicalView | None:
     facts = snap.facts
-    bitmap_phys, bits = facts.inspect_int("bitmap_phys"), facts.inspect_int("bitmap_bits")
-    if bitmap_phys is None or not bits:
+    if facts.bitmap is None:
         return None
+    bitmap_phys, bits = facts.bitmap
     frames = min(bits, facts.ram_size // PAGE)
     words = -(-bits // 64)
     nbytes = words * 8
@@ -100,7 +95,7 @@ def physical_view(snap: Snapshot, physmem) -> PhysicalView | None:
             frames, np.zeros(frames, bool), np.zeros(frames, bool), np.ones(frames, np.uint8),
             findings=[Finding("bitmap-outside-ram", None, 0, f"bitmap at {bitmap_phys:#x} lies outside RAM", Severity.ERROR)],
         )
-    raw = snap.extra.get("bitmap_raw")  # copied while the vCPU was parked
+    raw = snap.bitmap_raw  # copied while the vCPU was parked
     if raw is None or len(raw) != 2 * nbytes:
         raw = physmem.read(bitmap_phys, 2 * nbytes)
     used, managed = _bits(raw[:nbytes], frames), _bits(raw[nbytes:], frames)
@@ -118,8 +113,8 @@ def physical_view(snap: Snapshot, physmem) -> PhysicalView | None:
             owner[a:b] = 8
         elif kind == "FRAMEBUFFER":
             owner[a:b] = 7
-    kernel_lo, kernel_hi = facts.inspect_int("kernel_phys_start"), facts.inspect_int("kernel_phys_end")
-    if kernel_lo is not None and kernel_hi is not None:
+    if facts.kernel_phys is not None:
+        kernel_lo, kernel_hi = facts.kernel_phys
         owner[kernel_lo // PAGE : min(frames, -(-kernel_hi // PAGE))] = 2
     bm = bitmap_phys // PAGE
     owner[bm : bm + -(-2 * nbytes // PAGE)] = 9
@@ -128,19 +123,20 @@ def physical_view(snap: Snapshot, physmem) -> PhysicalView | None:
     pt = snap.page_table_frames.astype(np.int64) // PAGE
     pt = pt[(pt >= 0) & (pt < frames)]
     reachable[pt] = True
-    labels = label_ranges(facts)
+    labeler = Labeler.for_facts(facts)
     direct_lo, direct_hi = PHYS_OFFSET, PHYS_OFFSET + facts.ram_size
     for run in snap.iter_runs():
         if direct_lo <= run.virt < direct_hi:
             continue  # the direct map aliases everything: it proves nothing
-        mask = np.zeros(frames, bool)
-        _mark(mask, run.phys, run.phys + run.size)
-        reachable |= mask
-        name = next((n for a, b, n in labels if a <= run.virt < b), "")
-        if name == "heap":
-            owner[mask & managed] = 4
-        elif name.startswith("stack"):
-            owner[mask & managed] = 5
+        for piece, name in labeler.split(run):
+            lo, hi = max(0, piece.phys // PAGE), min(frames, -(-(piece.phys + piece.size) // PAGE))
+            if lo >= hi:
+                continue
+            reachable[lo:hi] = True
+            kind = 4 if name == HEAP else 5 if name.startswith("stack") else None
+            if kind is not None:
+                sl = owner[lo:hi]
+                sl[managed[lo:hi]] = kind
     owner[pt] = 3
     allocated = used & managed
     free = ~used & managed

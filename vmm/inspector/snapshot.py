@@ -1,16 +1,36 @@
-"""One consistent look at a guest's page tables, taken with the vCPU parked.
+"""One consistent look at a guest: page tables, frame bitmap, heap free list.
 
-``take_snapshot`` pauses the vCPU (immediate_exit plus a signal), reads the
-control registers and walks the live tables from CR3 with ``mm``'s walker,
-then lets the guest go: the pause lasts as long as one walk (a few ms for a
-typical guest). Everything else (labels, filters, audits, diffs) works on
-the snapshot afterwards, without holding the guest.
+The guest keeps running while the host reads (the vCPU is parked only to
+check): ``Snapshotter.take``
+
+1. walks the tables from the last known CR3, recording every table it
+   reads, and walks the heap free list, recording every node it reads
+   (reusing the unchanged stretches of the previous walk), while the guest
+   runs;
+2. parks the vCPU and validates: same CR3 and EFER.NXE, every recorded
+   table unchanged, the inspect block not mid-update (even ``seq``), the
+   heap's bounds and head as walked, every recorded heap node unchanged
+   (one vectorized gather); then copies the frame bitmaps (a memcpy of
+   RAM/32768 bytes: 8 KiB at 128 MiB, cheaper than comparing a copy made
+   earlier) and lets the guest go. The pause costs comparisons, not walks;
+3. if the vCPU was parked inside a critical section (odd ``seq``), lets it
+   run and parks again a moment later without reading anything again (what
+   was read may well still hold); if anything changed, starts over from 1
+   (the heap walk then rereads only what changed), at most ``attempts``
+   times. Every park is short; ``held_ms`` adds them up per snapshot;
+4. after that, holds the guest for as long as a complete read takes
+   (``method == "stopped"``), after waiting for it to leave any critical
+   section; a guest that never does gives a snapshot marked ``busy``.
+
+Everything else (labels, filters, audits, diffs) works on the snapshot
+afterwards, without holding the guest.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import random
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,14 +41,27 @@ from mm.physmem import read_tables
 from mm.walker import Run, RunArrays, walk_arrays
 
 from ..cpu import EFER_NXE
-from ..layout import PHYS_OFFSET
-from .heap import RunTranslator
-from .inspect_block import InspectBlockError, read_inspect_block
-from .target import ControlRegisters, GuestFacts, Target
+from .facts import GuestFacts
+from .heap import HeapView, RunTranslator
+from .inspect_block import InspectBlock, InspectBlockError, read_inspect_block
+from .labels import Labeler
+from .target import ControlRegisters, Target
 from .tlsf import walk_heap_any
 
+#: Optimistic passes invalidated by guest changes before falling back.
+MAX_ATTEMPTS = 6
+#: Parks that find the guest inside a critical section before falling back
+#: (each is short: park, read the block's seq, resume).
+BUSY_PARKS = 40
+CR3_ADDR = 0x000F_FFFF_FFFF_F000
 
-@dataclass
+#: How a snapshot got consistent.
+VALIDATED = "validated"  # read while the guest ran, checked unchanged in a short pause
+STOPPED = "stopped"  # read with the guest held for as long as the reads took
+NOT_RUNNING = "not running"  # the guest was not running: nothing to pause
+
+
+@dataclass(frozen=True)
 class Snapshot:
     taken_at: float  # time.time()
     registers: ControlRegisters
@@ -36,11 +69,26 @@ class Snapshot:
     walk_findings: list[Finding]
     table_frames: dict  # level -> array of table frame addresses
     tables_visited: int
-    pause_ms: float
-    walk_ms: float
-    facts: GuestFacts
+    pause_ms: float  # the vCPU held, park and resume included
+    walk_ms: float  # reads and checks done while it was held
+    facts: GuestFacts  # with the live inspect block read in the pause
     parked: bool = True
-    extra: dict = field(default_factory=dict)
+    method: str = VALIDATED
+    #: Parks this snapshot took (the last one is ``pause_ms``); ``held_ms``
+    #: is their total (each one cost the guest its length).
+    attempts: int = 1
+    held_ms: float = 0.0
+    #: Parked inside a guest critical section even after waiting: heap and
+    #: bitmap may be mid-update (their cross-checks are skipped).
+    busy: bool = False
+    #: A remote pause ran out before the reads ended (``parked`` is then False).
+    pause_expired: bool = False
+    bitmap_raw: bytes | None = None  # used then managed bitmap, as of the pause
+    heap: HeapView | None = None
+
+    @property
+    def block(self) -> InspectBlock | None:
+        return self.facts.block
 
     def iter_runs(self):
         return self.runs.runs()
@@ -61,27 +109,6 @@ def _warm_up(physmem) -> None:
     if not _warm:
         walk_arrays(physmem, 0, max_tables=4)
         _warm = True
-
-
-BUSY_RETRIES = 20
-
-
-def take_snapshot(target: Target, *, facts: GuestFacts | None = None, max_tables: int = 1 << 16) -> Snapshot:
-    """A consistent snapshot. If the vCPU was parked inside one of the guest's
-    allocator or paging critical sections (odd inspect-block seq), the guest
-    is let go for a moment and the snapshot retaken, up to BUSY_RETRIES
-    times; ``snap.extra["busy"]`` says if it never got a quiet moment."""
-    facts = facts or target.facts()
-    for attempt in range(BUSY_RETRIES):
-        snap = _take_snapshot_once(target, facts, max_tables)
-        block = snap.extra.get("inspect_block")
-        retake = snap.extra.get("pause_expired") or (block is not None and block.busy and snap.parked)
-        if not retake:
-            break
-        time.sleep(0.0002 * (attempt + 1))
-    snap.extra["busy"] = bool(snap.extra.get("inspect_block") is not None and snap.extra["inspect_block"].busy)
-    snap.extra["attempts"] = attempt + 1
-    return snap
 
 
 class _RecordingMemory:
@@ -109,57 +136,187 @@ class _RecordingMemory:
     def __getattr__(self, name):
         return getattr(self.mem, name)
 
+    def freeze(self) -> None:
+        """Merge what was read into one batch (after the walk, before the
+        pause), so ``unchanged`` is one gather and one comparison."""
+        if len(self.seen) > 1:
+            self.seen = [(np.concatenate([p for p, _ in self.seen]), np.concatenate([r for _, r in self.seen]))]
+
     def unchanged(self) -> bool:
         return all(np.array_equal(read_tables(self.mem, p), rows) for p, rows in self.seen)
 
 
-def _take_snapshot_once(target: Target, facts: GuestFacts, max_tables: int) -> Snapshot:
-    """Walk while the guest runs, then park it and check that every table the
-    walk read is unchanged (cheap: a few KiB compared). Only if something
-    changed, or CR3 did, is the walk redone with the vCPU parked. The pause
-    thus costs a table comparison instead of a walk."""
-    _warm_up(target.physmem)
-    guess_cr3 = getattr(target, "_last_cr3", None)
-    nxe = getattr(target, "_last_nxe", True)
-    optimistic = None
-    if guess_cr3 is not None:
-        rec = _RecordingMemory(target.physmem)
-        pre_report = WalkReport()
+@dataclass
+class _Tally:
+    """Parks of one snapshot: how many, how many found the guest busy, how long in all."""
+
+    parks: int = 0
+    busy: int = 0
+    held_ns: int = 0
+
+    def park(self, ns: int, busy: bool) -> None:
+        self.parks += 1
+        self.busy += busy
+        self.held_ns += ns
+
+
+@dataclass
+class _Walked:
+    """What one optimistic pass read while the guest ran."""
+
+    cr3: int
+    nxe: bool
+    tables: _RecordingMemory
+    report: WalkReport
+    runs: RunArrays
+    heap: HeapView | None
+
+
+class Snapshotter:
+    """Takes snapshots of one target; remembers CR3, EFER.NXE and the last heap
+    walk between them (the next optimistic pass starts from those)."""
+
+    def __init__(self, target: Target, *, attempts: int = MAX_ATTEMPTS):
+        # ``attempts``: optimistic passes invalidated by changes before the
+        # guest is held for a complete read.
+        self.target = target
+        self.attempts = max(1, attempts)
+        self._cr3: int | None = None
+        self._nxe = True
+        self._heap: HeapView | None = None
+
+    def take(self, facts: GuestFacts | None = None, *, max_tables: int = 1 << 16) -> Snapshot:
+        facts = facts or self.target.facts()
+        _warm_up(self.target.physmem)
+        if self._cr3 is None and facts.report.cr3 is not None:
+            self._cr3 = facts.report.cr3 & CR3_ADDR
+        tally = _Tally()
+        walked, changed = None, 0
+        while changed < self.attempts and tally.busy < BUSY_PARKS:
+            if walked is None:
+                walked = self._read_running(facts, max_tables)
+            status, snap = self._validate(facts, walked, max_tables, tally)
+            if snap is not None:
+                return snap
+            if status == "busy":
+                # Parked inside a critical section: what was read may still be
+                # valid once it ends. Park again a little later (jittered so a
+                # periodic guest cannot dodge us); no new pass unless it changed.
+                time.sleep(random.uniform(0.0003, 0.0015))
+            else:
+                changed += 1
+                walked = None
+                time.sleep(0.0002 * changed)
+        return self._take_stopped(facts, max_tables, tally)
+
+    # -- 1. while the guest runs ----------------------------------------------------
+    def _read_running(self, facts: GuestFacts, max_tables: int) -> _Walked | None:
+        if self._cr3 is None:
+            return None  # learn CR3 in the first pause
+        physmem = self.target.physmem
+        rec = _RecordingMemory(physmem)
+        report = WalkReport()
         try:
-            pre_runs = walk_arrays(rec, guess_cr3, report=pre_report, max_tables=max_tables, nxe=nxe, **_cpu(facts))
-            optimistic = (rec, pre_report, pre_runs)
-        except Exception:  # a torn read of a table being rewritten: walk parked instead
-            optimistic = None
-    t0 = time.perf_counter_ns()
-    with target.paused() as parked:
-        t1 = time.perf_counter_ns()
-        regs = target.control_registers()
-        nxe_now = bool(regs.efer & EFER_NXE)
-        validated = (
-            optimistic is not None and parked and regs.root == guess_cr3 and nxe_now == nxe and optimistic[0].unchanged()
-        )
-        if validated:
-            _, report, runs = optimistic
-        else:
-            report = WalkReport()
-            runs = walk_arrays(
-                target.physmem, regs.root, report=report, max_tables=max_tables, nxe=nxe_now, **_cpu(facts)
+            runs = walk_arrays(rec, self._cr3, report=report, max_tables=max_tables, nxe=self._nxe, **_cpu(facts))
+        except Exception:  # a torn read of a table being rewritten: try again
+            return None
+        rec.freeze()
+        block = _read_block(physmem, facts)
+        heap = walk_heap(physmem, runs, facts.with_block(block) if block else facts, prior=self._heap)
+        if heap is not None:
+            self._heap = heap
+        return _Walked(self._cr3, self._nxe, rec, report, runs, heap)
+
+    # -- 2. in a short pause -------------------------------------------------------------
+    def _validate(self, facts: GuestFacts, walked: _Walked | None, max_tables: int,
+                  tally: "_Tally") -> tuple[str, Snapshot | None]:
+        """("ok", snapshot), or ("busy" | "changed", None)."""
+        physmem = self.target.physmem
+        t0 = time.perf_counter_ns()
+        with self.target.paused() as parked:
+            t1 = time.perf_counter_ns()
+            if not parked:  # not running: every read is consistent as it is
+                finish = self._read_all(facts, max_tables)
+                return "ok", finish(t0, t1, time.perf_counter_ns(), tally, parked=False, method=NOT_RUNNING)
+            regs = self.target.control_registers()
+            nxe = bool(regs.efer & EFER_NXE)
+            block = _read_block(physmem, facts)
+            live = facts.with_block(block) if block is not None else facts
+            busy = block is not None and block.busy
+            ok = (
+                not busy
+                and walked is not None
+                and regs.root == walked.cr3
+                and nxe == walked.nxe
+                and walked.tables.unchanged()
+                and _heap_unchanged(physmem, walked.heap, live)
             )
-        block = _read_block(target.physmem, facts)
-        if block is not None:  # live values override the INSPECT report's boot-time ones
-            facts = dataclasses.replace(facts, inspect={**facts.inspect, **block.as_inspect_fields()})
-        # The allocator state must match the tables: copy it inside the pause too.
-        bitmap_raw = read_bitmaps(target.physmem, facts)
-        heap = walk_heap(target.physmem, runs, facts)
+            bitmap = read_bitmaps(physmem, live) if ok else None
+            t2 = time.perf_counter_ns()
+        t3 = time.perf_counter_ns()
+        self._cr3, self._nxe = regs.root, nxe
+        if _expired(parked):  # a remote pause ran out mid-read: the guest moved, read again
+            tally.park(t3 - t0, False)
+            return "changed", None
+        if not ok:
+            tally.park(t3 - t0, busy)
+            return ("busy" if busy else "changed"), None
+        return "ok", _snapshot(regs, walked.runs, walked.report, live, bitmap, walked.heap, t0, t1, t2, t3, tally,
+                               parked=True, method=VALIDATED, busy=False)
+
+    # -- 4. the guest held -----------------------------------------------------------------
+    def _take_stopped(self, facts: GuestFacts, max_tables: int, tally: "_Tally") -> Snapshot:
+        physmem = self.target.physmem
+        for k in range(BUSY_PARKS):
+            t0 = time.perf_counter_ns()
+            with self.target.paused() as parked:
+                t1 = time.perf_counter_ns()
+                block = _read_block(physmem, facts) if parked else None
+                if parked and block is not None and block.busy and k < BUSY_PARKS - 1:
+                    finish = None  # inside a critical section: let it finish
+                else:
+                    finish = self._read_all(facts, max_tables)
+            t3 = time.perf_counter_ns()
+            if finish is not None:
+                # A remote pause that ran out let the guest go mid-read: the
+                # snapshot says it was not parked (its reads may be torn).
+                held = bool(parked) and not _expired(parked)
+                return finish(t0, t1, t3, tally, parked=held, method=STOPPED if parked else NOT_RUNNING,
+                              expired=_expired(parked))
+            tally.park(t3 - t0, True)
+            time.sleep(random.uniform(0.0003, 0.0015))
+        raise AssertionError("unreachable: the last park always reads")
+
+    def _read_all(self, facts: GuestFacts, max_tables: int):
+        """Every read with the guest not running (held, or stopped anyway);
+        returns a function that makes the snapshot once the pause is over
+        (from its timestamps: start, parked, resumed)."""
+        physmem = self.target.physmem
+        regs = self.target.control_registers()
+        nxe = bool(regs.efer & EFER_NXE)
+        report = WalkReport()
+        runs = walk_arrays(physmem, regs.root, report=report, max_tables=max_tables, nxe=nxe, **_cpu(facts))
+        block = _read_block(physmem, facts)
+        live = facts.with_block(block) if block is not None else facts
+        bitmap = read_bitmaps(physmem, live)
+        heap = walk_heap(physmem, runs, live, prior=self._heap)
         t2 = time.perf_counter_ns()
-    t3 = time.perf_counter_ns()
-    # A remote pause that ran out let the guest go mid-read: not a parked snapshot.
-    expired = bool(getattr(parked, "expired", False))
-    parked = bool(parked) and not expired
-    try:
-        target._last_cr3, target._last_nxe = regs.root, nxe_now
-    except AttributeError:
-        pass
+        self._cr3, self._nxe = regs.root, nxe
+        if heap is not None:
+            self._heap = heap
+
+        def finish(t0: int, t1: int, t3: int, tally: _Tally, *, parked: bool, method: str,
+                   expired: bool = False) -> Snapshot:
+            return _snapshot(regs, runs, report, live, bitmap, heap, t0, t1, t2, t3, tally, parked=parked,
+                             method=method, busy=bool(parked and block is not None and block.busy), expired=expired)
+
+        return finish
+
+
+def _snapshot(regs, runs, report, facts, bitmap, heap, t0, t1, t2, t3, tally, *, parked, method, busy,
+              expired=False) -> Snapshot:
+    if parked or expired:
+        tally.park(t3 - t0, busy)
     return Snapshot(
         taken_at=time.time(),
         registers=regs,
@@ -170,10 +327,42 @@ def _take_snapshot_once(target: Target, facts: GuestFacts, max_tables: int) -> S
         pause_ms=(t3 - t0) / 1e6 if parked else 0.0,
         walk_ms=(t2 - t1) / 1e6,
         facts=facts,
-        parked=bool(parked),
-        extra={"inspect_block": block, "bitmap_raw": bitmap_raw, "heap": heap, "validated_walk": validated,
-               "pause_expired": expired},
+        parked=parked,
+        method=method,
+        attempts=max(1, tally.parks),
+        held_ms=tally.held_ns / 1e6,
+        busy=busy,
+        pause_expired=expired,
+        bitmap_raw=bitmap,
+        heap=heap,
     )
+
+
+def _expired(pause) -> bool:
+    """Did the target's pause run out before the block ended (``target.Pause``)?"""
+    return bool(getattr(pause, "expired", False))
+
+
+def _heap_unchanged(physmem, heap: HeapView | None, facts: GuestFacts) -> bool:
+    """The optimistic heap walk still describes the heap the block describes."""
+    bounds, head = facts.heap, facts.heap_free_head
+    if heap is None:
+        return bounds is None or head is None
+    if bounds is None or (heap.heap_start, heap.heap_end, heap.head) != (*bounds, head):
+        return False
+    return heap.unchanged(physmem)
+
+
+_snapshotters: "weakref.WeakKeyDictionary[object, Snapshotter]" = weakref.WeakKeyDictionary()
+
+
+def take_snapshot(target: Target, *, facts: GuestFacts | None = None, max_tables: int = 1 << 16) -> Snapshot:
+    """A consistent snapshot of ``target`` (see the module comment), through
+    one ``Snapshotter`` per target kept for as long as the target lives."""
+    snapper = _snapshotters.get(target)
+    if snapper is None:
+        snapper = _snapshotters[target] = Snapshotter(target)
+    return snapper.take(facts, max_tables=max_tables)
 
 
 def _cpu(facts: GuestFacts) -> dict:
@@ -183,8 +372,10 @@ def _cpu(facts: GuestFacts) -> dict:
 
 def read_bitmaps(physmem, facts: GuestFacts) -> bytes | None:
     """Both frame bitmaps (used, then managed) as raw bytes, bounds-checked."""
-    paddr, bits = facts.inspect_int("bitmap_phys"), facts.inspect_int("bitmap_bits")
-    if paddr is None or not bits or bits > facts.ram_size // 4096 + 64:
+    if facts.bitmap is None:
+        return None
+    paddr, bits = facts.bitmap
+    if bits > facts.ram_size // 4096 + 64:
         return None
     n = 2 * (-(-bits // 64)) * 8
     if paddr < 0 or paddr + n > facts.ram_size:
@@ -192,61 +383,25 @@ def read_bitmaps(physmem, facts: GuestFacts) -> bytes | None:
     return physmem.read(paddr, n)
 
 
-def walk_heap(physmem, runs: RunArrays, facts: GuestFacts):
-    start, end, head = (facts.inspect_int(k) for k in ("heap_start", "heap_end", "heap_free_head"))
-    if start is None or end is None or head is None:
+def walk_heap(physmem, runs: RunArrays, facts: GuestFacts, *, prior: HeapView | None = None) -> HeapView | None:
+    """The heap as the facts place it (None if the guest reported no heap): the
+    walk the guest's heap index asks for (TLSF or the first-fit list)."""
+    bounds, head = facts.heap, facts.heap_free_head
+    if bounds is None or head is None:
         return None
-    return walk_heap_any(physmem, RunTranslator(runs), start, end, head, facts.inspect_int("heap_index"))
+    index = facts.block.heap_index if facts.block is not None else None
+    return walk_heap_any(physmem, RunTranslator(runs), *bounds, head, index, prior=prior)
 
 
-def _read_block(physmem, facts: GuestFacts):
+def _read_block(physmem, facts: GuestFacts) -> InspectBlock | None:
     """The guest's inspect block, if it reported one and it reads back sane."""
-    paddr = facts.inspect_int("inspect_block_phys")
+    paddr = facts.report.inspect_block_phys
     if paddr is None:
         return None
     try:
         return read_inspect_block(physmem, paddr)
     except (InspectBlockError, ValueError):
         return None
-
-
-# --- labels ----------------------------------------------------------------------------
-_SEGMENT_NAMES = {"R-X": "kernel .text", "R--": "kernel .rodata", "RW-": "kernel .data/.bss"}
-
-
-def label_ranges(facts: GuestFacts) -> list[tuple[int, int, str]]:
-    """(start, end, name) for every region the host can name, most specific first."""
-    out: list[tuple[int, int, str]] = []
-    for start, end, perms in facts.segments:
-        out.append((start & ~0xFFF, (end + 0xFFF) & ~0xFFF, _SEGMENT_NAMES.get(perms, f"kernel {perms}")))
-    heap_start, heap_end = facts.inspect_int("heap_start"), facts.inspect_int("heap_end")
-    if heap_start is not None and heap_end is not None:
-        out.append((heap_start, max(heap_end, heap_start), "heap"))
-    for lo, hi, task in facts.stacks():
-        out.append((lo, hi, f"stack (task {task})"))
-    scratch, scratch_size = facts.inspect_int("scratch_start"), facts.inspect_int("scratch_size")
-    if scratch is not None and scratch_size:
-        out.append((scratch, scratch + scratch_size, "scratch (tests, workload)"))
-    demand_lo, demand_hi = facts.inspect_int("demand_start"), facts.inspect_int("demand_end")
-    if demand_lo is not None and demand_hi is not None:
-        out.append((demand_lo, demand_hi, "demand-paged region"))
-    for d in facts.memmap:
-        if d.get("type") == "FRAMEBUFFER":
-            out.append((PHYS_OFFSET + d["phys_start"], PHYS_OFFSET + d["end"], "framebuffer (direct map)"))
-    out.append((PHYS_OFFSET, PHYS_OFFSET + facts.ram_size, "direct map"))
-    return out
-
-
-def labeler(facts: GuestFacts):
-    ranges = label_ranges(facts)
-
-    def label(run: Run) -> str:
-        for a, b, name in ranges:
-            if a <= run.virt < b:
-                return name
-        return ""
-
-    return label
 
 
 # --- filters ---------------------------------------------------------------------------------
@@ -283,10 +438,6 @@ class RunFilter:
 
 
 def filtered_runs(snap: Snapshot, flt: RunFilter | None = None) -> list[tuple[Run, str]]:
-    label = labeler(snap.facts)
-    out = []
-    for run in snap.iter_runs():
-        name = label(run)
-        if flt is None or flt.matches(run, name):
-            out.append((run, name))
-    return out
+    """Runs split at every owner edge, each piece with its label, filtered."""
+    pieces = Labeler.for_facts(snap.facts).label_runs(snap.iter_runs())
+    return [(run, name) for run, name in pieces if flt is None or flt.matches(run, name)]

@@ -10,7 +10,7 @@ provides a remote one over a UNIX socket with RAM shared through a memfd.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from mm.flags import ADDR_MASK
@@ -19,6 +19,11 @@ from ..abi import ReportKind
 from ..cpu import decode_bits
 from ..reports import Report
 from .dirty import dirty_pages
+from .facts import GuestFacts, InspectReport
+
+__all__ = [
+    "ControlRegisters", "GuestFacts", "InspectReport", "LocalTarget", "Pause", "Target", "facts_from_vm", "latest",
+]
 
 
 @dataclass
@@ -41,60 +46,6 @@ class ControlRegisters:
             "cr4_bits": decode_bits("cr4", self.cr4),
             "efer_bits": decode_bits("efer", self.efer),
         }
-
-
-@dataclass
-class GuestFacts:
-    """What the host knows about the guest's layout (from the ELF and reports)."""
-
-    ram_size: int
-    kaslr_slide: int
-    segments: list[tuple[int, int, str]] = field(default_factory=list)  # (virt start, end, perms)
-    inspect: dict[str, str] = field(default_factory=dict)  # latest INSPECT report fields
-    memmap: list[dict] = field(default_factory=list)  # memory map as JSON dicts
-    # The vCPU's paging facts (CPUID): a walk judges reserved bits and 1 GiB
-    # leaves as this CPU does, not as the widest x86-64 would.
-    maxphyaddr: int = 52
-    gbpages: bool = True
-
-    def inspect_int(self, key: str) -> int | None:
-        raw = self.inspect.get(key)
-        try:
-            return int(raw, 0) if raw is not None else None
-        except ValueError:
-            return None
-
-    def stacks(self) -> list[tuple[int, int, str]]:
-        """(base, top, task) of each stack the guest reported (``stackN_*`` keys)."""
-        out = []
-        for i in range(min(self.inspect_int("stack_count") or 0, 64)):
-            lo, hi = self.inspect_int(f"stack{i}_base"), self.inspect_int(f"stack{i}_top")
-            if lo is not None and hi is not None and lo < hi:
-                out.append((lo, hi, self.inspect.get(f"stack{i}_task", "?")))
-        return out
-
-    def to_json(self) -> dict:
-        return {
-            "ram_size": self.ram_size,
-            "kaslr_slide": self.kaslr_slide,
-            "segments": [list(s) for s in self.segments],
-            "inspect": self.inspect,
-            "memmap": self.memmap,
-            "maxphyaddr": self.maxphyaddr,
-            "gbpages": self.gbpages,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict) -> "GuestFacts":
-        return cls(
-            ram_size=int(d["ram_size"]),
-            kaslr_slide=int(d["kaslr_slide"]),
-            segments=[tuple(s) for s in d.get("segments", [])],
-            inspect=dict(d.get("inspect", {})),
-            memmap=list(d.get("memmap", [])),
-            maxphyaddr=int(d.get("maxphyaddr", 52)),
-            gbpages=bool(d.get("gbpages", True)),
-        )
 
 
 @dataclass
@@ -137,7 +88,7 @@ def facts_from_vm(vm) -> GuestFacts:
         ram_size=vm.memory.size,
         kaslr_slide=vm.slide,
         segments=segs,
-        inspect=inspect,
+        report=InspectReport.parse(inspect),
         memmap=vm.memmap.to_json(),
         maxphyaddr=vm.cpu_features.maxphyaddr,
         gbpages=vm.cpu_features.gbpages,

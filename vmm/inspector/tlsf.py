@@ -27,9 +27,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+
 from mm.findings import Finding, Severity
 
-from .heap import HeapView, RunTranslator, walk_free_list
+from .heap import HeapView, RecordedReads, RunTranslator, walk_free_list
 
 INDEX_MAGIC = int.from_bytes(b"PYHEAPX1", "little")
 INDEX_HEADER = struct.Struct("<QIIIIQIIQ")  # magic version size backing caches findings last_kind reserved last_addr
@@ -256,16 +258,23 @@ def walk_tlsf(physmem, translator, index: int, heap_start: int, heap_end: int, *
 
 
 def walk_heap_any(physmem, translator: RunTranslator, heap_start: int, heap_end: int, head: int,
-                  index: int | None) -> HeapView:
-    """The walk the guest's heap index asks for: TLSF, or the first-fit list."""
+                  index: int | None, *, prior: HeapView | None = None) -> HeapView:
+    """The walk the guest's heap index asks for: TLSF, or the first-fit list.
+
+    Every read is recorded so that ``HeapView.unchanged`` can tell, inside a
+    pause, whether the walk still holds; a list walk can reuse ``prior``."""
     if index:
-        hdr = read_index_header(VirtReader(physmem, translator), index)
+        reads = RecordedReads(physmem)
+        hdr = read_index_header(VirtReader(reads, translator), index)
         if hdr is not None and hdr.backing == BACKING_TLSF:
-            return walk_tlsf(physmem, translator, index, heap_start, heap_end)
-        view = walk_free_list(physmem, translator, head, heap_start, heap_end)
+            view = walk_tlsf(reads, translator, index, heap_start, heap_end)
+            view.reads = reads.prepare()
+            return view
+        view = walk_free_list(physmem, translator, head, heap_start, heap_end, prior=prior)
+        view.reads = reads.prepare()
         if hdr is None:
             view.findings.append(Finding("heap-index", index, 0, f"no readable heap index at {index:#x}", Severity.ERROR))
         elif hdr.findings:
             view.guest_findings = hdr.findings
         return view
-    return walk_free_list(physmem, translator, head, heap_start, heap_end)
+    return walk_free_list(physmem, translator, head, heap_start, heap_end, prior=prior)

@@ -23,16 +23,13 @@ from ..layout import PHYS_OFFSET
 from ..render import flags_str
 from ..units import hex_addr, human_size
 from .diff import Change, diff_runs, summarize
-from .heap import HeapView, RunTranslator, walk_free_list
+from .heap import HeapView, RunTranslator
 from .physical import PhysicalView, physical_view
-from .snapshot import RunFilter, Snapshot, filtered_runs, walk_heap
+from .snapshot import STOPPED, RunFilter, Snapshot, filtered_runs, walk_heap
 
 SCHEMA_VERSION = 1
 
 
-def stack_ranges(snap: Snapshot) -> list[tuple[int, int]]:
-    """Stacks the guest reported in its inspect block."""
-    return [(lo, hi) for lo, hi, _task in snap.facts.stacks()]
 
 
 def audits(snap: Snapshot) -> list[Finding]:
@@ -46,7 +43,8 @@ def audits(snap: Snapshot) -> list[Finding]:
     direct = (PHYS_OFFSET, PHYS_OFFSET + snap.facts.ram_size)
     found += pt_alias_findings(snap.runs, report, [direct])
     translator = RunTranslator(snap.runs)
-    for lo, hi in stack_ranges(snap):
+    for st in snap.facts.stacks:
+        lo, hi = st.base, st.top
         for where, page in (("below", lo - 4096), ("above", hi)):
             phys = translator.translate(page)
             if phys is not None:
@@ -78,6 +76,7 @@ class Inspection:
             "pause_ms": round(s.pause_ms, 4),
             "walk_ms": round(s.walk_ms, 4),
             "tables_visited": s.tables_visited,
+            "consistency": {"method": s.method, "attempts": s.attempts, "busy": s.busy},
             "runs": [
                 {
                     "virt": r.virt,
@@ -109,6 +108,8 @@ class Inspection:
         s = self.snapshot
         errors = sum(1 for f in self.findings if f.severity == Severity.ERROR)
         parts = [f"{len(s.runs)} runs", f"pause {s.pause_ms:.2f} ms", f"{errors} audit errors"]
+        if s.method == STOPPED:
+            parts.append(f"guest held for consistency after {s.attempts - 1} attempts")
         if self.changes is not None:
             parts.append(f"{len(self.changes)} changes")
         if self.physical is not None:
@@ -126,7 +127,8 @@ class Inspection:
         head.append(f"CR0[{' '.join(decode_bits('cr0', r.cr0))}] CR4[{' '.join(decode_bits('cr4', r.cr4))}] "
                     f"EFER[{' '.join(decode_bits('efer', r.efer))}]\n")
         head.append(
-            f"{len(s.runs)} runs from {s.tables_visited} tables; walk {s.walk_ms:.2f} ms, vCPU paused {s.pause_ms:.2f} ms"
+            f"{len(s.runs)} runs from {s.tables_visited} tables; vCPU paused {s.pause_ms:.2f} ms "
+            f"({s.method}, attempt {s.attempts})"
         )
         parts = [head, self._runs_table(max_rows), self._findings_table()]
         if self.changes is not None:
@@ -200,8 +202,8 @@ class Inspection:
 
 
 def heap_view(snap: Snapshot, physmem) -> HeapView | None:
-    if snap.extra.get("heap") is not None:  # walked while the vCPU was parked
-        return snap.extra["heap"]
+    if snap.heap is not None:  # consistent with the snapshot's tables and block
+        return snap.heap
     return walk_heap(physmem, snap.runs, snap.facts)
 
 
@@ -211,7 +213,7 @@ def inspect(snap: Snapshot, physmem, flt: RunFilter | None = None, previous: Sna
     t1 = time.perf_counter_ns()
     found = audits(snap)
     t2 = time.perf_counter_ns()
-    busy = snap.extra.get("busy", False)
+    busy = snap.busy
     phys = physical_view(snap, physmem)
     if phys is not None and not busy:  # mid-update state would give false alarms
         found += phys.findings
