@@ -71,8 +71,10 @@ def run(args) -> int:
         return guest_section.run(image, plan.guest_boots, quick=plan.quick, cmdline=args.guest_cmdline, backend=backend)
 
     def inspector() -> Section:
-        _say(f"inspector: {plan.inspector_iterations} snapshots and refreshes of a running guest ...")
-        return inspector_section.run(image, plan.inspector_iterations, backend)
+        _say(f"inspector: {plan.inspector_iterations} snapshots and refreshes of a running guest, then "
+             f"{plan.watch_runs} x {plan.watch_seconds:g} s of each workload unwatched and watched at 10 Hz ...")
+        return inspector_section.run(image, plan.inspector_iterations, backend, watch_runs=plan.watch_runs,
+                                     watch_seconds=plan.watch_seconds)
 
     def gdb() -> Section:
         runs = 2 if plan.quick else min(plan.runs, 5)

@@ -10,7 +10,11 @@ measurements in another one, which stops the guest when done.
 - view refresh: one refresh of the live view (snapshot, labels, audits,
   physical view, heap walk, diff, rendered with rich to a string), as a rate;
 - snapshot pause: how long the guest is held for one consistent snapshot,
-  beside the baseline of parking and resuming the vCPU with no walk at all.
+  beside the baseline of parking and resuming the vCPU with no walk at all;
+- per guest workload (``watch.py``: compute loop, ``workload=mm``, heaps
+  fragmented into 1,024 and 16,384 free blocks), watched at 10 Hz as the
+  live view does: pause per snapshot (p50/p99), total held per snapshot
+  (all its parks), and the guest's slowdown against unwatched runs.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from ..inspector.target import LocalTarget
 from ..inspector.views import inspect
 from ..devices import Stop
 from ..vm import Vm, VmConfig
-from .stats import Section, rate, summarize
+from . import watch
+from .stats import Section, distribution, rate, summarize
 
 GUEST_RAM = 128 << 20
 ENTRIES_PER_TABLE = 512
@@ -136,5 +141,30 @@ def section_from(samples: dict) -> Section:
     return sec
 
 
-def run(image, iterations: int, backend=None) -> Section:
-    return section_from(measure(image, iterations, backend))
+def add_watch_rows(sec: Section, samples: list) -> None:
+    """Rows for ``watch.measure`` results, one group per workload (pure)."""
+    for s in samples:
+        w = s.workload
+        if s.error:
+            sec.message = (sec.message + "; " if sec.message else "") + s.error
+        if not s.pause_ms:
+            sec.add(f"watch_{w.key}_pause", f"{w.label}: snapshot pause", None,
+                    note=s.error or "no snapshot while the guest ran")
+            continue
+        note = (f"{s.snapshots} snapshots, {s.stopped} held for a complete read, {s.busy} busy; "
+                f"guest cmdline '{w.cmdline}'")
+        sec.add(f"watch_{w.key}_pause", f"{w.label}: snapshot pause", distribution(s.pause_ms, "ms"), note=note)
+        sec.add(f"watch_{w.key}_held", "held per snapshot, all parks", distribution(s.held_ms, "ms"), indent=1)
+        sec.add(f"watch_{w.key}_work", "reads and checks while held", distribution(s.work_ms, "ms"), indent=1)
+        if s.slowdowns:
+            sec.add(f"watch_{w.key}_slowdown", "guest slowdown watched at 10 Hz",
+                    summarize([100 * x for x in s.slowdowns], "%"), indent=1,
+                    note=f"iterations unwatched {s.iters_plain}, watched {s.iters_watched}")
+
+
+def run(image, iterations: int, backend=None, *, watch_runs: int = 0, watch_seconds: float = 3.0) -> Section:
+    sec = section_from(measure(image, iterations, backend))
+    if watch_runs:
+        add_watch_rows(sec, [watch.measure(image, w, seconds=watch_seconds, runs=watch_runs, backend=backend)
+                             for w in watch.WORKLOADS])
+    return sec

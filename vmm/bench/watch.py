@@ -24,7 +24,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from rich.console import Console
+
+from ..inspector.snapshot import STOPPED, Snapshotter, read_block
+from ..inspector.target import LocalTarget, facts_from_vm
+from ..inspector.views import inspect
 from ..vm import Vm, VmConfig
+from .stats import distribution
 
 GUEST_RAM = 128 << 20
 
@@ -49,7 +55,9 @@ class WatchSamples:
     workload: Workload
     iters_plain: list[int] = field(default_factory=list)
     iters_watched: list[int] = field(default_factory=list)
-    pause_ms: list[float] = field(default_factory=list)
+    pause_ms: list[float] = field(default_factory=list)  # the snapshot's last park
+    held_ms: list[float] = field(default_factory=list)  # all its parks
+    work_ms: list[float] = field(default_factory=list)  # reads and checks while held
     attempts: list[int] = field(default_factory=list)
     stopped: int = 0  # snapshots that fell back to holding the guest
     busy: int = 0
@@ -62,21 +70,12 @@ class WatchSamples:
 
 
 def _iterations(vm) -> int:
-    from ..inspector.snapshot import _read_block
-    from ..inspector.target import facts_from_vm
-
-    block = _read_block(vm.memory.physmem, facts_from_vm(vm))
+    block = read_block(vm.memory.physmem, facts_from_vm(vm))
     return block.workload_iters if block is not None else 0
 
 
 def run_once(image, workload: Workload, seconds: float, hz: float | None, out: WatchSamples, backend=None) -> int:
     """One run; returns the iterations the guest completed (0 on failure)."""
-    from rich.console import Console
-
-    from ..inspector.snapshot import STOPPED, Snapshotter
-    from ..inspector.target import LocalTarget
-    from ..inspector.views import inspect
-
     cmdline = f"{workload.cmdline} workload_ms={int(seconds * 1000)}"
     with Vm(image, VmConfig(memory=GUEST_RAM, cmdline=cmdline, timeout=120), backend=backend) as vm:
         stop = threading.Event()
@@ -104,6 +103,8 @@ def run_once(image, workload: Workload, seconds: float, hz: float | None, out: W
                     if snap.parked:
                         out.snapshots += 1
                         out.pause_ms.append(snap.pause_ms)
+                        out.held_ms.append(snap.held_ms)
+                        out.work_ms.append(snap.walk_ms)
                         out.attempts.append(snap.attempts)
                         out.stopped += snap.method == STOPPED
                         out.busy += snap.busy
@@ -136,8 +137,6 @@ def measure(image, workload: Workload, *, seconds: float = 2.0, runs: int = 3, h
 
 def summary_line(s: WatchSamples) -> str:
     """One human line (scripts)."""
-    from .stats import distribution
-
     if not s.pause_ms:
         return f"{s.workload.label}: no snapshot ({s.error or 'guest too short'})"
     d = distribution(s.pause_ms, "ms")

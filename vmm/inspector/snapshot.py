@@ -221,7 +221,7 @@ class Snapshotter:
         except Exception:  # a torn read of a table being rewritten: try again
             return None
         rec.freeze()
-        block = _read_block(physmem, facts)
+        block = read_block(physmem, facts)
         heap = walk_heap(physmem, runs, facts.with_block(block) if block else facts, prior=self._heap)
         if heap is not None:
             self._heap = heap
@@ -240,7 +240,7 @@ class Snapshotter:
                 return "ok", finish(t0, t1, time.perf_counter_ns(), tally, parked=False, method=NOT_RUNNING)
             regs = self.target.control_registers()
             nxe = bool(regs.efer & EFER_NXE)
-            block = _read_block(physmem, facts)
+            block = read_block(physmem, facts)
             live = facts.with_block(block) if block is not None else facts
             busy = block is not None and block.busy
             ok = (
@@ -271,7 +271,7 @@ class Snapshotter:
             t0 = time.perf_counter_ns()
             with self.target.paused() as parked:
                 t1 = time.perf_counter_ns()
-                block = _read_block(physmem, facts) if parked else None
+                block = read_block(physmem, facts) if parked else None
                 if parked and block is not None and block.busy and k < BUSY_PARKS - 1:
                     finish = None  # inside a critical section: let it finish
                 else:
@@ -296,7 +296,7 @@ class Snapshotter:
         nxe = bool(regs.efer & EFER_NXE)
         report = WalkReport()
         runs = walk_arrays(physmem, regs.root, report=report, max_tables=max_tables, nxe=nxe, **_cpu(facts))
-        block = _read_block(physmem, facts)
+        block = read_block(physmem, facts)
         live = facts.with_block(block) if block is not None else facts
         bitmap = read_bitmaps(physmem, live)
         heap = walk_heap(physmem, runs, live, prior=self._heap)
@@ -393,7 +393,7 @@ def walk_heap(physmem, runs: RunArrays, facts: GuestFacts, *, prior: HeapView | 
     return walk_heap_any(physmem, RunTranslator(runs), *bounds, head, index, prior=prior)
 
 
-def _read_block(physmem, facts: GuestFacts) -> InspectBlock | None:
+def read_block(physmem, facts: GuestFacts) -> InspectBlock | None:
     """The guest's inspect block, if it reported one and it reads back sane."""
     paddr = facts.report.inspect_block_phys
     if paddr is None:

@@ -76,7 +76,8 @@ class Inspection:
             "pause_ms": round(s.pause_ms, 4),
             "walk_ms": round(s.walk_ms, 4),
             "tables_visited": s.tables_visited,
-            "consistency": {"method": s.method, "attempts": s.attempts, "busy": s.busy},
+            "consistency": {"method": s.method, "attempts": s.attempts, "held_ms": round(s.held_ms, 4),
+                            "busy": s.busy},
             "runs": [
                 {
                     "virt": r.virt,
