@@ -16,7 +16,7 @@ from mm.errors import MMError
 from mm.memmap import MemoryMap
 
 from ..abi import BOOT_INFO_MAGIC
-from ..inspector.target import ControlRegisters, GuestFacts
+from ..inspector.target import ControlRegisters, GuestFacts, InspectReport
 from ..memory import GuestMemory
 from .format import SnapshotError
 from .machine import LoadedSnapshot, open_snapshot
@@ -78,7 +78,7 @@ def facts_from_meta(meta: dict) -> GuestFacts:
             ram_size=int(meta["memory_size"]),
             kaslr_slide=int(meta["kaslr_slide"]),
             segments=ints(meta.get("segments", [])),
-            inspect={str(k): str(v) for k, v in dict(meta.get("inspect", {})).items()},
+            report=InspectReport.parse({str(k): str(v) for k, v in dict(meta.get("inspect", {})).items()}),
             memmap=[d for d in meta.get("memmap", []) if isinstance(d, dict)],
             maxphyaddr=int(meta.get("maxphyaddr", 52)),
             gbpages=bool(meta.get("gbpages", True)),
