@@ -208,6 +208,8 @@ class kvm_guest_debug(_Struct):
 
 KVM_GUESTDBG_ENABLE = 0x00000001
 KVM_GUESTDBG_SINGLESTEP = 0x00000002
+KVM_GUESTDBG_USE_HW_BP = 0x00020000  # x86 <asm/kvm.h>: debugreg[] are DR0-3, DR6, DR7
+DR7_L0 = 0x1  # DR7 bit 0: DR0 enabled (R/W0 = LEN0 = 0: an instruction breakpoint)
 
 
 class kvm_debug_exit_arch(_Struct):

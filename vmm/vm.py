@@ -240,6 +240,7 @@ class Vm:
         self._pause_requested = False
         self._paused = threading.Event()
         self._resume = threading.Event()
+        self._run_to: int | None = None  # breakpoint address of a pending run_to()
         self._unparked = threading.Event()
         self.running = False
         self._vcpu_thread: int | None = None
@@ -562,10 +563,7 @@ class Vm:
                     if stop is None and debugger is not None and debugger.pending:
                         stop = debugger.on_interrupt()
                     elif stop is None and self._pause_requested:
-                        self._paused.set()
-                        self._resume.wait()
-                        self._paused.clear()
-                        self._unparked.set()
+                        self._park()
                     continue
                 except KeyboardInterrupt:
                     stop = Stop(130, "interrupted", "interrupted by the user (Ctrl-C)")
@@ -592,12 +590,51 @@ class Vm:
             result.timings_ms["in_kvm_run"] = in_kvm / 1e6
         return result
 
+    def _park(self) -> None:
+        """vCPU thread: wait outside KVM_RUN until ``paused()`` (or
+        ``run_to``) lets the guest go; each release lets it run once."""
+        self._paused.set()
+        self._resume.wait()
+        self._resume.clear()
+        self._paused.clear()
+        self._unparked.set()
+
+    def run_to(self, addr: int, timeout: float) -> bool:
+        """Inside ``paused()`` only (vCPU parked): let the guest run until it is
+        about to execute ``addr`` (an instruction breakpoint in DR0), and hold
+        it there. False if it did not get there within ``timeout``; it is then
+        parked again wherever it was. The inspector uses it to wait for the
+        end of a guest critical section without parking over and over."""
+        vcpu = self.vcpu
+        # Not with gdb attached or instructions being counted: they own the debug registers.
+        if (not self._paused.is_set() or self._vcpu_thread is None or self.icount.active is not None
+                or self.debugger is not None):
+            return False
+        vcpu.set_guest_debug(K.KVM_GUESTDBG_ENABLE | K.KVM_GUESTDBG_USE_HW_BP, (addr, 0, 0, 0, 0, 0, 0, K.DR7_L0))
+        self._run_to = addr
+        self._paused.clear()
+        self._unparked.clear()
+        self._resume.set()
+        reached = self._paused.wait(timeout)
+        if not reached:
+            self._kick_vcpu()  # _pause_requested is still set: it parks where it is
+            if not self._paused.wait(1.0):
+                self._run_to = None
+                return False  # the guest stopped meanwhile
+        self._run_to = None
+        vcpu.set_guest_debug(0)
+        return reached
+
     def _set_single_step(self, on: bool) -> None:
         self.vcpu.set_guest_debug(K.KVM_GUESTDBG_ENABLE | K.KVM_GUESTDBG_SINGLESTEP if on else 0)
 
     def _slow_exit(self, reason: int, run_map) -> Stop | None:
         """Every exit but a single OUT to a known port: decode, then handle."""
         ex = X.decode_exit(reason, memoryview(run_map))
+        if isinstance(ex, X.Debug) and self._run_to is not None and ex.pc == self._run_to:
+            if self._pause_requested:
+                self._park()  # at the address ``run_to`` waits for
+            return None
         if isinstance(ex, X.Debug) and self.icount.active is not None:
             self.icount.step()  # one single-stepped instruction
             return None

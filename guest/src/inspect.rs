@@ -187,8 +187,29 @@ pub fn end() {
         if *d == 0 {
             let seq = addr_of_mut!((*BLOCK.0.get()).seq);
             seq.write_volatile(seq.read_volatile().wrapping_add(1));
+            inspect_quiet();
         }
     }
+}
+
+/// Called each time the outermost critical section closes, right after
+/// `seq` turned even: the first quiet moment. It does nothing. Its address
+/// (INSPECT report `quiet_hook`) is where a host that parked the vCPU inside
+/// a section puts an instruction breakpoint: the guest then runs at full
+/// speed to the end of the section and stops there, instead of being parked
+/// again and again until it happens to be quiet. A call and a return per
+/// outermost section otherwise.
+#[inline(never)]
+#[no_mangle]
+pub extern "C" fn inspect_quiet() {
+    // SAFETY: an empty asm statement; it only keeps the call (and so the
+    // breakpoint address) from being optimised away.
+    unsafe { core::arch::asm!("", options(nostack, preserves_flags)) };
+}
+
+/// Address of [`inspect_quiet`] (INSPECT report).
+pub fn quiet_hook() -> u64 {
+    inspect_quiet as usize as u64
 }
 
 /// True inside a critical section (debug assertions of the mutators).

@@ -287,6 +287,7 @@ pub fn send_inspect() {
             .kv_hex("inspect_block_virt", inspect::virt())
             .kv_hex("inspect_block_phys", inspect::phys())
             .kv("inspect_block_size", inspect::INSPECT_SIZE)
+            .kv_hex("quiet_hook", inspect::quiet_hook())
             .kv_hex("kernel_phys_start", boot_info().kernel_phys_start)
             .kv_hex("kernel_phys_end", boot_info().kernel_phys_end);
     });

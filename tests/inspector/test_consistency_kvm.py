@@ -13,7 +13,7 @@ import pytest
 from vmm.inspector.heap import RunTranslator
 from vmm.inspector.labels import DEMAND, DIRECT_MAP, FRAMEBUFFER, HEAP, SCRATCH, SEGMENT_NAMES, Labeler, stack_label
 from vmm.inspector.physical import physical_view
-from vmm.inspector.snapshot import STOPPED, VALIDATED, Snapshotter
+from vmm.inspector.snapshot import STOPPED, VALIDATED, Snapshotter, read_block
 from vmm.inspector.target import LocalTarget
 from vmm.layout import PHYS_OFFSET
 from vmm.vm import Vm, VmConfig
@@ -191,3 +191,43 @@ def test_hammered_snapshots_of_the_in_guest_tests_are_consistent_and_labelled(gu
     seen = _hammer(guest_image, "tests=all", memory=128 << 20, damaged_heap_ok=True)
     assert seen["checked"] >= 10, seen
     assert len(seen["heap_ends"]) > 1, "the heap should have grown while watched"
+
+
+def test_run_to_the_quiet_hook_ends_a_critical_section(guest_image):
+    """Parked inside a critical section, the guest runs to the kernel's quiet
+    hook (an instruction breakpoint) and is held there with ``seq`` even."""
+    with Vm(guest_image, VmConfig(memory=64 << 20, cmdline="workload=mm workload_ms=3000", timeout=60)) as vm:
+        target = LocalTarget(vm)
+        found = {"busy": 0, "quiet": 0, "rips": set(), "hook": None}
+
+        def watch():
+            while not vm.running:
+                time.sleep(0.001)
+            facts = target.facts()
+            deadline = time.time() + 10
+            while vm.running and not facts.report.quiet_hook and time.time() < deadline:
+                time.sleep(0.01)  # until the guest has sent its INSPECT report
+                facts = target.facts()
+            hook = found["hook"] = facts.report.quiet_hook
+            while vm.running and found["quiet"] < 5:
+                with target.paused() as parked:
+                    if not parked:
+                        break
+                    block = read_block(vm.memory.physmem, facts)
+                    if block is None or not block.busy:
+                        continue
+                    found["busy"] += 1
+                    if target.run_to(hook, 0.5):
+                        found["quiet"] += 1
+                        found["rips"].add(target.control_registers().rip)
+                        assert not read_block(vm.memory.physmem, facts).busy
+                time.sleep(0.01)
+
+        t = threading.Thread(target=watch)
+        t.start()
+        result = vm.run()
+        t.join()
+    assert result.exit_code == 0, result.message
+    assert found["hook"], "the INSPECT report names no quiet_hook"
+    assert found["quiet"] >= 3, found
+    assert found["rips"] == {found["hook"]}, found

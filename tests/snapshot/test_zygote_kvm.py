@@ -82,8 +82,8 @@ def test_forks_share_the_zygote_slide_and_resets_touch_few_pages(vmm_kernel):
             from vmm.inspector.snapshot import take_snapshot
             from vmm.inspector.target import LocalTarget, facts_from_vm
 
-            assert facts_from_vm(other).inspect_int("inspect_block_phys") is not None
-            assert take_snapshot(LocalTarget(other)).facts.stacks()
+            assert facts_from_vm(other).report.inspect_block_phys is not None
+            assert take_snapshot(LocalTarget(other)).facts.stacks
 
 
 def test_a_saved_fork_resumes(tmp_path, vmm_kernel):

@@ -48,6 +48,8 @@ class InspectReport:
     inspect_block_phys: int | None = None
     kernel_phys_start: int | None = None
     kernel_phys_end: int | None = None
+    #: The kernel function called when its outermost critical section closes.
+    quiet_hook: int | None = None
     #: The fields as the guest sent them (what travels over the control socket).
     fields: Mapping[str, str] = field(default_factory=dict, compare=False)
 

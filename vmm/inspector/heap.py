@@ -337,6 +337,7 @@ class RecordedReads:
         self.words: np.ndarray | None = None
         self.expect: np.ndarray | None = None
         self.odd: list[tuple[int, bytes]] = []
+        self._words: tuple[np.ndarray, np.ndarray] | None = None
 
     def read(self, paddr: int, n: int) -> bytes:
         data = self.physmem.read(paddr, n)
@@ -346,8 +347,15 @@ class RecordedReads:
     def __getattr__(self, name):
         return getattr(self.physmem, name)
 
+    def add_words(self, paddrs: np.ndarray, values: np.ndarray) -> None:
+        """Words read by other means (values as read), checked like the reads."""
+        self._words = (np.asarray(paddrs, dtype=np.uint64), np.asarray(values, dtype=np.uint64))
+
     def prepare(self) -> "RecordedReads":
         addrs, expect = [], []
+        if self._words is not None:
+            addrs.append(self._words[0])
+            expect.append(self._words[1])
         for paddr, data in self._reads:
             if paddr % 8 == 0 and len(data) % 8 == 0:
                 addrs.append(np.arange(paddr, paddr + len(data), 8, dtype=np.uint64))

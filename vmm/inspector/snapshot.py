@@ -14,8 +14,10 @@ check): ``Snapshotter.take``
    RAM/32768 bytes: 8 KiB at 128 MiB, cheaper than comparing a copy made
    earlier) and lets the guest go. The pause costs comparisons, not walks;
 3. if the vCPU was parked inside a critical section (odd ``seq``), lets it
-   run and parks again a moment later without reading anything again (what
-   was read may well still hold); if anything changed, starts over from 1
+   run to the section's end (an instruction breakpoint on the kernel's quiet
+   hook, local targets) and checks there, or parks again a moment later,
+   without reading anything again (what was read may well still hold); if
+   anything changed, starts over from 1
    (the heap walk then rereads only what changed), at most ``attempts``
    times. Every park is short; ``held_ms`` adds them up per snapshot;
 4. after that, holds the guest for as long as a complete read takes
@@ -54,6 +56,8 @@ MAX_ATTEMPTS = 6
 #: (each is short: park, read the block's seq, resume).
 BUSY_PARKS = 40
 CR3_ADDR = 0x000F_FFFF_FFFF_F000
+#: How long a parked-busy guest may run to the end of its critical section.
+QUIET_TIMEOUT_S = 0.05
 
 #: How a snapshot got consistent.
 VALIDATED = "validated"  # read while the guest ran, checked unchanged in a short pause
@@ -239,10 +243,23 @@ class Snapshotter:
                 finish = self._read_all(facts, max_tables)
                 return "ok", finish(t0, t1, time.perf_counter_ns(), tally, parked=False, method=NOT_RUNNING)
             regs = self.target.control_registers()
-            nxe = bool(regs.efer & EFER_NXE)
             block = read_block(physmem, facts)
-            live = facts.with_block(block) if block is not None else facts
             busy = block is not None and block.busy
+            run_to = getattr(self.target, "run_to", None)  # local targets only
+            if busy and run_to is not None and facts.report.quiet_hook:
+                # Inside a critical section: let the guest run to its end (the
+                # kernel's quiet hook, an instruction breakpoint) and look there.
+                # It runs meanwhile: that time is not counted as held.
+                tr = time.perf_counter_ns()
+                quiet = run_to(facts.report.quiet_hook, QUIET_TIMEOUT_S)
+                ran = time.perf_counter_ns() - tr
+                t0, t1 = t0 + ran, t1 + ran
+                if quiet:
+                    regs = self.target.control_registers()
+                    block = read_block(physmem, facts)
+                    busy = block is not None and block.busy
+            nxe = bool(regs.efer & EFER_NXE)
+            live = facts.with_block(block) if block is not None else facts
             ok = (
                 not busy
                 and walked is not None

@@ -113,6 +113,10 @@ class LocalTarget:
     def facts(self) -> GuestFacts:
         return facts_from_vm(self.vm)
 
+    def run_to(self, addr: int, timeout: float) -> bool:
+        """While paused: run the guest to ``addr`` and hold it there (``Vm.run_to``)."""
+        return self.vm.run_to(addr, timeout)
+
     def dirty_pages(self):
         """Pages written since the last call (needs VmConfig.dirty_log), or None."""
         if not self.vm.config.dirty_log:

@@ -115,8 +115,14 @@ def read_index_header(reader: VirtReader, index: int) -> IndexHeader | None:
 
 
 def walk_tlsf(physmem, translator, index: int, heap_start: int, heap_end: int, *,
-              max_bytes: int = 64 << 20, max_blocks: int = 1 << 20, view=None):
-    """Walk tags and lists of the TLSF heap whose index is at ``index``; fills and returns a HeapView."""
+              max_bytes: int = 64 << 20, max_blocks: int = 1 << 20, view=None,
+              span_physmem=None, touched: list | None = None):
+    """Walk tags and lists of the TLSF heap whose index is at ``index``; fills and returns a HeapView.
+
+    ``span_physmem`` (default ``physmem``) serves the one read of the whole
+    block span; ``touched`` collects (address, value) of every word of it the
+    walk used, so a caller that records reads (snapshots) can check just
+    those later instead of the whole span (payloads change all the time)."""
     view = view or HeapView(heap_start, heap_end, 0)
     view.allocator = "tlsf"
     reader = VirtReader(physmem, translator)
@@ -162,13 +168,16 @@ def walk_tlsf(physmem, translator, index: int, heap_start: int, heap_end: int, *
         view.truncated = True
         finding("heap-too-long", first, f"heap of {span} bytes is larger than {max_bytes}: stopped")
         return view
-    mem = reader.read(first, span)
+    mem = (VirtReader(span_physmem, translator) if span_physmem is not None else reader).read(first, span)
     if mem is None:
         finding("heap-unmapped", first, f"heap [{first:#x}, {sentinel + TAG:#x}) is not all mapped to guest RAM")
         return view
 
     def rd(addr: int) -> int:
-        return struct.unpack_from("<Q", mem, addr - first)[0]
+        v = struct.unpack_from("<Q", mem, addr - first)[0]
+        if touched is not None:
+            touched.append((addr, v))
+        return v
 
     # 1. Tags, in address order.
     free: dict[int, int] = {}
@@ -267,7 +276,14 @@ def walk_heap_any(physmem, translator: RunTranslator, heap_start: int, heap_end:
         reads = RecordedReads(physmem)
         hdr = read_index_header(VirtReader(reads, translator), index)
         if hdr is not None and hdr.backing == BACKING_TLSF:
-            view = walk_tlsf(reads, translator, index, heap_start, heap_end)
+            # The block span is read in one piece, but only the words the walk
+            # used (tags, footers, links) say anything: record just those.
+            touched: list[tuple[int, int]] = []
+            view = walk_tlsf(reads, translator, index, heap_start, heap_end, span_physmem=physmem, touched=touched)
+            if touched:
+                virt = np.fromiter((a for a, _ in touched), dtype=np.uint64, count=len(touched))
+                vals = np.fromiter((v for _, v in touched), dtype=np.uint64, count=len(touched))
+                reads.add_words(translator.translate_many(virt), vals)
             view.reads = reads.prepare()
             return view
         view = walk_free_list(physmem, translator, head, heap_start, heap_end, prior=prior)
