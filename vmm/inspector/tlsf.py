@@ -25,6 +25,7 @@ bounded time. ``physmem.read`` is the only access, so the caller can wrap it
 from __future__ import annotations
 
 import struct
+from array import array
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,9 +121,10 @@ def walk_tlsf(physmem, translator, index: int, heap_start: int, heap_end: int, *
     """Walk tags and lists of the TLSF heap whose index is at ``index``; fills and returns a HeapView.
 
     ``span_physmem`` (default ``physmem``) serves the one read of the whole
-    block span; ``touched`` collects (address, value) of every word of it the
-    walk used, so a caller that records reads (snapshots) can check just
-    those later instead of the whole span (payloads change all the time)."""
+    block span; ``touched`` collects (addresses, values) array pairs of every
+    word of it the walk used, so a caller that records reads (snapshots) can
+    check just those later instead of the whole span (payloads change all the
+    time)."""
     view = view or HeapView(heap_start, heap_end, 0)
     view.allocator = "tlsf"
     reader = VirtReader(physmem, translator)
@@ -173,57 +175,86 @@ def walk_tlsf(physmem, translator, index: int, heap_start: int, heap_end: int, *
         finding("heap-unmapped", first, f"heap [{first:#x}, {sentinel + TAG:#x}) is not all mapped to guest RAM")
         return view
 
-    def rd(addr: int) -> int:
-        v = struct.unpack_from("<Q", mem, addr - first)[0]
-        if touched is not None:
-            touched.append((addr, v))
-        return v
+    # The span as qwords (span and first are 8-aligned): a Python list for
+    # the pointer chases, a numpy array for the checks, done on all blocks
+    # at once (a fragmented heap has tens of thousands of blocks).
+    w = np.frombuffer(mem, dtype="<u8")
+    words = w.tolist()
+    last = len(words) - 1  # the sentinel's qword
+    min_q = min_block >> 3
 
-    # 1. Tags, in address order.
-    free: dict[int, int] = {}
-    b, prev_free, used, complete = first, False, 0, False
-    while b < sentinel:
-        if used + len(free) >= max_blocks:
+    # 1. Tags, in address order: chase the sizes, then check every tag.
+    chain: list[int] = []
+    append = chain.append
+    i, n_chain = 0, 0
+    while i < last:
+        if n_chain >= max_blocks:
             view.truncated = True
-            finding("heap-too-long", b, f"more than {max_blocks} blocks: stopped")
+            finding("heap-too-long", first + 8 * i, f"more than {max_blocks} blocks: stopped")
             break
-        t = rd(b)
-        size = t & SIZE_MASK
-        if t >> CHECK_SHIFT != tag_check(b, size):
-            finding("heap-bad-tag", b, f"tag {t:#018x} at {b:#x} fails its check (an overflow from the block below?)")
+        q = (words[i] & SIZE_MASK) >> 3
+        append(i)  # a bad size is reported below only if the tag itself is sound
+        n_chain += 1
+        if q < min_q or i + q > last:
             break
-        if size < min_block or b + size > sentinel:
-            finding("heap-bad-size", b, f"block at {b:#x} has size {size:#x}")
-            break
-        if bool(t & PREV_FREE) != prev_free:
-            finding("heap-bad-tag", b, f"PREV_FREE of the block at {b:#x} is {bool(t & PREV_FREE)}, the block below is "
-                                       f"{'free' if prev_free else 'in use'}")
-        is_free = bool(t & FREE)
-        if is_free:
-            if (b + size == sentinel) != (b == top):
-                finding("heap-bad-top", b, f"free block at {b:#x} {'ends' if b + size == sentinel else 'does not end'} at the "
-                                           f"sentinel but the top block is {top:#x}")
-            if prev_free:
-                finding("heap-uncoalesced", b, f"free blocks at {b:#x} and below it were not merged")
-            if rd(b + size - 8) != size:
-                finding("heap-bad-footer", b + size - 8, f"footer of the free block at {b:#x} is {rd(b + size - 8):#x}, "
-                                                         f"its size {size:#x}")
-            free[b] = size
-        else:
-            used += 1
-            if t & CACHED:
-                view.cached_blocks += 1
-        prev_free = is_free
-        b += size
-    else:
-        complete = True
-        t = rd(sentinel)
+        i += q
+    complete = i == last
+    idx = np.array(chain, dtype=np.int64)
+    tags = w[idx]
+    addrs = np.uint64(first) + idx.astype(np.uint64) * np.uint64(8)
+    sizes = tags & np.uint64(SIZE_MASK)
+    with np.errstate(over="ignore"):
+        rot = (sizes << np.uint64(23)) | (sizes >> np.uint64(41))
+        checks = ((addrs ^ rot) * np.uint64(0x9E37_79B9_7F4A_7C15)) >> np.uint64(CHECK_SHIFT)
+    bad = np.flatnonzero(checks != tags >> np.uint64(CHECK_SHIFT))
+    cut = len(chain)
+    if bad.size:
+        k = int(bad[0])
+        b, t = int(addrs[k]), int(tags[k])
+        finding("heap-bad-tag", b, f"tag {t:#018x} at {b:#x} fails its check (an overflow from the block below?)")
+        cut, complete = k, False
+    elif cut and (int(sizes[-1]) < min_block or int(addrs[-1]) + int(sizes[-1]) > sentinel):
+        b = int(addrs[-1])
+        finding("heap-bad-size", b, f"block at {b:#x} has size {int(sizes[-1]):#x}")
+        cut, complete = cut - 1, False
+    idx, tags, addrs, sizes = idx[:cut], tags[:cut], addrs[:cut], sizes[:cut]
+    is_free = (tags & np.uint64(FREE)) != 0
+    prev_flag = (tags & np.uint64(PREV_FREE)) != 0
+    below_free = np.concatenate(([False], is_free[:-1])) if cut else is_free
+    for k in np.flatnonzero(prev_flag != below_free)[:64]:
+        b = int(addrs[k])
+        finding("heap-bad-tag", b, f"PREV_FREE of the block at {b:#x} is {bool(prev_flag[k])}, the block below is "
+                                   f"{'free' if below_free[k] else 'in use'}")
+    for k in np.flatnonzero(is_free & below_free)[:64]:
+        b = int(addrs[k])
+        finding("heap-uncoalesced", b, f"free blocks at {b:#x} and below it were not merged")
+    fidx = np.flatnonzero(is_free)
+    f_addr, f_size = addrs[fidx], sizes[fidx]
+    footers = w[idx[fidx] + (f_size >> np.uint64(3)).astype(np.int64) - 1]
+    for k in np.flatnonzero(footers != f_size)[:64]:
+        b, size = int(f_addr[k]), int(f_size[k])
+        finding("heap-bad-footer", b + size - 8, f"footer of the free block at {b:#x} is {int(footers[k]):#x}, "
+                                                 f"its size {size:#x}")
+    at_end = (f_addr + f_size) == np.uint64(sentinel)
+    for k in np.flatnonzero(at_end != (f_addr == np.uint64(top)))[:64]:
+        b = int(f_addr[k])
+        finding("heap-bad-top", b, f"free block at {b:#x} {'ends' if at_end[k] else 'does not end'} at the "
+                                   f"sentinel but the top block is {top:#x}")
+    used = ~is_free
+    view.used_blocks = int(used.sum())
+    view.cached_blocks = int(((tags & np.uint64(CACHED)) != 0)[used].sum())
+    if complete:
+        t = words[last]
         if t & SIZE_MASK or t >> CHECK_SHIFT != tag_check(sentinel, 0):
             finding("heap-bad-tag", sentinel, f"end sentinel at {sentinel:#x} is broken ({t:#018x})")
-    view.used_blocks = used
 
-    # 2. Segregated lists.
-    on_list: dict[int, tuple[int, int]] = {}
+    # 2. Segregated lists: chase every list, then check the members at once.
+    owner = array("H", bytes(2 * len(words)))  # per qword: 1 + list id of the member there
+    members: list[int] = []  # qword index of each member
+    expect_prev: list[int] = []
+    m_fl: list[int] = []
+    m_sl: list[int] = []
+    m_pos: list[int] = []
     budget = max_blocks
     for fl in range(fl_count):
         if bool(fl_bitmap >> fl & 1) != bool(sl_bitmap[fl]):
@@ -233,36 +264,77 @@ def walk_tlsf(physmem, translator, index: int, heap_start: int, heap_end: int, *
             if bool(sl_bitmap[fl] >> sl & 1) != bool(head):
                 finding("heap-bitmap", head or index, f"list ({fl}, {sl}): bitmap bit {sl_bitmap[fl] >> sl & 1}, head {head:#x}")
             cur, prev, n = head, 0, 0
+            lid = fl * sl_count + sl + 1
             while cur:
                 budget -= 1
                 if budget < 0:
                     view.truncated = True
                     finding("heap-too-long", cur, f"lists hold more than {max_blocks} blocks: stopped")
                     break
-                where = f"list ({fl}, {sl}) member {n} at {cur:#x}"
                 if not (first <= cur < sentinel and cur % GRAIN == TAG):
-                    finding("heap-pointer-outside", cur, f"{where} is outside the heap or misaligned")
+                    finding("heap-pointer-outside", cur, f"list ({fl}, {sl}) member {n} at {cur:#x} is outside the heap or misaligned")
                     break
-                if cur in on_list:
-                    other = on_list[cur]
-                    finding("heap-cross-linked", cur, f"{where} is already on list {other} (cross-linked or a loop)")
+                q = (cur - first) >> 3
+                other = owner[q]
+                if other:
+                    finding("heap-cross-linked", cur, f"list ({fl}, {sl}) member {n} at {cur:#x} is already on list "
+                                                      f"{divmod(other - 1, sl_count)} (cross-linked or a loop)")
                     break
-                on_list[cur] = (fl, sl)
-                t = rd(cur)
-                size = t & SIZE_MASK
-                if complete and cur not in free:
-                    finding("heap-listed-not-free", cur, f"{where} is not a free block in the tag walk")
-                elif mapping(size) != (fl, sl):
-                    finding("heap-wrong-list", cur, f"{where} has size {size:#x}, which belongs on list {mapping(size)}")
-                if rd(cur + 16) != prev:
-                    finding("heap-cross-linked", cur, f"{where}: prev link {rd(cur + 16):#x}, expected {prev:#x}")
-                prev, cur, n = cur, rd(cur + 8), n + 1
+                owner[q] = lid
+                members.append(q)
+                expect_prev.append(prev)
+                m_fl.append(fl)
+                m_sl.append(sl)
+                m_pos.append(n)
+                prev, cur, n = cur, words[q + 1], n + 1
             view.lists[f"{fl}.{sl}"] = n
-    if top and complete and top not in free:
+    if members:
+        m = np.array(members, dtype=np.int64)
+        m_addr = np.uint64(first) + m.astype(np.uint64) * np.uint64(8)
+        m_size = w[m] & np.uint64(SIZE_MASK)
+        fl_of = np.zeros(m.size, dtype=np.int64)
+        sl_of = (m_size >> np.uint64(4)).astype(np.int64)
+        big = m_size >= np.uint64(1 << FL_SHIFT)
+        if big.any():
+            msb = np.floor(np.log2(m_size[big].astype(np.float64))).astype(np.int64)
+            fl_of[big] = msb - FL_SHIFT + 1
+            sl_of[big] = ((m_size[big] >> (msb - SL_LOG2).astype(np.uint64)) ^ np.uint64(1 << SL_LOG2)).astype(np.int64)
+        if complete:  # f_addr is sorted (address order)
+            pos = np.minimum(np.searchsorted(f_addr, m_addr), max(f_addr.size - 1, 0))
+            listed_free = (f_addr[pos] == m_addr) if f_addr.size else np.zeros(m.size, dtype=bool)
+        else:
+            listed_free = np.ones(m.size, dtype=bool)
+        wrong = (fl_of != np.array(m_fl, dtype=np.int64)) | (sl_of != np.array(m_sl, dtype=np.int64))
+        prev_bad = w[m + 2] != np.array(expect_prev, dtype=np.uint64)
+        for k in np.flatnonzero(~listed_free | wrong | prev_bad)[:64]:
+            fl, sl, n = m_fl[k], m_sl[k], m_pos[k]
+            cur = int(m_addr[k])
+            where = f"list ({fl}, {sl}) member {n} at {cur:#x}"
+            if not listed_free[k]:
+                finding("heap-listed-not-free", cur, f"{where} is not a free block in the tag walk")
+            elif wrong[k]:
+                size = int(m_size[k])
+                finding("heap-wrong-list", cur, f"{where} has size {size:#x}, which belongs on list {mapping(size)}")
+            if prev_bad[k]:
+                finding("heap-cross-linked", cur, f"{where}: prev link {int(w[m[k] + 2]):#x}, expected {expect_prev[k]:#x}")
+    if top and complete and not (f_addr == np.uint64(top)).any():
         finding("heap-bad-top", top, f"top block {top:#x} is not a free block in the tag walk")
-    for addr in sorted(set(free) - set(on_list) - {top}) if budget >= 0 else ():
-        finding("heap-unlisted", addr, f"free block at {addr:#x} ({free[addr]:#x} bytes) is on no list")
-    view.blocks = sorted(free.items())
+    if budget >= 0:
+        own = np.frombuffer(owner, dtype=np.uint16)
+        for k in np.flatnonzero((own[idx[fidx]] == 0) & (f_addr != np.uint64(top)))[:64]:
+            addr, size = int(f_addr[k]), int(f_size[k])
+            finding("heap-unlisted", addr, f"free block at {addr:#x} ({size:#x} bytes) is on no list")
+    view.blocks = list(zip(f_addr.tolist(), f_size.tolist()))  # address order
+    if touched is not None:
+        # Every word the verdicts above rest on: the chased tags, the free
+        # blocks' footers, the list members' links, the sentinel.
+        q = [idx, idx[fidx] + (f_size >> np.uint64(3)).astype(np.int64) - 1]
+        if members:
+            q += [m + 1, m + 2]
+        if complete:
+            q.append(np.array([last], dtype=np.int64))
+        q = np.concatenate(q)
+        touched.append((np.uint64(first) + q.astype(np.uint64) * np.uint64(8), w[q].astype(np.uint64)))
     return view
 
 
@@ -278,11 +350,11 @@ def walk_heap_any(physmem, translator: RunTranslator, heap_start: int, heap_end:
         if hdr is not None and hdr.backing == BACKING_TLSF:
             # The block span is read in one piece, but only the words the walk
             # used (tags, footers, links) say anything: record just those.
-            touched: list[tuple[int, int]] = []
+            touched: list[tuple[np.ndarray, np.ndarray]] = []
             view = walk_tlsf(reads, translator, index, heap_start, heap_end, span_physmem=physmem, touched=touched)
             if touched:
-                virt = np.fromiter((a for a, _ in touched), dtype=np.uint64, count=len(touched))
-                vals = np.fromiter((v for _, v in touched), dtype=np.uint64, count=len(touched))
+                virt = np.concatenate([a for a, _ in touched])
+                vals = np.concatenate([v for _, v in touched])
                 reads.add_words(translator.translate_many(virt), vals)
             view.reads = reads.prepare()
             return view
