@@ -73,6 +73,9 @@ def test_pt_diff_between_two_saved_moments(tmp_path, vmm_kernel_path):
     assert diff["changes"], "the in-guest tests leave the heap bigger than at READY"
     text = vmm("pt", "--snapshot", str(a), "--writable", "--kernel-half")
     assert text.returncode == 0 and "heap" in text.stdout
+    png = tmp_path / "phys.png"
+    assert vmm("pt", "--snapshot", str(a), "--png", str(png)).returncode == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     mm = vmm("memmap", "--snapshot", str(a), "--json")
     assert mm.returncode == 0, mm.stderr
     fresh = vmm("memmap", *k, "--json")
