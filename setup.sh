@@ -2,6 +2,8 @@
 # Set up everything this project needs on a fresh Debian machine:
 #  - Debian's Rust toolchain with the library source (builds the no-SSE guest
 #    offline; see shared/HOST.md), unless a rustup x86_64-unknown-none target exists;
+#  - binutils (c++filt demangles the guest's Rust symbols in fault reports) and
+#    tmux (the live view's terminal test drives it);
 #  - the Python package with its test dependencies (editable install).
 # Idempotent: a second run only checks.
 set -euo pipefail
@@ -61,13 +63,19 @@ elif [ ! -d "$SVM_LINUX/$svm_pkg/boot" ]; then
     done
 fi
 
-# Debian tools the tests drive for real: readelf (binutils) reads snapshot core files.
-if ! command -v readelf >/dev/null 2>&1; then
-    echo "setup: installing binutils (readelf)..." >&2
+# Debian tools the tests and fault reports use for real: readelf (binutils)
+# reads snapshot core files, c++filt (binutils) demangles the guest's Rust
+# symbols, tmux drives the live view's terminal test.
+missing=()
+command -v readelf >/dev/null 2>&1 || missing+=(binutils)
+command -v c++filt >/dev/null 2>&1 || missing+=(binutils)
+command -v tmux >/dev/null 2>&1 || missing+=(tmux)
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing ${missing[*]}..." >&2
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq binutils >/dev/null
+    $SUDO apt-get install -y -qq $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
 fi
 
 if ! command -v gdb >/dev/null 2>&1; then

@@ -27,6 +27,7 @@ DEFERRED_IMPORTS_ALLOWED = {
     "vmm.guest_build": "subprocess only when cargo or rustup must run (fast start)",
     "vmm.commands.memmap": "rich and the snapshot reader only when asked (`vmm memmap --json` stays light)",
     "vmm.vm": "mm decodes a restored guest's memory map only when something inspects it (fast start)",
+    "vmm.diagnostics": "capstone and mm's walker (numpy) only when a fault is reported (fast start)",
 }
 
 

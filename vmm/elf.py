@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .demangle import demangle_all
 from .errors import UsageError
 
 PF_X, PF_W, PF_R = 1, 2, 4
@@ -78,7 +79,7 @@ class Segment:
 
 @dataclass(frozen=True)
 class Symbol:
-    name: str
+    name: str  # as in .symtab (mangled); Symbolizer shows it demangled
     addr: int
     size: int
 
@@ -142,13 +143,16 @@ class Symbolizer:
     """Resolve an address to ``symbol+offset`` using the kernel's .symtab.
 
     ``symbols`` is a list, or a callable returning one: then it is called on
-    the first lookup, so a symbolizer costs nothing until it is used.
+    the first lookup, so a symbolizer costs nothing until it is used. Names
+    stay mangled until one is shown: the first lookup demangles all of them
+    in one c++filt batch (``vmm.demangle``), so booting never pays for it.
     """
 
     def __init__(self, symbols, slide: int = 0):
         self._source = symbols
         self._addrs: list[int] | None = None
         self._syms: list[Symbol] = []
+        self._names: list[str] | None = None
         self.slide = slide
         if not callable(symbols):
             self._index()
@@ -159,7 +163,13 @@ class Symbolizer:
         self._addrs = [s.addr + self.slide for s in funcs]
         self._syms = funcs
 
-    def lookup(self, addr: int) -> str | None:
+    def _demangled(self) -> list[str]:
+        if self._names is None:
+            self._names = demangle_all([s.name for s in self._syms])
+        return self._names
+
+    def resolve(self, addr: int) -> tuple[str, int, int] | None:
+        """(demangled name, offset into it, the symbol's slid start) or None."""
         if self._addrs is None:
             self._index()
         i = bisect.bisect_right(self._addrs, addr) - 1
@@ -169,7 +179,14 @@ class Symbolizer:
         off = addr - self._addrs[i]
         if sym.size and off >= sym.size:
             return None
-        return f"{sym.name}+{off:#x}" if off else sym.name
+        return self._demangled()[i], off, self._addrs[i]
+
+    def lookup(self, addr: int) -> str | None:
+        hit = self.resolve(addr)
+        if hit is None:
+            return None
+        name, off, _start = hit
+        return f"{name}+{off:#x}" if off else name
 
     def format(self, addr: int) -> str:
         name = self.lookup(addr)
@@ -408,73 +425,6 @@ def read_symbols(data: bytes) -> list[Symbol]:
             if end < 0:
                 continue
             name = bytes(data[str_off + st_name : end]).decode("utf-8", "replace")
-            out.append(Symbol(_demangle(name), st_value, st_size))
+            out.append(Symbol(name, st_value, st_size))
         return out
     return []
-
-
-def _demangle(name: str) -> str:
-    """Readable form of a Rust-mangled name (legacy _ZN...E or v0 _R...), else unchanged."""
-    if name.startswith("_R"):
-        return _demangle_v0(name)
-    if not (name.startswith("_ZN") and name.endswith("E")):
-        return name
-    parts, i, body = [], 3, name[:-1]
-    try:
-        while i < len(body):
-            j = i
-            while body[j].isdigit():
-                j += 1
-            n = int(body[i:j])
-            parts.append(body[j : j + n])
-            i = j + n
-    except (ValueError, IndexError):
-        return name
-    if parts and parts[-1].startswith("h") and len(parts[-1]) == 17:
-        parts.pop()  # the hash suffix
-    return "::".join(p.replace("$LT$", "<").replace("$GT$", ">").replace("$u20$", " ").replace("..", "::") for p in parts)
-
-
-def _demangle_v0(name: str) -> str:
-    """The path part of a v0-mangled symbol (RFC 2603): crate::module::item.
-
-    Handles nested paths (N), crate roots (C) and identifiers with their
-    disambiguators; generic arguments and impl paths end the walk, and
-    anything unexpected returns the name unchanged.
-    """
-    s, pos = name, 2
-
-    def ident() -> str:
-        nonlocal pos
-        if s.startswith("s", pos):  # disambiguator s<base62>_
-            end = s.index("_", pos)
-            pos = end + 1
-        if s.startswith("u", pos):
-            pos += 1  # punycode flag; keep the raw text
-        j = pos
-        while s[j].isdigit():
-            j += 1
-        n = int(s[pos:j])
-        if s.startswith("_", j):
-            j += 1
-        text = s[j : j + n]
-        pos = j + n
-        return text
-
-    def path() -> list[str]:
-        nonlocal pos
-        tag = s[pos]
-        pos += 1
-        if tag == "C":
-            return [ident()]
-        if tag == "N":
-            pos += 1  # namespace: v (value), t (type), C (closure)...
-            inner = path()
-            return inner + [ident()]
-        raise ValueError(tag)
-
-    try:
-        parts = path()
-    except (ValueError, IndexError):
-        return name
-    return "::".join(p for p in parts if p) or name

@@ -209,6 +209,9 @@ class GuestRun:
         if r.fault is not None:
             lines.append(f"--- guest fault report (RIP {r.fault.get('rip_symbol', '?')}) ---")
             lines.append(", ".join(f"{k}={v}" for k, v in r.fault.items()))
+        if r.diagnosis is not None:
+            lines.append("--- code and backtrace ---")
+            lines.append(r.diagnosis.render())
         return "\n".join(lines)
 
 

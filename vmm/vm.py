@@ -38,7 +38,9 @@ from .abi import Backend, BootInfo, ReportKind
 from .layout import BOOT_INFO_PHYS
 from .backend import BackendInfo, detect_backend, host_has_1g_pages
 from .boot import BootLayout, choose_slide, memory_map_bytes, prepare_guest
-from .cpu import cpu_features, cpuid_leaves, decode_bits, entry_regs, long_mode_sregs
+from .cpu import cpu_features, cpuid_leaves, entry_regs, long_mode_sregs
+from .diagnostics import QUIET_STOPS, diagnose, guest_reader
+from .registers import capture, format_registers
 from .devices import ExitDevice, InstructionCounter, PortBus, ReportDevice, Stop, Uart16550, WorkMailbox
 from .elf import KernelImage, Symbolizer
 from .kvm import Kvm, KvmError
@@ -88,6 +90,9 @@ class RunResult:
     rip_symbol: str | None = None
     fault_rip_symbol: str | None = None
     instruction_counts: dict[int, int] = field(default_factory=dict)
+    # Disassembly around the faulting RIP and a backtrace (vmm.diagnostics):
+    # for an abnormal stop, from the vCPU; for a guest FAULT report, from it.
+    diagnosis: object | None = None
 
     @property
     def ok(self) -> bool:
@@ -124,6 +129,7 @@ class RunResult:
             "rip_symbol": self.rip_symbol,
             "fault": self.fault,
             "instruction_counts": {str(k): v for k, v in self.instruction_counts.items()},
+            "diagnosis": self.diagnosis.to_json() if self.diagnosis is not None else None,
         }
 
 
@@ -494,28 +500,17 @@ class Vm:
 
     # --- diagnostics ------------------------------------------------------------------
     def register_dump(self) -> dict[str, int]:
-        regs = self.vcpu.get_regs()
-        sregs = self.vcpu.get_sregs()
-        out = {name: getattr(regs, name) for name, _ in regs._fields_}
-        for name in ("cr0", "cr2", "cr3", "cr4", "efer"):
-            out[name] = getattr(sregs, name)
-        return out
+        """Every register of the vCPU, flattened (vmm.registers)."""
+        return capture(self.vcpu)
 
     @staticmethod
     def format_registers(regs: dict[str, int]) -> str:
-        names = "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
-        lines = []
-        for i in range(0, len(names), 4):
-            lines.append("  ".join(f"{n:>6}={regs[n]:016x}" for n in names[i : i + 4]))
-        lines.append(
-            "  ".join(f"{n:>6}={regs[n]:016x}" for n in ("cr0", "cr2", "cr3", "cr4"))
-            + f"  efer={regs['efer']:x}"
-        )
-        lines.append(
-            f"  cr0[{' '.join(decode_bits('cr0', regs['cr0']))}] cr4[{' '.join(decode_bits('cr4', regs['cr4']))}]"
-            f" efer[{' '.join(decode_bits('efer', regs['efer']))}]"
-        )
-        return "\n".join(lines)
+        return format_registers(regs)
+
+    def diagnose(self, rip: int, rbp: int | None):
+        """Code around ``rip`` and the frame-pointer backtrace from ``rbp``, read
+        through the guest's current page tables (vmm.diagnostics)."""
+        return diagnose(guest_reader(self.memory.physmem, self.vcpu.get_sregs().cr3), rip, rbp, self.symbolizer)
 
     # --- the run loop -------------------------------------------------------------------
     def run(self, *, profile: bool = False) -> RunResult:
@@ -566,7 +561,7 @@ class Vm:
                         self._park()
                     continue
                 except KeyboardInterrupt:
-                    stop = Stop(130, "interrupted", "interrupted by the user (Ctrl-C)")
+                    stop = Stop(ExitCode.INTERRUPTED, "interrupted", "interrupted by the user (Ctrl-C)")
                     break
                 nexits += 1
                 reason, direction, size, port, count, off = unpack_exit(run_map, 8)
@@ -671,10 +666,19 @@ class Vm:
                 rip_symbol = self.symbolizer.format(registers["rip"])
             except KvmError:
                 pass
-        fault_sym = None
+        fault_sym = diagnosis = None
         faults = [r for r in self.reports.reports if r.kind == ReportKind.FAULT]
         if faults and faults[-1].int("rip") is not None:
             fault_sym = self.symbolizer.format(faults[-1].int("rip"))
+        try:
+            # Only for stops a developer has to debug: not for READY stops
+            # (vmm pt), a clean exit or the user's Ctrl-C/SIGTERM/closed pipe.
+            if faults and faults[-1].int("rip") is not None:
+                diagnosis = self.diagnose(faults[-1].int("rip"), faults[-1].int("rbp"))
+            elif registers is not None and int(stop.exit_code) not in QUIET_STOPS:
+                diagnosis = self.diagnose(registers["rip"], registers["rbp"])
+        except KvmError:
+            pass
         return RunResult(
             instruction_counts=dict(self.icount.counts),
             fault_rip_symbol=fault_sym,
@@ -691,4 +695,5 @@ class Vm:
             exits=nexits,
             registers=registers,
             rip_symbol=rip_symbol,
+            diagnosis=diagnosis,
         )

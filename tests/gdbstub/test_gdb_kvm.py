@@ -29,9 +29,13 @@ def kernel(vmm_kernel_path):
 
 
 def _symbol(kernel, name: str) -> int:
-    """Link-time address of a kernel symbol, from the host's own ELF reader."""
-    for sym in load_kernel_file(str(kernel)).symbols:
-        if sym.name == name:
+    """Link-time address of a kernel symbol, from the host's own ELF reader
+    (names are kept mangled there; vmm.demangle gives the readable ones)."""
+    from vmm.demangle import demangle_all
+
+    syms = load_kernel_file(str(kernel)).symbols
+    for sym, readable in zip(syms, demangle_all([s.name for s in syms])):
+        if readable == name:
             return sym.addr
     raise KeyError(name)
 

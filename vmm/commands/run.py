@@ -16,8 +16,9 @@ from typing import Callable, ContextManager
 
 from .. import startup
 from ..backend import detect_backend
+from ..diagnostics import stop_report
 from ..vm import RunResult, Vm, VmConfig
-from .common import indent, kernel_image, memory_size
+from .common import kernel_image, memory_size
 
 Say = Callable[[str], None]
 
@@ -96,17 +97,6 @@ def run(args, extras: RunExtras) -> int:
         extras.add_json(out)
         print(json.dumps(out))
     else:
-        say(f"{result.message} (exit code {result.exit_code}, {result.timings_ms['run']:.1f} ms, {result.exits} exits)")
-        for err in result.report_errors[:5]:
-            say(f"bad report: {err}")
-        fault = result.fault
-        if fault is not None:
-            say(
-                f"guest fault ({fault.get('kind', '?')}): {fault.get('name') or ''} at {fault.get('rip_symbol') or fault.get('rip')}"
-                f", address {fault.get('addr', '?')}, error {fault.get('error', '?')} ({fault.get('error_bits', '')})"
-                + (f", task {fault['task_name'] if 'task_name' in fault else fault.get('task')}" if "task" in fault else "")
-            )
-        if result.registers is not None and not args.quiet:
-            print(f"  RIP: {result.rip_symbol}", file=sys.stderr)
-            print(indent(Vm.format_registers(result.registers)), file=sys.stderr)
+        # Never hidden by -q: the stop message and the fault report say why.
+        print("\n".join(stop_report(result)), file=sys.stderr, flush=True)
     return result.exit_code

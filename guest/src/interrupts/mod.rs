@@ -341,6 +341,7 @@ fn fatal(frame: &TrapFrame, addr: u64) -> ! {
             .kv_hex("error", frame.error)
             .kv_hex("rip", frame.rip)
             .kv_hex("rsp", frame.rsp)
+            .kv_hex("rbp", frame.rbp)
             .kv("task", task)
             .kv("task_name", crate::task::name_of(task));
         if frame.vector == VEC_PAGE_FAULT {
