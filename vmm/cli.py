@@ -18,6 +18,7 @@ from . import startup  # first: its clock reading is where the interpreter's sta
 
 import argparse
 import importlib
+import importlib.metadata
 import os
 import sys
 
@@ -28,6 +29,8 @@ from .gdbstub.options import add_run_arguments as add_gdb_arguments
 from .snapshot.options import add_run_arguments as add_snapshot_arguments
 from .svm.options import add_arguments as add_svm_arguments
 from .commands.options import add_filters, add_guest_options
+from .commands.query_options import COMMANDS as QUERY_COMMANDS
+from .commands.query_options import add_parsers as add_query_parsers
 from .units import parse_slide, parse_timeout
 
 EPILOG = """\
@@ -38,10 +41,32 @@ exit codes:
   70       host problem (no /dev/kvm, no Rust toolchain, ...)
   100-107  the guest stopped abnormally (100 triple fault, 101 emulation
            failure, 102 entry failure, 103 halted, 104 unknown port,
-           105 unbacked MMIO, 107 write to read-only kernel memory)
+           105 unbacked MMIO, 106 malformed report from the guest,
+           107 write to read-only kernel memory)
   124      the watchdog (--timeout) stopped the guest
-  130      interrupted (Ctrl-C)
+  130      interrupted (Ctrl-C); 143 terminated (SIGTERM); the control
+           socket is removed either way
+  141      stdout was closed (e.g. `vmm run | head`): the run ends quietly
 """
+
+CONTROL_HELP = """\
+attaching to a running guest:
+  The default guest boots, reports READY and exits within a second. To keep
+  it running for `vmm inspect`, `vmm pt SOCKET` or `vmm regs SOCKET`, give it
+  work: -c workload=mm (allocates, maps and switches tasks until stopped;
+  workload_ms=N stops after N ms) or -c scenario=loop (spins). Stop it with
+  Ctrl-C or SIGTERM; the socket file is removed.
+    vmm run --control /tmp/vm.sock -c workload=mm &
+    vmm inspect /tmp/vm.sock
+"""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pyvmm")
+    except importlib.metadata.PackageNotFoundError:  # a checkout that was not pip-installed
+        return "0.1.0"
+
 
 #: command -> "module" (its ``main(args) -> int``) or "module:function",
 #: imported only when that command runs.
@@ -53,6 +78,7 @@ COMMANDS = {
     "bench": "vmm.bench.cli",
     "build": "vmm.commands.build",
     "snapshot": "vmm.commands.snapshot",
+    **{name: "vmm.commands.query" for name in QUERY_COMMANDS},
     "svm": "vmm.svm.cli:run_from_args",  # its own errors and exit codes
 }
 
@@ -69,25 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"vmm (pyvmm) {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     run = sub.add_parser(
         "run",
         help="boot a guest and stream its serial console",
         description="Boot a guest kernel and stream its serial console. The exit code is the guest's.",
-        epilog=EPILOG,
+        epilog=EPILOG + "\n" + CONTROL_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_guest_options(run)
     run.add_argument("--timeout", "-t", type=parse_timeout, metavar="SECONDS", help="watchdog: stop the guest after this long")
-    run.add_argument("--quiet", "-q", action="store_true", help="do not print the serial console or the banner")
+    run.add_argument("--quiet", "-q", action="store_true", help="do not print the serial console or the banner (the stop message is always printed)")
     run.add_argument("--json", action="store_true", help="print one JSON object with the result on stdout")
     run.add_argument("--cmdline", "-c", default="", metavar="TEXT", help="guest command line, e.g. 'tests=all'")
     run.add_argument("--slide", type=parse_slide, metavar="BYTES", help="KASLR slide (2 MiB multiple; default random)")
     run.add_argument("--no-kaslr", action="store_true", help="load the kernel at its link address (slide 0)")
-    run.add_argument("--inspect", action="store_true", help="show a live view of the guest's memory management beside its console")
+    run.add_argument("--inspect", action="store_true", help="full-screen live view of the guest's memory management, its console at the bottom (keys: ? for help, q to close)")
     run.add_argument("--hz", type=float, default=10.0, help="refresh rate of --inspect (default 10)")
-    run.add_argument("--control", metavar="SOCKET", help="serve this VM on a UNIX socket for `vmm inspect` / `vmm pt`")
+    run.add_argument("--control", metavar="SOCKET", help="serve this VM on a UNIX socket for `vmm inspect` / `vmm pt` "
+                     "(keep the guest running with -c workload=mm; see below)")
     run.add_argument("--screenshot", metavar="FILE.png", help="save the guest's framebuffer as PNG when it stops")
     add_snapshot_arguments(run)
     add_gdb_arguments(run)
@@ -125,9 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     insp = sub.add_parser(
         "inspect",
         help="attach a live view to a VM started with --control",
-        description="Attach to a VM started with `vmm run --control SOCKET` and show the live view.",
+        description="Attach to a VM started with `vmm run --control SOCKET` and show the live view "
+        "(the same as `vmm run --inspect`, from another terminal). The VM keeps running when the view ends.",
+        epilog=CONTROL_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    insp.add_argument("socket", metavar="SOCKET")
+    insp.add_argument("socket", metavar="SOCKET", help="the control socket given to `vmm run --control`")
     insp.add_argument("--hz", type=float, default=10.0, help="refresh rate (default 10)")
     insp.add_argument("--duration", type=parse_timeout, metavar="S", help="stop after S seconds")
     add_filters(insp)
@@ -157,9 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     snap.add_argument("socket", metavar="SOCKET")
     snap.add_argument("file", metavar="FILE")
 
-    build = sub.add_parser("build", help="build the guest kernel (cached) and print its path")
+    add_query_parsers(sub)
+
+    build = sub.add_parser(
+        "build",
+        help="build the guest kernel (cached) and print its path",
+        description="Build the Rust guest kernel in guest/ and print the ELF's path. The build is cached by a "
+        "hash of the guest's sources and the toolchain: unchanged sources print the path at once. Uses Debian's "
+        "Rust (cargo-web rustc-web rust-web-src, offline) or rustup with the x86_64-unknown-none target; the "
+        "first build takes about 40 s (core and alloc are compiled too) and shows cargo's progress.",
+    )
     build.add_argument("--force", action="store_true", help="rebuild even if sources are unchanged")
-    build.add_argument("--quiet", "-q", action="store_true")
+    build.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr, only the path")
     return parser
 
 
@@ -175,6 +215,17 @@ def exit_code_for(exc: BaseException) -> int | None:
     if mm_errors is not None and isinstance(exc, mm_errors.MMError):
         return ExitCode.USAGE
     return None
+
+
+def discard_stdout() -> None:
+    """stdout's reader is gone: point fd 1 at /dev/null so that the interpreter's
+    final flush does not complain about the broken pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except OSError:
+        pass
 
 
 def command_module(args) -> str:
@@ -200,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vmm: interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
-    except BrokenPipeError:
-        os._exit(ExitCode.HOST_ERROR)
+    except BrokenPipeError:  # the reader of stdout went away: nothing more to say
+        discard_stdout()
+        return ExitCode.BROKEN_PIPE
     except Exception as exc:
         code = exit_code_for(exc)
         if code is None:

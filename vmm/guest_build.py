@@ -313,7 +313,7 @@ def _mark_pie(image: bytearray) -> bool:
         raise GuestBuildError(f"cargo output is not a usable kernel ELF: {exc}") from None
 
 
-def _run_cargo(tc: Toolchain, release: bool) -> Path:
+def _run_cargo(tc: Toolchain, release: bool, progress=None) -> Path:
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
@@ -325,11 +325,19 @@ def _run_cargo(tc: Toolchain, release: bool) -> Path:
     if release:
         cmd.append("--release")
     try:
-        proc = subprocess.run(cmd, cwd=GUEST_DIR, env=env, capture_output=True, text=True)
+        # cargo reports each crate it compiles on stderr: read it as it comes
+        # so the user sees progress (the first build compiles core and alloc).
+        proc = subprocess.Popen(cmd, cwd=GUEST_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     except OSError as e:
         raise GuestBuildError(f"cannot run {tc.cargo}: {e}") from e
+    lines: list[str] = []
+    with proc:
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+            if progress is not None and line.lstrip().startswith(("Compiling", "Finished")):
+                progress(line.strip())
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-40:])
+        tail = "\n".join(lines[-40:])
         raise GuestBuildError(f"cargo build of the guest kernel failed ({tc.kind} toolchain, exit {proc.returncode}):\n{tail}")
     out = GUEST_DIR / "target" / TARGET / ("release" if release else "debug") / "kernel"
     if not out.is_file():
@@ -370,9 +378,15 @@ def build_guest(release: bool = True, force: bool = False, quiet: bool = False) 
             except OSError:
                 pass
         return kernel
+    progress = None
     if not quiet:
-        print(f"building guest kernel (cargo, {tc.kind} toolchain, first build ~30 s)...", file=sys.stderr, flush=True)
-    image = bytearray(_run_cargo(tc, release).read_bytes())
+        print(f"building guest kernel (cargo, {tc.kind} toolchain, first build ~40 s)...", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+
+        def progress(line: str) -> None:
+            print(f"  [{time.monotonic() - t0:4.0f} s] {line}", file=sys.stderr, flush=True)
+
+    image = bytearray(_run_cargo(tc, release, progress).read_bytes())
     _mark_pie(image)
     kernel.parent.mkdir(parents=True, exist_ok=True)
     tmp = kernel.with_name(f".{kernel.name}.{os.getpid()}.tmp")

@@ -112,7 +112,7 @@ def run(args) -> int:
             env["tsc_khz"] = sec.meta["tsc_khz"]
 
     elapsed = time.perf_counter() - t_start
-    console = rich_console(width=180)
+    console = rich_console(width=120)
     console.print(report.render(env, sections))
     console.print(f"({elapsed:.1f} s)")
     if args.json:

@@ -74,6 +74,10 @@ def measure(n_exits: int, runs: int, backend=None) -> dict:
     return out
 
 
+RATE_NOTE = "derived: 1 / round trip per run (min from the slowest run, max from the fastest)"
+DIFF_NOTE = "derived: difference of two loops timed in each run; noise can make one run negative (read the median)"
+
+
 def section_from(samples: dict, n_exits: int) -> Section:
     """Rows from ``measure``'s samples (pure: tested without KVM)."""
     sec = Section("exits", "Exits: port-I/O round trips (guest -> VMM -> guest)")
@@ -82,17 +86,19 @@ def section_from(samples: dict, n_exits: int) -> Section:
     c = summarize(samples["c"], "us") if samples["c"] else None
     c_label = "C loop, same ioctl (gcc -O2)"
     sec.add("exits_per_s", "exits per second, Python VMM", rate(py), baseline=rate(c) if c else None,
-            baseline_label=c_label)
+            baseline_label=c_label, note=RATE_NOTE)
     sec.add("round_trip", "round trip per exit, Python VMM", py, baseline=c, baseline_label=c_label)
     if c:
         diffs = [p - q for p, q in zip(samples["python"], samples["c"])]
-        sec.add("python_minus_c", "Python's dispatch cost per exit (Python - C)", summarize(diffs, "us"), indent=1)
+        sec.add("python_minus_c", "Python's dispatch cost per exit (Python - C)", summarize(diffs, "us"), indent=1,
+                note=DIFF_NOTE)
     sec.add("python_share_profiled", "time outside KVM_RUN per exit (profiled)", summarize(samples["profiled"], "us"),
             indent=1)
     bare = summarize(samples["bare"], "us")
     sec.add("bare_python_round_trip", "round trip, bare Python ioctl loop (no dispatch)", bare)
     diffs = [p - q for p, q in zip(samples["python"], samples["bare"])]
-    sec.add("dispatch_over_bare", "our dispatch per exit (full loop - bare loop)", summarize(diffs, "us"), indent=1)
+    sec.add("dispatch_over_bare", "our dispatch per exit (full loop - bare loop)", summarize(diffs, "us"), indent=1,
+            note=DIFF_NOTE)
     if not c:
         sec.message = f"no C baseline: {samples.get('c_error') or 'not measured'}"
     return sec

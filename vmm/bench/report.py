@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -74,44 +75,81 @@ def fmt_ratio(r: float | None) -> str:
 
 
 # --- rich ----------------------------------------------------------------------------------
-COLUMNS = ("what", "CPL", "median", "min", "max", "p99", "n", "baseline (same run)", "ratio")
+COLUMNS = ("what", "CPL", "median", "min", "max", "p99", "n", "baseline", "ratio")
+WHAT_WIDTH = 52  # the label column wraps here: a report fits 120 columns
+# A p99 needs at least 100 samples in a run: with fewer, the nearest-rank
+# 99th percentile is just the maximum.
+P99_MIN_SAMPLES = 100
 
 
-def section_table(sec: Section) -> Table:
-    title = f"{sec.title}"
-    t = Table(title=title, title_justify="left", title_style="bold", show_lines=False, pad_edge=False, expand=False)
-    for col in COLUMNS:
-        t.add_column(col, justify="left" if col in ("what", "baseline (same run)") else "right",
-                     no_wrap=col != "baseline (same run)", overflow="fold")
-    show_cpl = any(r.cpl is not None for r in sec.rows)
-    if not show_cpl:
-        t.columns[1].visible = False
-    show_p99 = any(r.figure and r.figure.get("p99") is not None for r in sec.rows)
-    if not show_p99:
-        t.columns[5].visible = False
+def p99_supported(fig: dict) -> bool:
+    """True if the figure's p99 rests on enough samples per run to mean something."""
+    if fig.get("p99") is None:
+        return False
+    per_run = fig.get("n", 0) / max(1, fig.get("runs", 1))
+    return per_run >= P99_MIN_SAMPLES
+
+
+def _bare(value: float | None, unit: str, display_unit: str | None) -> str:
+    """A value without its unit (min/max share the median's unit)."""
+    text = fmt(value, unit, display_unit)
+    return text.rsplit(" ", 1)[0] if " " in text else text
+
+
+def section_table(sec: Section) -> Group:
+    """The section as a table that fits 120 columns, then its footnotes: what
+    each baseline is and how derived figures (differences, rates) are made."""
+    hidden = set()
+    if not any(r.cpl is not None for r in sec.rows):
+        hidden.add("CPL")
+    if not any(r.figure and p99_supported(r.figure) for r in sec.rows):
+        hidden.add("p99")
+    if not any(r.baseline is not None for r in sec.rows):
+        hidden |= {"baseline", "ratio"}
+    shown = [c for c in COLUMNS if c not in hidden]
+    t = Table(title=sec.title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
+              pad_edge=False, expand=False, collapse_padding=True)
+    for col in shown:
+        if col == "what":
+            t.add_column(col, justify="left", max_width=WHAT_WIDTH, overflow="fold")
+        else:
+            t.add_column(col, justify="right", no_wrap=True)
+    notes: list[str] = []
+
+    def mark(text: str) -> str:
+        if text not in notes:
+            notes.append(text)
+        return f"[{notes.index(text) + 1}]"
+
     for row in sec.rows:
         label = "  " * row.indent + row.label
         fig = row.figure
         if fig is None:
-            t.add_row(Text(label, style="bold cyan"), *[""] * (len(COLUMNS) - 1))
+            t.add_row(Text(label, style="bold cyan"), *[""] * (len(shown) - 1))
             continue
+        if row.note:
+            label += " " + mark(row.note)
         du = _display_unit(fig)
         n = f"{fig['n']}" + (f"x{fig['runs']}" if fig.get("runs", 1) > 1 else "")
         base = ""
         if row.baseline is not None:
-            base = f"{fmt(row.baseline['median'], row.baseline['unit'], _display_unit(row.baseline))}  {row.baseline_label}"
-        t.add_row(
-            label,
-            "" if row.cpl is None else str(row.cpl),
-            fmt(fig["median"], fig["unit"], du),
-            fmt(fig["min"], fig["unit"], du),
-            fmt(fig["max"], fig["unit"], du),
-            fmt(fig.get("p99"), fig["unit"], du) if fig.get("p99") is not None else "",
-            n,
-            base,
-            fmt_ratio(row.ratio),
-        )
-    return t
+            base = fmt(row.baseline["median"], row.baseline["unit"], _display_unit(row.baseline))
+            if row.baseline_label:
+                base += " " + mark(f"baseline: {row.baseline_label}")
+        cells = {
+            "what": label,
+            "CPL": "" if row.cpl is None else str(row.cpl),
+            "median": fmt(fig["median"], fig["unit"], du),
+            "min": _bare(fig["min"], fig["unit"], du),
+            "max": _bare(fig["max"], fig["unit"], du),
+            "p99": fmt(fig.get("p99"), fig["unit"], du) if p99_supported(fig) else "",
+            "n": n,
+            "baseline": base,
+            "ratio": fmt_ratio(row.ratio),
+        }
+        t.add_row(*(cells[c] for c in shown))
+    footer = Text("\n".join(f"  [{i + 1}] {note}" for i, note in enumerate(notes)), style="dim")
+    return Group(t, footer) if notes else Group(t)
 
 
 def banner(env: dict) -> Text:
@@ -135,6 +173,8 @@ def banner(env: dict) -> Text:
     if opts:
         text.append(f"\n{'quick mode, ' if opts.get('quick') else ''}{opts.get('runs')} runs per figure; "
                     "medians with min and max; figures are reported, never asserted")
+    text.append(f"\nn: samples (x runs); min, max in the median's unit; p99 where a run has {P99_MIN_SAMPLES}+ "
+                "samples; ratio: median / baseline's")
     return text
 
 

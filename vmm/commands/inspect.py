@@ -1,4 +1,5 @@
-"""``vmm inspect``: the live view of a VM started with ``vmm run --control``."""
+"""``vmm inspect``: the live view of a VM started with ``vmm run --control``:
+full screen with keys on a terminal, one status line a second otherwise."""
 
 from __future__ import annotations
 
@@ -6,18 +7,14 @@ import sys
 import threading
 
 from ..inspector.control import ControlError, RemoteTarget
-from ..inspector.live import ConsoleTail, live_view
+from ..inspector.live import live_view
+from ..inspector.tui import ConsoleHistory, run_tui
 from .filters import run_filter
 
 
 def main(args) -> int:
     with RemoteTarget(args.socket) as target:
-        tail = ConsoleTail()
         pos = [0]
-
-        def poll():
-            data, pos[0] = target.serial(pos[0])
-            tail.feed(data)
 
         def running() -> bool:
             try:
@@ -28,8 +25,17 @@ def main(args) -> int:
         stop = threading.Event()
         if args.duration:
             threading.Timer(args.duration, stop.set).start()
-        stats = live_view(target, console_tail=tail, poll_serial=poll, is_running=running, stop=stop,
-                          hz=args.hz, flt=run_filter(args))
+        if sys.stdout.isatty() and sys.stdin.isatty():
+            history = ConsoleHistory()
+
+            def poll():
+                data, pos[0] = target.serial(pos[0])
+                history.feed(data)
+
+            stats = run_tui(target, history=history, poll_serial=poll, is_running=running, stop=stop, hz=args.hz,
+                            flt=run_filter(args))
+        else:
+            stats = live_view(target, is_running=running, stop=stop, hz=args.hz, flt=run_filter(args))
         stop.set()
     print(f"vmm: {stats['refreshes']} refreshes, {stats['changes']} mapping changes seen", file=sys.stderr)
     return 0

@@ -5,13 +5,14 @@ file (``--snapshot``, ``--diff``), or a guest booted to its READY point."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from ..abi import ReportKind
 from ..devices import Stop
 from ..errors import UsageError
 from ..inspector.control import RemoteTarget
-from ..inspector.physical import write_png
+from ..inspector.picture import write_png
 from ..inspector.snapshot import take_snapshot
 from ..inspector.target import LocalTarget
 from ..inspector.views import inspect
@@ -63,7 +64,12 @@ def _print_inspection(args, target, flt, earlier=None) -> int:
     if args.png:
         if view.physical is None:
             raise UsageError("the guest did not report its frame bitmap: no physical-memory picture")
-        write_png(view.physical, args.png)
+        title = f"guest physical memory by owner | RAM {snap.facts.ram_size >> 20} MiB | KASLR slide {snap.facts.kaslr_slide:#x}"
+        try:
+            w, h = write_png(view.physical, args.png, title)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.png}: {exc.strerror}") from None
+        print(f"vmm: wrote {args.png} ({w}x{h}, physical memory by owner)", file=sys.stderr)
     if args.screenshot:
         save_screenshot(target.physmem, snap.facts.ram_size, args.screenshot)
     if args.json:

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from typing import Callable, ContextManager
 
 from .. import startup
+from ..abi import ExitCode
+from ..devices import Stop
 from ..backend import detect_backend
 from ..diagnostics import stop_report
 from ..vm import RunResult, Vm, VmConfig
@@ -26,8 +31,10 @@ Say = Callable[[str], None]
 class RunExtras:
     """What a run adds beyond the plain boot; every hook does nothing here."""
 
-    #: replaces the serial stream when set (a live view shows the console itself)
-    console: Callable[[bytes], None] | None = None
+    def make_console(self, stream) -> Callable[[bytes], None] | None:
+        """Replaces the serial stream when it returns one (a live view shows the console itself)."""
+        return None
+
     #: called with every report (vmm.vm.Vm's on_report)
     on_report = None
 
@@ -52,6 +59,33 @@ class RunExtras:
         pass
 
 
+@contextlib.contextmanager
+def stop_on_sigterm(vm: Vm):
+    """SIGTERM stops the guest like Ctrl-C does, so the run unwinds (a control
+    socket is removed, the stop is reported) instead of dying mid-way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(_signum, _frame):
+        vm.request_stop(Stop(ExitCode.TERMINATED, "terminated", "terminated by SIGTERM"))
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def discard_stdout() -> None:
+    """stdout's reader is gone: point fd 1 at /dev/null so that the interpreter's
+    final flush does not complain about the broken pipe."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def main(args) -> int:
     return run(args, RunExtras())
 
@@ -64,12 +98,32 @@ def run(args, extras: RunExtras) -> int:
     size = extras.prepare(args, image) or memory_size(args)
     backend = detect_backend()
     stream = sys.stderr.buffer if args.json else sys.stdout.buffer
-    console = extras.console
-    if console is None and not args.quiet:
+    pipe_closed = threading.Event()
+    running: list[Vm] = []
+
+    def guarded(write: Callable[[bytes], None]) -> Callable[[bytes], None]:
         def console(data: bytes) -> None:
-            stream.write(data)
-            if b"\n" in data:
-                stream.flush()
+            if pipe_closed.is_set():
+                return
+            try:
+                write(data)
+            except BrokenPipeError:  # `vmm run | head`: end the run, quietly
+                pipe_closed.set()
+                if running:
+                    running[0].request_stop(Stop(ExitCode.BROKEN_PIPE, "broken-pipe", "stdout was closed"))
+
+        return console
+
+    def raw_console(data: bytes) -> None:
+        stream.write(data)
+        if b"\n" in data:
+            stream.flush()
+
+    console = extras.make_console(stream)
+    if console is None and not args.quiet:
+        console = raw_console
+    if console is not None:
+        console = guarded(console)
 
     say: Say = (lambda msg: None) if args.quiet else (lambda msg: print(f"vmm: {msg}", file=sys.stderr, flush=True))
     slide = 0 if args.no_kaslr else args.slide
@@ -77,7 +131,8 @@ def run(args, extras: RunExtras) -> int:
     config = VmConfig(memory=size, cmdline=args.cmdline, slide=slide, timeout=args.timeout, dirty_log=watched)
     startup.mark("t_vm")
     vm = extras.make_vm(image, config, backend=backend, console=console, on_report=extras.on_report)
-    with vm:
+    with vm, stop_on_sigterm(vm):
+        running.append(vm)
         say(
             f"{backend.banner} | RAM {size >> 20} MiB | kernel {image.path} | "
             f"slide {vm.slide:#x} | setup {vm.timings_ms['setup_total']:.2f} ms" + extras.banner()
@@ -85,6 +140,9 @@ def run(args, extras: RunExtras) -> int:
         with extras.attach(vm, say):
             result = vm.run()
         extras.finish(vm, result, say)
+    if pipe_closed.is_set() or result.stop_reason == "broken-pipe":
+        discard_stdout()
+        return ExitCode.BROKEN_PIPE
     stream.flush()
     result.timings_ms["process_total"] = (time.perf_counter_ns() - t_start) / 1e6
     startup.mark("t_done")

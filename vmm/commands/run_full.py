@@ -14,8 +14,9 @@ from ..errors import UsageError
 from ..gdbstub.cli import check_run_arguments as check_gdb_arguments
 from ..gdbstub.cli import serving
 from ..inspector.control import ControlServer
-from ..inspector.live import ConsoleTail, live_view
+from ..inspector.live import LineSink, ViewedConsole, live_view
 from ..inspector.target import LocalTarget
+from ..inspector.tui import ConsoleHistory, run_tui
 from ..snapshot.commands import check_run_arguments, open_for_run, plan_for_run
 from ..snapshot.machine import restore_vm
 from ..vm import RunResult, Vm, VmConfig
@@ -26,8 +27,8 @@ from .screenshot import save_screenshot
 class FullRun(RunExtras):
     def __init__(self, args):
         self.args = args
-        self.tail = ConsoleTail() if args.inspect and sys.stdout.isatty() else None
-        self.console = self.tail.feed if self.tail is not None else None  # shown inside the live view
+        self.viewed: ViewedConsole | None = None  # full screen: the console goes into the view
+        self.sink: LineSink | None = None  # piped --inspect: status lines between whole console lines
         self.restore = None
         self.saver = None
 
@@ -39,6 +40,19 @@ class FullRun(RunExtras):
         self.saver = plan_for_run(args, say=None) if args.save else None
         self.on_report = self.saver.on_report if self.saver is not None else None
         return self.restore.memory_size if self.restore is not None else None
+
+    def make_console(self, stream):
+        args = self.args
+        if not args.inspect:
+            return None
+        if sys.stdout.isatty() and sys.stdin.isatty():
+            # out again when the view closes (q), as if there had been no view
+            self.viewed = ViewedConsole(None if args.quiet else stream, ConsoleHistory())
+            return self.viewed.feed
+        if args.quiet:
+            return None
+        self.sink = LineSink(stream)
+        return self.sink.feed
 
     def make_vm(self, image, config: VmConfig, **kw) -> Vm:
         if self.restore is not None:
@@ -60,20 +74,13 @@ class FullRun(RunExtras):
         args = self.args
         server = viewer = None
         stop_view = threading.Event()
+        errors: list[str] = []
         try:
             if args.control:
                 server = ControlServer(vm, args.control)
                 say(f"control socket: {args.control} (attach with `vmm inspect {args.control}`)")
             if args.inspect:
-                target = LocalTarget(vm)
-
-                def _view():
-                    while not vm.running and not stop_view.is_set():  # wait for the vCPU to start
-                        time.sleep(0.001)
-                    live_view(target, console_tail=self.tail, is_running=lambda: vm.running, stop=stop_view, hz=args.hz)
-
-                viewer = threading.Thread(target=_view, name="vmm-live-view", daemon=True)
-                viewer.start()
+                viewer = self._start_view(vm, stop_view, errors)
             if self.saver is not None:
                 self.saver.say = say
                 self.saver.start()
@@ -86,6 +93,40 @@ class FullRun(RunExtras):
                 viewer.join(timeout=5)
             if server is not None:
                 server.close()
+            if self.viewed is not None:
+                self.viewed.release()
+            if self.sink is not None:
+                with contextlib.suppress(BrokenPipeError):
+                    self.sink.close()
+            for err in errors:
+                print(f"vmm: live view: {err}", file=sys.stderr)
+
+    def _start_view(self, vm: Vm, stop_view: threading.Event, errors: list[str]) -> threading.Thread:
+        """The live view in its own thread (the vCPU runs in this one): full screen
+        with keys on a terminal, one status line a second otherwise."""
+        target = LocalTarget(vm)
+        args = self.args
+
+        def view():
+            while not vm.running and not stop_view.is_set():  # wait for the vCPU to start
+                time.sleep(0.001)
+            try:
+                if self.viewed is not None:
+                    run_tui(target, history=self.viewed.history, is_running=lambda: vm.running, stop=stop_view,
+                            hz=args.hz)
+                else:
+                    live_view(target, is_running=lambda: vm.running, stop=stop_view, hz=args.hz,
+                              emit=self.sink.line if self.sink is not None else None)
+            except Exception as exc:  # reported after the run; the guest is not disturbed
+                if vm.running:
+                    errors.append(str(exc))
+            finally:
+                if self.viewed is not None:
+                    self.viewed.release()  # q: the console streams on as without the view
+
+        thread = threading.Thread(target=view, name="vmm-live-view", daemon=True)
+        thread.start()
+        return thread
 
     def finish(self, vm: Vm, result: RunResult, say: Say) -> None:
         if self.saver is not None:

@@ -45,6 +45,7 @@ from ..errors import UsageError
 from ..snapshot.format import SnapshotError
 from ..snapshot.machine import save_vm_paused
 from .dirty import dirty_pages
+from ..registers import capture
 from .target import ControlRegisters, GuestFacts, Pause, facts_from_vm
 
 MAX_PAUSE_S = 0.2
@@ -187,6 +188,10 @@ class ControlServer:
                         _send(conn, {"ok": True, **info})
                     except SnapshotError as exc:
                         _send(conn, {"ok": False, "error": str(exc)})
+                elif op == "regs":  # every register, read from the parked vCPU (vmm regs/x/translate)
+                    with self.vm.paused() as parked:
+                        regs = capture(self.vm.vcpu) if self.vm.vcpu is not None and (parked or not self.vm.running) else None
+                    _send(conn, {"ok": True, "registers": regs} if regs else {"ok": False, "error": "the vCPU did not stop"})
                 elif op == "pause":
                     expired_ms = self._pause(conn, reader)
                 elif op == "resume":
@@ -283,6 +288,9 @@ class RemoteTarget:
         except FileNotFoundError:
             self.sock.close()
             raise ControlError(f"no VM control socket at {path} (start one with `vmm run --control {path}`)") from None
+        except ConnectionRefusedError:
+            self.sock.close()
+            raise ControlError(f"no VM is listening on {path} (stale socket)") from None
         except OSError as exc:
             self.sock.close()
             raise ControlError(f"cannot connect to {path}: {exc.strerror}") from None
@@ -365,6 +373,10 @@ class RemoteTarget:
         out = np.zeros(self._facts.ram_size // 4096, dtype=bool)
         out[np.asarray(pages, dtype=np.int64)] = True
         return out
+
+    def all_registers(self) -> dict[str, int]:
+        """Every register of the vCPU (vmm.registers.capture), read while it is parked."""
+        return self._call({"op": "regs"})["registers"]
 
     def control_registers(self) -> ControlRegisters:
         if self._registers is None:

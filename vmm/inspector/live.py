@@ -43,6 +43,69 @@ class ConsoleTail:
         return Text(body)
 
 
+class LineSink:
+    """Console bytes to a stream in whole lines only, so that status lines
+    written between them (``line``) never land in the middle of one."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self._partial = b""
+        self._lock = threading.Lock()
+
+    def feed(self, data: bytes) -> None:
+        with self._lock:
+            data = self._partial + data
+            cut = data.rfind(b"\n") + 1
+            self._partial = data[cut:]
+            if cut:
+                self.stream.write(data[:cut])
+                self.stream.flush()
+
+    def line(self, text: str) -> None:
+        with self._lock:
+            self.stream.write(text.encode() + b"\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._partial:
+                self.stream.write(self._partial)
+                self._partial = b""
+            self.stream.flush()
+
+
+class ViewedConsole:
+    """The guest console while a full-screen view shows it: kept in a history
+    for the view; when the view closes, what it held is written out and the
+    console streams as if there had been no view."""
+
+    def __init__(self, stream, history):
+        self.stream = stream
+        self.history = history
+        self.viewing = True
+        self._lock = threading.Lock()
+
+    def feed(self, data: bytes) -> None:
+        with self._lock:
+            if self.viewing:
+                self.history.feed(data)
+                return
+        if self.stream is None:  # -q: no console
+            return
+        self.stream.write(data)
+        if b"\n" in data:
+            self.stream.flush()
+
+    def release(self) -> None:
+        with self._lock:
+            if not self.viewing:
+                return
+            self.viewing = False
+            if self.stream is not None:
+                self.stream.write(self.history.text().encode())
+                self.stream.flush()
+
+
 class _NoLive:
     """Stands in for rich.live.Live when the output is not a terminal."""
 
@@ -67,6 +130,7 @@ def live_view(
     flt: RunFilter | None = None,
     max_rows: int = 25,
     console: Console | None = None,
+    emit: Callable[[str], None] | None = None,
 ) -> dict:
     """Run the live view until ``stop`` is set or the guest stops; returns stats."""
     stop = stop or threading.Event()
@@ -111,6 +175,10 @@ def live_view(
             elif refreshes % max(1, round(hz)) == 1 or hz < 1:
                 # Not a terminal (a pipe, a log): one summary line a second, not a redraw per refresh.
                 s = view.summary_line()
-                console.print(f"inspect: refresh {refreshes}: {s}; {total_changes} mapping changes so far", soft_wrap=True)
+                status = f"inspect: refresh {refreshes}: {s}; {total_changes} mapping changes so far"
+                if emit is not None:
+                    emit(status)  # between whole console lines
+                else:
+                    console.print(status, soft_wrap=True)
             stop.wait(max(0.0, 1.0 / hz - (time.perf_counter() - t0)))
     return {"refreshes": refreshes, "changes": total_changes, "refresh_ms": refresh_ms}

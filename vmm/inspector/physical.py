@@ -10,7 +10,7 @@ guest/src/memory/frames.rs). From a snapshot this module derives:
   the frames behind every mapping outside the direct map) must be marked used;
   every allocated frame should be reachable that way (else: a possible leak);
 - an owner for every frame (kernel image, page tables, heap, stacks, other
-  allocations, free, reserved, framebuffer, loader data), saved as a PNG.
+  allocations, free, reserved, framebuffer, loader data), drawn by picture.py.
 """
 
 from __future__ import annotations
@@ -179,17 +179,6 @@ def physical_view(snap: Snapshot, physmem) -> PhysicalView | None:
             }
         )
     return view
-
-
-def write_png(view: PhysicalView, path: str, width: int = 256, scale: int = 2) -> None:
-    """One pixel (scaled) per frame, coloured by owner; row-major from frame 0."""
-    rows = -(-view.frames // width)
-    palette = np.array([OWNERS[i][1] for i in range(len(OWNERS))], dtype=np.uint8)
-    grid = np.full(rows * width, 1, dtype=np.uint8)
-    grid[: view.frames] = view.owner
-    img = palette[grid.reshape(rows, width)]
-    img = img.repeat(scale, axis=0).repeat(scale, axis=1)
-    _png(path, img)
 
 
 def _png(path: str, rgb: np.ndarray) -> None:
