@@ -147,6 +147,12 @@ class VmFd(_FdOwner):
     def check_extension(self, cap: int) -> int:
         return _ioctl(self.fd, K.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
 
+    def register_coalesced_pio(self, port: int, size: int) -> None:
+        """Buffer guest writes to ``[port, port+size)`` in the vCPU's coalesced
+        ring instead of exiting for each (KVM_CAP_COALESCED_PIO)."""
+        zone = K.kvm_coalesced_mmio_zone(addr=port, size=size, pio=1)
+        _ioctl(self.fd, K.KVM_REGISTER_COALESCED_MMIO, zone, "KVM_REGISTER_COALESCED_MMIO")
+
     def get_stats_fd(self) -> int:
         return _ioctl(self.fd, K.KVM_GET_STATS_FD, 0, "KVM_GET_STATS_FD")
 
@@ -166,6 +172,15 @@ class VcpuFd(_FdOwner):
         self.run_address = C.addressof(self.run_struct)
         # ioctl(KVM_RUN) with an int argument: fcntl passes it straight through.
         self._run_request = K.KVM_RUN
+        self.mmap_size = mmap_size
+
+    def coalesced_ring_offset(self) -> int | None:
+        """Offset of the coalesced-I/O ring in this vCPU's mmap, or None if the
+        mapping has no ring page (the ring: ``kvm_coalesced_mmio_ring`` then
+        ``KVM_COALESCED_MMIO_MAX`` entries)."""
+        off = K.KVM_COALESCED_MMIO_PAGE_OFFSET * mmap.PAGESIZE
+        need = C.sizeof(K.kvm_coalesced_mmio_ring) + K.KVM_COALESCED_MMIO_MAX * C.sizeof(K.kvm_coalesced_mmio)
+        return off if self.mmap_size >= off + need else None
 
     def close(self) -> None:
         # Drop the ctypes view before closing the mmap it points into.

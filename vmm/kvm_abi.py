@@ -140,6 +140,29 @@ class kvm_dirty_log(_Struct):
     _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
 
 
+class kvm_coalesced_mmio_zone(_Struct):
+    # The C struct ends in union { __u32 pad; __u32 pio; }: pio=1 makes the
+    # zone a range of I/O ports (KVM_CAP_COALESCED_PIO) instead of MMIO.
+    _fields_ = [("addr", u64), ("size", u32), ("pio", u32)]
+
+
+class kvm_coalesced_mmio(_Struct):
+    # One buffered write: where, how many bytes, and the bytes (union pad/pio as above).
+    _fields_ = [("phys_addr", u64), ("len", u32), ("pio", u32), ("data", u8 * 8)]
+
+
+class kvm_coalesced_mmio_ring(_Struct):
+    # Followed by KVM_COALESCED_MMIO_MAX entries; KVM appends at `last`, the
+    # VMM consumes from `first`. The ring is page KVM_COALESCED_MMIO_PAGE_OFFSET
+    # of the vCPU's mmap (after kvm_run).
+    _fields_ = [("first", u32), ("last", u32)]
+
+
+KVM_COALESCED_MMIO_PAGE_OFFSET = 2  # x86: page 1 holds port I/O data (KVM_PIO_PAGE_OFFSET)
+# (PAGE_SIZE - sizeof(ring header)) / sizeof(entry): PAGE_SIZE is not in the uapi header.
+KVM_COALESCED_MMIO_MAX = (4096 - 8) // 24
+
+
 class kvm_translation(_Struct):
     _fields_ = [
         ("linear_address", u64),
@@ -402,6 +425,7 @@ KVM_GET_MSR_INDEX_LIST = _IOWR(KVMIO, 0x02, kvm_msr_list)
 KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
 KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, kvm_dirty_log)
 KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, kvm_userspace_memory_region)
+KVM_REGISTER_COALESCED_MMIO = _IOW(KVMIO, 0x67, kvm_coalesced_mmio_zone)
 KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, u64)
 KVM_GET_STATS_FD = _IO(KVMIO, 0xCE)
@@ -435,6 +459,8 @@ KVM_CAP_EXT_CPUID = 7
 KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_GET_TSC_KHZ = 61
 KVM_CAP_READONLY_MEM = 81
+KVM_CAP_COALESCED_MMIO = 15
+KVM_CAP_COALESCED_PIO = 162
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_GUEST_DEBUG_HW_BPS = 119
 KVM_CAP_VCPU_EVENTS = 41

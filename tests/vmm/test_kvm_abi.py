@@ -8,6 +8,9 @@ from vmm import kvm_abi as K
 
 SIZES = {
     "kvm_run": 2352,
+    "kvm_coalesced_mmio_zone": 16,
+    "kvm_coalesced_mmio": 24,
+    "kvm_coalesced_mmio_ring": 8,
     "kvm_regs": 144,
     "kvm_sregs": 312,
     "kvm_segment": 24,
@@ -56,6 +59,9 @@ OFFSETS = [
 
 IOCTLS = {
     "KVM_GET_API_VERSION": 0xAE00,
+    "KVM_REGISTER_COALESCED_MMIO": 0x4010AE67,
+    "KVM_COALESCED_MMIO_PAGE_OFFSET": 2,
+    "KVM_CAP_COALESCED_PIO": 162,
     "KVM_CREATE_VM": 0xAE01,
     "KVM_CHECK_EXTENSION": 0xAE03,
     "KVM_GET_VCPU_MMAP_SIZE": 0xAE04,
