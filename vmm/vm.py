@@ -610,6 +610,8 @@ class Vm:
                         ioctl(fd, kvm_run_nr, 0)
                 except InterruptedError:
                     vcpu.run_struct.immediate_exit = 0
+                    if ring is not None:
+                        drain()  # a pause, a save or gdb sees the console up to here
                     stop = self._stop_request
                     if stop is None and debugger is not None and debugger.pending:
                         stop = debugger.on_interrupt()
