@@ -209,7 +209,7 @@ pub extern "C" fn inspect_quiet() {
 
 /// Address of [`inspect_quiet`] (INSPECT report).
 pub fn quiet_hook() -> u64 {
-    inspect_quiet as usize as u64
+    inspect_quiet as extern "C" fn() as usize as u64
 }
 
 /// True inside a critical section (debug assertions of the mutators).

@@ -8,6 +8,8 @@
 
 #![no_std]
 #![no_main]
+// Warnings are errors: an unused function or a dubious cast fails the build, not a reviewer.
+#![deny(warnings)]
 
 extern crate alloc;
 

@@ -427,16 +427,6 @@ impl Heap {
         self.backing_free(ptr, size);
     }
 
-    /// Publishes what the fast path changes (counters, cached bytes).
-    #[inline(always)]
-    fn publish_counts(&self) {
-        crate::inspect::update(|b| {
-            b.heap_allocs = self.allocs;
-            b.heap_frees = self.frees;
-            b.heap_cached_bytes = self.cached_bytes as u64;
-        });
-    }
-
     /// Copies the allocator's state into the inspect block. Callers hold
     /// an inspect critical section (every mutation does).
     #[inline]
