@@ -94,20 +94,26 @@ def test_monitor_commands_print_the_inspector_views(kernel):
     with VmmProcess(kernel, "127.0.0.1:0") as vmm:
         out = gdb_batch(
             kernel, vmm.address,
-            "break kernel::kernel_main", "continue",
+            "continue",  # to the guest's exit: every report is in, the corpse is held
             "monitor pt --kernel-half", "monitor slide", "monitor translate 0xffff800000000000",
-            "monitor xp 0x1000 32", "monitor memmap", "monitor regs", "monitor bogus", "monitor xp 0x7fffffffffff 16",
+            "monitor xp 0x1000 32", "monitor memmap", "monitor regs", "monitor heap", "monitor frames",
+            "monitor audit", "monitor bogus", "monitor xp 0x7fffffffffff 16", "monitor help",
             "kill",
         ).stdout
         vmm.wait()
     assert "page tables (effective flags)" in out, out
     assert f"KASLR slide {_slide(vmm):#x}" in out and "symbol-file -o" in out
-    assert re.search(r"PML4 table 0x[0-9a-f]+\[256\]", out), out
+    assert re.search(r"PML4 table 0x[0-9a-f]+\[256\] = 0x[0-9a-f]{16}", out), out
+    assert re.search(r"-> physical 0x0, 2048 KiB page, effective WS-", out), out  # direct map: RW, kernel, NX
     assert re.search(r"^0000000000001000  ([0-9a-f]{2} ){15}[0-9a-f]{2}", out, re.M), out
-    assert "Conventional" in out or "conventional" in out.lower(), out
-    assert "cr3" in out.lower() and "rip" in out.lower()
+    assert "CONVENTIONAL" in out.upper(), out
+    assert re.search(r"cr3=[0-9a-f]{16}", out) and re.search(r"gdtr|GDTR", out), out
+    assert re.search(r"heap \[0x[0-9a-f]+, 0x[0-9a-f]+\)", out), out
+    assert "physical memory:" in out and "frames allocated" in out, out
+    assert "audits:" in out, out
     assert "monitor bogus: unknown command" in out
     assert "is not inside guest RAM" in out
+    assert "translate VA" in out  # help
 
 
 def test_ctrl_c_interrupts_a_running_guest(kernel):

@@ -244,6 +244,8 @@ class Debugger:
                         conn.send(pkt)
                 else:
                     conn.send(out)
+                if isinstance(cmd, C.StartNoAck):
+                    conn.no_ack = True  # after the OK, which gdb still acknowledges
         finally:
             self._regs = None
             if watchdog is not None:

@@ -55,6 +55,7 @@ _ESCAPED = frozenset(b"$#}*")
 _RLE_BIAS = 29  # the repeat count byte is count + 29 (so it is printable)
 INTERRUPT = 0x03
 _HEX2 = re.compile(rb"[0-9a-fA-F]{2}")
+_FRAME_END = re.compile(rb"[#$]")
 
 
 class PacketError(ValueError):
@@ -206,8 +207,35 @@ class Framer:
 
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
-        for b in data:
+        i, n = 0, len(data)
+        while i < n:
             st = self._state
+            if st == 1:
+                # Payload bytes up to the next '#' or '$' in one slice (a 4 KiB
+                # write is 8 KiB of hex: no per-byte Python here). As gdb's own
+                # reader: '#' always ends the payload (an escaped '#' travels
+                # as '}' 0x03), and a '$' inside one means the previous packet
+                # was cut short: start over with the new one.
+                m = _FRAME_END.search(data, i)
+                end = m.start() if m else n
+                if end > i:
+                    room = self.limit - self._length
+                    if room > 0:
+                        self._body += data[i : min(end, i + room)]
+                    self._length += end - i
+                i = end
+                if m is None:
+                    break
+                i += 1
+                if data[end] == 0x23:  # '#'
+                    self._state = 2
+                    self._cs.clear()
+                else:
+                    self._body.clear()
+                    self._length = 0
+                continue
+            b = data[i]
+            i += 1
             if st == 0:
                 if b == 0x24:  # '$'
                     self._state = 1
@@ -220,20 +248,6 @@ class Framer:
                 elif b == INTERRUPT:
                     events.append(Interrupt())
                 # anything else between packets is line noise: skipped
-            elif st == 1:
-                # As gdb's own reader: '#' always ends the payload (an escaped
-                # '#' travels as '}' 0x03), and a '$' inside one means the
-                # previous packet was cut short: start over with the new one.
-                if b == 0x23:
-                    self._state = 2
-                    self._cs.clear()
-                elif b == 0x24:
-                    self._body.clear()
-                    self._length = 0
-                else:
-                    self._length += 1
-                    if self._length <= self.limit:
-                        self._body.append(b)
             else:
                 self._cs.append(b)
                 if st == 2:

@@ -240,6 +240,10 @@ class GdbServer:
                 conn, _peer = self.sock.accept()
             except OSError:
                 return
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                # Replies are small and follow the '+' at once: without this,
+                # Nagle holds the reply until the client's delayed ACK (~40 ms).
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 busy = self.client is not None
                 if not busy:
