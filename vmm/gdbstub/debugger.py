@@ -215,7 +215,12 @@ class Debugger:
                 except C.BadCommand:
                     conn.send(error(1))
                     continue
-                out = self.session.handle(cmd)
+                try:
+                    out = self.session.handle(cmd)
+                except Exception as exc:  # noqa: BLE001 - a failed request must not take the VM down
+                    self.say(f"gdb: {type(cmd).__name__} failed: {type(exc).__name__}: {exc}")
+                    conn.send(error(5))  # EIO
+                    continue
                 if isinstance(out, ResumeAction):
                     if final is not None:
                         # The guest is gone: the run ends now, as gdb's `continue` asked.
