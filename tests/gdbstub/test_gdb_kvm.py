@@ -108,7 +108,7 @@ def test_monitor_commands_print_the_inspector_views(kernel):
     assert re.search(r"^0000000000001000  ([0-9a-f]{2} ){15}[0-9a-f]{2}", out, re.M), out
     assert "CONVENTIONAL" in out.upper(), out
     assert re.search(r"cr3=[0-9a-f]{16}", out) and re.search(r"gdtr|GDTR", out), out
-    assert re.search(r"heap \[0x[0-9a-f]+, 0x[0-9a-f]+\)", out), out
+    assert re.search(r"heap (\(\w+\) )?\[0x[0-9a-f]+, 0x[0-9a-f]+\): \d+ free blocks", out), out
     assert "physical memory:" in out and "frames allocated" in out, out
     assert "audits:" in out, out
     assert "monitor bogus: unknown command" in out
