@@ -104,7 +104,7 @@ def test_monitor_commands_print_the_inspector_views(kernel):
     assert "page tables (effective flags)" in out, out
     assert f"KASLR slide {_slide(vmm):#x}" in out and "symbol-file -o" in out
     assert re.search(r"PML4 table 0x[0-9a-f]+\[256\] = 0x[0-9a-f]{16}", out), out
-    assert re.search(r"-> physical 0x0, 2048 KiB page, effective WS-", out), out  # direct map: RW, kernel, NX
+    assert re.search(r"0xffff800000000000 -> 0x0 \(2 MiB page, RW- supervisor\)", out), out  # direct map: RW, NX
     assert re.search(r"^0000000000001000  ([0-9a-f]{2} ){15}[0-9a-f]{2}", out, re.M), out
     assert "CONVENTIONAL" in out.upper(), out
     assert re.search(r"cr3=[0-9a-f]{16}", out) and re.search(r"gdtr|GDTR", out), out
