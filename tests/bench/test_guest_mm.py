@@ -134,6 +134,8 @@ def test_cpl_agreement_messages():
     assert "agree within 25 %" in cpl_agreement([b(0, 31.0), b(3, 30.0)], "VMX")
     assert "disagree" in cpl_agreement([b(0, 90.0), b(3, 30.0)], "SVM")
     assert cpl_agreement([b(3, 30.0)], "VMX") == ""
+    nested = cpl_agreement([b(0, 31.0), b(3, 30.0)], "SVM", "QEMU TCG")
+    assert "nested under QEMU TCG" in nested and "not hardware speed" in nested and "1 of 1" in nested
 
 
 def test_icount_section_from_a_result():

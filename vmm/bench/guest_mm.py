@@ -399,7 +399,7 @@ def boot_benchmarks(image, cmdline: str, timeout: float, backend=None) -> BenchB
     return BenchBoot(benches, tsc_khz, problem, instruction_counts(result), frag_reports(result))
 
 
-def cpl_agreement(benches: list[GuestBench], backend: str) -> str:
+def cpl_agreement(benches: list[GuestBench], backend: str, nested_under: str | None = None) -> str:
     """Compare each benchmark measured at both CPL0 and CPL3 (pure).
 
     On VMX/SVM both run natively, so the two should agree; on KVM-PVM CPL0 is
@@ -418,6 +418,11 @@ def cpl_agreement(benches: list[GuestBench], backend: str) -> str:
         return (f"CPL0 is emulated on this KVM-PVM host: CPL0 figures are x{lo:,.0f}-x{hi:,.0f} the CPL3 ones "
                 f"({len(ratios)} benchmarks run both ways); the CPL3 rows show hardware speed")
     off = sorted((k[0] for k, r in ratios.items() if not 0.75 <= r <= 1.33))
+    if nested_under:
+        agree = sorted({k[0] for k, r in ratios.items() if 0.75 <= r <= 1.33})
+        return (f"{backend} nested under {nested_under}: every figure is emulated, not hardware speed; "
+                f"CPL0 and CPL3 agree within 25 % on {len(ratios) - len(off)} of {len(ratios)} benchmarks run both ways"
+                + (f" ({', '.join(agree)})" if agree else "") + (f", not on {', '.join(off)}" if off else ""))
     if not off:
         return f"CPL0 and CPL3 agree within 25 % on all {len(ratios)} benchmarks run both ways ({backend})"
     return f"CPL0 and CPL3 disagree by more than 25 % on {', '.join(off)} ({backend}): look into it"
@@ -461,7 +466,7 @@ def run(image, runs: int, *, quick: bool, cmdline: str = "bench=all", timeout: f
     requests = baseline_requests(merged) if merged else {
         ("malloc", SMALL_DEFAULT, 0), ("malloc", LARGE_DEFAULT, 0), ("fault",), ("map",)}
     baselines, err = measure_baselines(requests, quick)
-    agreement = cpl_agreement(merged, getattr(backend, "name", "UNKNOWN")) if merged else ""
+    agreement = cpl_agreement(merged, getattr(backend, "name", "UNKNOWN"), getattr(backend, "nested_under", None)) if merged else ""
     msgs = [m for m in (problems[0] if problems else "", err, agreement) if m]
     if not merged:
         msgs.insert(0, NO_BENCHMARKS)
