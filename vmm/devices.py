@@ -204,10 +204,14 @@ class InstructionCounter(Device):
     name = "icount"
     MAX_STEPS = 5_000_000  # a runaway count stops stepping (the guest goes on)
 
-    def __init__(self, set_stepping: Callable[[bool], None]):
+    def __init__(self, set_stepping: Callable[[bool], None], completion_step: bool = False):
         self.set_stepping = set_stepping
+        # The backend reports the start OUT's own completion as the first step
+        # (VMX/SVM): that debug exit is no instruction of the counted window.
+        self.completion_step = completion_step
         self.active: int | None = None
         self.steps = 0
+        self._skip_next = False
         self.counts: dict[int, int] = {}
         self.errors: list[str] = []
 
@@ -218,6 +222,7 @@ class InstructionCounter(Device):
                 self.errors.append(f"count {ident} started inside count {self.active}")
                 return None
             self.active, self.steps = ident, 0
+            self._skip_next = self.completion_step
             self.set_stepping(True)
         elif offset == 4:
             if self.active != ident:
@@ -229,6 +234,9 @@ class InstructionCounter(Device):
         return None
 
     def step(self) -> None:
+        if self._skip_next:
+            self._skip_next = False
+            return
         self.steps += 1
         if self.steps >= self.MAX_STEPS:
             self.errors.append(f"count {self.active} exceeded {self.MAX_STEPS} instructions: stopped")

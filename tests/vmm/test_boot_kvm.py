@@ -38,6 +38,9 @@ def test_panic_reports_message_and_exit_code(boot):
 def test_triple_fault_is_reported_with_symbolized_rip(boot):
     r = boot("scenario=triplefault")
     assert r.exit_code == ExitCode.TRIPLE_FAULT and r.stop_reason == "triple-fault"
+    if r.backend == "SVM":  # KVM-SVM resets the vCPU at a shutdown intercept: no registers, and the report says so
+        assert r.registers is None and "registers at the fault are lost" in r.message
+        return
     assert r.registers is not None and r.registers["rip"] >= 0xFFFF_FFFF_8000_0000
     assert "kernel::" in r.rip_symbol
 

@@ -288,8 +288,8 @@ poweroff -f
 """
 
 ETC_FILES = {
-    "/etc/passwd": b"root:x:0:0:root:/root:/bin/sh\n",
-    "/etc/group": b"root:x:0:\n",
+    "/etc/passwd": b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    "/etc/group": b"root:x:0:\nnogroup:x:65534:\n",
     "/etc/hosts": b"127.0.0.1 localhost\n",
 }
 

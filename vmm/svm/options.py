@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", "-t", type=_positive, metavar="S", help="kill QEMU after S seconds (exit 124)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached base image")
     p.add_argument("--build-only", action="store_true", help="build (or find) the image, print its path and size, exit")
+    p.add_argument("--tests", action="store_true",
+                   help="run the SVM pass of the test suite (the kvm tests in SVM_PASS); CMD adds pytest arguments")
     p.add_argument("--verbose", "-v", action="store_true", help="also show the kernel console before and after CMD")
     p.add_argument("--quiet", "-q", action="store_true", help="no timing summary on stderr")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="command to run in the project directory")
