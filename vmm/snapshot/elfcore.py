@@ -21,6 +21,7 @@ already reads as zero).
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -213,7 +214,10 @@ def read_core(fd: int, *, ram_size: Callable[[list[Note]], int] | None = None) -
     disjoint, data inside the file. ``ram_size(notes)`` (if given) says how
     much RAM the notes describe; segments past it are refused.
     """
-    size = os.fstat(fd).st_size
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):  # before the size: a directory's st_size is fs-specific (4096 ext4, 40 tmpfs)
+        raise CoreFormatError("is a directory, not a core file")
+    size = st.st_size
     if size < EHDR.size:
         raise CoreFormatError(f"file is {size} bytes, shorter than an ELF header")
     head = os.pread(fd, EHDR.size, 0)

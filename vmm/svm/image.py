@@ -57,9 +57,11 @@ SETUP_HINT = "run ./setup.sh (it installs qemu-system-x86 and busybox-static and
 KVM_MODULES = ("virt/lib/irqbypass.ko", "arch/x86/kvm/kvm.ko", "arch/x86/kvm/kvm-amd.ko")
 
 # Host tools the tests run (readelf reads snapshots, c++filt demangles, objdump checks
-# the guest's code), copied with their libraries when the host has them. gdb is
-# left out: its libraries alone are ~70 MiB (the gdb tests skip, naming gdb).
-HOST_TOOLS = ("readelf", "c++filt", "objdump")
+# the guest's code, the gdb stub's tests drive a real gdb: on VMX/SVM its `break`
+# is a real int3 at CPL0), copied with their libraries when the host has them.
+HOST_TOOLS = ("readelf", "c++filt", "objdump", "gdb")
+# Data directories a tool cannot start without (gdb: its Python modules).
+TOOL_DATA = {"gdb": ("/usr/share/gdb", "/etc/gdb")}
 
 # Directory inside the image holding busybox, its applet links and the per-run command.
 TOOLS = "/pyvmm"
@@ -283,6 +285,7 @@ mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t devpts devpts /dev/pts
 chmod 1777 /tmp /var/tmp
 stty -F /dev/console -onlcr 2>/dev/null
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up   # gdb stub tests talk TCP on loopback
 for m in /pyvmm/modules/*.ko; do insmod "$m" || echo "pyvmm-svm: insmod $m failed"; done
 . /pyvmm/run.env
 echo "$PYVMM_START"
@@ -319,6 +322,9 @@ def base_manifest(project: Path) -> BaseLayer:
         if path:
             m.host_path(path)
             elves_extra.append(os.path.realpath(path))
+            for d in TOOL_DATA.get(tool, ()):
+                if os.path.isdir(d):
+                    _add_tree(m, d)
     m.data("/init", INIT.encode(), 0o755)
     for i, mod in enumerate(linux.modules):
         m.entries[f"{TOOLS}/modules/{i}-{mod.name.removesuffix('.xz')}"] = Entry("file", src=str(mod), mtime=int(mod.stat().st_mtime))
@@ -357,6 +363,14 @@ def base_manifest(project: Path) -> BaseLayer:
                     m.host_path(str(pyc))
     for lib in sorted(_ldd(elves)):
         m.host_path(lib)
+        # A tool embedding another Python (Debian's gdb links libpython3.x) dies at
+        # start without that Python's stdlib: add it, without tests, like ours.
+        embedded = re.match(r"libpython(\d+\.\d+)\.so", os.path.basename(lib))
+        if embedded and lib != os.path.realpath(exe):
+            home = f"/usr/lib/python{embedded.group(1)}"
+            if os.path.isdir(home) and not os.path.realpath(home).startswith(os.path.realpath(stdlib)):
+                for so in _add_tree(m, home, _STDLIB_SKIP_DIRS, _STDLIB_SKIP_PREFIX):
+                    m.host_path(so)
     for extra in ("libgcc_s.so.1",):  # dlopen()ed by glibc for thread cancellation, unseen by ldd
         for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu"):
             if os.path.exists(os.path.join(d, extra)):
