@@ -32,7 +32,8 @@ from .image import SETUP_HINT, TOOLS, BuiltImage, SvmError, build_base, cache_di
 QEMU = "qemu-system-x86_64"
 # Environment passed from the host into the command (the rest is a clean, fixed environment).
 PASS_ENV_PREFIXES = ("VMM_", "PYTEST_", "HYPOTHESIS_")
-KERNEL_CMDLINE = "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off rdinit=/init"
+KERNEL_CMDLINE = "console=ttyS0 quiet loglevel=4 panic=-1 mitigations=off rdinit=/init"
+BOOT_TIMEOUT = 300  # seconds from QEMU's start to the shell
 
 
 def find_qemu() -> str:
@@ -154,6 +155,19 @@ def run(cmd: list[str], *, project: Path, memory: str = "4G", smp: int = 1, time
     if timer:
         timer.daemon = True
         timer.start()
+    booted = threading.Event()
+    boot_stuck = threading.Event()
+
+    def _boot_watchdog():
+        if not booted.is_set():
+            boot_stuck.set()
+            proc.kill()
+
+    # Boot to the shell takes ~20 s even on a busy host; a boot that never gets there
+    # (seen once under heavy load) must fail fast with its console, not eat the pass.
+    boot_timer = threading.Timer(BOOT_TIMEOUT, _boot_watchdog)
+    boot_timer.daemon = True
+    boot_timer.start()
     head: list[bytes] = []  # console before the start marker
     pending = b""
     state = "boot"  # boot -> command -> done
@@ -173,6 +187,7 @@ def run(cmd: list[str], *, project: Path, memory: str = "4G", smp: int = 1, time
                     line, pending = pending[: nl + 1], pending[nl + 1 :]
                     if line.rstrip(b"\r\n").endswith(start.encode()):
                         state, t_start = "command", time.monotonic()
+                        booted.set()
                         initrd.unlink(missing_ok=True)  # QEMU loaded it at start
                     else:
                         head.append(line)
@@ -217,6 +232,7 @@ def run(cmd: list[str], *, project: Path, memory: str = "4G", smp: int = 1, time
     finally:
         if timer:
             timer.cancel()
+        boot_timer.cancel()
         initrd.unlink(missing_ok=True)
         err_thread.join(timeout=5)
     result.total_s = time.monotonic() - t0
@@ -226,7 +242,9 @@ def run(cmd: list[str], *, project: Path, memory: str = "4G", smp: int = 1, time
         result.command_s = t_end - t_start
     result.console_head = [b.decode(errors="replace").rstrip() for b in head]
     qemu_err = b"".join(stderr_chunks).decode(errors="replace").strip()
-    if timed_out.is_set():
+    if boot_stuck.is_set():
+        result.exit_code, result.failure = 70, f"no shell after {BOOT_TIMEOUT} s (QEMU killed; console above)"
+    elif timed_out.is_set():
         result.exit_code, result.failure = 124, f"timed out after {timeout:g} s (QEMU killed)"
     elif state != "done":
         where = "before the command started" if state == "boot" else "while the command ran"
