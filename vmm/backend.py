@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 from .abi import Backend
+from .host_cpuid import hypervisor_signature
 
 
 # Hypervisor signatures (CPUID 0x40000000) under which "hardware virtualization" is itself emulated.
@@ -50,8 +51,6 @@ class BackendInfo:
 
 def _host_hypervisor() -> str | None:
     try:
-        from .host_cpuid import hypervisor_signature
-
         return hypervisor_signature()
     except (OSError, ValueError, AttributeError):  # no executable mapping allowed here
         return None

@@ -7,11 +7,22 @@ an instruction breakpoint is RW=00, LEN=00, so only the enable bit is
 set). Past four, the vCPU single-steps and the debugger compares RIP with the
 remaining addresses. On VMX/SVM, ``Z0`` plants a real ``int3`` (0xCC) and
 KVM reports it with KVM_GUESTDBG_USE_SW_BP; ``Z1`` still uses DR0..DR3.
+Except under QEMU's TCG (the SVM test backend, vmm/svm): its SVM emulation
+treats INT3 as a software interrupt and checks only the INTn intercept, never
+the #BP exception intercept KVM sets, so the guest's own IDT would get the
+#BP; there, too, breakpoints use the debug registers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from ..abi import Backend
+
+
+def int3_is_intercepted(backend) -> bool:
+    """Does KVM see the guest's int3 at CPL0 (KVM_GUESTDBG_USE_SW_BP works)?"""
+    return backend.backend in (Backend.VMX, Backend.SVM) and not getattr(backend, "emulated", False)
 
 from .. import kvm_abi as K
 

@@ -23,11 +23,11 @@ from __future__ import annotations
 import queue
 import threading
 
-from ..abi import Backend, ExitCode, ReportKind
+from ..abi import ExitCode, ReportKind
 from ..devices import Stop
 from .. import exits as X
 from . import commands as C
-from .breakpoints import BreakpointTable
+from .breakpoints import BreakpointTable, int3_is_intercepted
 from .memory import EFER_NXE, read_virtual, write_virtual
 from .monitor import run_monitor
 from .packets import Malformed, Oversize, Packet
@@ -72,7 +72,7 @@ class Debugger:
         self.session: Session | None = None
         self.holding = False
         self.write_through = False
-        self.bps = BreakpointTable(software_int3=vm.backend.backend != Backend.PVM)
+        self.bps = BreakpointTable(software_int3=int3_is_intercepted(vm.backend))
         self._bp_kind: dict[int, int] = {}
         self._interrupt = False
         self._lock = threading.Lock()  # orders `holding` against clients asking for a stop
