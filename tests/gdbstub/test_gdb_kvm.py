@@ -16,11 +16,22 @@ from pathlib import Path
 
 import pytest
 
+from vmm.backend import detect_backend
 from vmm.elf import load_kernel_file
 
 from .harness import VmmProcess, gdb_batch, needs_gdb
 
 pytestmark = [pytest.mark.kvm, needs_gdb]
+
+
+_B = detect_backend()
+# QEMU 7.2's TCG arms neither kind of breakpoint for a nested guest: INT3 is
+# checked against the INTn intercept only (KVM's #BP intercept never fires; the
+# guest's IDT gets it) and VMRUN loads DR7 without arming DR0..DR3.
+_NO_BREAKPOINTS_UNDER_TCG = pytest.mark.skipif(
+    _B.emulated,
+    reason=f"{_B.name} nested under {_B.nested_under}: neither int3 nor DR0-3 breakpoints reach KVM from a nested guest",
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +55,7 @@ def _slide(vmm: VmmProcess) -> int:
     return int(re.search(r"slide (0x[0-9a-f]+)", vmm.err).group(1), 16)
 
 
+@_NO_BREAKPOINTS_UNDER_TCG
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 def test_break_by_name_continue_bt_cr3_and_static_match_the_host(kernel, tmp_path, transport):
     gdb_addr = "127.0.0.1:0" if transport == "tcp" else f"unix:{tmp_path / 'vm.gdb'}"
@@ -72,6 +84,7 @@ def test_break_by_name_continue_bt_cr3_and_static_match_the_host(kernel, tmp_pat
     assert code == 137, vmm.err  # killed by gdb
 
 
+@_NO_BREAKPOINTS_UNDER_TCG
 def test_stepi_advances_rip_and_finish_returns(kernel):
     with VmmProcess(kernel, "127.0.0.1:0") as vmm:
         out = gdb_batch(
