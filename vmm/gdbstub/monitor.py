@@ -20,8 +20,8 @@ from ..inspector.lookup import MAX_DUMP, hexdump, translate_text
 from ..inspector.snapshot import take_snapshot
 from ..inspector.target import LocalTarget
 from ..inspector.views import inspect
+from ..registers import capture, format_registers
 from ..render import memmap_table
-from ..vm import Vm
 
 HELP = """\
 pyvmm monitor commands (the guest is stopped while they run):
@@ -80,22 +80,8 @@ def _pt(dbg, args: list[str]) -> str:
 
 
 def _regs(dbg) -> str:
-    return _regs_text(dbg)
-
-
-def _regs_text(dbg) -> str:
-    """The run result's register dump plus segments and the descriptor tables.
-    (i16's shared vmm/registers.py, once on main, should replace this.)"""
-    vm = dbg.vm
-    s = vm.vcpu.get_sregs()
-    lines = [Vm.format_registers(vm.register_dump())]
-    for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
-        seg = getattr(s, name)
-        lines.append(f"{name:>6}={seg.selector:04x} base={seg.base:016x} limit={seg.limit:08x} type={seg.type:x} "
-                     f"dpl={seg.dpl} p={seg.present} l={seg.l} db={seg.db} g={seg.g}")
-    lines.append(f"  gdtr base={s.gdt.base:016x} limit={s.gdt.limit:04x}   idtr base={s.idt.base:016x} "
-                 f"limit={s.idt.limit:04x}   cr8={s.cr8:x} apic_base={s.apic_base:x}")
-    return "\n".join(lines) + "\n"
+    """The same text as `vmm regs` and fault reports (vmm.registers)."""
+    return format_registers(capture(dbg.vm.vcpu)) + "\n"
 
 
 def run_monitor(dbg, command: str) -> str:
