@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from vmm.backend import detect_backend
 from vmm.snapshot.machine import open_snapshot
 
 pytestmark = pytest.mark.kvm
@@ -42,6 +43,10 @@ def _serial_offset(path) -> int:
 )
 def test_resumed_guest_continues_exactly(tmp_path, cmdline, save_at, vmm_kernel_path):
     snap = tmp_path / "g.core"
+    backend = detect_backend()
+    if save_at[0].isdigit() and backend.emulated:
+        pytest.skip(f"{backend.name} nested under {backend.nested_under}: a timed save from the emulated host "
+                    "lands after the natively running guest has finished")
     straight = vmm("run", "--kernel", str(vmm_kernel_path), "-c", cmdline, "--save", str(snap), "--save-at", save_at)
     assert straight.returncode == 0, straight.stderr
     assert snap.exists() and b"saved" in straight.stderr
@@ -52,9 +57,7 @@ def test_resumed_guest_continues_exactly(tmp_path, cmdline, save_at, vmm_kernel_
         # A slow backend (SVM nested in QEMU TCG boots for seconds) was still booting at the
         # timed save: the rest of boot draws fresh RDRAND entropy (KASLR of the heap), so no
         # resumed run can repeat it byte for byte.
-        from vmm.backend import detect_backend
-
-        pytest.skip(f"{detect_backend().name}: the save at {save_at} s landed before READY (offset {offset} <= {ready})")
+        pytest.skip(f"{backend.name}: the save at {save_at} s landed before READY (offset {offset} <= {ready})")
     resumed = vmm("run", "--kernel", str(vmm_kernel_path), "--restore", str(snap))
     assert resumed.returncode == straight.returncode, resumed.stderr
     assert resumed.stdout == straight.stdout[offset:]

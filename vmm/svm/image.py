@@ -278,6 +278,7 @@ export PATH=/pyvmm/bin
 busybox mkdir -p /proc /sys /dev /tmp /run /root /var/tmp
 busybox mount -t proc proc /proc
 busybox --install -s /pyvmm/bin
+busybox mkdir -p /bin && busybox ln -sf /pyvmm/bin/busybox /bin/sh   # subprocess(shell=True) needs /bin/sh
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/shm /dev/pts
