@@ -37,6 +37,8 @@ __all__ = [
     "DEFAULT_MAX_TABLES",
     "walk",
     "walk_arrays",
+    "walk_traced",
+    "WalkTrace",
     "translate",
     "read_virt",
     "write_virt",
@@ -183,24 +185,29 @@ def _space(levels: Sequence[Level]) -> _Space:
 # -- coalescing ------------------------------------------------------------------
 
 
-def _coalesce(virt: np.ndarray, phys: np.ndarray, size: np.ndarray, flags: np.ndarray, half: int):
-    """Merge neighbours that are virtually and physically contiguous with equal flags."""
+def _coalesce(virt: np.ndarray, phys: np.ndarray, size: np.ndarray, flags: np.ndarray, half: int,
+              level: np.ndarray | None = None):
+    """Merge neighbours that are virtually and physically contiguous with equal
+    flags (and equal ``level``, if given: leaves of different sizes never merge)."""
     n = virt.size
     if n <= 1:
-        return virt, phys, size, flags
+        return (virt, phys, size, flags) if level is None else (virt, phys, size, flags, level)
     brk = np.empty(n, dtype=bool)
     brk[0] = True
     np.not_equal(virt[1:], virt[:-1] + size[:-1], out=brk[1:])
     brk[1:] |= phys[1:] != phys[:-1] + size[:-1]
     brk[1:] |= flags[1:] != flags[:-1]
     brk[1:] |= virt[1:] == _u64(half)  # never merge across the canonical hole
+    if level is not None:
+        brk[1:] |= level[1:] != level[:-1]
     starts = np.flatnonzero(brk)
     if starts.size == n:
-        return virt, phys, size, flags
+        return (virt, phys, size, flags) if level is None else (virt, phys, size, flags, level)
     csum = np.zeros(n + 1, dtype=np.uint64)
     np.cumsum(size, out=csum[1:])
     ends = np.append(starts[1:], n)
-    return virt[starts], phys[starts], csum[ends] - csum[starts], flags[starts]
+    out = virt[starts], phys[starts], csum[ends] - csum[starts], flags[starts]
+    return out if level is None else (*out, level[starts])
 
 
 def coalesce(runs: Iterable[Run]) -> list[Run]:
@@ -238,8 +245,11 @@ class _Walk:
         gbpages: bool,
         max_tables: int,
         leaf_flags: int,
+        trace: bool = False,
     ) -> None:
         self.mem, self.report, self.levels = mem, report, levels
+        #: Per decoded batch: (level index, tables, bases, acc, ancestors, rows) (see WalkTrace).
+        self.trace: list[tuple[int, np.ndarray, ...]] | None = [] if trace else None
         self.maxphyaddr, self.nxe, self.gbpages = maxphyaddr, nxe, gbpages
         self.max_tables = max_tables
         self.keep = _u64(int(leaf_flags) & ~int(PteFlags.PAT_HUGE))
@@ -297,28 +307,45 @@ class _Walk:
         base = np.zeros(1, dtype=np.uint64)
         acc = np.array([_WU], dtype=np.uint64)  # W and U start allowed, NX clear
         anc = np.zeros((1, 0), dtype=np.uint64)
-        rep.tables_visited += 1
+        self.descend({0: (tbl, base, acc, anc)}, lo, hi)
+
+    def descend(self, frontier: dict[int, tuple[np.ndarray, ...]], lo: int, hi: int) -> None:
+        """Walk down from ``frontier``: level index -> (tables, linear bases,
+        accumulated W/U/NX, ancestors (k, level index)) to decode at that level,
+        together with the children found above them (``run`` starts at the
+        root; ``mm.rewalk`` restarts at tables that changed)."""
+        rep = self.report
+        tbl = None
         for li, lv in enumerate(self.levels):
-            if tbl.size == 0 or lo >= hi:
-                break
+            more = frontier.get(li)
+            if more is not None:
+                rep.tables_visited += more[0].size
+                tbl, base, acc, anc = more if tbl is None else map(np.concatenate, zip((tbl, base, acc, anc), more))
+            if tbl is None or tbl.size == 0 or lo >= hi:
+                tbl = None
+                continue
             rep.tables[lv.number] = np.unique(tbl)
             last = li == len(self.levels) - 1
             children = []
             for c0 in range(0, tbl.size, CHUNK_TABLES):
                 s = slice(c0, c0 + CHUNK_TABLES)
-                out = self._level_chunk(lv, last, tbl[s], base[s], acc[s], anc[s], lo, hi)
+                out = self._level_chunk(li, last, tbl[s], base[s], acc[s], anc[s], lo, hi)
                 if out is not None:
                     children.append(out)
             if last or not children:
-                break
+                tbl = None
+                continue
             tbl, base, acc, anc = self._next_frontier(lv, self.levels[li + 1], *map(np.concatenate, zip(*children)))
 
     def _table_in_ram(self, paddr: int) -> bool:
         return self.ram[0] <= paddr and paddr + PAGE_4K <= self.ram[1]
 
-    def _level_chunk(self, lv, last, tbl, base, acc, anc, lo, hi):
-        """Decode one batch of tables of level ``lv``; returns the child tables found."""
+    def _level_chunk(self, li, last, tbl, base, acc, anc, lo, hi):
+        """Decode one batch of tables of level ``levels[li]``; returns the child tables found."""
+        lv = self.levels[li]
         rows = read_tables(self.mem, tbl)
+        if self.trace is not None:
+            self.trace.append((li, tbl, base, acc, anc, rows))
         shift = _u64(lv.shift)
         present = (rows & _P).astype(bool)
 
@@ -493,6 +520,77 @@ def walk_arrays(
     lo, hi = w.space.lin_start(start), w.space.lin_end(end)
     w.run(int(cr3), lo, hi)
     return w.result(lo, hi)
+
+
+#: Ancestor slot of a table nearer the root than the slot's level (WalkTrace.anc padding).
+NO_TABLE = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class WalkTrace:
+    """Every table one walk decoded, where it sits in the tree, and the entries
+    it read there: enough to bring the walk up to date later by re-reading the
+    tables and re-walking only below those that changed (``mm.rewalk``).
+
+    Row ``i`` is the table at frame ``table[i]``, decoded at level index
+    ``level[i]`` (into ``levels``), whose entry 0 maps linear address
+    ``base[i]``, reached with ``acc[i]`` (W/U allowed by every ancestor, NX set
+    by any), below the ancestors ``anc[i, :level[i]]`` (root first; the rest
+    of the row is ``NO_TABLE``); ``rows[i]`` are its 512 entries as read.
+    """
+
+    level: np.ndarray
+    table: np.ndarray
+    base: np.ndarray
+    acc: np.ndarray
+    anc: np.ndarray
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.table.size)
+
+    def __getitem__(self, index) -> "WalkTrace":
+        return WalkTrace(*(a[index] for a in (self.level, self.table, self.base, self.acc, self.anc, self.rows)))
+
+    @classmethod
+    def of(cls, parts: list[tuple], depth: int) -> "WalkTrace":
+        """From ``_Walk.trace`` batches (``depth``: the number of levels)."""
+        if not parts:
+            z = np.zeros(0, dtype=np.uint64)
+            return cls(np.zeros(0, dtype=np.uint8), z, z, z, np.zeros((0, depth), np.uint64),
+                       np.zeros((0, 512), np.uint64))
+        cols: list[list[np.ndarray]] = [[], [], [], [], [], []]
+        for li, tbl, base, acc, anc, rows in parts:
+            padded = np.full((tbl.size, depth), _u64(NO_TABLE), dtype=np.uint64)
+            padded[:, :li] = anc
+            for col, a in zip(cols, (np.full(tbl.size, li, np.uint8), tbl, base, acc, padded, rows)):
+                col.append(a)
+        return cls(*(np.concatenate(c) for c in cols))
+
+    @classmethod
+    def concat(cls, a: "WalkTrace", b: "WalkTrace") -> "WalkTrace":
+        return cls(*(np.concatenate(x) for x in zip(
+            (a.level, a.table, a.base, a.acc, a.anc, a.rows), (b.level, b.table, b.base, b.acc, b.anc, b.rows))))
+
+
+def walk_traced(
+    mem: PhysicalMemory,
+    cr3: int,
+    *,
+    report: WalkReport | None = None,
+    max_tables: int = DEFAULT_MAX_TABLES,
+    maxphyaddr: int = PHYS_ADDR_BITS,
+    nxe: bool = True,
+    gbpages: bool = True,
+    leaf_flags: PteFlags | int = DEFAULT_LEAF_FLAGS,
+    levels: Sequence[Level] = LEVELS,
+) -> tuple[RunArrays, WalkTrace]:
+    """``walk_arrays`` over the whole address space, plus the trace of every
+    table it decoded (for ``mm.rewalk.refresh``)."""
+    report = report if report is not None else WalkReport()
+    w = _Walk(mem, report, levels, maxphyaddr, nxe, gbpages, max_tables, int(leaf_flags), trace=True)
+    w.run(int(cr3), 0, w.space.top)
+    return w.result(0, w.space.top), WalkTrace.of(w.trace, len(levels))
 
 
 def walk(mem: PhysicalMemory, cr3: int, start: int = 0, end: int | None = None, **kw) -> Iterator[Run]:

@@ -1,37 +1,53 @@
-"""The snapshot's optimistic walk: valid only if every table it read is unchanged."""
+"""The snapshot's optimistic walk: re-read in the pause, re-walked only below what changed."""
+
+import numpy as np
 
 from mm import BufferMemory, BumpFrameAllocator, Mapper, PageSize, PteFlags
-from mm.walker import walk_arrays
-from vmm.inspector.snapshot import _RecordingMemory
+from mm.findings import WalkReport
+from mm.rewalk import changed_tables
+from mm.walker import walk_arrays, walk_traced
+from vmm.inspector.heap import HeapView
+from vmm.inspector.snapshot import _heap_still_mapped
 
 P, W, NX = PteFlags.PRESENT, PteFlags.WRITABLE, PteFlags.NO_EXECUTE
+HEAP = 0xFFFF_8000_0000_0000
 
 
 def _tree():
     mem = BufferMemory(bytearray(4 << 20))
     m = Mapper.new(mem, BumpFrameAllocator(0x1000, 0x100000))
-    m.map_range(0xFFFF_8000_0000_0000, 0x200000, 0x8000, P | W | NX, PageSize.SIZE_4K)
+    m.map_range(HEAP, 0x200000, 0x8000, P | W | NX, PageSize.SIZE_4K)
     return mem, m
 
 
 def test_unchanged_tables_validate():
     mem, m = _tree()
-    rec = _RecordingMemory(mem)
-    runs = walk_arrays(rec, m.root)
-    assert len(runs) == 1 and rec.seen and rec.unchanged()
+    runs, trace = walk_traced(mem, m.root)
+    assert len(runs) == 1 and len(trace) == 4 and not changed_tables(mem, trace).any()
 
 
-def test_a_changed_leaf_table_invalidates():
+def test_a_changed_leaf_table_is_the_only_one_changed():
     mem, m = _tree()
-    rec = _RecordingMemory(mem)
-    walk_arrays(rec, m.root)
-    m.unmap(0xFFFF_8000_0000_3000)
-    assert not rec.unchanged()
+    _, trace = walk_traced(mem, m.root)
+    m.unmap(HEAP + 0x3000)
+    changed = changed_tables(mem, trace)
+    assert changed.sum() == 1 and trace.level[changed].tolist() == [3]
 
 
-def test_a_new_mapping_elsewhere_invalidates_through_the_root():
+def test_a_new_mapping_elsewhere_changes_the_root():
     mem, m = _tree()
-    rec = _RecordingMemory(mem)
-    walk_arrays(rec, m.root)
+    _, trace = walk_traced(mem, m.root)
     m.map(0x40_0000, 0x300000, PageSize.SIZE_4K, P | NX)  # new PML4 entry in the lower half
-    assert not rec.unchanged()
+    assert changed_tables(mem, trace)[trace.level == 0].all()
+
+
+def test_the_heap_walk_survives_edits_elsewhere_only():
+    mem, m = _tree()
+    heap = HeapView(HEAP, HEAP + 0x4000, 0)
+    before = walk_arrays(mem, m.root)
+    m.unmap(HEAP + 0x6000)  # past the heap's end
+    assert _heap_still_mapped(heap, before, walk_arrays(mem, m.root))
+    m.unmap(HEAP + 0x2000)  # inside it
+    assert not _heap_still_mapped(heap, before, walk_arrays(mem, m.root))
+    assert _heap_still_mapped(None, before, walk_arrays(mem, m.root))
+    assert np.array_equal(before.virt, walk_arrays(mem, m.root, report=WalkReport()).virt[:1])

@@ -3,23 +3,30 @@
 The guest keeps running while the host reads (the vCPU is parked only to
 check): ``Snapshotter.take``
 
-1. walks the tables from the last known CR3, recording every table it
-   reads, and walks the heap free list, recording every node it reads
+1. walks the tables from the last known CR3 (``mm.walker.walk_traced``:
+   every table it decodes, where it sits in the tree and what it read
+   there; the previous snapshot's walk, brought up to date, where CR3 is
+   unchanged), and walks the heap free list, recording every node it reads
    (reusing the unchanged stretches of the previous walk), while the guest
    runs;
-2. parks the vCPU and validates: same CR3 and EFER.NXE, every recorded
-   table unchanged, the inspect block not mid-update (even ``seq``), the
-   heap's bounds and head as walked, every recorded heap node unchanged
-   (one vectorized gather); then copies the frame bitmaps (a memcpy of
-   RAM/32768 bytes: 8 KiB at 128 MiB, cheaper than comparing a copy made
-   earlier) and lets the guest go. The pause costs comparisons, not walks;
+2. parks the vCPU and validates: same CR3 and EFER.NXE, the inspect block
+   not mid-update (even ``seq``), the heap's bounds and head as walked,
+   every recorded heap node unchanged (one vectorized gather); re-reads
+   every traced table in one gather and re-walks only below the ones that
+   changed (``mm.rewalk.refresh``: a guest that maps and unmaps all the time
+   changes a few leaf tables between any read and any check, and throwing
+   the walk away would never converge); then copies the frame bitmaps (a
+   memcpy of RAM/32768 bytes: 8 KiB at 128 MiB, cheaper than comparing a
+   copy made earlier) and lets the guest go. The pause costs comparisons
+   and a few tables, not walks;
 3. if the vCPU was parked inside a critical section (odd ``seq``), lets it
    run to the section's end (an instruction breakpoint on the kernel's quiet
    hook, local targets) and checks there, or parks again a moment later,
    without reading anything again (what was read may well still hold); if
-   anything changed, starts over from 1
-   (the heap walk then rereads only what changed), at most ``attempts``
-   times. Every park is short; ``held_ms`` adds them up per snapshot;
+   the heap changed (or the tables in a way only a full walk can judge:
+   findings, a new CR3), starts over from 1 (the heap walk then rereads
+   only what changed), at most ``attempts`` times. Every park is short;
+   ``held_ms`` adds them up per snapshot;
 4. after that, holds the guest for as long as a complete read takes
    (``method == "stopped"``), after waiting for it to leave any critical
    section; a guest that never does gives a snapshot marked ``busy``.
@@ -39,8 +46,8 @@ import numpy as np
 
 from mm.findings import Finding, WalkReport
 from mm.flags import PteFlags
-from mm.physmem import read_tables
-from mm.walker import Run, RunArrays, walk_arrays
+from mm.rewalk import refresh
+from mm.walker import Run, RunArrays, WalkTrace, walk_arrays, walk_traced
 
 from ..cpu import EFER_NXE
 from .facts import GuestFacts
@@ -115,41 +122,6 @@ def _warm_up(physmem) -> None:
         _warm = True
 
 
-class _RecordingMemory:
-    """Physical memory that remembers every page-table frame the walker read.
-
-    A walk is a pure function of CR3 and the table frames it reads, so if
-    every one of those frames still holds the same bytes later, the walk is
-    exactly what a walk at that later moment would give.
-    """
-
-    def __init__(self, mem):
-        self.mem = mem
-        self.size = mem.size
-        self.base = getattr(mem, "base", 0)
-        self.seen: list[tuple[np.ndarray, np.ndarray]] = []  # (paddrs, rows as read)
-
-    def read_tables(self, paddrs: np.ndarray) -> np.ndarray:
-        rows = read_tables(self.mem, paddrs)
-        self.seen.append((np.asarray(paddrs, dtype=np.uint64).copy(), rows.copy()))
-        return rows
-
-    def read_table(self, paddr: int) -> np.ndarray:
-        return self.read_tables(np.array([paddr], dtype=np.uint64))[0]
-
-    def __getattr__(self, name):
-        return getattr(self.mem, name)
-
-    def freeze(self) -> None:
-        """Merge what was read into one batch (after the walk, before the
-        pause), so ``unchanged`` is one gather and one comparison."""
-        if len(self.seen) > 1:
-            self.seen = [(np.concatenate([p for p, _ in self.seen]), np.concatenate([r for _, r in self.seen]))]
-
-    def unchanged(self) -> bool:
-        return all(np.array_equal(read_tables(self.mem, p), rows) for p, rows in self.seen)
-
-
 @dataclass
 class _Tally:
     """Parks of one snapshot: how many, how many found the guest busy, how long in all."""
@@ -170,10 +142,12 @@ class _Walked:
 
     cr3: int
     nxe: bool
-    tables: _RecordingMemory
+    trace: WalkTrace  # every table the walk decoded, as it read them
     report: WalkReport
     runs: RunArrays
     heap: HeapView | None
+    #: The runs the heap walk translated its addresses through (``runs`` may be newer).
+    heap_runs: RunArrays | None = None
 
 
 class Snapshotter:
@@ -188,6 +162,7 @@ class Snapshotter:
         self._cr3: int | None = None
         self._nxe = True
         self._heap: HeapView | None = None
+        self._walked: _Walked | None = None  # the last snapshot's tables (the next pass refreshes them)
 
     def take(self, facts: GuestFacts | None = None, *, max_tables: int = 1 << 16) -> Snapshot:
         facts = facts or self.target.facts()
@@ -199,7 +174,9 @@ class Snapshotter:
         while changed < self.attempts and tally.busy < BUSY_PARKS:
             if walked is None:
                 walked = self._read_running(facts, max_tables)
-            status, snap = self._validate(facts, walked, max_tables, tally)
+            # Until the last pass, the pause re-walks no more than leaf tables
+            # (a few µs each); upper-level edits wait for the next pass.
+            status, snap = self._validate(facts, walked, max_tables, tally, leaves_only=changed < self.attempts - 1)
             if snap is not None:
                 return snap
             if status == "busy":
@@ -209,6 +186,8 @@ class Snapshotter:
                 time.sleep(random.uniform(0.0003, 0.0015))
             else:
                 changed += 1
+                if walked is not None:
+                    self._walked = walked  # the next pass refreshes what this one read
                 walked = None
                 time.sleep(0.0002 * changed)
         return self._take_stopped(facts, max_tables, tally)
@@ -218,22 +197,47 @@ class Snapshotter:
         if self._cr3 is None:
             return None  # learn CR3 in the first pause
         physmem = self.target.physmem
-        rec = _RecordingMemory(physmem)
-        report = WalkReport()
         try:
-            runs = walk_arrays(rec, self._cr3, report=report, max_tables=max_tables, nxe=self._nxe, **_cpu(facts))
+            tables = self._tables(physmem, self._walked, self._cr3, self._nxe, facts, max_tables)
         except Exception:  # a torn read of a table being rewritten: try again
             return None
-        rec.freeze()
+        if tables is None:
+            return None
+        runs, report, trace = tables
         block = read_block(physmem, facts)
         heap = walk_heap(physmem, runs, facts.with_block(block) if block else facts, prior=self._heap)
         if heap is not None:
             self._heap = heap
-        return _Walked(self._cr3, self._nxe, rec, report, runs, heap)
+        walked = _Walked(self._cr3, self._nxe, trace, report, runs, heap, runs)
+        # Catch up with what the guest changed during the heap walk (a few
+        # tables at most), so that the pause, which follows at once, finds
+        # as little as possible to re-walk.
+        try:
+            again = self._tables(physmem, walked, self._cr3, self._nxe, facts, max_tables)
+        except Exception:
+            return walked
+        if again is not None:
+            walked.runs, walked.report, walked.trace = again
+        return walked
+
+    @staticmethod
+    def _tables(physmem, walked: "_Walked | None", cr3: int, nxe: bool, facts: GuestFacts,
+                max_tables: int) -> tuple[RunArrays, WalkReport, WalkTrace] | None:
+        """The tables at ``cr3`` as they are now: ``walked`` brought up to date
+        (only the subtrees under changed tables re-read) where it can be,
+        else a full traced walk."""
+        if walked is not None and walked.cr3 == cr3 and walked.nxe == nxe:
+            fixed = refresh(physmem, walked.runs, walked.trace, walked.report, max_tables=max_tables, nxe=nxe,
+                            **_cpu(facts))
+            if fixed is not None:
+                return fixed.runs, fixed.report, fixed.trace
+        report = WalkReport()
+        runs, trace = walk_traced(physmem, cr3, report=report, max_tables=max_tables, nxe=nxe, **_cpu(facts))
+        return runs, report, trace
 
     # -- 2. in a short pause -------------------------------------------------------------
     def _validate(self, facts: GuestFacts, walked: _Walked | None, max_tables: int,
-                  tally: "_Tally") -> tuple[str, Snapshot | None]:
+                  tally: "_Tally", *, leaves_only: bool = False) -> tuple[str, Snapshot | None]:
         """("ok", snapshot), or ("busy" | "changed", None)."""
         physmem = self.target.physmem
         t0 = time.perf_counter_ns()
@@ -265,9 +269,14 @@ class Snapshotter:
                 and walked is not None
                 and regs.root == walked.cr3
                 and nxe == walked.nxe
-                and walked.tables.unchanged()
                 and _heap_unchanged(physmem, walked.heap, live)
             )
+            if ok:
+                # The tables as of this pause: the walk, re-walked below what changed.
+                fixed = refresh(physmem, walked.runs, walked.trace, walked.report, max_tables=max_tables, nxe=nxe,
+                                leaves_only=leaves_only, **_cpu(facts))
+                ok = fixed is not None and (fixed.runs is walked.heap_runs
+                                            or _heap_still_mapped(walked.heap, walked.heap_runs, fixed.runs))
             bitmap = read_bitmaps(physmem, live) if ok else None
             t2 = time.perf_counter_ns()
         t3 = time.perf_counter_ns()
@@ -278,7 +287,8 @@ class Snapshotter:
         if not ok:
             tally.park(t3 - t0, busy)
             return ("busy" if busy else "changed"), None
-        return "ok", _snapshot(regs, walked.runs, walked.report, live, bitmap, walked.heap, t0, t1, t2, t3, tally,
+        self._walked = _Walked(walked.cr3, nxe, fixed.trace, fixed.report, fixed.runs, walked.heap, walked.heap_runs)
+        return "ok", _snapshot(regs, fixed.runs, fixed.report, live, bitmap, walked.heap, t0, t1, t2, t3, tally,
                                parked=True, method=VALIDATED, busy=False)
 
     # -- 4. the guest held -----------------------------------------------------------------
@@ -312,13 +322,14 @@ class Snapshotter:
         regs = self.target.control_registers()
         nxe = bool(regs.efer & EFER_NXE)
         report = WalkReport()
-        runs = walk_arrays(physmem, regs.root, report=report, max_tables=max_tables, nxe=nxe, **_cpu(facts))
+        runs, trace = walk_traced(physmem, regs.root, report=report, max_tables=max_tables, nxe=nxe, **_cpu(facts))
         block = read_block(physmem, facts)
         live = facts.with_block(block) if block is not None else facts
         bitmap = read_bitmaps(physmem, live)
         heap = walk_heap(physmem, runs, live, prior=self._heap)
         t2 = time.perf_counter_ns()
         self._cr3, self._nxe = regs.root, nxe
+        self._walked = _Walked(regs.root, nxe, trace, report, runs, heap, runs)
         if heap is not None:
             self._heap = heap
 
@@ -368,6 +379,22 @@ def _heap_unchanged(physmem, heap: HeapView | None, facts: GuestFacts) -> bool:
     if bounds is None or (heap.heap_start, heap.heap_end, heap.head) != (*bounds, head):
         return False
     return heap.unchanged(physmem)
+
+
+def _heap_still_mapped(heap: HeapView | None, old: RunArrays, new: RunArrays) -> bool:
+    """The heap walk translated through ``old`` runs: still right if the heap's
+    pages map where they did in ``new`` (an edit elsewhere leaves them alone)."""
+    if heap is None:
+        return True
+    lo, hi = np.uint64(heap.heap_start), np.uint64(heap.heap_end)
+
+    def clipped(r: RunArrays):
+        sel = (r.virt < hi) & (r.virt + r.size > lo)
+        v, p, n = r.virt[sel], r.phys[sel], r.size[sel]
+        start, end = np.maximum(v, lo), np.minimum(v + n, hi)
+        return start, p + (start - v), end - start
+
+    return all(np.array_equal(x, y) for x, y in zip(clipped(old), clipped(new)))
 
 
 _snapshotters: "weakref.WeakKeyDictionary[object, Snapshotter]" = weakref.WeakKeyDictionary()

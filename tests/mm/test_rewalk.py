@@ -1,0 +1,138 @@
+"""mm.rewalk: a traced walk refreshed after edits equals a fresh walk of the edited tables."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mm import BufferMemory, BumpFrameAllocator, Mapper, PageSize, PteFlags
+from mm.errors import MMError
+from mm.findings import WalkReport
+from mm.rewalk import changed_tables, refresh
+from mm.walker import WalkTrace, walk_arrays, walk_traced
+
+P, W, U, NX = PteFlags.PRESENT, PteFlags.WRITABLE, PteFlags.USER, PteFlags.NO_EXECUTE
+MEM = 8 << 20
+#: Where the random mappings go: a few 1 GiB slots in each half, so edits
+#: meet at every level (shared PML4/PDPT/PD tables, runs across table edges).
+SLOTS = [0x0, 0x4000_0000, 0x7F_C000_0000, 0xFFFF_8000_0000_0000, 0xFFFF_FFFF_8000_0000, 0xFFFF_FFFF_C000_0000]
+FLAGS = [P | W | NX, P | NX, P, P | U | NX, P | W | U | NX]
+
+mapping = st.tuples(
+    st.sampled_from(SLOTS),
+    # 4 KiB (or 2 MiB) page index in the slot; often near a table's edge so runs cross it
+    st.one_of(st.integers(0, 1023), st.integers(500, 520)),
+    st.sampled_from([PageSize.SIZE_4K, PageSize.SIZE_4K, PageSize.SIZE_4K, PageSize.SIZE_2M]),
+    st.integers(1, 24),  # pages
+    st.sampled_from(FLAGS),
+)
+edit = st.one_of(
+    st.tuples(st.just("map"), mapping),
+    st.tuples(st.just("unmap"), st.integers(0, 10_000), st.integers(0, 10_000)),
+    st.tuples(st.just("entry"), st.integers(0, 10_000), st.integers(0, 511),
+              st.sampled_from([int(W), int(U), int(NX), int(P), 1 << 9])),
+)
+
+
+def _build(maps):
+    mem = BufferMemory(bytearray(MEM))
+    m = Mapper.new(mem, BumpFrameAllocator(0x10_0000, MEM), forbid_wx=False)
+    for slot, index, size, count, flags in maps:
+        _map(m, slot, index, size, count, flags)
+    return mem, m
+
+
+def _map(m, slot, index, size, count, flags):
+    step = int(size)
+    virt = slot + index * step
+    try:
+        m.map_range(virt, 0x20_0000 * (1 + index % 3) + (index % 7) * step, count * step, flags, size)
+    except MMError:
+        pass  # overlaps an earlier mapping: keep the tree as it was
+
+
+def _apply(mem, m, trace: WalkTrace, runs, e):
+    kind = e[0]
+    if kind == "map":
+        _map(m, *e[1])
+    elif kind == "unmap" and len(runs):
+        run = next(r for i, r in enumerate(runs.runs()) if i == e[1] % len(runs))
+        try:
+            m.unmap(run.virt + e[2] % (run.size // run.page_size) * run.page_size)
+        except MMError:
+            pass
+    elif kind == "entry" and len(trace):
+        # Flip a bit of some entry of some table the walk read (upper-level
+        # W/U/NX/P changes the effective flags of a whole subtree).
+        table = int(trace.table[e[1] % len(trace)])
+        addr = table + 8 * e[2]
+        mem.write_u64(addr, mem.read_u64(addr) ^ e[3])
+
+
+def _same(a, b):
+    for name in ("virt", "phys", "size", "flags", "page_size", "level"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(mapping, min_size=1, max_size=8), st.lists(edit, min_size=1, max_size=5))
+def test_refresh_equals_a_fresh_walk(maps, edits):
+    mem, m = _build(maps)
+    report = WalkReport()
+    runs, trace = walk_traced(mem, m.root, report=report)
+    for e in edits:
+        _apply(mem, m, trace, runs, e)
+    got = refresh(mem, runs, trace, report)
+    full_report = WalkReport()
+    full = walk_arrays(mem, m.root, report=full_report)
+    if got is None:
+        # Only where a full walk has something to say that a refresh cannot.
+        assert full_report.findings or report.findings
+        return
+    _same(got.runs, full)
+    assert got.report.tables_visited == full_report.tables_visited
+    assert got.report.tables.keys() == full_report.tables.keys()
+    for level, frames in full_report.tables.items():
+        assert np.array_equal(got.report.tables[level], frames)
+    # The refreshed trace describes the tables as they are now: nothing changed since.
+    assert not changed_tables(mem, got.trace).any()
+
+
+def test_nothing_changed_reuses_the_walk():
+    mem, m = _build([(SLOTS[3], 5, PageSize.SIZE_4K, 20, P | W | NX)])
+    report = WalkReport()
+    runs, trace = walk_traced(mem, m.root, report=report)
+    got = refresh(mem, runs, trace, report)
+    assert got is not None and got.changed == 0 and got.runs is runs
+
+
+def test_a_leaf_edit_is_patched_without_a_walk():
+    mem, m = _build([(SLOTS[3], 0, PageSize.SIZE_4K, 600, P | W | NX), (SLOTS[0], 0, PageSize.SIZE_4K, 4, P | NX)])
+    report = WalkReport()
+    runs, trace = walk_traced(mem, m.root, report=report)
+    m.unmap(SLOTS[3] + 0x1000 * 513)  # in the second PT of the big range
+    got = refresh(mem, runs, trace, report)
+    assert got is not None and got.changed == 1 and got.rewalked == 0
+    _same(got.runs, walk_arrays(mem, m.root))
+    assert len(got.runs) == len(runs) + 1  # the range now has a hole
+
+
+def test_a_new_leaf_table_rewalks_below_its_parent_only():
+    mem, m = _build([(SLOTS[3], 0, PageSize.SIZE_4K, 600, P | W | NX), (SLOTS[0], 0, PageSize.SIZE_4K, 4, P | NX)])
+    report = WalkReport()
+    runs, trace = walk_traced(mem, m.root, report=report)
+    m.map(SLOTS[3] + 0x20_0000 * 7, 0x30_0000, PageSize.SIZE_4K, P | NX)  # a new PT under an existing PD
+    got = refresh(mem, runs, trace, report)
+    assert got is not None and got.changed == 1 and got.rewalked == 1 + 3  # the PD and its three PTs
+    _same(got.runs, walk_arrays(mem, m.root))
+    assert got.report.tables_visited == len(trace) + 1
+
+
+def test_hostile_trees_are_left_to_the_full_walk():
+    mem, m = _build([(SLOTS[3], 0, PageSize.SIZE_4K, 4, P | W | NX)])
+    report = WalkReport()
+    runs, trace = walk_traced(mem, m.root, report=report)
+    # Point a PML4 entry of the lower half at the root itself: a cycle, a finding.
+    mem.write_u64(m.root, m.root | int(P | W))
+    assert refresh(mem, runs, trace, report) is None
