@@ -28,7 +28,7 @@ import numpy as np
 from .addr import PHYS_ADDR_BITS
 from .entry import LEVELS, Level, leaf_addr_mask, reserved_mask
 from .findings import WalkReport
-from .flags import PteFlags
+from .flags import ADDR_MASK, PteFlags
 from .physmem import PhysicalMemory, read_tables
 from .walker import DEFAULT_LEAF_FLAGS, DEFAULT_MAX_TABLES, RunArrays, WalkTrace, _coalesce, _space, _Walk
 
@@ -37,6 +37,7 @@ __all__ = ["Refreshed", "changed_tables", "refresh"]
 _u64 = np.uint64
 _PRESENT, _WU, _NX = int(PteFlags.PRESENT), int(PteFlags.WRITABLE | PteFlags.USER), int(PteFlags.NO_EXECUTE)
 _PAT_HUGE = int(PteFlags.PAT_HUGE)
+_PS = int(PteFlags.HUGE)
 
 
 @dataclass(frozen=True)
@@ -77,13 +78,13 @@ def refresh(
     gbpages: bool = True,
     leaf_flags: PteFlags | int = DEFAULT_LEAF_FLAGS,
     levels: Sequence[Level] = LEVELS,
-    leaves_only: bool = False,
+    patch_only: bool = False,
 ) -> Refreshed | None:
     """``runs``/``trace``/``report`` (from ``walk_traced`` with the same CPU
     parameters and the same CR3) as a walk of ``mem`` now would give them;
     None where only a full walk can say (see the module comment), or, with
-    ``leaves_only``, where more than last-level entries changed (a caller
-    with a tight time budget then retries later)."""
+    ``patch_only``, where entries above the two lowest levels changed (a
+    caller with a tight time budget then retries later)."""
     if report.findings or report.suppressed or report.truncated:
         return None
     now = read_tables(mem, trace.table) if len(trace) else trace.rows
@@ -91,17 +92,18 @@ def refresh(
     if not changed.any():
         return Refreshed(runs, trace, report, 0, 0)
     last = len(levels) - 1
-    if (trace.level[changed] == last).all():
-        # Only leaf entries moved (the common case: a page mapped or
-        # unmapped): patch those pages into the runs, no walk at all.
-        cpu = _LeafCpu(levels[last], maxphyaddr, nxe, gbpages, int(leaf_flags), mem)
-        patched = _patch_leaves(runs, trace, now, changed, cpu, levels)
+    if len(levels) >= 2 and (trace.level[changed] >= last - 1).all():
+        # Only entries of the two lowest levels moved (the common case: pages
+        # mapped or unmapped, a leaf table added or freed): patch those
+        # pages into the runs, decoding at most the new leaf tables.
+        patched = _Patcher(mem, trace, now, changed, levels, maxphyaddr, nxe, gbpages, int(leaf_flags),
+                           max_tables).patch(runs)
         if patched is not None:
-            rows = trace.rows.copy()
-            rows[changed] = now[changed]
-            new_trace = WalkTrace(trace.level, trace.table, trace.base, trace.acc, trace.anc, rows)
-            return Refreshed(patched, new_trace, report, int(changed.sum()), 0)
-    if leaves_only:
+            new_runs, new_trace, added = patched
+            out_report = report if added == 0 and len(new_trace) == len(trace) else _report_of(new_trace, levels,
+                                                                                                report.max_findings)
+            return Refreshed(new_runs, new_trace, out_report, int(changed.sum()), added)
+    if patch_only:
         return None
     top = changed & ~_below(trace, changed)
     gone = top | _below(trace, top)
@@ -128,10 +130,14 @@ def refresh(
     spans = [(int(b), int(b) + (512 << levels[li].shift))
              for li, b in zip(trace.level[top].tolist(), trace.base[top].tolist())]
     merged = _splice(runs, spans, new_runs, space, levels)
-    tables = {levels[li].number: np.unique(new_trace.table[new_trace.level == li])
-              for li in np.unique(new_trace.level).tolist()}
-    out_report = WalkReport(tables=tables, tables_visited=len(new_trace), max_findings=report.max_findings)
+    out_report = _report_of(new_trace, levels, report.max_findings)
     return Refreshed(merged, new_trace, out_report, int(changed.sum()), len(new_trace) - len(kept))
+
+
+def _report_of(trace: WalkTrace, levels: Sequence[Level], max_findings: int) -> WalkReport:
+    """The report of a walk without findings that decoded ``trace``'s tables."""
+    tables = {levels[li].number: np.unique(trace.table[trace.level == li]) for li in np.unique(trace.level).tolist()}
+    return WalkReport(tables=tables, tables_visited=len(trace), max_findings=max_findings)
 
 
 def _splice(old: RunArrays, spans: list[tuple[int, int]], new: RunArrays, space, levels: Sequence[Level]) -> RunArrays:
@@ -180,58 +186,118 @@ def _splice(old: RunArrays, spans: list[tuple[int, int]], new: RunArrays, space,
     return RunArrays(space.canonical(mv), mp, ms, mf, page[ml], ml)
 
 
-@dataclass(frozen=True)
-class _LeafCpu:
-    """How the walker turns a last-level entry into a leaf (``_Walk._emit_leaves``)."""
+class _Patcher:
+    """Patches a walk where only entries of the two lowest levels changed,
+    deciding every entry the way ``_Walk`` does (or giving up with None
+    wherever the walk would have a finding)."""
 
-    level: Level
-    maxphyaddr: int
-    nxe: bool
-    gbpages: bool
-    leaf_flags: int
-    mem: PhysicalMemory
+    def __init__(self, mem, trace: WalkTrace, now: np.ndarray, changed: np.ndarray, levels: Sequence[Level],
+                 maxphyaddr: int, nxe: bool, gbpages: bool, leaf_flags: int, max_tables: int):
+        self.mem, self.trace, self.now, self.changed, self.levels = mem, trace, now, changed, levels
+        self.maxphyaddr, self.nxe, self.gbpages, self.max_tables = maxphyaddr, nxe, gbpages, max_tables
+        self.keep = leaf_flags & ~_PAT_HUGE
+        self.keep_pat = bool(leaf_flags & _PAT_HUGE)
+        base = int(getattr(mem, "base", 0))
+        self.ram = (base, base + int(mem.size))
+        self.last = len(levels) - 1
 
-    def leaf(self, entry: int, acc: int) -> tuple[int, int] | None:
-        """(phys, flags) of a present entry, or None where the walk would
-        have a finding (reserved bits, a frame outside RAM)."""
-        if entry & reserved_mask(self.level.number, False, self.maxphyaddr, self.nxe, self.gbpages):
+    def leaf(self, entry: int, acc: int, lv: Level) -> tuple[int, int] | None:
+        """(phys, effective flags) of a present leaf (``_Walk._emit_leaves``),
+        None where the walk has a finding (reserved bits, outside RAM)."""
+        if entry & reserved_mask(lv.number, lv.number > 1, self.maxphyaddr, self.nxe, self.gbpages):
             return None
-        phys = entry & leaf_addr_mask(self.level.number)
-        base = int(getattr(self.mem, "base", 0))
-        if phys < base or phys + self.level.span > base + int(self.mem.size):
+        phys = entry & leaf_addr_mask(lv.number)
+        if phys < self.ram[0] or phys + lv.span > self.ram[1]:
             return None
-        keep = self.leaf_flags & ~_PAT_HUGE
-        flags = _PRESENT | (acc & entry & _WU) | ((acc | entry) & _NX) | (entry & keep)
-        if self.leaf_flags & _PAT_HUGE:
-            flags |= (entry & (1 << 7)) << 5  # a PTE's PAT bit (7) stands as PAT_HUGE (12)
+        flags = _PRESENT | (acc & entry & _WU) | ((acc | entry) & _NX) | (entry & self.keep)
+        if self.keep_pat:
+            # A PTE's PAT bit (7) stands as PAT_HUGE (12), a large leaf's is bit 12 already.
+            flags |= (entry & (1 << 7)) << 5 if lv.number == 1 else entry & _PAT_HUGE
         return phys, flags
 
-
-def _patch_leaves(runs: RunArrays, trace: WalkTrace, now: np.ndarray, changed: np.ndarray, cpu: _LeafCpu,
-                  levels: Sequence[Level]) -> RunArrays | None:
-    """``runs`` with every changed last-level entry's page replaced (None: a finding)."""
-    space = _space(levels)
-    page = cpu.level.span
-    tidx = np.flatnonzero(changed)
-    r, c = np.nonzero(now[tidx] != trace.rows[tidx])
-    edits: list[tuple[int, tuple[int, int] | None]] = []  # (linear page, (phys, flags) or unmapped)
-    for ti, j in zip(tidx[r].tolist(), c.tolist()):
-        entry = int(now[ti, j])
-        va = int(trace.base[ti]) + j * page
-        if entry & _PRESENT:
-            leaf = cpu.leaf(entry, int(trace.acc[ti]))
-            if leaf is None:
+    def patch(self, runs: RunArrays) -> tuple[RunArrays, WalkTrace, int] | None:
+        """(runs, trace, tables decoded anew) or None."""
+        tr, now, last, levels = self.trace, self.now, self.last, self.levels
+        leaf_lv, dir_lv = levels[last], levels[last - 1]
+        tidx = np.flatnonzero(self.changed)
+        r, c = np.nonzero(now[tidx] != tr.rows[tidx])
+        edits = list(zip(tidx[r].tolist(), c.tolist()))
+        spans: list[tuple[int, int]] = []
+        pages: list[tuple[int, int, int, int, int]] = []  # (linear virt, phys, size, flags, level number)
+        drop: set[int] = set()  # trace rows of leaf tables no longer reached as they were
+        added: list[tuple[int, int, int, list[int], np.ndarray]] = []  # (table, base, acc, anc, rows)
+        where = {(li, b): i for i, (li, b) in enumerate(zip(tr.level.tolist(), tr.base.tolist()))}
+        levels_of = tr.level.tolist()
+        # Directory entries first: they decide which leaf tables still count.
+        for ti, j in edits:
+            if levels_of[ti] != last - 1:
+                continue
+            va = int(tr.base[ti]) + j * dir_lv.span
+            spans.append((va, va + dir_lv.span))
+            below = where.get((last, va))
+            if below is not None:
+                drop.add(below)
+            entry = int(now[ti, j])
+            if not entry & _PRESENT:
+                continue
+            acc = int(tr.acc[ti])
+            if dir_lv.may_be_huge and entry & _PS:
+                leaf = self.leaf(entry, acc, dir_lv)
+                if leaf is None:
+                    return None
+                pages.append((va, leaf[0], dir_lv.span, leaf[1], dir_lv.number))
+                continue
+            if entry & reserved_mask(dir_lv.number, False, self.maxphyaddr, self.nxe, self.gbpages):
                 return None
-            edits.append((va, leaf))
+            child = entry & ADDR_MASK
+            anc = tr.anc[ti].tolist()
+            anc[last - 1] = int(tr.table[ti])
+            if not (self.ram[0] <= child and child + 4096 <= self.ram[1]) or child in anc[:last]:
+                return None  # outside RAM or a cycle: findings
+            cacc = (acc & (entry | ~_WU)) | ((acc | entry) & _NX)
+            rows = np.asarray(self.mem.read_table(child), dtype=np.uint64)
+            added.append((child, va, cacc, anc, rows))
+            for k in np.flatnonzero(rows & _u64(_PRESENT)).tolist():
+                leaf = self.leaf(int(rows[k]), cacc, leaf_lv)
+                if leaf is None:
+                    return None
+                pages.append((va + k * leaf_lv.span, leaf[0], leaf_lv.span, leaf[1], leaf_lv.number))
+        # Then leaf entries of leaf tables still reached the same way.
+        for ti, j in edits:
+            if levels_of[ti] != last or ti in drop:
+                continue
+            va = int(tr.base[ti]) + j * leaf_lv.span
+            spans.append((va, va + leaf_lv.span))
+            entry = int(now[ti, j])
+            if entry & _PRESENT:
+                leaf = self.leaf(entry, int(tr.acc[ti]), leaf_lv)
+                if leaf is None:
+                    return None
+                pages.append((va, leaf[0], leaf_lv.span, leaf[1], leaf_lv.number))
+
+        rows = tr.rows.copy()
+        rows[self.changed] = now[self.changed]
+        new_trace = WalkTrace(tr.level, tr.table, tr.base, tr.acc, tr.anc, rows)
+        if drop:
+            keep = np.ones(len(tr), dtype=bool)
+            keep[list(drop)] = False
+            new_trace = new_trace[keep]
+        if added:
+            t, b, a, anc, rw = zip(*added)
+            extra = WalkTrace(np.full(len(t), last, np.uint8), np.array(t, np.uint64), np.array(b, np.uint64),
+                              np.array(a, np.uint64), np.array(anc, np.uint64), np.stack(rw))
+            new_trace = WalkTrace.concat(new_trace, extra)
+            if len(new_trace) > self.max_tables:
+                return None
+            # A full walk expands a frame once per level and reports the second reference.
+            key = new_trace.table | new_trace.level.astype(np.uint64)
+            if np.unique(key).size != key.size:
+                return None
+        if pages:
+            pv, pp, ps, pf, pl = zip(*pages)
+            new = RunArrays(np.array(pv, np.uint64), np.array(pp, np.uint64), np.array(ps, np.uint64),
+                            np.array(pf, np.uint64), np.array(ps, np.uint64), np.array(pl, np.uint8))
         else:
-            edits.append((va, None))
-    spans = [(va, va + page) for va, _ in edits]
-    pages = [(va, leaf[0], page, leaf[1]) for va, leaf in edits if leaf is not None]
-    if pages:
-        pv, pp, ps, pf = (np.array(x, dtype=np.uint64) for x in zip(*pages))
-        number = np.full(pv.size, cpu.level.number, dtype=np.uint8)
-        new = RunArrays(pv, pp, ps, pf, np.full(pv.size, page, dtype=np.uint64), number)
-    else:
-        e = np.zeros(0, dtype=np.uint64)
-        new = RunArrays(e, e, e, e, e, np.zeros(0, dtype=np.uint8))
-    return _splice(runs, spans, new, space, levels)
+            e = np.zeros(0, dtype=np.uint64)
+            new = RunArrays(e, e, e, e, e, np.zeros(0, dtype=np.uint8))
+        return _splice(runs, spans, new, _space(levels), levels), new_trace, len(added)

@@ -13,7 +13,7 @@ from mm.rewalk import changed_tables, refresh
 from mm.walker import WalkTrace, walk_arrays, walk_traced
 
 P, W, U, NX = PteFlags.PRESENT, PteFlags.WRITABLE, PteFlags.USER, PteFlags.NO_EXECUTE
-MEM = 8 << 20
+MEM = 16 << 20
 #: Where the random mappings go: a few 1 GiB slots in each half, so edits
 #: meet at every level (shared PML4/PDPT/PD tables, runs across table edges).
 SLOTS = [0x0, 0x4000_0000, 0x7F_C000_0000, 0xFFFF_8000_0000_0000, 0xFFFF_FFFF_8000_0000, 0xFFFF_FFFF_C000_0000]
@@ -30,14 +30,17 @@ mapping = st.tuples(
 edit = st.one_of(
     st.tuples(st.just("map"), mapping),
     st.tuples(st.just("unmap"), st.integers(0, 10_000), st.integers(0, 10_000)),
+    st.tuples(st.just("unmap_run"), st.integers(0, 10_000)),
     st.tuples(st.just("entry"), st.integers(0, 10_000), st.integers(0, 511),
               st.sampled_from([int(W), int(U), int(NX), int(P), 1 << 9])),
+    st.tuples(st.just("present_entry"), st.integers(0, 10_000), st.sampled_from([int(W), int(U), int(NX), int(P)])),
 )
 
 
 def _build(maps):
     mem = BufferMemory(bytearray(MEM))
-    m = Mapper.new(mem, BumpFrameAllocator(0x10_0000, MEM), forbid_wx=False)
+    # Tables emptied by an unmap are freed (their directory entry cleared).
+    m = Mapper.new(mem, BumpFrameAllocator(0x80_0000, MEM), forbid_wx=False, free_frame=lambda frame: None)
     for slot, index, size, count, flags in maps:
         _map(m, slot, index, size, count, flags)
     return mem, m
@@ -45,9 +48,11 @@ def _build(maps):
 
 def _map(m, slot, index, size, count, flags):
     step = int(size)
+    count = min(count, 2) if step > 4096 else count
     virt = slot + index * step
+    phys = (index * 0x5000 // step * step) % (0x80_0000 - count * step)  # inside RAM, below the tables
     try:
-        m.map_range(virt, 0x20_0000 * (1 + index % 3) + (index % 7) * step, count * step, flags, size)
+        m.map_range(virt, phys, count * step, flags, size)
     except MMError:
         pass  # overlaps an earlier mapping: keep the tree as it was
 
@@ -62,6 +67,24 @@ def _apply(mem, m, trace: WalkTrace, runs, e):
             m.unmap(run.virt + e[2] % (run.size // run.page_size) * run.page_size)
         except MMError:
             pass
+    elif kind == "unmap_run" and len(runs):
+        # Every page of a run: leaf tables left empty are freed, their
+        # directory entries cleared.
+        run = next(r for i, r in enumerate(runs.runs()) if i == e[1] % len(runs))
+        for k in range(run.size // run.page_size):
+            try:
+                m.unmap(run.virt + k * run.page_size)
+            except MMError:
+                pass
+    elif kind == "present_entry" and len(trace):
+        # Flip a bit of a present entry of any table (a directory entry:
+        # the table below is reached with other rights, or not at all).
+        present = np.argwhere(trace.rows & 1)
+        if not len(present):
+            return
+        t, j = present[e[1] % len(present)].tolist()
+        addr = int(trace.table[t]) + 8 * j
+        mem.write_u64(addr, mem.read_u64(addr) ^ e[2])
     elif kind == "entry" and len(trace):
         # Flip a bit of some entry of some table the walk read (upper-level
         # W/U/NX/P changes the effective flags of a whole subtree).
@@ -118,15 +141,28 @@ def test_a_leaf_edit_is_patched_without_a_walk():
     assert len(got.runs) == len(runs) + 1  # the range now has a hole
 
 
-def test_a_new_leaf_table_rewalks_below_its_parent_only():
+def test_a_new_leaf_table_is_decoded_alone():
     mem, m = _build([(SLOTS[3], 0, PageSize.SIZE_4K, 600, P | W | NX), (SLOTS[0], 0, PageSize.SIZE_4K, 4, P | NX)])
     report = WalkReport()
     runs, trace = walk_traced(mem, m.root, report=report)
     m.map(SLOTS[3] + 0x20_0000 * 7, 0x30_0000, PageSize.SIZE_4K, P | NX)  # a new PT under an existing PD
     got = refresh(mem, runs, trace, report)
-    assert got is not None and got.changed == 1 and got.rewalked == 1 + 3  # the PD and its three PTs
+    assert got is not None and got.changed == 1 and got.rewalked == 1  # the new PT, nothing else
     _same(got.runs, walk_arrays(mem, m.root))
     assert got.report.tables_visited == len(trace) + 1
+
+
+def test_an_upper_level_edit_rewalks_the_subtree_below_it():
+    mem, m = _build([(SLOTS[3], 0, PageSize.SIZE_4K, 600, P | W | NX), (SLOTS[0], 0, PageSize.SIZE_4K, 4, P | NX)])
+    report = WalkReport()
+    runs, trace = walk_traced(mem, m.root, report=report)
+    pdpt = int(trace.table[(trace.level == 1) & (trace.base == SLOTS[3] & ((1 << 48) - 1))][0])
+    index = (SLOTS[3] >> 30) & 511
+    mem.write_u64(pdpt + 8 * index, mem.read_u64(pdpt + 8 * index) & ~int(W))  # read-only from here down
+    got = refresh(mem, runs, trace, report)
+    assert got is not None and got.rewalked == 1 + 1 + 2  # the PDPT, its PD, the PD's two PTs
+    _same(got.runs, walk_arrays(mem, m.root))
+    assert not any(r.flags & W for r in got.runs.runs() if r.virt >= SLOTS[3])
 
 
 def test_hostile_trees_are_left_to_the_full_walk():

@@ -174,9 +174,10 @@ class Snapshotter:
         while changed < self.attempts and tally.busy < BUSY_PARKS:
             if walked is None:
                 walked = self._read_running(facts, max_tables)
-            # Until the last pass, the pause re-walks no more than leaf tables
-            # (a few µs each); upper-level edits wait for the next pass.
-            status, snap = self._validate(facts, walked, max_tables, tally, leaves_only=changed < self.attempts - 1)
+            # Until the last pass, the pause only patches edits of the two lowest
+            # levels (pages, leaf tables); a re-walk from higher up waits for the
+            # next pass, made while the guest runs.
+            status, snap = self._validate(facts, walked, max_tables, tally, patch_only=changed < self.attempts - 1)
             if snap is not None:
                 return snap
             if status == "busy":
@@ -237,7 +238,7 @@ class Snapshotter:
 
     # -- 2. in a short pause -------------------------------------------------------------
     def _validate(self, facts: GuestFacts, walked: _Walked | None, max_tables: int,
-                  tally: "_Tally", *, leaves_only: bool = False) -> tuple[str, Snapshot | None]:
+                  tally: "_Tally", *, patch_only: bool = False) -> tuple[str, Snapshot | None]:
         """("ok", snapshot), or ("busy" | "changed", None)."""
         physmem = self.target.physmem
         t0 = time.perf_counter_ns()
@@ -274,7 +275,7 @@ class Snapshotter:
             if ok:
                 # The tables as of this pause: the walk, re-walked below what changed.
                 fixed = refresh(physmem, walked.runs, walked.trace, walked.report, max_tables=max_tables, nxe=nxe,
-                                leaves_only=leaves_only, **_cpu(facts))
+                                patch_only=patch_only, **_cpu(facts))
                 ok = fixed is not None and (fixed.runs is walked.heap_runs
                                             or _heap_still_mapped(walked.heap, walked.heap_runs, fixed.runs))
             bitmap = read_bitmaps(physmem, live) if ok else None
