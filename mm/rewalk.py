@@ -32,7 +32,7 @@ from .flags import ADDR_MASK, PteFlags
 from .physmem import PhysicalMemory, read_tables
 from .walker import DEFAULT_LEAF_FLAGS, DEFAULT_MAX_TABLES, RunArrays, WalkTrace, _coalesce, _space, _Walk
 
-__all__ = ["Refreshed", "changed_tables", "refresh"]
+__all__ = ["Refreshed", "changed_tables", "refresh", "spans_touch"]
 
 _u64 = np.uint64
 _PRESENT, _WU, _NX = int(PteFlags.PRESENT), int(PteFlags.WRITABLE | PteFlags.USER), int(PteFlags.NO_EXECUTE)
@@ -49,6 +49,19 @@ class Refreshed:
     report: WalkReport
     changed: int  # tables whose entries differed from the trace (0: nothing was re-walked)
     rewalked: int  # tables decoded again (the changed ones and everything below them)
+    #: Linear ranges whose runs were replaced (outside them ``runs`` is the old walk's).
+    spans: tuple[tuple[int, int], ...] = ()
+
+    def touches(self, start: int, end: int, levels: Sequence[Level] = LEVELS) -> bool:
+        """Did the refresh replace runs anywhere in canonical ``[start, end)``?"""
+        return spans_touch(self.spans, start, end, levels)
+
+
+def spans_touch(spans, start: int, end: int, levels: Sequence[Level] = LEVELS) -> bool:
+    """Does any linear span overlap canonical ``[start, end)``?"""
+    space = _space(levels)
+    lo, hi = space.lin_start(start), space.lin_end(end)
+    return any(a < hi and lo < b for a, b in spans)
 
 
 def changed_tables(mem: PhysicalMemory, trace: WalkTrace) -> np.ndarray:
@@ -99,10 +112,10 @@ def refresh(
         patched = _Patcher(mem, trace, now, changed, levels, maxphyaddr, nxe, gbpages, int(leaf_flags),
                            max_tables).patch(runs)
         if patched is not None:
-            new_runs, new_trace, added = patched
+            new_runs, new_trace, added, spans = patched
             out_report = report if added == 0 and len(new_trace) == len(trace) else _report_of(new_trace, levels,
                                                                                                 report.max_findings)
-            return Refreshed(new_runs, new_trace, out_report, int(changed.sum()), added)
+            return Refreshed(new_runs, new_trace, out_report, int(changed.sum()), added, tuple(spans))
     if patch_only:
         return None
     top = changed & ~_below(trace, changed)
@@ -131,7 +144,7 @@ def refresh(
              for li, b in zip(trace.level[top].tolist(), trace.base[top].tolist())]
     merged = _splice(runs, spans, new_runs, space, levels)
     out_report = _report_of(new_trace, levels, report.max_findings)
-    return Refreshed(merged, new_trace, out_report, int(changed.sum()), len(new_trace) - len(kept))
+    return Refreshed(merged, new_trace, out_report, int(changed.sum()), len(new_trace) - len(kept), tuple(spans))
 
 
 def _report_of(trace: WalkTrace, levels: Sequence[Level], max_findings: int) -> WalkReport:
@@ -215,8 +228,8 @@ class _Patcher:
             flags |= (entry & (1 << 7)) << 5 if lv.number == 1 else entry & _PAT_HUGE
         return phys, flags
 
-    def patch(self, runs: RunArrays) -> tuple[RunArrays, WalkTrace, int] | None:
-        """(runs, trace, tables decoded anew) or None."""
+    def patch(self, runs: RunArrays) -> tuple[RunArrays, WalkTrace, int, list[tuple[int, int]]] | None:
+        """(runs, trace, tables decoded anew, linear spans replaced) or None."""
         tr, now, last, levels = self.trace, self.now, self.last, self.levels
         leaf_lv, dir_lv = levels[last], levels[last - 1]
         tidx = np.flatnonzero(self.changed)
@@ -300,4 +313,4 @@ class _Patcher:
         else:
             e = np.zeros(0, dtype=np.uint64)
             new = RunArrays(e, e, e, e, e, np.zeros(0, dtype=np.uint8))
-        return _splice(runs, spans, new, _space(levels), levels), new_trace, len(added)
+        return _splice(runs, spans, new, _space(levels), levels), new_trace, len(added), spans

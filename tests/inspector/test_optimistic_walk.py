@@ -1,13 +1,12 @@
 """The snapshot's optimistic walk: re-read in the pause, re-walked only below what changed."""
 
-import numpy as np
-
 from mm import BufferMemory, BumpFrameAllocator, Mapper, PageSize, PteFlags
 from mm.findings import WalkReport
 from mm.rewalk import changed_tables
 from mm.walker import walk_arrays, walk_traced
 from vmm.inspector.heap import HeapView
-from vmm.inspector.snapshot import _heap_still_mapped
+from mm.rewalk import refresh, spans_touch
+from vmm.inspector.snapshot import same_translation
 
 P, W, NX = PteFlags.PRESENT, PteFlags.WRITABLE, PteFlags.NO_EXECUTE
 HEAP = 0xFFFF_8000_0000_0000
@@ -43,11 +42,20 @@ def test_a_new_mapping_elsewhere_changes_the_root():
 
 def test_the_heap_walk_survives_edits_elsewhere_only():
     mem, m = _tree()
-    heap = HeapView(HEAP, HEAP + 0x4000, 0)
+    start, end = HEAP, HEAP + 0x4000
     before = walk_arrays(mem, m.root)
     m.unmap(HEAP + 0x6000)  # past the heap's end
-    assert _heap_still_mapped(heap, before, walk_arrays(mem, m.root))
+    assert same_translation(before, walk_arrays(mem, m.root), start, end)
     m.unmap(HEAP + 0x2000)  # inside it
-    assert not _heap_still_mapped(heap, before, walk_arrays(mem, m.root))
-    assert _heap_still_mapped(None, before, walk_arrays(mem, m.root))
-    assert np.array_equal(before.virt, walk_arrays(mem, m.root, report=WalkReport()).virt[:1])
+    assert not same_translation(before, walk_arrays(mem, m.root), start, end)
+
+
+def test_a_refresh_says_where_it_changed_the_runs():
+    mem, m = _tree()
+    report = WalkReport()
+    runs, trace = walk_traced(mem, m.root, report=report)
+    m.unmap(HEAP + 0x6000)
+    fixed = refresh(mem, runs, trace, report)
+    assert fixed is not None and fixed.touches(HEAP + 0x6000, HEAP + 0x7000)
+    assert not fixed.touches(HEAP, HEAP + 0x4000)
+    assert spans_touch(fixed.spans, HEAP, HEAP + 0x8000) and not spans_touch((), HEAP, HEAP + 0x8000)

@@ -151,9 +151,14 @@ def add_watch_rows(sec: Section, samples: list) -> None:
             sec.add(f"watch_{w.key}_pause", f"{w.label}: snapshot pause", None,
                     note=s.error or "no snapshot while the guest ran")
             continue
+        pause = distribution(s.pause_ms, "ms")
         note = (f"{s.snapshots} snapshots, {s.stopped} held for a complete read, {s.busy} busy; "
-                f"guest cmdline '{w.cmdline}'")
-        sec.add(f"watch_{w.key}_pause", f"{w.label}: snapshot pause", distribution(s.pause_ms, "ms"), note=note)
+                f"p99 {pause['p99']:.2f} ms; guest cmdline '{w.cmdline}'")
+        sec.add(f"watch_{w.key}_pause", f"{w.label}: snapshot pause", pause, note=note)
+        if s.stopped and s.validated_pause_ms:
+            validated = distribution(s.validated_pause_ms, "ms")
+            sec.add(f"watch_{w.key}_validated_pause", "pause of the snapshots validated (not held)", validated,
+                    indent=1, note=f"p99 {validated['p99']:.2f} ms")
         sec.add(f"watch_{w.key}_held", "held per snapshot, all parks", distribution(s.held_ms, "ms"), indent=1)
         sec.add(f"watch_{w.key}_work", "reads and checks while held", distribution(s.work_ms, "ms"), indent=1)
         if s.slowdowns:

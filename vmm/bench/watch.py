@@ -56,6 +56,7 @@ class WatchSamples:
     iters_plain: list[int] = field(default_factory=list)
     iters_watched: list[int] = field(default_factory=list)
     pause_ms: list[float] = field(default_factory=list)  # the snapshot's last park
+    validated_pause_ms: list[float] = field(default_factory=list)  # the same, snapshots not held for a full read
     held_ms: list[float] = field(default_factory=list)  # all its parks
     work_ms: list[float] = field(default_factory=list)  # reads and checks while held
     attempts: list[int] = field(default_factory=list)
@@ -103,6 +104,8 @@ def run_once(image, workload: Workload, seconds: float, hz: float | None, out: W
                     if snap.parked:
                         out.snapshots += 1
                         out.pause_ms.append(snap.pause_ms)
+                        if snap.method != STOPPED:
+                            out.validated_pause_ms.append(snap.pause_ms)
                         out.held_ms.append(snap.held_ms)
                         out.work_ms.append(snap.walk_ms)
                         out.attempts.append(snap.attempts)

@@ -109,20 +109,26 @@ class InspectBlock:
 
     @classmethod
     def from_raw(cls, raw: InspectBlockRaw) -> "InspectBlock":
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "stacks"]
+        if not _SCALAR_FIELDS:
+            _SCALAR_FIELDS.extend(f.name for f in dataclasses.fields(cls) if f.name != "stacks")
         stacks = tuple(
             Stack(r.task_id, r.base, r.top, r.guard_low, r.guard_high)
             for r in raw.stacks
             if r.flags & STACK_IN_USE and r.base < r.top
         )
-        return cls(**{n: getattr(raw, n) for n in names}, stacks=stacks)
+        return cls(**{n: getattr(raw, n) for n in _SCALAR_FIELDS}, stacks=stacks)
+
+
+#: InspectBlock's fields but ``stacks`` (filled on first use: dataclasses.fields is slow).
+_SCALAR_FIELDS: list[str] = []
 
 
 def read_inspect_block(physmem, paddr: int, retries: int = 8) -> InspectBlock:
     """Read a consistent copy (seq even and unchanged); raises InspectBlockError.
 
     Still odd after ``retries`` reads: with the vCPU parked that means "inside
-    a critical section"; the caller decides (``InspectBlock.busy``) what to do.
+    a critical section"; the caller decides (``InspectBlock.busy``) what to do
+    (with the vCPU parked, one read is all it takes: nothing changes it).
     """
     size = getattr(physmem, "size", None)
     if paddr < 0 or (size is not None and paddr + INSPECT_BLOCK_SIZE > size):

@@ -37,6 +37,8 @@ afterwards, without holding the guest.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import random
 import time
 import weakref
@@ -46,7 +48,7 @@ import numpy as np
 
 from mm.findings import Finding, WalkReport
 from mm.flags import PteFlags
-from mm.rewalk import refresh
+from mm.rewalk import Refreshed, refresh, spans_touch
 from mm.walker import Run, RunArrays, WalkTrace, walk_arrays, walk_traced
 
 from ..cpu import EFER_NXE
@@ -148,6 +150,8 @@ class _Walked:
     heap: HeapView | None
     #: The runs the heap walk translated its addresses through (``runs`` may be newer).
     heap_runs: RunArrays | None = None
+    #: Linear spans where ``runs`` differs from ``heap_runs`` (None: not known).
+    touched: tuple[tuple[int, int], ...] | None = ()
 
 
 class Snapshotter:
@@ -204,7 +208,7 @@ class Snapshotter:
             return None
         if tables is None:
             return None
-        runs, report, trace = tables
+        runs, report, trace, _ = tables
         block = read_block(physmem, facts)
         heap = walk_heap(physmem, runs, facts.with_block(block) if block else facts, prior=self._heap)
         if heap is not None:
@@ -218,23 +222,25 @@ class Snapshotter:
         except Exception:
             return walked
         if again is not None:
-            walked.runs, walked.report, walked.trace = again
+            walked.runs, walked.report, walked.trace, walked.touched = again
         return walked
 
     @staticmethod
     def _tables(physmem, walked: "_Walked | None", cr3: int, nxe: bool, facts: GuestFacts,
-                max_tables: int) -> tuple[RunArrays, WalkReport, WalkTrace] | None:
+                max_tables: int) -> tuple[RunArrays, WalkReport, WalkTrace, tuple | None] | None:
         """The tables at ``cr3`` as they are now: ``walked`` brought up to date
         (only the subtrees under changed tables re-read) where it can be,
-        else a full traced walk."""
+        else a full traced walk; last, the linear spans that changed from
+        ``walked`` (None: all of them may have)."""
         if walked is not None and walked.cr3 == cr3 and walked.nxe == nxe:
             fixed = refresh(physmem, walked.runs, walked.trace, walked.report, max_tables=max_tables, nxe=nxe,
                             **_cpu(facts))
             if fixed is not None:
-                return fixed.runs, fixed.report, fixed.trace
+                touched = None if walked.touched is None else walked.touched + fixed.spans
+                return fixed.runs, fixed.report, fixed.trace, touched
         report = WalkReport()
         runs, trace = walk_traced(physmem, cr3, report=report, max_tables=max_tables, nxe=nxe, **_cpu(facts))
-        return runs, report, trace
+        return runs, report, trace, None
 
     # -- 2. in a short pause -------------------------------------------------------------
     def _validate(self, facts: GuestFacts, walked: _Walked | None, max_tables: int,
@@ -242,13 +248,13 @@ class Snapshotter:
         """("ok", snapshot), or ("busy" | "changed", None)."""
         physmem = self.target.physmem
         t0 = time.perf_counter_ns()
-        with self.target.paused() as parked:
+        with _no_gc(), self.target.paused() as parked:
             t1 = time.perf_counter_ns()
             if not parked:  # not running: every read is consistent as it is
                 finish = self._read_all(facts, max_tables)
                 return "ok", finish(t0, t1, time.perf_counter_ns(), tally, parked=False, method=NOT_RUNNING)
             regs = self.target.control_registers()
-            block = read_block(physmem, facts)
+            block = read_block(physmem, facts, parked=True)
             busy = block is not None and block.busy
             run_to = getattr(self.target, "run_to", None)  # local targets only
             if busy and run_to is not None and facts.report.quiet_hook:
@@ -261,7 +267,7 @@ class Snapshotter:
                 t0, t1 = t0 + ran, t1 + ran
                 if quiet:
                     regs = self.target.control_registers()
-                    block = read_block(physmem, facts)
+                    block = read_block(physmem, facts, parked=True)
                     busy = block is not None and block.busy
             nxe = bool(regs.efer & EFER_NXE)
             live = facts.with_block(block) if block is not None else facts
@@ -276,8 +282,7 @@ class Snapshotter:
                 # The tables as of this pause: the walk, re-walked below what changed.
                 fixed = refresh(physmem, walked.runs, walked.trace, walked.report, max_tables=max_tables, nxe=nxe,
                                 patch_only=patch_only, **_cpu(facts))
-                ok = fixed is not None and (fixed.runs is walked.heap_runs
-                                            or _heap_still_mapped(walked.heap, walked.heap_runs, fixed.runs))
+                ok = fixed is not None and _heap_still_mapped(walked, fixed)
             bitmap = read_bitmaps(physmem, live) if ok else None
             t2 = time.perf_counter_ns()
         t3 = time.perf_counter_ns()
@@ -297,9 +302,9 @@ class Snapshotter:
         physmem = self.target.physmem
         for k in range(BUSY_PARKS):
             t0 = time.perf_counter_ns()
-            with self.target.paused() as parked:
+            with _no_gc(), self.target.paused() as parked:
                 t1 = time.perf_counter_ns()
-                block = read_block(physmem, facts) if parked else None
+                block = read_block(physmem, facts, parked=True) if parked else None
                 if parked and block is not None and block.busy and k < BUSY_PARKS - 1:
                     finish = None  # inside a critical section: let it finish
                 else:
@@ -367,6 +372,19 @@ def _snapshot(regs, runs, report, facts, bitmap, heap, t0, t1, t2, t3, tally, *,
     )
 
 
+@contextlib.contextmanager
+def _no_gc():
+    """No garbage collection while the guest is held: a full collection of a
+    process holding many small objects takes milliseconds (it runs after)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _expired(pause) -> bool:
     """Did the target's pause run out before the block ended (``target.Pause``)?"""
     return bool(getattr(pause, "expired", False))
@@ -382,18 +400,27 @@ def _heap_unchanged(physmem, heap: HeapView | None, facts: GuestFacts) -> bool:
     return heap.unchanged(physmem)
 
 
-def _heap_still_mapped(heap: HeapView | None, old: RunArrays, new: RunArrays) -> bool:
-    """The heap walk translated through ``old`` runs: still right if the heap's
-    pages map where they did in ``new`` (an edit elsewhere leaves them alone)."""
-    if heap is None:
+def _heap_still_mapped(walked: _Walked, fixed: Refreshed) -> bool:
+    """The heap walk translated its addresses through ``walked.heap_runs``:
+    still right if no edit since touched the heap's pages (known from the
+    spans the refreshes re-decoded; compared run by run where not known)."""
+    heap = walked.heap
+    if heap is None or fixed.runs is walked.heap_runs:
         return True
-    lo, hi = np.uint64(heap.heap_start), np.uint64(heap.heap_end)
+    if walked.touched is not None:
+        return not spans_touch(walked.touched + fixed.spans, heap.heap_start, heap.heap_end)
+    return same_translation(walked.heap_runs, fixed.runs, heap.heap_start, heap.heap_end)
+
+
+def same_translation(old: RunArrays, new: RunArrays, start: int, end: int) -> bool:
+    """Do ``old`` and ``new`` map ``[start, end)`` the same way (virtual to physical)?"""
+    lo, hi = np.uint64(start), np.uint64(end)
 
     def clipped(r: RunArrays):
         sel = (r.virt < hi) & (r.virt + r.size > lo)
         v, p, n = r.virt[sel], r.phys[sel], r.size[sel]
-        start, end = np.maximum(v, lo), np.minimum(v + n, hi)
-        return start, p + (start - v), end - start
+        first, last = np.maximum(v, lo), np.minimum(v + n, hi)
+        return first, p + (first - v), last - first
 
     return all(np.array_equal(x, y) for x, y in zip(clipped(old), clipped(new)))
 
@@ -438,13 +465,14 @@ def walk_heap(physmem, runs: RunArrays, facts: GuestFacts, *, prior: HeapView | 
     return walk_heap_any(physmem, RunTranslator(runs), *bounds, head, index, prior=prior)
 
 
-def read_block(physmem, facts: GuestFacts) -> InspectBlock | None:
-    """The guest's inspect block, if it reported one and it reads back sane."""
+def read_block(physmem, facts: GuestFacts, *, parked: bool = False) -> InspectBlock | None:
+    """The guest's inspect block, if it reported one and it reads back sane
+    (``parked``: the vCPU is held, so one read tells whether it is busy)."""
     paddr = facts.report.inspect_block_phys
     if paddr is None:
         return None
     try:
-        return read_inspect_block(physmem, paddr)
+        return read_inspect_block(physmem, paddr, retries=1 if parked else 8)
     except (InspectBlockError, ValueError):
         return None
 
