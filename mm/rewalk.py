@@ -105,7 +105,15 @@ def refresh(
     if not changed.any():
         return Refreshed(runs, trace, report, 0, 0)
     last = len(levels) - 1
-    if len(levels) >= 2 and (trace.level[changed] >= last - 1).all():
+    # Tables whose entries changed only in bits the walk ignores (a kernel's
+    # own counts in AVL bits, A) need their rows updated, nothing re-walked.
+    read_bits = _read_bits(int(leaf_flags))
+    moved = changed.copy()
+    moved[changed] = _entries_moved(now[changed], trace.rows[changed], trace.level[changed], levels, read_bits).any(axis=1)
+    current = WalkTrace(trace.level, trace.table, trace.base, trace.acc, trace.anc, now)
+    if not moved.any():
+        return Refreshed(runs, current, report, int(changed.sum()), 0)
+    if len(levels) >= 2 and (trace.level[moved] >= last - 1).all():
         # Only entries of the two lowest levels moved (the common case: pages
         # mapped or unmapped, a leaf table added or freed): patch those
         # pages into the runs, decoding at most the new leaf tables.
@@ -118,9 +126,9 @@ def refresh(
             return Refreshed(new_runs, new_trace, out_report, int(changed.sum()), added, tuple(spans))
     if patch_only:
         return None
-    top = changed & ~_below(trace, changed)
+    top = moved & ~_below(trace, moved)
     gone = top | _below(trace, top)
-    kept = trace[~gone]
+    kept = current[~gone]
 
     space = _space(levels)
     fresh = WalkReport()
@@ -145,6 +153,27 @@ def refresh(
     merged = _splice(runs, spans, new_runs, space, levels)
     out_report = _report_of(new_trace, levels, report.max_findings)
     return Refreshed(merged, new_trace, out_report, int(changed.sum()), len(new_trace) - len(kept), tuple(spans))
+
+
+def _read_bits(leaf_flags: int) -> tuple[int, int]:
+    """Entry bits a walk reads: (in an entry pointing at a table, in a leaf).
+
+    A table pointer counts by presence, rights, PS and address (A, AVL,
+    PWT/PCD are ignored: a kernel may keep its own counts there); a leaf by
+    those, the kept flags and, if kept, its PAT bit."""
+    table = _PRESENT | _WU | _NX | _PS | ADDR_MASK
+    leaf = table | (leaf_flags & ~_PAT_HUGE) | ((1 << 7) if leaf_flags & _PAT_HUGE else 0)
+    return table, leaf
+
+
+def _entries_moved(now: np.ndarray, before: np.ndarray, level: np.ndarray, levels: Sequence[Level],
+                   read_bits: tuple[int, int]) -> np.ndarray:
+    """Per entry of the given tables: did a bit the walk reads change?"""
+    table_bits, leaf_bits = (_u64(b) for b in read_bits)
+    last = len(levels) - 1
+    huge_ok = np.array([lv.may_be_huge for lv in levels])[level][:, None]
+    leafy = (level == last)[:, None] | (huge_ok & (((now | before) & _u64(_PS)) != 0))
+    return ((now ^ before) & np.where(leafy, leaf_bits, table_bits)) != 0
 
 
 def _report_of(trace: WalkTrace, levels: Sequence[Level], max_findings: int) -> WalkReport:
@@ -210,6 +239,7 @@ class _Patcher:
         self.maxphyaddr, self.nxe, self.gbpages, self.max_tables = maxphyaddr, nxe, gbpages, max_tables
         self.keep = leaf_flags & ~_PAT_HUGE
         self.keep_pat = bool(leaf_flags & _PAT_HUGE)
+        self.dir_bits, self.leaf_bits = _read_bits(leaf_flags)
         base = int(getattr(mem, "base", 0))
         self.ram = (base, base + int(mem.size))
         self.last = len(levels) - 1
@@ -245,12 +275,14 @@ class _Patcher:
         for ti, j in edits:
             if levels_of[ti] != last - 1:
                 continue
+            before, entry = int(tr.rows[ti, j]), int(now[ti, j])
+            if not (before ^ entry) & (self.leaf_bits if (before | entry) & _PS else self.dir_bits):
+                continue
             va = int(tr.base[ti]) + j * dir_lv.span
             spans.append((va, va + dir_lv.span))
             below = where.get((last, va))
             if below is not None:
                 drop.add(below)
-            entry = int(now[ti, j])
             if not entry & _PRESENT:
                 continue
             acc = int(tr.acc[ti])
@@ -277,7 +309,7 @@ class _Patcher:
                 pages.append((va + k * leaf_lv.span, leaf[0], leaf_lv.span, leaf[1], leaf_lv.number))
         # Then leaf entries of leaf tables still reached the same way.
         for ti, j in edits:
-            if levels_of[ti] != last or ti in drop:
+            if levels_of[ti] != last or ti in drop or not (int(now[ti, j]) ^ int(tr.rows[ti, j])) & self.leaf_bits:
                 continue
             va = int(tr.base[ti]) + j * leaf_lv.span
             spans.append((va, va + leaf_lv.span))

@@ -33,7 +33,10 @@ edit = st.one_of(
     st.tuples(st.just("unmap_run"), st.integers(0, 10_000)),
     st.tuples(st.just("entry"), st.integers(0, 10_000), st.integers(0, 511),
               st.sampled_from([int(W), int(U), int(NX), int(P), 1 << 9])),
-    st.tuples(st.just("present_entry"), st.integers(0, 10_000), st.sampled_from([int(W), int(U), int(NX), int(P)])),
+    # Rights and presence, and bits the walk must ignore in a directory entry
+    # but not in a leaf (A, an AVL bit a kernel may count in, G).
+    st.tuples(st.just("present_entry"), st.integers(0, 10_000),
+              st.sampled_from([int(W), int(U), int(NX), int(P), 1 << 5, 1 << 9, int(PteFlags.GLOBAL)])),
 )
 
 
@@ -163,6 +166,38 @@ def test_an_upper_level_edit_rewalks_the_subtree_below_it():
     assert got is not None and got.rewalked == 1 + 1 + 2  # the PDPT, its PD, the PD's two PTs
     _same(got.runs, walk_arrays(mem, m.root))
     assert not any(r.flags & W for r in got.runs.runs() if r.virt >= SLOTS[3])
+
+
+def _entry_of(mem, m, virt, level_index):
+    """Physical address of the entry that maps ``virt`` at ``level_index`` (0: PML4)."""
+    table = m.root
+    for li in range(level_index):
+        table = mem.read_u64(table + 8 * ((virt >> (39 - 9 * li)) & 511)) & 0x000F_FFFF_FFFF_F000
+    return table + 8 * ((virt >> (39 - 9 * level_index)) & 511)
+
+
+def test_ignored_directory_bits_change_nothing():
+    # The guest counts a table's entries in its parent entry's AVL bits: every
+    # map/unmap rewrites the directory entry, the walk's answer stays.
+    mem, m = _build([(SLOTS[3], 0, PageSize.SIZE_4K, 20, P | W | NX)])
+    report = WalkReport()
+    runs, trace = walk_traced(mem, m.root, report=report)
+    pde = _entry_of(mem, m, SLOTS[3], 2)
+    mem.write_u64(pde, mem.read_u64(pde) ^ (1 << 9) ^ (1 << 5))
+    got = refresh(mem, runs, trace, report)
+    assert got is not None and got.changed == 1 and got.rewalked == 0 and got.spans == ()
+    _same(got.runs, runs)
+
+
+def test_a_flag_of_a_large_leaf_counts():
+    mem, m = _build([(SLOTS[3], 0, PageSize.SIZE_2M, 2, P | W | NX)])
+    report = WalkReport()
+    runs, trace = walk_traced(mem, m.root, report=report)
+    pde = _entry_of(mem, m, SLOTS[3] + 0x20_0000, 2)
+    mem.write_u64(pde, mem.read_u64(pde) | int(PteFlags.GLOBAL))
+    got = refresh(mem, runs, trace, report)
+    assert got is not None and len(got.runs) == 2
+    _same(got.runs, walk_arrays(mem, m.root))
 
 
 def test_hostile_trees_are_left_to_the_full_walk():
