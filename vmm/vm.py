@@ -261,6 +261,7 @@ class Vm:
         self._paused = threading.Event()
         self._resume = threading.Event()
         self._run_to: int | None = None  # breakpoint address of a pending run_to()
+        self.parked_ns = 0  # perf_counter_ns() of the vCPU's last park (run_to's held time starts there)
         self._unparked = threading.Event()
         self.running = False
         self._vcpu_thread: int | None = None
@@ -655,18 +656,20 @@ class Vm:
     def _park(self) -> None:
         """vCPU thread: wait outside KVM_RUN until ``paused()`` (or
         ``run_to``) lets the guest go; each release lets it run once."""
+        self.parked_ns = time.perf_counter_ns()
         self._paused.set()
         self._resume.wait()
         self._resume.clear()
         self._paused.clear()
         self._unparked.set()
 
-    def run_to(self, addr: int, timeout: float) -> bool:
+    def run_to(self, addr: int, timeout: float, meanwhile: Callable[[], object] | None = None) -> bool:
         """Inside ``paused()`` only (vCPU parked): let the guest run until it is
         about to execute ``addr`` (an instruction breakpoint in DR0), and hold
         it there. False if it did not get there within ``timeout``; it is then
         parked again wherever it was. The inspector uses it to wait for the
-        end of a guest critical section without parking over and over."""
+        end of a guest critical section without parking over and over, and
+        ``meanwhile`` (called once the guest runs) to catch up with it."""
         vcpu = self.vcpu
         # Not with gdb attached or instructions being counted: they own the debug registers.
         if (not self._paused.is_set() or self._vcpu_thread is None or self.icount.active is not None
@@ -677,6 +680,8 @@ class Vm:
         self._paused.clear()
         self._unparked.clear()
         self._resume.set()
+        if meanwhile is not None:
+            meanwhile()
         reached = self._paused.wait(timeout)
         if not reached:
             self._kick_vcpu()  # _pause_requested is still set: it parks where it is

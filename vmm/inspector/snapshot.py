@@ -217,13 +217,19 @@ class Snapshotter:
         # Catch up with what the guest changed during the heap walk (a few
         # tables at most), so that the pause, which follows at once, finds
         # as little as possible to re-walk.
+        self._catch_up(physmem, walked, facts, max_tables)
+        return walked
+
+    def _catch_up(self, physmem, walked: "_Walked | None", facts: GuestFacts, max_tables: int) -> None:
+        """While the guest runs: bring ``walked``'s tables up to date."""
+        if walked is None:
+            return
         try:
-            again = self._tables(physmem, walked, self._cr3, self._nxe, facts, max_tables)
-        except Exception:
-            return walked
+            again = self._tables(physmem, walked, walked.cr3, walked.nxe, facts, max_tables)
+        except Exception:  # a torn read: the check in the pause decides
+            return
         if again is not None:
             walked.runs, walked.report, walked.trace, walked.touched = again
-        return walked
 
     @staticmethod
     def _tables(physmem, walked: "_Walked | None", cr3: int, nxe: bool, facts: GuestFacts,
@@ -260,12 +266,15 @@ class Snapshotter:
             if busy and run_to is not None and facts.report.quiet_hook:
                 # Inside a critical section: let the guest run to its end (the
                 # kernel's quiet hook, an instruction breakpoint) and look there.
-                # It runs meanwhile: that time is not counted as held.
+                # It runs meanwhile (not counted as held), and the tables are
+                # caught up with meanwhile, so the check at the hook finds
+                # only the section's last edits.
                 tr = time.perf_counter_ns()
-                quiet = run_to(facts.report.quiet_hook, QUIET_TIMEOUT_S)
-                ran = time.perf_counter_ns() - tr
+                quiet = run_to(facts.report.quiet_hook, QUIET_TIMEOUT_S,
+                               lambda: self._catch_up(physmem, walked, facts, max_tables))
+                ran = (quiet if quiet is not None else time.perf_counter_ns()) - tr
                 t0, t1 = t0 + ran, t1 + ran
-                if quiet:
+                if quiet is not None:
                     regs = self.target.control_registers()
                     block = read_block(physmem, facts, parked=True)
                     busy = block is not None and block.busy

@@ -113,9 +113,10 @@ class LocalTarget:
     def facts(self) -> GuestFacts:
         return facts_from_vm(self.vm)
 
-    def run_to(self, addr: int, timeout: float) -> bool:
-        """While paused: run the guest to ``addr`` and hold it there (``Vm.run_to``)."""
-        return self.vm.run_to(addr, timeout)
+    def run_to(self, addr: int, timeout: float, meanwhile=None) -> int | None:
+        """While paused: run the guest to ``addr`` and hold it there (``Vm.run_to``);
+        the perf_counter_ns() at which it parked there, None if it did not get there."""
+        return self.vm.parked_ns if self.vm.run_to(addr, timeout, meanwhile) else None
 
     def dirty_pages(self):
         """Pages written since the last call (needs VmConfig.dirty_log), or None."""
