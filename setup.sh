@@ -89,7 +89,11 @@ fi
 
 PY="${PYTHON:-python3}"
 echo "setup: installing Python dependencies..." >&2
-"$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'
+# editable_mode=compat: the checkout goes on sys.path through a plain .pth
+# line; the default import-hook finder costs every Python process on the
+# machine ~10 ms at start-up (issue 17: `vmm run` to READY).
+"$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]' \
+    --config-settings editable_mode=compat
 echo "setup: building the guest kernel..." >&2
 "$PY" -m vmm.guest_build >/dev/null
 echo "setup: done" >&2

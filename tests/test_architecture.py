@@ -28,6 +28,8 @@ DEFERRED_IMPORTS_ALLOWED = {
     "vmm.commands.memmap": "rich and the snapshot reader only when asked (`vmm memmap --json` stays light)",
     "vmm.vm": "mm decodes a restored guest's memory map only when something inspects it (fast start)",
     "vmm.diagnostics": "capstone and mm's walker (numpy) only when a fault is reported (fast start)",
+    "vmm.cli": "each command's option modules only when that command is parsed; importlib.metadata only "
+               "for --version (fast start)",
 }
 
 

@@ -18,16 +18,11 @@ from . import startup  # first: its clock reading is where the interpreter's sta
 
 import argparse
 import importlib
-import importlib.metadata
 import os
 import sys
 
 from .abi import ExitCode
-from .bench.options import add_arguments as add_bench_arguments
 from .errors import HostError, UsageError
-from .gdbstub.options import add_run_arguments as add_gdb_arguments
-from .snapshot.options import add_run_arguments as add_snapshot_arguments
-from .svm.options import add_arguments as add_svm_arguments
 from .commands.options import add_filters, add_guest_options
 from .commands.query_options import COMMANDS as QUERY_COMMANDS
 from .commands.query_options import add_parsers as add_query_parsers
@@ -62,10 +57,23 @@ attaching to a running guest:
 
 
 def _version() -> str:
+    import importlib.metadata  # ~13 ms: only for --version
+
     try:
         return importlib.metadata.version("pyvmm")
     except importlib.metadata.PackageNotFoundError:  # a checkout that was not pip-installed
         return "0.1.0"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"vmm (pyvmm) {_version()}")  # on stdout, as argparse's own version action does
+        parser.exit()
 
 
 #: command -> "module" (its ``main(args) -> int``) or "module:function",
@@ -88,14 +96,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``command``, every command is listed but
+    only that one gets its arguments (their option modules are not all cheap
+    to import, and a plain ``vmm run`` should not pay for ``bench``'s)."""
+
+    def wants(name: str) -> bool:
+        return command is None or command == name
+
     parser = _Parser(
         prog="vmm",
         description="A Python VMM on Linux KVM that boots a Rust guest kernel straight into 64-bit long mode.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"vmm (pyvmm) {_version()}")
+    parser.add_argument("--version", action=_VersionAction, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     run = sub.add_parser(
@@ -105,20 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG + "\n" + CONTROL_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_guest_options(run)
-    run.add_argument("--timeout", "-t", type=parse_timeout, metavar="SECONDS", help="watchdog: stop the guest after this long")
-    run.add_argument("--quiet", "-q", action="store_true", help="do not print the serial console or the banner (the stop message is always printed)")
-    run.add_argument("--json", action="store_true", help="print one JSON object with the result on stdout")
-    run.add_argument("--cmdline", "-c", default="", metavar="TEXT", help="guest command line, e.g. 'tests=all'")
-    run.add_argument("--slide", type=parse_slide, metavar="BYTES", help="KASLR slide (2 MiB multiple; default random)")
-    run.add_argument("--no-kaslr", action="store_true", help="load the kernel at its link address (slide 0)")
-    run.add_argument("--inspect", action="store_true", help="full-screen live view of the guest's memory management, its console at the bottom (keys: ? for help, q to close)")
-    run.add_argument("--hz", type=float, default=10.0, help="refresh rate of --inspect (default 10)")
-    run.add_argument("--control", metavar="SOCKET", help="serve this VM on a UNIX socket for `vmm inspect` / `vmm pt` "
-                     "(keep the guest running with -c workload=mm; see below)")
-    run.add_argument("--screenshot", metavar="FILE.png", help="save the guest's framebuffer as PNG when it stops")
-    add_snapshot_arguments(run)
-    add_gdb_arguments(run)
+    if wants("run"):
+        _add_run_arguments(run)
 
     mm = sub.add_parser(
         "memmap",
@@ -169,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure boot, exits, guest memory management and the inspector, each beside a baseline "
         "measured in the same run; medians of N runs with min and max, always with the KVM backend.",
     )
-    add_bench_arguments(bench)
+    if wants("bench"):
+        from .bench.options import add_arguments as add_bench_arguments
+
+        add_bench_arguments(bench)
 
     svm = sub.add_parser(
         "svm",
@@ -177,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Boot Linux with kvm-amd in qemu-system-x86_64 -accel tcg -cpu max and run CMD there in the "
         "project directory; CMD's output streams out and its exit status is returned (70: VM unavailable).",
     )
-    add_svm_arguments(svm)
+    if wants("svm"):
+        from .svm.options import add_arguments as add_svm_arguments
+
+        add_svm_arguments(svm)
 
     snap = sub.add_parser(
         "snapshot",
@@ -201,6 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if sources are unchanged")
     build.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr, only the path")
     return parser
+
+
+def _add_run_arguments(run: argparse.ArgumentParser) -> None:
+    from .gdbstub.options import add_run_arguments as add_gdb_arguments
+    from .snapshot.options import add_run_arguments as add_snapshot_arguments
+
+    add_guest_options(run)
+    run.add_argument("--timeout", "-t", type=parse_timeout, metavar="SECONDS", help="watchdog: stop the guest after this long")
+    run.add_argument("--quiet", "-q", action="store_true", help="do not print the serial console or the banner (the stop message is always printed)")
+    run.add_argument("--json", action="store_true", help="print one JSON object with the result on stdout")
+    run.add_argument("--cmdline", "-c", default="", metavar="TEXT", help="guest command line, e.g. 'tests=all'")
+    run.add_argument("--slide", type=parse_slide, metavar="BYTES", help="KASLR slide (2 MiB multiple; default random)")
+    run.add_argument("--no-kaslr", action="store_true", help="load the kernel at its link address (slide 0)")
+    run.add_argument("--inspect", action="store_true", help="full-screen live view of the guest's memory management, its console at the bottom (keys: ? for help, q to close)")
+    run.add_argument("--hz", type=float, default=10.0, help="refresh rate of --inspect (default 10)")
+    run.add_argument("--control", metavar="SOCKET", help="serve this VM on a UNIX socket for `vmm inspect` / `vmm pt` "
+                     "(keep the guest running with -c workload=mm; see below)")
+    run.add_argument("--screenshot", metavar="FILE.png", help="save the guest's framebuffer as PNG when it stops")
+    add_snapshot_arguments(run)
+    add_gdb_arguments(run)
 
 
 def exit_code_for(exc: BaseException) -> int | None:
@@ -239,8 +268,19 @@ def command_module(args) -> str:
     return COMMANDS[args.command]
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """The command a command line names (its first word that is one), if any."""
+    for word in argv:
+        if word in COMMANDS:
+            return word
+        if not word.startswith("-"):
+            return None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 from .. import kvm_abi as K
 from ..abi import BOOT_INFO_SIZE, BootInfo
-from ..errors import UsageError
 from ..layout import GuestMemoryError, check_ram_size
 from .elfcore import CoreFormatError, Note, read_core
+from .errors import SnapshotError
 
 OWNER = b"PYVMM"
 FORMAT_VERSION = 1
@@ -90,10 +90,6 @@ META_FIELDS = {
     "saved_at": str,  # what triggered the save: ready, exit, report:KIND, 1.5s, socket
     "memmap": list,
 }
-
-
-class SnapshotError(UsageError):
-    """A snapshot file is unusable: one line naming the problem."""
 
 
 @dataclass

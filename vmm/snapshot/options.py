@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 
 from ..abi import ReportKind
-from .format import SnapshotError
+from .errors import SnapshotError
 
 SAVE_AT_HELP = "ready (the guest's READY report, default), exit (when the run ends), report:KIND (first report of KIND, e.g. report:TEST_RESULT) or SECONDS after the start"
 
