@@ -108,6 +108,21 @@ class GuestMemory:
             n -= done
         self._view[paddr : paddr + n] = data
 
+    def copy_pages_from(self, other: "GuestMemory", pages) -> None:
+        """Copy the 4 KiB pages numbered ``pages`` (sorted) from ``other``,
+        a RAM of the same size; contiguous pages go in one slice copy."""
+        src, dst = other._view, self._view
+        run_start = prev = None
+        for p in pages:
+            if prev is not None and p == prev + 1:
+                prev = p
+                continue
+            if run_start is not None:
+                dst[run_start * 4096 : (prev + 1) * 4096] = src[run_start * 4096 : (prev + 1) * 4096]
+            run_start = prev = p
+        if run_start is not None:
+            dst[run_start * 4096 : (prev + 1) * 4096] = src[run_start * 4096 : (prev + 1) * 4096]
+
     def zero(self, paddr: int, n: int) -> None:
         self._check(paddr, n)
         C.memset(self.host_address + paddr, 0, n)

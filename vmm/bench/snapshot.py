@@ -3,7 +3,9 @@
 Each figure beside a cold boot measured in the same run:
 
 - reset in place to the next guest instruction (dirty pages copied back from
-  the zygote, vCPU state loaded), with the pages a trivial test dirtied;
+  the zygote, vCPU state loaded), with the pages a trivial test dirtied, and
+  after a busier test (``workload=mm`` for a few dozen iterations: heap,
+  page tables, task stacks) that dirties a few hundred;
 - a fresh VM from the zygote (KVM VM + vCPU, RAM a copy-on-write mapping of
   the zygote's memfd, state loaded), to its first instruction;
 - trivial test VMs per second (work ``""``: READY -> SUMMARY -> exit), one
@@ -31,6 +33,8 @@ from .stats import Section, distribution, summarize
 
 RAM = 64 << 20
 SAVE_SIZES = (128 << 20, 16 << 30, 64 << 30)
+#: A test that dirties a few hundred pages (the reset target's "256 or fewer" case).
+BUSY_TEST = "workload=mm workload_iters=40"
 
 
 def _ns() -> int:
@@ -125,6 +129,15 @@ def run(image, kernel_path: str, runs: int, backend, *, quick: bool = False, siz
                 resets.append((t1 - t0) / 1e3)
                 cycles.append((t2 - t0) / 1e3)
                 pages.append(info["pages"])
+            busy_resets, busy_pages = [], []
+            z.reset(vm, BUSY_TEST)
+            for _ in range(iters):
+                r = vm.run()
+                assert r.exit_code == 0, r.message
+                t0 = _ns()
+                info = z.reset(vm, BUSY_TEST)
+                busy_resets.append((_ns() - t0) / 1e3)
+                busy_pages.append(info["pages"])
         finally:
             vm.close()
         forks, fork_cycles = [], []
@@ -141,6 +154,10 @@ def run(image, kernel_path: str, runs: int, backend, *, quick: bool = False, siz
     sec.add("reset", "reset in place to the next guest instruction", distribution(resets, "us"),
             baseline=cold_fig, baseline_label="cold boot to exit",
             note=f"a trivial test dirtied {int(summarize(pages, 'pages')['median'])} pages (mailbox included)")
+    sec.add("reset_busy", "reset in place after a busier test", distribution(busy_resets, "us"),
+            baseline=cold_fig, baseline_label="cold boot to exit", indent=1,
+            note=f"'{BUSY_TEST}' dirtied {int(summarize(busy_pages, 'pages')['median'])} pages "
+                 f"({min(busy_pages)}-{max(busy_pages)})")
     sec.add("fork", "fresh VM from the zygote (CoW RAM), to its first instruction", distribution(forks, "us"),
             baseline=cold_fig, baseline_label="cold boot to exit")
     sec.add("reset_cycle", "trivial test VM: reset + run to exit", distribution(cycles, "us"),

@@ -19,7 +19,7 @@ READY); tests about KASLR must boot cold.
 
 from __future__ import annotations
 
-import ctypes as C
+
 import dataclasses
 import time
 
@@ -126,9 +126,7 @@ class Zygote:
         t0 = time.perf_counter_ns()
         pages = set(vm.dirty_page_numbers())  # also clears the log for the next round
         pages.add(self.mailbox // PAGE)  # written by the host, so not in KVM's log
-        src, dst = self.memory.host_address, vm.memory.host_address
-        for p in pages:
-            C.memmove(dst + p * PAGE, src + p * PAGE, PAGE)
+        vm.memory.copy_pages_from(self.memory, sorted(pages))
         t1 = time.perf_counter_ns()
         self._loader.load(vm.vcpu)
         vm.reset_devices()
