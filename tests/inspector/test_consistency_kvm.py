@@ -245,3 +245,50 @@ def test_run_to_the_quiet_hook_ends_a_critical_section(guest_image):
     assert found["hook"], "the INSPECT report names no quiet_hook"
     assert found["quiet"] >= 3, found
     assert found["rips"] == {found["hook"]}, found
+
+
+@_HOST_EMULATED
+def test_a_quiet_remote_pause_parks_a_busy_guest_outside_its_critical_sections(guest_image, tmp_path):
+    # Over the control socket a busy guest (workload=mm spends nearly all its
+    # time inside allocator and paging sections) would be parked busy again
+    # and again, a round trip each: a "quiet" pause runs it to the section's
+    # end first, in the server.
+    from vmm.inspector.control import ControlServer, RemoteTarget
+
+    path = str(tmp_path / "vm.sock")
+    with Vm(guest_image, VmConfig(memory=64 << 20, cmdline="workload=mm workload_ms=4000", timeout=60)) as vm:
+        seen = {"plain_busy": 0, "quiet_busy": 0, "quiet": 0, "ran": 0}
+
+        def watch():
+            while not vm.running:
+                time.sleep(0.001)
+            with ControlServer(vm, path), RemoteTarget(path) as target:
+                facts = target.facts()
+                deadline = time.time() + 10
+                while vm.running and not facts.report.quiet_hook and time.time() < deadline:
+                    time.sleep(0.01)
+                    facts = target.facts()
+                while vm.running and seen["quiet"] < 10:
+                    for quiet in (False, True):
+                        with target.paused(quiet=quiet) as pause:
+                            if not pause.parked:
+                                return
+                            busy = read_block(target.physmem, facts, parked=True).busy
+                        if quiet:
+                            seen["quiet"] += 1
+                            seen["quiet_busy"] += busy
+                            seen["ran"] += pause.ran_ms > 0
+                        else:
+                            seen["plain_busy"] += busy
+                    time.sleep(0.01)
+
+        t = threading.Thread(target=watch)
+        t.start()
+        result = vm.run()
+        t.join()
+    assert result.exit_code == 0, result.message
+    assert seen["quiet"] >= 5, seen
+    assert seen["quiet_busy"] == 0, seen
+    # The control: a plain pause of this guest lands inside a section most of
+    # the time, and the quiet pauses that did had to let it run.
+    assert seen["plain_busy"] >= 1 and seen["ran"] >= 1, seen

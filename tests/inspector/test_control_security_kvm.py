@@ -191,8 +191,8 @@ class SlowClient:
         self.physmem = target.physmem
 
     @contextlib.contextmanager
-    def paused(self):
-        with self.target.paused() as pause:
+    def paused(self, **kw):
+        with self.target.paused(**kw) as pause:
             time.sleep(self.seconds)
             yield pause
 

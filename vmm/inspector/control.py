@@ -11,6 +11,9 @@ Protocol: one JSON object per line in each direction.
     -> {"op": "hello"}     <- {"ok": true, "facts": {...}}  + the memfd
     -> {"op": "facts"}     <- {"ok": true, "facts": {...}}  (latest reports)
     -> {"op": "pause"}     <- {"ok": true, "parked": bool, "registers": {...}, "max_pause_ms": float}
+    -> {"op": "pause", "quiet": true}  the same, but a guest parked inside a critical
+                           section first runs to its end (the kernel's quiet hook):
+                           "ran_ms" says how long it ran, which was not a pause
     -> {"op": "resume"}    <- {"ok": true, "paused_ms": float, "expired": bool}
     -> {"op": "status"}    <- {"ok": true, "running": bool, "exits": ..., ...}
     -> {"op": "serial", "since": N}   <- {"ok": true, "data": "...", "next": M}
@@ -46,9 +49,12 @@ from ..snapshot.format import SnapshotError
 from ..snapshot.machine import save_vm_paused
 from .dirty import dirty_pages
 from ..registers import capture
+from .inspect_block import InspectBlockError, read_inspect_block
 from .target import ControlRegisters, GuestFacts, Pause, facts_from_vm
 
 MAX_PAUSE_S = 0.2
+#: How long a guest parked inside a critical section may run to its end ("quiet" pauses).
+QUIET_TIMEOUT_S = 0.05
 MAX_LINE = 1 << 20
 
 
@@ -193,7 +199,7 @@ class ControlServer:
                         regs = capture(self.vm.vcpu) if self.vm.vcpu is not None and (parked or not self.vm.running) else None
                     _send(conn, {"ok": True, "registers": regs} if regs else {"ok": False, "error": "the vCPU did not stop"})
                 elif op == "pause":
-                    expired_ms = self._pause(conn, reader)
+                    expired_ms = self._pause(conn, reader, quiet=bool(msg.get("quiet")))
                 elif op == "resume":
                     if expired_ms is None:
                         _send(conn, {"ok": False, "error": "not paused"})
@@ -207,18 +213,23 @@ class ControlServer:
         finally:
             conn.close()
 
-    def _pause(self, conn: socket.socket, reader: _LineReader) -> float | None:
+    def _pause(self, conn: socket.socket, reader: _LineReader, *, quiet: bool = False) -> float | None:
         """Park the guest until the client resumes, at most MAX_PAUSE_S.
 
         Returns None after a normal resume, or the pause's length in ms if it
         expired: the guest then ran again while the client still thought it
         parked, and the client's next "resume" is answered with expired=true.
+        ``quiet``: parked inside a critical section, the guest first runs to
+        the section's end (a round trip per retry over the socket would
+        otherwise hold a busy guest again and again).
         """
         t0 = time.perf_counter()
         with self.vm.paused() as parked:
+            ran_ms = self._run_to_quiet() if (parked and quiet) else 0.0
+            t0 += ran_ms / 1e3
             regs = _registers(self.vm) if (parked or not self.vm.running) else None
             _send(conn, {"ok": True, "parked": bool(parked), "registers": regs,
-                         "max_pause_ms": MAX_PAUSE_S * 1e3})
+                         "max_pause_ms": MAX_PAUSE_S * 1e3, "ran_ms": ran_ms})
             try:
                 msg = reader.readline(timeout=MAX_PAUSE_S)
             except TimeoutError:
@@ -231,6 +242,25 @@ class ControlServer:
         else:
             _send(conn, {"ok": False, "error": f"op {msg.get('op')!r} while paused: only 'resume' is allowed"})
         return None
+
+
+    def _run_to_quiet(self) -> float:
+        """With the vCPU parked: if the guest is inside a critical section, let
+        it run to the section's end and park there; how long it ran (ms)."""
+        facts = facts_from_vm(self.vm)
+        hook, block_at = facts.report.quiet_hook, facts.report.inspect_block_phys
+        if not hook or block_at is None:
+            return 0.0
+        try:
+            busy = read_inspect_block(self.vm.memory.physmem, block_at, retries=1).busy
+        except (InspectBlockError, ValueError):
+            return 0.0
+        if not busy:
+            return 0.0
+        t = time.perf_counter_ns()
+        if not self.vm.run_to(hook, QUIET_TIMEOUT_S):
+            return (time.perf_counter_ns() - t) / 1e6
+        return (self.vm.parked_ns - t) / 1e6
 
 
 def _registers(vm) -> dict | None:
@@ -279,6 +309,9 @@ def _clear_stale_socket(path: str) -> None:
 
 class RemoteTarget:
     """An inspector's view of a VM served by ``ControlServer`` at ``path``."""
+
+    #: ``paused(quiet=True)``: the server runs a busy guest to its quiet point first.
+    quiet_pause = True
 
     def __init__(self, path: str, timeout: float = 5.0):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -339,17 +372,19 @@ class RemoteTarget:
         return r["data"], r["next"]
 
     @contextlib.contextmanager
-    def paused(self):
+    def paused(self, *, quiet: bool = False):
         """Park the remote guest for the block; yields a :class:`Pause`.
 
         The server lets the guest go after ``max_pause_ms`` whatever the
         client does. After the block, ``pause.expired`` says whether that
-        happened: what was read in the block may then be torn.
+        happened: what was read in the block may then be torn. ``quiet``:
+        the server first lets a guest parked inside a critical section run
+        to its end (``pause.ran_ms``, not part of the pause).
         """
-        reply = self._call({"op": "pause"})
+        reply = self._call({"op": "pause", "quiet": True} if quiet else {"op": "pause"})
         regs = reply.get("registers")
         self._registers = ControlRegisters(**regs) if regs else None
-        pause = Pause(parked=bool(reply.get("parked")))
+        pause = Pause(parked=bool(reply.get("parked")), ran_ms=float(reply.get("ran_ms", 0.0)))
         try:
             yield pause
         finally:

@@ -248,14 +248,23 @@ class Snapshotter:
         runs, trace = walk_traced(physmem, cr3, report=report, max_tables=max_tables, nxe=nxe, **_cpu(facts))
         return runs, report, trace, None
 
+    def _pause(self):
+        """The target's pause; a remote one "quiet" (its server runs a guest
+        parked inside a critical section to the section's end first: local
+        targets do that here, with ``run_to``)."""
+        if getattr(self.target, "quiet_pause", False):
+            return self.target.paused(quiet=True)
+        return self.target.paused()
+
     # -- 2. in a short pause -------------------------------------------------------------
     def _validate(self, facts: GuestFacts, walked: _Walked | None, max_tables: int,
                   tally: "_Tally", *, patch_only: bool = False) -> tuple[str, Snapshot | None]:
         """("ok", snapshot), or ("busy" | "changed", None)."""
         physmem = self.target.physmem
         t0 = time.perf_counter_ns()
-        with _no_gc(), self.target.paused() as parked:
+        with _no_gc(), self._pause() as parked:
             t1 = time.perf_counter_ns()
+            t0 += _ran_ns(parked)  # a remote guest's run to its quiet point is not held
             if not parked:  # not running: every read is consistent as it is
                 finish = self._read_all(facts, max_tables)
                 return "ok", finish(t0, t1, time.perf_counter_ns(), tally, parked=False, method=NOT_RUNNING)
@@ -311,8 +320,9 @@ class Snapshotter:
         physmem = self.target.physmem
         for k in range(BUSY_PARKS):
             t0 = time.perf_counter_ns()
-            with _no_gc(), self.target.paused() as parked:
+            with _no_gc(), self._pause() as parked:
                 t1 = time.perf_counter_ns()
+                t0 += _ran_ns(parked)
                 block = read_block(physmem, facts, parked=True) if parked else None
                 if parked and block is not None and block.busy and k < BUSY_PARKS - 1:
                     finish = None  # inside a critical section: let it finish
@@ -392,6 +402,11 @@ def _no_gc():
     finally:
         if enabled:
             gc.enable()
+
+
+def _ran_ns(pause) -> int:
+    """How long a quiet remote pause let the guest run before parking it (ns)."""
+    return int(getattr(pause, "ran_ms", 0.0) * 1e6)
 
 
 def _expired(pause) -> bool:

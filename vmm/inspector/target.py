@@ -58,6 +58,8 @@ class Pause:
     parked: bool
     expired: bool = False
     paused_ms: float = 0.0
+    #: A "quiet" pause: how long the guest ran to the end of a critical section first (not held).
+    ran_ms: float = 0.0
 
     def __bool__(self) -> bool:
         return self.parked
