@@ -63,6 +63,10 @@ class InspectBlockRaw(C.LittleEndianStructure):
     ]
 
 
+#: Offset of ``seq`` in the block: odd while the guest is inside a critical section.
+SEQ_OFFSET = InspectBlockRaw.seq.offset
+
+
 class InspectBlockError(ValueError):
     pass
 

@@ -54,7 +54,7 @@ from mm.walker import Run, RunArrays, WalkTrace, walk_arrays, walk_traced
 from ..cpu import EFER_NXE
 from .facts import GuestFacts
 from .heap import HeapView, RunTranslator
-from .inspect_block import InspectBlock, InspectBlockError, read_inspect_block
+from .inspect_block import SEQ_OFFSET, InspectBlock, InspectBlockError, read_inspect_block
 from .labels import Labeler
 from .target import ControlRegisters, Target
 from .tlsf import walk_heap_any
@@ -268,11 +268,8 @@ class Snapshotter:
             if not parked:  # not running: every read is consistent as it is
                 finish = self._read_all(facts, max_tables)
                 return "ok", finish(t0, t1, time.perf_counter_ns(), tally, parked=False, method=NOT_RUNNING)
-            regs = self.target.control_registers()
-            block = read_block(physmem, facts, parked=True)
-            busy = block is not None and block.busy
             run_to = getattr(self.target, "run_to", None)  # local targets only
-            if busy and run_to is not None and facts.report.quiet_hook:
+            if run_to is not None and facts.report.quiet_hook and _parked_busy(physmem, facts):
                 # Inside a critical section: let the guest run to its end (the
                 # kernel's quiet hook, an instruction breakpoint) and look there.
                 # It runs meanwhile (not counted as held), and the tables are
@@ -283,10 +280,9 @@ class Snapshotter:
                                lambda: self._catch_up(physmem, walked, facts, max_tables))
                 ran = (quiet if quiet is not None else time.perf_counter_ns()) - tr
                 t0, t1 = t0 + ran, t1 + ran
-                if quiet is not None:
-                    regs = self.target.control_registers()
-                    block = read_block(physmem, facts, parked=True)
-                    busy = block is not None and block.busy
+            regs = self.target.control_registers()
+            block = read_block(physmem, facts, parked=True)
+            busy = block is not None and block.busy
             nxe = bool(regs.efer & EFER_NXE)
             live = facts.with_block(block) if block is not None else facts
             ok = (
@@ -402,6 +398,15 @@ def _no_gc():
     finally:
         if enabled:
             gc.enable()
+
+
+def _parked_busy(physmem, facts: GuestFacts) -> bool:
+    """With the vCPU parked: is the guest inside a critical section? (The
+    block's ``seq`` word alone: odd while a section is open.)"""
+    paddr = facts.report.inspect_block_phys
+    if paddr is None or not 0 <= paddr + SEQ_OFFSET + 8 <= facts.ram_size:
+        return False
+    return bool(physmem.read_u64(paddr + SEQ_OFFSET) & 1)
 
 
 def _ran_ns(pause) -> int:
