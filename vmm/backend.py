@@ -88,15 +88,3 @@ def detect_backend(sys_module: str = "/sys/module", cpuinfo_path: str = "/proc/c
     if "kvm_amd" in loaded:
         return BackendInfo(Backend.SVM, "kvm_amd", model, detail, hv, emulator)
     return BackendInfo(Backend.UNKNOWN, "none", model, "no KVM vendor module found")
-
-
-@functools.lru_cache(maxsize=4)
-def host_has_1g_pages(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
-    try:
-        with open(cpuinfo_path) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "pdpe1gb" in line.split()
-    except OSError:
-        pass
-    return False

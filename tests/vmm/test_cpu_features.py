@@ -2,7 +2,9 @@
 
 import pytest
 
+from vmm.abi import Backend
 from vmm.cpu import CPUID_PAGE1GB, CpuFeatures, cpu_features
+from vmm.vm import direct_map_1g
 
 
 def table(maxphy: int | None, linear: int = 48, gb: bool = False, ext_max: int = 0x8000_0008):
@@ -32,3 +34,12 @@ def test_without_leaf_80000008_maxphyaddr_is_36():
 def test_nonsense_width_falls_back_to_the_architectural_limit():
     assert cpu_features(table(0)).maxphyaddr == 52
     assert cpu_features(table(60)).maxphyaddr == 52
+
+
+@pytest.mark.parametrize("backend", list(Backend))
+@pytest.mark.parametrize("gb", [False, True])
+def test_direct_map_1g_follows_the_vcpu_cpuid_except_on_pvm(backend, gb):
+    # The CPUID the vCPU gets decides, not the host's /proc/cpuinfo; KVM-PVM
+    # faults on 1 GiB leaves even with Page1GB set (shared/HOST.md).
+    features = cpu_features(table(46, gb=gb))
+    assert direct_map_1g(features, backend) is (gb and backend != Backend.PVM)
