@@ -10,6 +10,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 from .errors import AddressError
+from .levels import ENTRIES_PER_TABLE, LEVELS, linear_bits
 
 __all__ = [
     "PAGE_4K",
@@ -33,12 +34,10 @@ PAGE_1G = 1 << 30
 
 #: Architectural maximum physical-address width (SDM: MAXPHYADDR <= 52).
 PHYS_ADDR_BITS = 52
-#: Linear-address width with 4-level paging.
-VIRT_ADDR_BITS = 48
+#: Linear-address width of the paging levels (48 with 4-level paging).
+VIRT_ADDR_BITS = linear_bits(LEVELS)
 
-_SIGN_BIT = 1 << (VIRT_ADDR_BITS - 1)
-_LOW_MASK = (1 << VIRT_ADDR_BITS) - 1
-_HIGH_BITS = ((1 << 64) - 1) ^ _LOW_MASK
+_U64 = (1 << 64) - 1
 
 
 class PageSize(IntEnum):
@@ -49,15 +48,17 @@ class PageSize(IntEnum):
     SIZE_1G = PAGE_1G
 
 
-def canonicalize(x: int) -> int:
-    """Sign-extend bit 47 of ``x`` (bits above 47 are discarded first)."""
-    x &= _LOW_MASK
-    return x | _HIGH_BITS if x & _SIGN_BIT else x
+def canonicalize(x: int, bits: int = VIRT_ADDR_BITS) -> int:
+    """Sign-extend bit ``bits-1`` of ``x`` (47 with 4-level paging; the bits
+    above it are discarded first)."""
+    low = (1 << bits) - 1
+    x &= low
+    return x | (_U64 ^ low) if x >> (bits - 1) else x
 
 
-def is_canonical(x: int) -> bool:
-    """True if bits 63..47 of the 64-bit value ``x`` are all equal."""
-    return 0 <= x < (1 << 64) and canonicalize(x) == x
+def is_canonical(x: int, bits: int = VIRT_ADDR_BITS) -> bool:
+    """True if bits 63..``bits-1`` of the 64-bit value ``x`` are all equal."""
+    return 0 <= x <= _U64 and canonicalize(x, bits) == x
 
 
 def is_aligned(x: int, a: int) -> bool:
@@ -91,30 +92,33 @@ class PhysAddr(int):
 
 
 class VirtAddr(int):
-    """A canonical 64-bit virtual address (bits 63..47 all equal)."""
+    """A canonical 64-bit virtual address of ``LEVELS`` paging (bits 63..47 all equal with 4 levels)."""
 
     __slots__ = ()
 
     def __new__(cls, value: int) -> "VirtAddr":
         value = int(value)
         if not is_canonical(value):
-            raise AddressError(value, "non-canonical virtual address (bits 63..47 differ)")
+            raise AddressError(value, f"non-canonical virtual address (bits 63..{VIRT_ADDR_BITS - 1} differ)")
         return super().__new__(cls, value)
 
     @classmethod
     def from_index(cls, pml4: int, pdpt: int = 0, pd: int = 0, pt: int = 0, offset: int = 0) -> "VirtAddr":
         """Build the canonical address selected by the four 9-bit table indices."""
         for name, i in (("pml4", pml4), ("pdpt", pdpt), ("pd", pd), ("pt", pt)):
-            if not 0 <= i < 512:
-                raise AddressError(i, f"{name} index outside [0, 512)")
+            if not 0 <= i < ENTRIES_PER_TABLE:
+                raise AddressError(i, f"{name} index outside [0, {ENTRIES_PER_TABLE})")
         if not 0 <= offset < PAGE_4K:
             raise AddressError(offset, "page offset outside [0, 4096)")
-        return cls(canonicalize((pml4 << 39) | (pdpt << 30) | (pd << 21) | (pt << 12) | offset))
+        lin = offset
+        for lv, i in zip(LEVELS, (pml4, pdpt, pd, pt)):
+            lin |= i << lv.shift
+        return cls(canonicalize(lin))
 
-    def indices(self) -> tuple[int, int, int, int, int]:
-        """``(pml4, pdpt, pd, pt, offset)`` indices of this address."""
+    def indices(self) -> tuple[int, ...]:
+        """The table index at each of ``LEVELS`` (``(pml4, pdpt, pd, pt)``), then the page offset."""
         v = int(self)
-        return ((v >> 39) & 511, (v >> 30) & 511, (v >> 21) & 511, (v >> 12) & 511, v & 0xFFF)
+        return (*(lv.index(v) for lv in LEVELS), v & (PAGE_4K - 1))
 
     def __repr__(self) -> str:
         return f"VirtAddr({int(self):#_x})"

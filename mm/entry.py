@@ -1,20 +1,23 @@
-"""Paging levels as data, and decoding/encoding of one page-table entry.
+"""Decoding/encoding of one page-table entry; the levels themselves are data
+in ``mm.levels`` (re-exported here).
 
-Levels are numbered as the SDM does: 4 = PML4, 3 = PDPT, 2 = PD, 1 = PT.
+Levels are numbered as the SDM does: 5 = PML5, 4 = PML4, 3 = PDPT, 2 = PD, 1 = PT.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .addr import PAGE_4K, PHYS_ADDR_BITS, PageSize
+from .addr import PAGE_1G, PAGE_4K, PHYS_ADDR_BITS, PageSize
 from .errors import AddressError, Misaligned
 from .flags import ADDR_MASK, FLAGS_MASK, PteFlags
+from .levels import ENTRIES_PER_TABLE, LEVELS, PML5, Level
 
 __all__ = [
     "Level",
     "LEVELS",
     "LEVEL_BY_NUMBER",
+    "PML5",
     "ENTRIES_PER_TABLE",
     "Entry",
     "reserved_mask",
@@ -22,34 +25,15 @@ __all__ = [
     "leaf_level_for",
 ]
 
-ENTRIES_PER_TABLE = 512
+#: Every level an entry can be read at (5-level paging's PML5 included).
+LEVEL_BY_NUMBER = {lv.number: lv for lv in (PML5, *LEVELS)}
+#: The level whose leaves map each page size: a huge-capable level, or the last.
+_LEAF_LEVEL = {PageSize(lv.span): lv.number for lv in LEVELS if lv.may_be_huge or lv.is_last}
 
 
-@dataclass(frozen=True, slots=True)
-class Level:
-    """One paging level: its name, the shift of its index, whether PS may be set."""
-
-    name: str
-    number: int
-    shift: int
-    may_be_huge: bool
-
-    @property
-    def span(self) -> int:
-        """Bytes mapped by one entry of this level."""
-        return 1 << self.shift
-
-
-#: 4-level paging, top-down. 5-level paging would prepend ("PML5", 5, 48, False)
-#: (and teach reserved_mask that PS is reserved in a PML5E too).
-LEVELS: tuple[Level, ...] = (
-    Level("PML4", 4, 39, False),
-    Level("PDPT", 3, 30, True),
-    Level("PD", 2, 21, True),
-    Level("PT", 1, 12, False),
-)
-LEVEL_BY_NUMBER = {lv.number: lv for lv in LEVELS}
-_LEAF_LEVEL = {PageSize.SIZE_4K: 1, PageSize.SIZE_2M: 2, PageSize.SIZE_1G: 3}
+def _reserved_ps(lv: Level) -> bool:
+    """PS (bit 7) is reserved at a level that is neither huge-capable nor the last (PML4E, PML5E)."""
+    return not lv.may_be_huge and not lv.is_last
 
 
 def leaf_level_for(size: int) -> int:
@@ -75,22 +59,22 @@ def reserved_mask(
     """Bits that must be 0 in a present entry, else the walk faults with RSVD=1.
 
     SDM 4.5.4 and tables 4-15..4-20: bits 51:MAXPHYADDR in every entry; bit 63
-    (XD) if EFER.NXE=0; PS (bit 7) in a PML4E, and in a PDPTE without 1 GiB
+    (XD) if EFER.NXE=0; PS (bit 7) in a PML4E (and PML5E), and in a PDPTE without 1 GiB
     page support; address bits below the page alignment of a large leaf except
     bit 12, which is its PAT bit.
     """
     if not 32 <= maxphyaddr <= PHYS_ADDR_BITS:
         raise ValueError(f"MAXPHYADDR {maxphyaddr} outside [32, 52]")
+    lv = LEVEL_BY_NUMBER[level]
     mask = ((1 << PHYS_ADDR_BITS) - 1) & ~((1 << maxphyaddr) - 1)
     if not nxe:
         mask |= PteFlags.NO_EXECUTE
-    if level == 4:
+    if _reserved_ps(lv):
         mask |= PteFlags.HUGE
-    elif level == 3 and not gbpages:
+    elif lv.span == PAGE_1G and not gbpages:  # 1 GiB leaves are a CPU feature (CPUID Page1GB)
         mask |= PteFlags.HUGE
-    if huge and level in (2, 3):
-        shift = LEVEL_BY_NUMBER[level].shift
-        mask |= ((1 << shift) - 1) & ~((1 << 13) - 1)  # bits shift-1 .. 13
+    if huge and lv.may_be_huge:
+        mask |= ((1 << lv.shift) - 1) & ~((1 << 13) - 1)  # bits shift-1 .. 13
     return int(mask)
 
 
@@ -110,15 +94,16 @@ class Entry:
 
     @classmethod
     def encode(cls, address: int, flags: PteFlags | int, level: int) -> "Entry":
-        """Build an entry; ``flags`` with HUGE at level 2/3 make it a large leaf.
+        """Build an entry; ``flags`` with HUGE at a huge-capable level (PDPT, PD) make it a large leaf.
 
         ``address`` must be aligned to the page (or table) it designates and
         below 2**52; ``flags`` must not contain address bits (PAT_HUGE is
         accepted only in a large leaf).
         """
         flags = int(flags)
-        huge = level in (2, 3) and bool(flags & PteFlags.HUGE)
-        align = LEVEL_BY_NUMBER[level].span if huge else PAGE_4K
+        lv = LEVEL_BY_NUMBER[level]
+        huge = lv.may_be_huge and bool(flags & PteFlags.HUGE)
+        align = lv.span if huge else PAGE_4K
         if not 0 <= address < (1 << PHYS_ADDR_BITS):
             raise AddressError(address, "physical address outside [0, 2**52)")
         if address % align:
@@ -126,8 +111,8 @@ class Entry:
         allowed = FLAGS_MASK | (PteFlags.PAT_HUGE if huge else 0)
         if flags & ~allowed:
             raise ValueError(f"flags {flags:#x} overlap the address field at level {level}")
-        if level == 4 and flags & PteFlags.HUGE:
-            raise ValueError("PS (bit 7) is reserved in a PML4 entry")
+        if _reserved_ps(lv) and flags & PteFlags.HUGE:
+            raise ValueError(f"PS (bit 7) is reserved in a {lv.name} entry")
         return cls(address | flags, level)
 
     @property
@@ -136,13 +121,13 @@ class Entry:
 
     @property
     def is_huge(self) -> bool:
-        """PS=1 in a PDPTE/PDE (bit 7 means PAT in a PTE and is reserved in a PML4E)."""
-        return self.level in (2, 3) and bool(self.value & PteFlags.HUGE)
+        """PS=1 in a PDPTE/PDE (bit 7 means PAT in a PTE and is reserved in a PML4E/PML5E)."""
+        return LEVEL_BY_NUMBER[self.level].may_be_huge and bool(self.value & PteFlags.HUGE)
 
     @property
     def is_leaf(self) -> bool:
         """True if this entry maps a page rather than pointing at a table."""
-        return self.level == 1 or self.is_huge
+        return LEVEL_BY_NUMBER[self.level].is_last or self.is_huge
 
     @property
     def page_size(self) -> PageSize | None:

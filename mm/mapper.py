@@ -9,12 +9,13 @@ below is U) and never XD: the leaf alone decides the permissions.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .addr import PAGE_4K, PageSize, canonicalize, is_canonical
-from .entry import LEVELS, leaf_addr_mask, leaf_level_for
+from .entry import LEVELS, Level, leaf_addr_mask
+from .levels import ENTRIES_PER_TABLE, linear_bits
 from .errors import AddressError, AlreadyMapped, Misaligned, NotMapped, ParentIsHuge, WXViolation
 from .flags import ADDR_MASK, PteFlags
 from .frames import FrameAllocator
@@ -28,9 +29,7 @@ _W = int(PteFlags.WRITABLE)
 _U = int(PteFlags.USER)
 _PS = int(PteFlags.HUGE)
 _NX = int(PteFlags.NO_EXECUTE)
-_LIN_MASK = (1 << 48) - 1
-_HALF = 1 << 47
-_ARANGE = np.arange(512, dtype=np.uint64)
+_ARANGE = np.arange(ENTRIES_PER_TABLE, dtype=np.uint64)
 
 
 def _zeroed_frame(mem: PhysicalMemory, frames: FrameAllocator) -> int:
@@ -43,7 +42,8 @@ def _zeroed_frame(mem: PhysicalMemory, frames: FrameAllocator) -> int:
 
 
 class Mapper:
-    """Maps pages into the 4-level table rooted at ``root`` (the CR3 value)."""
+    """Maps pages into the table rooted at ``root`` (the CR3 value), with the
+    paging ``levels`` (4-level by default; ``(PML5, *LEVELS)`` for 5-level)."""
 
     def __init__(
         self,
@@ -52,9 +52,14 @@ class Mapper:
         frames: FrameAllocator,
         forbid_wx: bool = True,
         free_frame: Callable[[int], None] | None = None,
+        levels: Sequence[Level] = LEVELS,
     ) -> None:
         if root % PAGE_4K:
             raise Misaligned(root, PAGE_4K)
+        self.levels = tuple(levels)
+        self._bits = linear_bits(self.levels)
+        #: Index into ``levels`` of the level whose leaves map each page size.
+        self._leaf_index = {lv.span: i for i, lv in enumerate(self.levels) if lv.may_be_huge or lv.is_last}
         self.mem = mem
         self.frames = frames
         self.forbid_wx = forbid_wx
@@ -64,13 +69,13 @@ class Mapper:
 
     @classmethod
     def new(cls, mem: PhysicalMemory, frames: FrameAllocator, forbid_wx: bool = True, **kw: object) -> "Mapper":
-        """A mapper over a freshly allocated, zeroed PML4."""
+        """A mapper over a freshly allocated, zeroed root table (the PML4 with 4 levels)."""
         root = _zeroed_frame(mem, frames)
         return cls(mem, root, frames, forbid_wx, **kw)  # type: ignore[arg-type]
 
     @property
     def root(self) -> int:
-        """Physical address of the PML4: the value to load into CR3."""
+        """Physical address of the root table: the value to load into CR3."""
         return self._root
 
     def __repr__(self) -> str:
@@ -96,19 +101,19 @@ class Mapper:
             raise WXViolation(virt)
         return bits
 
-    @staticmethod
-    def _check_range(virt: int, phys: int, length: int, size: int) -> int:
-        """Validate a mapping request; returns ``virt`` as a 48-bit linear address."""
+    def _check_range(self, virt: int, phys: int, length: int, size: int) -> int:
+        """Validate a mapping request; returns ``virt`` as a linear address (48 bits with 4 levels)."""
         size = int(PageSize(size))
-        if not is_canonical(virt):
+        if not is_canonical(virt, self._bits):
             raise AddressError(virt, "non-canonical virtual address")
         for a in (virt, phys, length):
             if a % size:
                 raise Misaligned(a, size)
         if phys < 0 or phys + length > 1 << 52:
             raise AddressError(phys, "physical range beyond 2**52")
-        lin = virt & _LIN_MASK
-        half_end = _HALF if lin < _HALF else 1 << 48
+        half = 1 << (self._bits - 1)
+        lin = virt & ((1 << self._bits) - 1)
+        half_end = half if lin < half else 1 << self._bits
         if lin + length > half_end:
             raise AddressError(virt, f"range of {length:#_x} bytes crosses the canonical hole")
         return lin
@@ -138,7 +143,7 @@ class Mapper:
             return
         leaf_bits = self._leaf_bits(virt, flags, int(page_size))
         inter = _P | _W | (leaf_bits & _U)
-        leaf_index = 4 - leaf_level_for(page_size)
+        leaf_index = self._leaf_index[int(page_size)]
         written: list[tuple[int, int, int]] = []
         try:
             self._map_level(self._root, 0, lin, lin + length, phys, leaf_index, leaf_bits, inter, False, written)
@@ -161,9 +166,9 @@ class Mapper:
         written: list[tuple[int, int, int]],
     ) -> None:
         """Map linear ``[lin, end)`` (inside this table's span) at ``phys``."""
-        lv = LEVELS[li]
+        lv = self.levels[li]
         shift = lv.shift
-        i0 = (lin >> shift) & 511
+        i0 = lv.index(lin)
         n = ((end - 1) >> shift) - (lin >> shift) + 1
         if li == leaf_index:
             if not fresh:
@@ -171,7 +176,7 @@ class Mapper:
                 hit = np.flatnonzero(cur & np.uint64(_P))
                 if hit.size:
                     k = int(hit[0])
-                    raise AlreadyMapped(canonicalize(lin + (k << shift)), lv.number, int(cur[k]))
+                    raise AlreadyMapped(canonicalize(lin + (k << shift), self._bits), lv.number, int(cur[k]))
             vals = _ARANGE[:n] * np.uint64(lv.span) + np.uint64(phys | leaf_bits)
             self.mem.write_u64s(table + 8 * i0, vals)
             written.append((table, i0, n))
@@ -185,7 +190,7 @@ class Mapper:
                 huge = np.flatnonzero((cur & np.uint64(_P | _PS)) == np.uint64(_P | _PS))
                 if huge.size:
                     k = int(huge[0])
-                    raise ParentIsHuge(canonicalize(lin + (k << shift)), lv.number, int(cur[k]))
+                    raise ParentIsHuge(canonicalize(lin + (k << shift), self._bits), lv.number, int(cur[k]))
         new = cur.copy()
         children: list[tuple[int, bool]] = []
         for k in range(n):
@@ -211,17 +216,17 @@ class Mapper:
 
     def _find_leaf(self, virt: int) -> tuple[list[tuple[int, int]], int, int]:
         """``(path, level_index, entry)``: the slots walked down to the leaf of ``virt``."""
-        if not is_canonical(virt):
+        if not is_canonical(virt, self._bits):
             raise AddressError(virt, "non-canonical virtual address")
         table = self._root
         path: list[tuple[int, int]] = []
-        for li, lv in enumerate(LEVELS):
-            slot = table + 8 * ((virt >> lv.shift) & 511)
+        for li, lv in enumerate(self.levels):
+            slot = table + 8 * lv.index(virt)
             e = self.mem.read_u64(slot)
             if not e & _P:
                 raise NotMapped(virt, lv.number, e)
             path.append((table, slot))
-            if lv.number == 1 or (lv.may_be_huge and e & _PS):
+            if lv.is_last or (lv.may_be_huge and e & _PS):
                 return path, li, e
             table = e & ADDR_MASK
         raise AssertionError("unreachable: PT entries are always leaves")
@@ -233,7 +238,7 @@ class Mapper:
         mapper has one (the root is kept).
         """
         path, li, e = self._find_leaf(virt)
-        lv = LEVELS[li]
+        lv = self.levels[li]
         if virt % lv.span:
             raise Misaligned(virt, lv.span)
         self.mem.write_u64(path[-1][1], 0)
@@ -249,7 +254,7 @@ class Mapper:
     def set_flags(self, virt: int, flags: PteFlags | int) -> None:
         """Replace the flags of the leaf mapping ``virt`` (its address is kept)."""
         path, li, e = self._find_leaf(virt)
-        lv = LEVELS[li]
+        lv = self.levels[li]
         bits = self._leaf_bits(virt, flags, lv.span)
         inter = _P | _W | (bits & _U)
         for _, slot in path[:-1]:
@@ -261,4 +266,4 @@ class Mapper:
 
     def translate(self, virt: int) -> "Translation | None":
         """Hardware translation of ``virt`` through these tables (see walker.translate)."""
-        return translate(self.mem, self._root, virt)
+        return translate(self.mem, self._root, virt, levels=self.levels)

@@ -148,7 +148,7 @@ def refresh(
     if np.unique(key).size != key.size:
         return None
 
-    spans = [(int(b), int(b) + (512 << levels[li].shift))
+    spans = [(int(b), int(b) + levels[li].table_span)
              for li, b in zip(trace.level[top].tolist(), trace.base[top].tolist())]
     merged = _splice(runs, spans, new_runs, space, levels)
     out_report = _report_of(new_trace, levels, report.max_findings)
@@ -247,7 +247,7 @@ class _Patcher:
     def leaf(self, entry: int, acc: int, lv: Level) -> tuple[int, int] | None:
         """(phys, effective flags) of a present leaf (``_Walk._emit_leaves``),
         None where the walk has a finding (reserved bits, outside RAM)."""
-        if entry & reserved_mask(lv.number, lv.number > 1, self.maxphyaddr, self.nxe, self.gbpages):
+        if entry & reserved_mask(lv.number, lv.may_be_huge, self.maxphyaddr, self.nxe, self.gbpages):
             return None
         phys = entry & leaf_addr_mask(lv.number)
         if phys < self.ram[0] or phys + lv.span > self.ram[1]:
@@ -255,7 +255,7 @@ class _Patcher:
         flags = _PRESENT | (acc & entry & _WU) | ((acc | entry) & _NX) | (entry & self.keep)
         if self.keep_pat:
             # A PTE's PAT bit (7) stands as PAT_HUGE (12), a large leaf's is bit 12 already.
-            flags |= (entry & (1 << 7)) << 5 if lv.number == 1 else entry & _PAT_HUGE
+            flags |= (entry & (1 << 7)) << 5 if lv.is_last else entry & _PAT_HUGE
         return phys, flags
 
     def patch(self, runs: RunArrays) -> tuple[RunArrays, WalkTrace, int, list[tuple[int, int]]] | None:

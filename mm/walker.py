@@ -24,6 +24,7 @@ import numpy as np
 
 from .addr import PAGE_4K, PHYS_ADDR_BITS, PageSize, is_canonical
 from .entry import LEVELS, Entry, Level, leaf_addr_mask, reserved_mask
+from .levels import ENTRIES_PER_TABLE, linear_bits
 from .errors import AddressError, NotMapped, OutOfBounds
 from .findings import Finding, Severity, WalkReport
 from .flags import ADDR_MASK, PteFlags
@@ -65,7 +66,7 @@ _PS = _u64(PteFlags.HUGE)
 _PAT4K = _u64(1 << 7)  # bit 7 of a 4 KiB PTE is its PAT bit (SDM table 4-20)
 _PAT_BIG = _u64(PteFlags.PAT_HUGE)  # bit 12 of a large leaf is its PAT bit
 _ADDR = _u64(ADDR_MASK)
-_COLS = np.arange(512, dtype=np.uint64)
+_COLS = np.arange(ENTRIES_PER_TABLE, dtype=np.uint64)
 _PAGE_SIZES = {int(ps): ps for ps in PageSize}
 
 
@@ -137,7 +138,7 @@ class RunArrays:
 
 @dataclass(frozen=True, slots=True)
 class _Space:
-    """Linear-address geometry implied by the levels (48 bits for 4-level)."""
+    """Linear-address geometry implied by the levels (48 bits for 4-level, 57 for 5-level)."""
 
     bits: int
 
@@ -148,6 +149,11 @@ class _Space:
     @property
     def top(self) -> int:
         return 1 << self.bits
+
+    @property
+    def upper(self) -> int:
+        """The first canonical address of the upper half (the end of the hole)."""
+        return (1 << 64) - self.half
 
     @property
     def high(self) -> int:
@@ -179,7 +185,7 @@ class _Space:
 
 
 def _space(levels: Sequence[Level]) -> _Space:
-    return _Space(levels[0].shift + 9)
+    return _Space(linear_bits(levels))
 
 
 # -- coalescing ------------------------------------------------------------------
@@ -210,8 +216,9 @@ def _coalesce(virt: np.ndarray, phys: np.ndarray, size: np.ndarray, flags: np.nd
     return out if level is None else (*out, level[starts])
 
 
-def coalesce(runs: Iterable[Run]) -> list[Run]:
+def coalesce(runs: Iterable[Run], levels: Sequence[Level] = LEVELS) -> list[Run]:
     """Scalar coalescing of runs sorted by ``virt`` (the reference for tests)."""
+    upper = _space(levels).upper  # never merge across the canonical hole
     out: list[Run] = []
     for r in runs:
         if out:
@@ -221,7 +228,7 @@ def coalesce(runs: Iterable[Run]) -> list[Run]:
                 and last.phys + last.size == r.phys
                 and last.flags == r.flags
                 and last.page_size == r.page_size
-                and r.virt != (1 << 64) - (1 << 47)
+                and r.virt != upper
             ):
                 out[-1] = Run(last.virt, last.phys, last.size + r.size, last.flags, last.page_size, last.level)
                 continue
@@ -350,7 +357,7 @@ class _Walk:
         present = (rows & _P).astype(bool)
 
         # Restrict to [lo, hi): only tables straddling a bound need the per-entry test.
-        tspan = lv.span * 512
+        tspan = lv.table_span
         partial = (base < _u64(lo)) | (base + _u64(tspan) > _u64(hi))
         if partial.any():
             pr = np.flatnonzero(partial)
@@ -392,7 +399,7 @@ class _Walk:
         phys = e & _u64(leaf_addr_mask(lv.number))
         flags = _P | (acc & e & _WU) | ((acc | e) & _NX) | (e & self.keep)
         if self.keep_pat:
-            pat = (e & _PAT4K) << _u64(5) if lv.number == 1 else e & _PAT_BIG
+            pat = (e & _PAT4K) << _u64(5) if lv.is_last else e & _PAT_BIG
             flags |= pat
         size = np.full(virt.size, lv.span, dtype=np.uint64)
         v, p, s, f = _coalesce(virt, phys, size, flags, self.space.half)
@@ -450,14 +457,13 @@ class _Walk:
     def result(self, lo: int, hi: int) -> RunArrays:
         """Merge the per-level runs, clip them to ``[lo, hi)`` and check them against RAM."""
         per_level: list[tuple[np.ndarray, ...]] = []
-        by_level: dict[int, list[tuple[np.ndarray, ...]]] = {}
+        by_level: dict[Level, list[tuple[np.ndarray, ...]]] = {}
         for v, p, s, f, lv in self.runs:
-            by_level.setdefault(lv.number, []).append((v, p, s, f))
-        for number, parts in by_level.items():
+            by_level.setdefault(lv, []).append((v, p, s, f))
+        for lv, parts in by_level.items():
             v, p, s, f = (np.concatenate(x) for x in zip(*parts))
             v, p, s, f = _coalesce(v, p, s, f, self.space.half)
-            span = 1 << self.levels[len(self.levels) - number].shift
-            per_level.append((v, p, s, f, np.full(v.size, span, np.uint64), np.full(v.size, number, np.uint8)))
+            per_level.append((v, p, s, f, np.full(v.size, lv.span, np.uint64), np.full(v.size, lv.number, np.uint8)))
         if not per_level:
             e = np.zeros(0, dtype=np.uint64)
             return RunArrays(e, e, e, e, e, np.zeros(0, dtype=np.uint8))
@@ -558,7 +564,7 @@ class WalkTrace:
         if not parts:
             z = np.zeros(0, dtype=np.uint64)
             return cls(np.zeros(0, dtype=np.uint8), z, z, z, np.zeros((0, depth), np.uint64),
-                       np.zeros((0, 512), np.uint64))
+                       np.zeros((0, ENTRIES_PER_TABLE), np.uint64))
         cols: list[list[np.ndarray]] = [[], [], [], [], [], []]
         for li, tbl, base, acc, anc, rows in parts:
             padded = np.full((tbl.size, depth), _u64(NO_TABLE), dtype=np.uint64)
@@ -603,7 +609,7 @@ def walk(mem: PhysicalMemory, cr3: int, start: int = 0, end: int | None = None, 
 
 def translate(mem: PhysicalMemory, cr3: int, virt: int, **kw) -> Translation | None:
     """The hardware's translation of ``virt``, or None if it would fault (P=0/RSVD)."""
-    if not is_canonical(virt):
+    if not is_canonical(virt, linear_bits(kw.get("levels", LEVELS))):
         return None
     ra = walk_arrays(mem, cr3, virt, virt + 1, **kw)
     if len(ra) == 0:
@@ -614,7 +620,7 @@ def translate(mem: PhysicalMemory, cr3: int, virt: int, **kw) -> Translation | N
 
 def _pieces(mem: PhysicalMemory, cr3: int, virt: int, n: int, **kw) -> list[tuple[int, int]]:
     """``(phys, length)`` pieces backing ``[virt, virt+n)``; NotMapped at the first hole."""
-    if not is_canonical(virt) or n < 0 or virt + n > 1 << 64:
+    if not is_canonical(virt, linear_bits(kw.get("levels", LEVELS))) or n < 0 or virt + n > 1 << 64:
         raise AddressError(virt, f"range of {n:#_x} bytes is not canonical")
     out: list[tuple[int, int]] = []
     cur = virt

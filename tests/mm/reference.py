@@ -11,20 +11,21 @@ from mm.entry import LEVELS, Entry
 from mm.errors import OutOfBounds
 from mm.flags import ADDR_MASK, PteFlags
 from mm.physmem import PhysicalMemory
+from mm.levels import linear_bits
 from mm.walker import DEFAULT_LEAF_FLAGS, Run, Translation
 
 
 def naive_translate(
     mem: PhysicalMemory, cr3: int, virt: int, *, maxphyaddr: int = PHYS_ADDR_BITS, nxe: bool = True,
-    gbpages: bool = True, leaf_flags: PteFlags | int = DEFAULT_LEAF_FLAGS,
+    gbpages: bool = True, leaf_flags: PteFlags | int = DEFAULT_LEAF_FLAGS, levels=LEVELS,
 ) -> Translation | None:
-    """The SDM's four-step lookup for one address, entry by entry (reference for tests)."""
-    if not is_canonical(virt):
+    """The SDM's lookup for one address, entry by entry, one step per level (reference for tests)."""
+    if not is_canonical(virt, linear_bits(levels)):
         return None
     table = cr3 & ADDR_MASK
     w = u = True
     nx = False
-    for lv in LEVELS:
+    for lv in levels:
         try:
             e = Entry.decode(mem.read_u64(table + 8 * ((virt >> lv.shift) & 511)), lv.number)
         except OutOfBounds:
