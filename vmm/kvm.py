@@ -37,6 +37,24 @@ def _ioctl(fd: int, request: int, arg: Any = 0, what: str = "ioctl") -> int:
         raise KvmError(exc.errno or errno.EIO, what) from None
 
 
+class MsrRefused(KvmError):
+    """KVM_SET_MSRS set the MSRs before ``position`` and refused the one there."""
+
+    def __init__(self, index: int, value: int, position: int):
+        super().__init__(errno.EINVAL, f"KVM_SET_MSRS refused MSR {index:#x} = {value:#x}")
+        self.index, self.value, self.position = index, value, position
+
+
+def msr_batch(values: dict[int, int]) -> C.Structure:
+    """A ``kvm_msrs`` buffer holding ``values`` (index -> value), for
+    :meth:`VcpuFd.set_msrs`."""
+    batch = K.kvm_msrs_with(len(values))()
+    batch.nmsrs = len(values)
+    for entry, (index, value) in zip(batch.entries, values.items()):
+        entry.index, entry.data = index, value
+    return batch
+
+
 class _FdOwner:
     _fd: int | None
 
@@ -236,13 +254,19 @@ class VcpuFd(_FdOwner):
         n = _ioctl(self.fd, K.KVM_GET_MSRS, buf, "KVM_GET_MSRS")
         return {buf.entries[i].index: buf.entries[i].data for i in range(n)}
 
-    def set_msrs(self, values: dict[int, int]) -> None:
-        buf = K.kvm_msrs_with(len(values))()
-        buf.nmsrs = len(values)
-        for i, (idx, data) in enumerate(values.items()):
-            buf.entries[i].index = idx
-            buf.entries[i].data = data
-        _ioctl(self.fd, K.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
+    def set_msrs(self, msrs: dict[int, int] | C.Structure) -> None:
+        """KVM_SET_MSRS of ``msrs``: values by index, or a batch from
+        :func:`msr_batch` (built once, set again and again: a VM reset).
+
+        KVM returns how many MSRs it set and stops at the first one it
+        refuses, so fewer than all is an error naming that MSR
+        (:class:`MsrRefused`).
+        """
+        batch = msrs if isinstance(msrs, C.Structure) else msr_batch(msrs)
+        n = _ioctl(self.fd, K.KVM_SET_MSRS, batch, "KVM_SET_MSRS")
+        if n != batch.nmsrs:
+            refused = batch.entries[n]
+            raise MsrRefused(refused.index, refused.data, n)
 
     def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:
         dbg = K.kvm_guest_debug(control=control)

@@ -9,10 +9,8 @@ setting sregs can clear a pending exception.
 
 from __future__ import annotations
 
-import fcntl
-
 from .. import kvm_abi as K
-from ..kvm import KvmError, VcpuFd
+from ..kvm import KvmError, MsrRefused, VcpuFd, msr_batch
 from .format import VcpuState
 
 MSR_IA32_TSC = 0x10
@@ -94,7 +92,7 @@ def apply(vcpu: VcpuFd, state: VcpuState) -> None:
         fresh = read_msrs(vcpu, list(state.msrs))
         changed = {i: v for i, v in state.msrs.items() if fresh.get(i) != v}
         if changed:
-            set_msrs(vcpu, changed)
+            vcpu.set_msrs(changed)
     if state.events is not None:
         ev = K.kvm_vcpu_events.from_buffer_copy(bytes(state.events))
         # Say which optional fields are meant (NMI pending, interrupt shadow);
@@ -105,24 +103,6 @@ def apply(vcpu: VcpuFd, state: VcpuState) -> None:
         vcpu.set_debugregs(state.debugregs)
     if state.mp_state is not None:
         vcpu.set_mp_state(state.mp_state)
-
-
-class MsrRestoreError(KvmError):
-    pass
-
-
-def set_msrs(vcpu: VcpuFd, msrs: dict[int, int]) -> None:
-    """KVM_SET_MSRS returns how many it set; one it refuses ends the batch."""
-    buf = K.kvm_msrs_with(len(msrs))()
-    buf.nmsrs = len(msrs)
-    items = list(msrs.items())
-    for i, (idx, val) in enumerate(items):
-        buf.entries[i].index = idx
-        buf.entries[i].data = val
-    n = fcntl.ioctl(vcpu.fd, K.KVM_SET_MSRS, buf)
-    if n != len(items):
-        idx, val = items[n]
-        raise MsrRestoreError(22, f"KVM_SET_MSRS refused MSR {idx:#x} = {val:#x}")
 
 
 class FastLoader:
@@ -136,17 +116,16 @@ class FastLoader:
         self._msrs = None
 
     def _build(self, vcpu: VcpuFd) -> None:
-        items = list(self.state.msrs.items())
+        values = dict(self.state.msrs)
         while True:
-            buf = K.kvm_msrs_with(len(items))()
-            buf.nmsrs = len(items)
-            for i, (idx, val) in enumerate(items):
-                buf.entries[i].index, buf.entries[i].data = idx, val
-            n = fcntl.ioctl(vcpu.fd, K.KVM_SET_MSRS, buf)
-            if n == len(items):
-                self._msrs = buf
-                return
-            items.pop(n)  # refused: drop it and try the rest
+            batch = msr_batch(values)
+            try:
+                vcpu.set_msrs(batch)
+            except MsrRefused as refused:
+                del values[refused.index]  # drop it and try the rest
+                continue
+            self._msrs = batch
+            return
 
     def load(self, vcpu: VcpuFd) -> None:
         s = self.state
@@ -159,7 +138,7 @@ class FastLoader:
         if self._msrs is None:
             self._build(vcpu)
         else:
-            fcntl.ioctl(vcpu.fd, K.KVM_SET_MSRS, self._msrs)
+            vcpu.set_msrs(self._msrs)
         if s.events is not None:
             if not hasattr(self, "_events"):
                 ev = K.kvm_vcpu_events.from_buffer_copy(bytes(s.events))
