@@ -13,7 +13,9 @@ map and the page tables at slide 0 -- is a ``BootPlan``, built once by
 ``vmm.boot_plan`` with the page-table mapper (``mm``, numpy) and reused: from
 this process, or from the kernel file's cache (``vmm.kernel_cache``). A boot
 whose plan is cached therefore never imports ``mm`` or numpy: this module and
-its imports are the whole of the boot path.
+its imports are the whole of the boot path. So this module encodes no page
+table itself: the plan says, as data ``mm`` derived, which entries a slide
+moves, and ``_slid_pool`` only moves them.
 """
 
 from __future__ import annotations
@@ -116,6 +118,9 @@ def choose_slide(image: KernelImage, requested: int | None = None, rng: random.R
 
 
 # --- kernel image --------------------------------------------------------------------
+_U64 = (1 << 64) - 1
+
+
 @dataclass
 class _SegmentPlan:
     """How to load one segment fast: its bytes up to the last relocated word,
@@ -179,9 +184,6 @@ def load_kernel(memory: GuestMemory, image: KernelImage, slide: int, *, fresh_me
 
 
 # --- page tables -----------------------------------------------------------------------
-_U64 = (1 << 64) - 1
-_ADDR = 0x000F_FFFF_FFFF_F000
-
 
 @dataclass
 class PageTables:
@@ -193,17 +195,23 @@ class PageTables:
 
 @dataclass
 class TablesTemplate:
-    """The boot tables built once at slide 0, and where the kernel's
-    intermediate entries sit, so another slide only moves those entries."""
+    """The boot tables built once at slide 0 (``vmm.boot_plan.tables_template``),
+    and which entries another slide moves.
+
+    The kernel's virtual range ``[base, base + size)`` hangs off one entry of
+    the root table, and below it off one chain of tables of its own (``tables``,
+    top-down: with 4-level paging its PDPT, then its PD). A slide that is a
+    multiple of the lowest table's entry span leaves the tables under it
+    unchanged; it moves the kernel's entries inside each table of the chain.
+    """
 
     pool: bytes
     root: int
     end: int
-    pdpt_frame: int  # the PDPT the kernel's PML4 entry points to
-    pd_frame: int
-    pdpt_index: int  # at slide 0
-    pd_index: int  # first PD entry at slide 0
-    pd_count: int  # PD entries (one per PT) the kernel uses
+    base: int  # the kernel's range at slide 0, whole entries of the lowest table
+    size: int
+    index_bits: int  # bits of a table index (9: 512 entries of 8 bytes in a 4 KiB frame)
+    tables: tuple[tuple[int, int], ...]  # (frame, index shift) of each table of the chain, top-down
 
 
 @dataclass
@@ -269,24 +277,30 @@ def plan_builder():
     return builder
 
 
-def _slid_pool(t: TablesTemplate, image: KernelImage, slide: int) -> bytearray | None:
-    """The template's tables with the kernel's PDPT and PD entries moved to
-    where ``slide`` puts it (2 MiB-aligned slides leave the PTs unchanged)."""
-    base = (image.vaddr_start & ~((2 << 20) - 1)) + slide
-    i3, i2 = (base >> 30) & 511, (base >> 21) & 511
-    if i2 + t.pd_count > 512 or ((base + (t.pd_count << 21) - 1) >> 30) != (base >> 30):
-        return None  # the kernel would straddle a 1 GiB boundary: let the mapper do it
+def _slid_pool(t: TablesTemplate, slide: int) -> bytearray | None:
+    """The template's tables with the kernel's entries moved to where ``slide``
+    puts it; None if the template cannot express that slide (the mapper can)."""
+    if slide % (1 << t.tables[-1][1]):
+        return None  # the tables below the chain would change too
+    old, new = t.base, t.base + slide
+    last_old, last_new = old + t.size - 1, new + t.size - 1
+    root_shift = t.tables[0][1] + t.index_bits
+    if new >> root_shift != old >> root_shift or last_new >> root_shift != old >> root_shift:
+        return None  # outside the root entry the chain hangs off
+    if any(new >> (shift + t.index_bits) != last_new >> (shift + t.index_bits) for _, shift in t.tables):
+        return None  # the kernel would straddle two tables of a level (for the PD: a 1 GiB boundary)
+    mask = (1 << t.index_bits) - 1
     pool = bytearray(t.pool)
     u64 = memoryview(pool).cast("Q")  # page-table entries are little-endian u64, as is the host
-    pdpt, pd = (t.pdpt_frame - PT_POOL_START) // 8, (t.pd_frame - PT_POOL_START) // 8
-    e3 = u64[pdpt + t.pdpt_index]
-    pd_entries = u64[pd + t.pd_index : pd + t.pd_index + t.pd_count].tolist()
-    u64[pdpt + t.pdpt_index] = 0
-    u64[pdpt + i3] = e3
-    for i in range(t.pd_count):
-        u64[pd + t.pd_index + i] = 0
-    for i, e in enumerate(pd_entries):
-        u64[pd + i2 + i] = e
+    for frame, shift in t.tables:
+        first = (frame - PT_POOL_START) // 8
+        i_old, i_new = first + ((old >> shift) & mask), first + ((new >> shift) & mask)
+        n = (last_old >> shift) - (old >> shift) + 1
+        entries = u64[i_old : i_old + n].tolist()
+        for i in range(n):
+            u64[i_old + i] = 0
+        for i, e in enumerate(entries):
+            u64[i_new + i] = e
     u64.release()
     return pool
 
@@ -299,9 +313,9 @@ def build_page_tables(memory: GuestMemory, image: KernelImage | None, slide: int
     2 MiB-aligned slide leaves every PT unchanged). If the kernel would
     straddle a 1 GiB boundary, the mapper builds that slide from scratch.
     """
-    if image is not None and slide % (2 << 20) == 0:
+    if image is not None:
         t = boot_plan(image, memory.size, use_1g).tables
-        pool = _slid_pool(t, image, slide) if t is not None else None
+        pool = _slid_pool(t, slide) if t is not None else None
         if pool is not None:
             memory.write(PT_POOL_START, pool)
             return PageTables(t.root, (t.end - PT_POOL_START) // PAGE_SIZE, t.end, use_1g)

@@ -11,16 +11,16 @@ whose kernel straddles a 1 GiB boundary, and the reference in tests).
 
 from __future__ import annotations
 
-import numpy as np
-
-from mm.addr import PageSize
+from mm.addr import PageSize, align_down, align_up
+from mm.entry import LEVELS, Entry
 from mm.flags import PteFlags
 from mm.frames import BumpFrameAllocator
 from mm.mapper import Mapper
 from mm.memmap import MemoryMap, MemoryType
+from mm.levels import INDEX_BITS
 from mm.physmem import BufferMemory
 
-from .boot import _ADDR, BootPlan, TablesTemplate, _page_down, check_kernel_fits, segment_phys_range
+from .boot import BootPlan, TablesTemplate, _page_down, check_kernel_fits, segment_phys_range
 from .elf import KernelImage, Segment
 from .layout import (
     ACPI_NVS_PHYS,
@@ -151,26 +151,28 @@ def build_pool(ram_size: int, image: KernelImage | None, slide: int, use_1g: boo
 
 
 def tables_template(ram_size: int, image: KernelImage, use_1g: bool) -> TablesTemplate | None:
-    """The tables at slide 0; None when the kernel does not sit in one PDPT/PD chain of its own."""
-    scratch, root, _first_free, end = build_pool(ram_size, image, 0, use_1g)
-    u64 = np.frombuffer(scratch, dtype="<u8")
-    base = image.vaddr_start & ~((2 << 20) - 1)
-    i4, i3, i2 = (base >> 39) & 511, (base >> 30) & 511, (base >> 21) & 511
-    last = image.vaddr_end - 1
-    pd_count = ((last >> 21) - (base >> 21)) + 1
-
-    def entry(frame: int, index: int) -> int:
-        return int(u64[(frame - PT_POOL_START) // 8 + index])
-
-    template = None
-    e4 = entry(root, i4)
-    if e4 & 1 and i4 == 511 and (last >> 30) == (base >> 30):
-        pdpt = e4 & _ADDR
-        e3 = entry(pdpt, i3)
-        # The kernel's PDPT and PD must be its own (allocated after the direct map).
-        if e3 & 1 and not e3 & 0x80 and pdpt >= _first_free:
-            pd = e3 & _ADDR
-            template = TablesTemplate(bytes(scratch[: end - PT_POOL_START]), root, end, pdpt, pd, i3, i2, pd_count)
-    return template
-
-
+    """The tables at slide 0, and the chain of tables a slide moves entries in:
+    every level between the root (whose one entry for the kernel stays) and
+    the last (a slide by whole entries of the level above leaves it as it is).
+    None when the kernel does not sit in one such chain of its own."""
+    scratch, root, first_free, end = build_pool(ram_size, image, 0, use_1g)
+    pool = BufferMemory(scratch, base=PT_POOL_START)
+    try:
+        top, *chain, _last = LEVELS
+        lowest = chain[-1]
+        base = align_down(image.vaddr_start, lowest.span)
+        size = align_up(image.vaddr_end, lowest.span) - base
+        if (base + size - 1) // lowest.table_span != base // lowest.table_span:
+            return None  # already at slide 0 the kernel needs two tables of the lowest level
+        tables = []
+        table, parent = root, top
+        for lv in chain:
+            e = Entry.decode(pool.read_u64(table + 8 * parent.index(base)), parent.number)
+            # Each table of the chain must be the kernel's own, allocated after the direct map's.
+            if not e.present or e.is_leaf or e.address < first_free:
+                return None
+            table, parent = e.address, lv
+            tables.append((table, lv.shift))
+    finally:
+        pool.close()
+    return TablesTemplate(bytes(scratch[: end - PT_POOL_START]), root, end, base, size, INDEX_BITS, tuple(tables))

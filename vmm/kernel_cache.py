@@ -37,7 +37,7 @@ from .boot import BootPlan, TablesTemplate
 from .layout import PT_POOL_START
 from .elf import KernelImage, Symbol, load_kernel_file, read_symbols
 
-FORMAT = 2
+FORMAT = 3  # 3: TablesTemplate holds its chain of tables as data (base, size, index_bits, tables)
 SUFFIX = ".cache"
 
 
@@ -124,7 +124,8 @@ class KernelCache:
             tables = None
             if t is not None:
                 pool = zlib.decompress(base64.b64decode(t["pool"], validate=True))
-                tables = TablesTemplate(pool, *(int(t[k]) for k in _TEMPLATE_INTS))
+                chain = tuple((int(frame), int(shift)) for frame, shift in t["tables"])
+                tables = TablesTemplate(pool, *(int(t[k]) for k in _TEMPLATE_INTS), chain)
                 if not _template_fits(tables):
                     return None
             return BootPlan(memmap, count, tables)
@@ -140,6 +141,7 @@ class KernelCache:
             "tables": None if t is None else {
                 "pool": base64.b64encode(zlib.compress(t.pool)).decode(),
                 **{k: getattr(t, k) for k in _TEMPLATE_INTS},
+                "tables": [list(x) for x in t.tables],
             },
         }
         boot = self.payload.get("boot")
@@ -149,17 +151,24 @@ class KernelCache:
         self._write()
 
 
-_TEMPLATE_INTS = ("root", "end", "pdpt_frame", "pd_frame", "pdpt_index", "pd_index", "pd_count")
+_TEMPLATE_INTS = ("root", "end", "base", "size", "index_bits")
 
 
 def _template_fits(t: TablesTemplate) -> bool:
-    """Every frame inside the pool it came with, every index inside its table:
-    a template that passed the CRC but not this is not used (boot would index
+    """Every frame inside the pool it came with, a table one frame, the chain
+    top-down and the kernel's range inside one table of its lowest level: a
+    template that passed the CRC but not this is not used (boot would index
     outside the tables)."""
     end = PT_POOL_START + len(t.pool)
-    frames_ok = all(PT_POOL_START <= f < end and f % 4096 == 0 for f in (t.root, t.pdpt_frame, t.pd_frame))
-    return (frames_ok and len(t.pool) % 4096 == 0 and t.end == end and 0 <= t.pdpt_index < 512
-            and 0 < t.pd_count <= 512 and 0 <= t.pd_index <= 512 - t.pd_count)
+    frames = (t.root, *(f for f, _ in t.tables))
+    frames_ok = all(PT_POOL_START <= f < end and f % 4096 == 0 for f in frames)
+    shifts = [s for _, s in t.tables]
+    if not (frames_ok and shifts and len(t.pool) % 4096 == 0 and t.end == end and 8 << t.index_bits == 4096):
+        return False
+    low = shifts[-1]
+    return (all(a == b + t.index_bits for a, b in zip(shifts, shifts[1:])) and low > 0
+            and t.size > 0 and t.base % (1 << low) == 0 and t.size % (1 << low) == 0
+            and t.base >> (low + t.index_bits) == (t.base + t.size - 1) >> (low + t.index_bits))
 
 
 def load_cached_kernel(path: str | Path, digest: str | None = None) -> KernelImage:

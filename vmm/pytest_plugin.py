@@ -247,11 +247,15 @@ class _ZygotePool:
         self.zygotes: dict = {}
         self.idle: dict = {}
         self.cold: set = set()  # keys whose boot never reaches the wait for work
+        # Every image keyed so far, by id(): held for the session, so that no
+        # later object (a rebuilt kernel at the same path) can take an id in a key.
+        self.images: dict[int, object] = {}
 
     def start(self, image, memory: int, cmdline: str, timeout: float):
         """(vm, result) of ``cmdline`` run from the zygote point (or cold, if
         its boot-time words end the run before READY: scenario=panic, ...)."""
         boot, work = split_cmdline(cmdline)
+        self.images[id(image)] = image
         key = (image.path, id(image), memory, boot)
         z = self.zygotes.get(key)
         if z is None and key not in self.cold:
@@ -293,6 +297,8 @@ class _ZygotePool:
             z.close()
         self.zygotes.clear()
         self.idle.clear()
+        self.cold.clear()
+        self.images.clear()
 
 
 def _pool(config) -> _ZygotePool:

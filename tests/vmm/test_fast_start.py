@@ -159,9 +159,9 @@ def test_a_consistent_looking_but_wrong_cache_is_not_used(kernel_copy, edit):
     payload = json.loads(body)
     tables = payload["boot"][f"{128 << 20}:0"]["tables"]
     if edit == "frame-outside-pool":
-        tables["pdpt_frame"] = 0
+        tables["tables"][0][0] = 0
     elif edit == "index-past-table":
-        tables["pd_index"] = 512
+        tables["index_bits"] = 10  # 1024 entries: past the end of a 4 KiB table
     elif edit == "boot-not-a-dict":
         payload["boot"] = []
     else:
