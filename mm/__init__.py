@@ -1,4 +1,7 @@
-"""Host-side model of x86-64 4-level paging and the UEFI-like memory map.
+"""Host-side model of x86-64 paging and the UEFI-like memory map.
+
+4-level paging by default; the levels are data (``mm.levels``), so the
+mapper and the walker do 5-level paging given ``levels=(PML5, *LEVELS)``.
 
 Build the guest's first page tables with :class:`Mapper`, read its live
 (possibly hostile) tables with :func:`walk` and friends, check them with
@@ -26,6 +29,7 @@ _SUBMODULES: dict[str, tuple[str, ...]] = {
         "OutOfBounds", "OutOfFrames", "ParentIsHuge", "WXViolation",
     ),
     "findings": ("Finding", "Severity", "WalkReport"),
+    "levels": ("PML5", "linear_bits"),
     "flags": ("ADDR_MASK", "PteFlags"),
     "frames": ("BumpFrameAllocator", "FrameAllocator"),
     "mapper": ("Mapper",),
