@@ -43,6 +43,10 @@ impl FirstFit {
     }
 
     /// First fit: returns the block address or null.
+    ///
+    /// # Safety
+    /// Every block on the list must be memory handed over by `free`/`extend`,
+    /// still mapped, writable and touched by nothing else.
     pub unsafe fn alloc(&mut self, size: usize, align: usize) -> *mut u8 {
         let align = align.max(MIN_BLOCK);
         let mut prev: *mut Node = null_mut();
@@ -84,6 +88,11 @@ impl FirstFit {
 
     /// Inserts `[ptr, ptr+size)` in address order, merging with neighbours.
     /// Overlap with a free block (a double free) is refused.
+    ///
+    /// # Safety
+    /// `[ptr, ptr + size)` must be a block this list handed out with that size
+    /// (or new memory for it), 16-aligned, mapped, writable and no longer used
+    /// by the caller; the list's blocks must be as for `alloc`.
     pub unsafe fn free(&mut self, ptr: *mut u8, size: usize) -> Result<usize, Finding> {
         let addr = ptr as usize;
         let mut prev: *mut Node = null_mut();
@@ -116,6 +125,10 @@ impl FirstFit {
     }
 
     /// Hands `[start, end)` to the list (new memory at the heap's end).
+    ///
+    /// # Safety
+    /// `[start, end)` must be 16-aligned memory the caller owns, mapped and
+    /// writable, that nothing else uses from now on.
     pub unsafe fn extend(&mut self, start: u64, end: u64) {
         if end > start {
             let _ = self.free(start as *mut u8, (end - start) as usize);

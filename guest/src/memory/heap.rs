@@ -282,6 +282,9 @@ impl Heap {
         layout.size() >= LARGE_THRESHOLD || layout.align() > LARGE_THRESHOLD
     }
 
+    /// # Safety
+    /// The backing allocator's memory must be intact: heap pages mapped and
+    /// used by nothing but the heap (true while `self` owns the kernel heap).
     #[inline]
     unsafe fn backing_alloc(&mut self, size: usize, align: usize) -> *mut u8 {
         match self.backing {
@@ -297,6 +300,9 @@ impl Heap {
         }
     }
 
+    /// # Safety
+    /// `ptr` must come from `backing_alloc` with the same `size` and not be
+    /// used by the caller afterwards; the backing memory as for `backing_alloc`.
     #[inline]
     unsafe fn backing_free(&mut self, ptr: *mut u8, size: usize) {
         let r = match self.backing {
@@ -317,6 +323,10 @@ impl Heap {
 
     /// The fast path's allocation: a pop from the size-class cache (Fast
     /// mode, alignment <= 16, cache not empty).
+    ///
+    /// # Safety
+    /// The size-class caches must hold only blocks of this heap (their first
+    /// 8 bytes are the cache link), as `fast_free` leaves them.
     #[inline(always)]
     unsafe fn fast_alloc(&mut self, layout: Layout) -> Option<*mut u8> {
         if self.mode != Mode::Fast || layout.align() > MIN_BLOCK || layout.size() > MAX_CLASS {
@@ -341,6 +351,10 @@ impl Heap {
     /// The fast path's free: a push onto the size-class cache (Fast mode,
     /// small, cache not full). True if it took the block. With TLSF the
     /// block's tag gets CACHED, so a second free of it is a finding.
+    ///
+    /// # Safety
+    /// `ptr` must be a live block this heap handed out for `layout`, no longer
+    /// used by the caller (its first 8 bytes become the cache link).
     #[inline(always)]
     unsafe fn fast_free(&mut self, ptr: *mut u8, layout: Layout) -> bool {
         if self.mode != Mode::Fast || layout.size() > MAX_CLASS || layout.align() > LARGE_THRESHOLD {
@@ -368,6 +382,9 @@ impl Heap {
         true
     }
 
+    /// # Safety
+    /// The heap's pages and caches must be intact, as for `backing_alloc`
+    /// and `fast_alloc` (the state `GlobalAlloc` relies on).
     pub unsafe fn alloc(&mut self, layout: Layout) -> *mut u8 {
         if Self::is_large(layout) {
             let pages = align_up(layout.size() as u64, PAGE_SIZE) / PAGE_SIZE;
@@ -402,6 +419,10 @@ impl Heap {
         p
     }
 
+    /// # Safety
+    /// `ptr` must come from `alloc` on this heap with the same `layout`, and
+    /// the caller must not use it afterwards (the `GlobalAlloc::dealloc`
+    /// contract). Detected violations are recorded as findings, not relied on.
     pub unsafe fn dealloc(&mut self, ptr: *mut u8, layout: Layout) {
         if Self::is_large(layout) {
             self.frees += 1;
@@ -493,6 +514,9 @@ impl PrivateHeap {
         self.last = Some(f);
     }
 
+    /// # Safety
+    /// `[base, limit)` must be memory the caller owns, unused elsewhere (as
+    /// for `alloc`).
     unsafe fn take(&mut self, size: usize, align: usize) -> *mut u8 {
         match self.backing {
             Backing::Tlsf => {
@@ -718,6 +742,8 @@ fn report_finding(f: Finding) {
 pub struct KernelAllocator;
 
 unsafe impl GlobalAlloc for KernelAllocator {
+    /// # Safety
+    /// The `GlobalAlloc` contract: see `GlobalAlloc::alloc`.
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let mut h = HEAP.lock();
         // Fast path: a pop from a size-class cache. The host never walks the
@@ -740,6 +766,8 @@ unsafe impl GlobalAlloc for KernelAllocator {
         p
     }
 
+    /// # Safety
+    /// The `GlobalAlloc` contract: see `GlobalAlloc::dealloc`.
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         let mut h = HEAP.lock();
         if h.fast_free(ptr, layout) {
@@ -755,6 +783,8 @@ unsafe impl GlobalAlloc for KernelAllocator {
         }
     }
 
+    /// # Safety
+    /// The `GlobalAlloc` contract: see `GlobalAlloc::alloc_zeroed`.
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         let p = self.alloc(layout);
         if !p.is_null() {

@@ -127,11 +127,16 @@ fn tag_ok(addr: u64, tag: u64) -> bool {
     tag >> CHECK_SHIFT == tag_check(addr, tag & SIZE_MASK)
 }
 
+/// # Safety
+/// `a` must be 8-aligned, mapped and readable.
 #[inline(always)]
 unsafe fn rd(a: u64) -> u64 {
     *(a as *const u64)
 }
 
+/// # Safety
+/// `a` must be 8-aligned, mapped, writable, and owned by the allocator
+/// (a tag, link or footer of one of its blocks).
 #[inline(always)]
 unsafe fn wr(a: u64, v: u64) {
     *(a as *mut u64) = v
@@ -226,6 +231,9 @@ impl Tlsf {
         self.free_bytes as usize
     }
 
+    /// # Safety
+    /// `b` must be a free block of `size` bytes in the region, on no list yet.
+    /// The region as for `alloc`.
     #[inline(always)]
     unsafe fn insert(&mut self, b: u64, size: usize) {
         let (fl, sl) = mapping(size);
@@ -241,6 +249,10 @@ impl Tlsf {
     }
 
     /// True if the list links around free block `b` agree with each other.
+    ///
+    /// # Safety
+    /// `b` must lie in the region (its links are read). The region as
+    /// for `alloc`.
     #[inline(always)]
     unsafe fn links_ok(&self, b: u64, size: usize) -> bool {
         let (next, prev) = (rd(b + 8), rd(b + 16));
@@ -257,6 +269,10 @@ impl Tlsf {
         b >= self.first && b < self.sentinel && b % GRAIN as u64 == TAG as u64
     }
 
+    /// # Safety
+    /// `b` must be a free block of `size` bytes on its list, links checked
+    /// (`links_ok`). The region as
+    /// for `alloc`.
     #[inline(always)]
     unsafe fn remove(&mut self, b: u64, size: usize) {
         let (next, prev) = (rd(b + 8), rd(b + 16));
@@ -297,6 +313,11 @@ impl Tlsf {
     }
 
     /// Writes the top block's tag and footer (it is on no list).
+    ///
+    /// # Safety
+    /// `[b, b + size)` must be free memory of the region ending at the sentinel,
+    /// on no list. The region as
+    /// for `alloc`.
     #[inline(always)]
     unsafe fn set_top(&mut self, b: u64, size: usize) {
         wr(b, make_tag(b, size as u64, FREE));
@@ -305,6 +326,11 @@ impl Tlsf {
     }
 
     /// Writes a free block's tag and footer and links it.
+    ///
+    /// # Safety
+    /// `[b, b + size)` must be free memory of the region, on no list, not
+    /// touching the sentinel. The region as
+    /// for `alloc`.
     #[inline(always)]
     unsafe fn make_free(&mut self, b: u64, size: usize) {
         wr(b, make_tag(b, size as u64, FREE));
@@ -313,6 +339,11 @@ impl Tlsf {
     }
 
     /// Unlinks `h`, the head of list (fl, sl), whose `next` is `next`.
+    ///
+    /// # Safety
+    /// `h` must be the head of list (fl, sl) and `next` the block to make the
+    /// new head (or 0). The region as
+    /// for `alloc`.
     #[inline(always)]
     unsafe fn remove_head(&mut self, fl: usize, sl: usize, h: u64, next: u64) {
         let _ = h;
@@ -329,6 +360,10 @@ impl Tlsf {
 
     /// The head of list (fl, sl) if its tag and links are sound: (head,
     /// size, next).
+    ///
+    /// # Safety
+    /// List (fl, sl) must be non-empty (its head is read). The region as
+    /// for `alloc`.
     #[inline(always)]
     unsafe fn sound_head(&self, fl: usize, sl: usize) -> Result<(u64, usize, u64), u64> {
         let h = self.heads[fl][sl];
@@ -344,6 +379,10 @@ impl Tlsf {
     /// Takes a free block at least `min` bytes long off its list, or None.
     /// A list whose head has a broken tag or links is dropped (its blocks
     /// leak) and reported through `found`.
+    ///
+    /// # Safety
+    /// The region as for `alloc`; corrupt tags and links are detected, not
+    /// relied on.
     #[inline(always)]
     unsafe fn pop_fit(&mut self, min: usize, found: &mut Option<Finding>) -> Option<(u64, usize, bool)> {
         // Good fit without rounding up: the request's own list may hold a
@@ -436,6 +475,10 @@ impl Tlsf {
 
     /// Allocates `size` payload bytes aligned to `align` (power of two, at
     /// most 4096 in the kernel heap). Null if no block fits.
+    ///
+    /// # Safety
+    /// The region handed over by `extend` must still be mapped, writable
+    /// and used by nothing but this allocator.
     pub unsafe fn alloc(&mut self, size: usize, align: usize, found: &mut Option<Finding>) -> *mut u8 {
         let need = block_size(size);
         if align <= GRAIN {
@@ -465,6 +508,11 @@ impl Tlsf {
     /// Marks `need` bytes at `b` (a block of `bsize` bytes just taken off
     /// its list, or the top block) in use and frees the remainder if it is
     /// a block (as the new top if `b` was the top).
+    ///
+    /// # Safety
+    /// `[b, b + bsize)` must be a block just taken off its list (or the top
+    /// block, `top`) with `need <= bsize`. The region as
+    /// for `alloc`.
     #[inline(always)]
     unsafe fn carve(&mut self, b: u64, bsize: usize, need: usize, prev_free: u64, top: bool) {
         let rem = bsize - need;
@@ -488,6 +536,10 @@ impl Tlsf {
 
     /// Checks the tag of the block whose payload is `ptr`; returns (tag
     /// address, tag).
+    ///
+    /// # Safety
+    /// `ptr` is checked to lie in the region before its tag is read; the
+    /// region must be as for `alloc`.
     #[inline(always)]
     pub unsafe fn tag_of(&self, ptr: *mut u8) -> Result<(u64, u64), Finding> {
         let b = (ptr as u64).wrapping_sub(TAG as u64);
@@ -506,12 +558,19 @@ impl Tlsf {
     }
 
     /// Usable payload bytes of an allocated block (its tag checked).
+    ///
+    /// # Safety
+    /// As for `tag_of`.
     pub unsafe fn usable(&self, ptr: *mut u8) -> Result<usize, Finding> {
         self.tag_of(ptr).map(|(_, t)| (t & SIZE_MASK) as usize - TAG)
     }
 
     /// Sets or clears CACHED on an allocated block (the heap's size-class
     /// caches hold it).
+    ///
+    /// # Safety
+    /// `ptr` must be the payload of an allocated block of a live TLSF region
+    /// (its tag, 8 bytes below, is written unchecked).
     #[inline(always)]
     pub unsafe fn set_cached(ptr: *mut u8, on: bool) {
         let b = ptr as u64 - TAG as u64;
@@ -519,6 +578,10 @@ impl Tlsf {
     }
 
     /// CACHED or FREE set on the block of `ptr` (tag not validated).
+    ///
+    /// # Safety
+    /// The 8 bytes below `ptr` must be mapped and readable (they are read as
+    /// a tag, unchecked).
     #[inline(always)]
     pub unsafe fn cached_or_free(ptr: *mut u8) -> bool {
         rd(ptr as u64 - TAG as u64) & (CACHED | FREE) != 0
@@ -528,6 +591,11 @@ impl Tlsf {
     /// neighbours. `min_size` (the layout's size) must fit in the block.
     /// Every tag, footer and link involved is checked before anything is
     /// written: on a finding nothing changes (the block leaks).
+    ///
+    /// # Safety
+    /// `ptr` must have come from `alloc` on this allocator and not be used by
+    /// the caller afterwards; the region as for `alloc`. Bad tags, footers
+    /// and links are detected and refused, not relied on.
     pub unsafe fn free(&mut self, ptr: *mut u8, min_size: usize) -> Result<usize, Finding> {
         let (b, t) = self.tag_of(ptr)?;
         let size = (t & SIZE_MASK) as usize;
@@ -592,6 +660,11 @@ impl Tlsf {
     /// Hands `[start, end)` to the allocator: the first call makes the
     /// region (start and end 16-aligned), later calls extend it at its end
     /// (`start` = the previous `end`).
+    ///
+    /// # Safety
+    /// `[start, end)` must be 16-aligned memory the caller owns, mapped and
+    /// writable, used by nothing else from now on; after the first call,
+    /// `start` must be the previous `end`.
     pub unsafe fn extend(&mut self, start: u64, end: u64) {
         if self.first == 0 {
             // [start, start+8) stays unused so payloads are 16-aligned.
