@@ -14,8 +14,10 @@ mod frames;
 mod heap;
 mod inspect;
 mod interrupts;
+mod mapper;
 mod paging;
 mod security;
+mod tables;
 mod task;
 
 use crate::abi::ReportKind;
@@ -150,6 +152,13 @@ pub static TESTS: &[Test] = &[
     Test { name: "paging::frees_empty_tables", func: paging::frees_empty_tables },
     Test { name: "paging::permissions", func: paging::permissions },
     Test { name: "paging::no_execute", func: paging::no_execute },
+    Test { name: "mapper::map_4k", func: mapper::map_4k },
+    Test { name: "mapper::map_2m", func: mapper::map_2m },
+    Test { name: "mapper::map_1g", func: mapper::map_1g },
+    Test { name: "mapper::child_counts", func: mapper::child_counts },
+    Test { name: "mapper::frees_empty_tables", func: mapper::frees_empty_tables },
+    Test { name: "mapper::errors", func: mapper::errors },
+    Test { name: "mapper::user_bits", func: mapper::user_bits },
     Test { name: "heap::box_and_vec", func: heap::box_and_vec },
     Test { name: "heap::coalesce", func: heap::coalesce },
     Test { name: "heap::alignment", func: heap::alignment },

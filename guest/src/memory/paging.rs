@@ -1,7 +1,11 @@
 //! 4-level x86-64 paging over the direct map: map, unmap, translate.
 //!
-//! Works on the active tables (CR3). Table frames are reached through the
-//! direct map and new ones come from the frame allocator, zeroed.
+//! The walks are written once, generic over [`TableMemory`]: where tables
+//! live and where new ones come from. [`DirectMap`] is the live kernel's
+//! (tables through the direct map, frames from the frame allocator, INVLPG);
+//! the public `map_page`/`unmap_page`/`translate` work on the active tables
+//! (CR3) through it. The in-guest tests also run the same walks on a static
+//! buffer (ktest/tables.rs), away from the live hierarchy.
 //!
 //! Intermediate tables created here carry a count of their present entries
 //! in the parent entry's ignored bits (9-11 and 52-58, Intel SDM Vol. 3
@@ -179,16 +183,93 @@ const fn index(virt: u64, level: u32) -> usize {
     ((virt >> (12 + 9 * (level - 1))) & 0x1FF) as usize
 }
 
-/// The table whose physical address is `phys`, through the direct map.
-#[inline]
-fn table(phys: u64) -> *mut u64 {
-    phys_to_virt(phys & ADDR_MASK) as *mut u64
+/// Page-table memory and the supply of table frames: everything the walks
+/// below need from the machine. Tables are named by physical address (what
+/// entries hold); entries are read and written one at a time, never through
+/// long-lived references, because the CPU sets A/D bits in live tables
+/// behind the compiler's back.
+pub trait TableMemory {
+    /// Entry `idx` (< 512) of the table at physical `table` (4 KiB aligned).
+    fn read(&mut self, table: u64, idx: usize) -> u64;
+    /// Writes entry `idx` of the table at `table`.
+    fn write(&mut self, table: u64, idx: usize, entry: u64);
+    /// A zeroed frame for a new table, or None when none is left.
+    fn alloc_table(&mut self) -> Option<u64>;
+    /// True if `table` came from `alloc_table` and may be freed once empty
+    /// (tables built by someone else, like the host's boot tables, stay).
+    fn owns_table(&mut self, table: u64) -> bool;
+    /// Returns an emptied table that `owns_table` accepted.
+    fn free_table(&mut self, table: u64);
+    /// Drops cached translations (and paging-structure caches) for `virt`.
+    fn flush(&mut self, virt: u64);
 }
 
-#[inline]
-fn entry_ptr(table_phys: u64, idx: usize) -> *mut u64 {
-    // SAFETY (of the add): idx < 512 keeps the pointer inside the table.
-    unsafe { table(table_phys).add(idx) }
+/// The live kernel's table memory: tables through the direct map, new
+/// tables from the frame allocator (zeroed), INVLPG on the running CPU.
+/// Reads touch only the direct map, so walks that only read (translate)
+/// also work at CPL3.
+pub struct DirectMap {
+    /// The direct-map base, read once: a local the compiler keeps in a
+    /// register across the entry writes (the global is an atomic it must
+    /// reload after every store), which keeps map/unmap at their
+    /// instruction count from before the trait.
+    offset: u64,
+}
+
+impl DirectMap {
+    #[inline(always)]
+    pub fn new() -> DirectMap {
+        DirectMap { offset: phys_to_virt(0) }
+    }
+
+    #[inline(always)]
+    fn entry_ptr(&self, table: u64, idx: usize) -> *mut u64 {
+        debug_assert!(idx < ENTRIES);
+        (self.offset + (table & ADDR_MASK) + idx as u64 * 8) as *mut u64
+    }
+}
+
+impl TableMemory for DirectMap {
+    #[inline(always)]
+    fn read(&mut self, table: u64, idx: usize) -> u64 {
+        // SAFETY: `table` is a page table of a hierarchy the kernel walks
+        // (reached from CR3 or handed in as a root), direct mapped; idx < 512
+        // keeps the read inside it.
+        unsafe { *self.entry_ptr(table, idx) }
+    }
+
+    #[inline(always)]
+    fn write(&mut self, table: u64, idx: usize, entry: u64) {
+        // SAFETY: as for `read`; one CPU with interrupts off, so no
+        // concurrent writer other than the CPU's own A/D updates.
+        unsafe { *self.entry_ptr(table, idx) = entry }
+    }
+
+    #[inline(always)]
+    fn alloc_table(&mut self) -> Option<u64> {
+        frames::alloc_zeroed_frame().ok()
+    }
+
+    #[inline(always)]
+    fn owns_table(&mut self, table: u64) -> bool {
+        frames::with(|fa| fa.is_allocated(table))
+    }
+
+    #[inline(always)]
+    fn free_table(&mut self, table: u64) {
+        frames::free_frame(table).expect("freeing an emptied page table");
+    }
+
+    #[inline(always)]
+    fn flush(&mut self, virt: u64) {
+        invlpg(virt);
+    }
+}
+
+/// True if `e`, found at `level`, is a leaf (a 4 KiB PTE or a PS entry).
+#[inline(always)]
+const fn is_leaf(e: u64, level: u32) -> bool {
+    level == 1 || (level <= 3 && e & PageFlags::HUGE.0 != 0)
 }
 
 // Child-count bits in a non-leaf entry: low 3 bits in 9..11, high 7 in 52..58.
@@ -216,18 +297,22 @@ pub fn translate(virt: u64) -> Option<Translation> {
 /// Walks the hierarchy at `root` (CR3 value; flag bits ignored). Memory
 /// reads only: usable at CPL3 when the tables' direct map is.
 pub fn translate_in(root: u64, virt: u64) -> Option<Translation> {
+    translate_with(&mut DirectMap::new(), root, virt)
+}
+
+/// Walks the hierarchy at `root` in `mem`.
+pub fn translate_with<M: TableMemory>(mem: &mut M, root: u64, virt: u64) -> Option<Translation> {
     if !is_canonical(virt) {
         return None;
     }
     let mut t = root & ADDR_MASK;
     let mut level = 4;
     loop {
-        // SAFETY: `t` is a page table reached from CR3, direct mapped.
-        let e = unsafe { *entry_ptr(t, index(virt, level)) };
+        let e = mem.read(t, index(virt, level));
         if e & PageFlags::PRESENT.0 == 0 {
             return None;
         }
-        if level == 1 || (level <= 3 && e & PageFlags::HUGE.0 != 0) {
+        if is_leaf(e, level) {
             let size = PageSize::from_level(level);
             let base = e & ADDR_MASK & !(size.bytes() - 1);
             return Some(Translation {
@@ -258,30 +343,32 @@ pub fn make_entry(phys: u64, size: PageSize, flags: PageFlags) -> Result<u64, Ma
 /// caller flushes the TLB (CR3 reload). Used by the CPL3 benchmark mode.
 pub fn set_user_range(start: u64, end: u64, on: bool) -> u64 {
     // Table entries change: one inspect critical section for the whole range.
-    crate::inspect::critical(|| set_user_range_inner(start, end, on))
+    crate::inspect::critical(|| set_user_range_in(&mut DirectMap::new(), root(), start, end, on))
 }
 
-fn set_user_range_inner(start: u64, end: u64, on: bool) -> u64 {
+/// `set_user_range` on the hierarchy at `root` in `mem` (no flush).
+pub fn set_user_range_in<M: TableMemory>(mem: &mut M, root: u64, start: u64, end: u64, on: bool) -> u64 {
     let mut count = 0;
     let mut va = start & !(PAGE_SIZE - 1);
     let bit = PageFlags::USER.0;
     while va < end {
-        let mut t = root();
+        let mut t = root & ADDR_MASK;
         let mut level = 4;
-        let mut ptrs = [core::ptr::null_mut::<u64>(); 5];
+        // (table, index) of the entry read at each level on the way down.
+        let mut path = [(0u64, 0usize); 5];
         let step = loop {
-            let p = entry_ptr(t, index(va, level));
-            // SAFETY: direct-mapped page-table entry of the active hierarchy.
-            let e = unsafe { *p };
+            let i = index(va, level);
+            let e = mem.read(t, i);
             let size = 1u64 << (12 + 9 * (level - 1));
             if e & PageFlags::PRESENT.0 == 0 {
                 break size - (va & (size - 1));
             }
-            ptrs[level as usize] = p;
-            if level == 1 || (level <= 3 && e & PageFlags::HUGE.0 != 0) {
-                for q in ptrs[level as usize..].iter().copied() {
-                    // SAFETY: as above; only the U/S bit changes.
-                    unsafe { *q = if on { *q | bit } else { *q & !bit } };
+            path[level as usize] = (t, i);
+            if is_leaf(e, level) {
+                for &(pt, pi) in &path[level as usize..] {
+                    let q = mem.read(pt, pi);
+                    // Only the U/S bit changes.
+                    mem.write(pt, pi, if on { q | bit } else { q & !bit });
                 }
                 count += 1;
                 break size - (va & (size - 1));
@@ -303,10 +390,18 @@ fn set_user_range_inner(start: u64, end: u64, on: bool) -> u64 {
 /// decides permissions.
 pub fn map_page(virt: u64, phys: u64, size: PageSize, flags: PageFlags) -> Result<(), MapError> {
     // One inspect critical section: tables and frame bitmap change together.
-    crate::inspect::critical(|| map_page_inner(virt, phys, size, flags))
+    crate::inspect::critical(|| map_page_in(&mut DirectMap::new(), root(), virt, phys, size, flags))
 }
 
-fn map_page_inner(virt: u64, phys: u64, size: PageSize, flags: PageFlags) -> Result<(), MapError> {
+/// `map_page` on the hierarchy at `root` in `mem`.
+pub fn map_page_in<M: TableMemory>(
+    mem: &mut M,
+    root: u64,
+    virt: u64,
+    phys: u64,
+    size: PageSize,
+    flags: PageFlags,
+) -> Result<(), MapError> {
     if !is_canonical(virt) {
         return Err(MapError::NonCanonical { virt });
     }
@@ -321,80 +416,74 @@ fn map_page_inner(virt: u64, phys: u64, size: PageSize, flags: PageFlags) -> Res
     // First pass: make sure every table on the path exists. A new table's
     // count starts at 0 and is bumped once its child entry is filled.
     let mut path = [0u64; 5]; // path[level] = phys of the table at `level`
-    path[4] = root();
+    path[4] = root & ADDR_MASK;
     let mut level = 4;
     while level > leaf {
-        let p = entry_ptr(path[level as usize], index(virt, level));
-        // SAFETY: direct-mapped page-table entry of the active hierarchy;
-        // one CPU, interrupts off, so no concurrent writer.
-        let e = unsafe { *p };
+        let (t, i) = (path[level as usize], index(virt, level));
+        let e = mem.read(t, i);
         if e & PageFlags::PRESENT.0 == 0 {
-            let new = frames::alloc_zeroed_frame()?;
-            unsafe { *p = new | table_flags };
-            bump_count(&path, level + 1, virt, 1);
+            let new = mem.alloc_table().ok_or(MapError::FrameAllocationFailed)?;
+            mem.write(t, i, new | table_flags);
+            bump_count(mem, &path, level + 1, virt, 1);
             path[level as usize - 1] = new;
         } else if e & PageFlags::HUGE.0 != 0 {
             return Err(MapError::ParentEntryHugePage { virt, level });
         } else {
             if user && e & PageFlags::USER.0 == 0 {
-                unsafe { *p = e | PageFlags::USER.0 };
+                mem.write(t, i, e | PageFlags::USER.0);
             }
             path[level as usize - 1] = e & ADDR_MASK;
         }
         level -= 1;
     }
 
-    let p = entry_ptr(path[leaf as usize], index(virt, leaf));
-    // SAFETY: as above.
-    let e = unsafe { *p };
+    let (t, i) = (path[leaf as usize], index(virt, leaf));
+    let e = mem.read(t, i);
     if e & PageFlags::PRESENT.0 != 0 {
         return Err(MapError::AlreadyMapped { virt, entry: e });
     }
     let huge = if leaf > 1 { PageFlags::HUGE.0 } else { 0 };
-    unsafe { *p = phys | flags.0 | PageFlags::PRESENT.0 | huge };
-    bump_count(&path, leaf + 1, virt, 1);
-    invlpg(virt);
+    mem.write(t, i, phys | flags.0 | PageFlags::PRESENT.0 | huge);
+    bump_count(mem, &path, leaf + 1, virt, 1);
+    mem.flush(virt);
     Ok(())
 }
 
 /// Adjusts the child count of the table at `level - 1`, stored in its parent
 /// entry at `level` (no-op for the PML4, which has no parent entry, and for
 /// host-built tables, whose counts are never used).
-fn bump_count(path: &[u64; 5], level: u32, virt: u64, delta: i64) {
+#[inline(always)]
+fn bump_count<M: TableMemory>(mem: &mut M, path: &[u64; 5], level: u32, virt: u64, delta: i64) {
     if level > 4 {
         return;
     }
-    let p = entry_ptr(path[level as usize], index(virt, level));
-    // SAFETY: direct-mapped page-table entry of the active hierarchy.
-    unsafe {
-        let e = *p;
-        let c = (child_count(e) as i64 + delta) as u64;
-        *p = with_child_count(e, c);
-    }
+    let (t, i) = (path[level as usize], index(virt, level));
+    let e = mem.read(t, i);
+    let c = (child_count(e) as i64 + delta) as u64;
+    mem.write(t, i, with_child_count(e, c));
 }
 
 /// Unmaps the page that starts at `virt` (any size), frees every table that
 /// becomes empty (if this allocator created it), and returns what was mapped.
 pub fn unmap_page(virt: u64) -> Result<Translation, MapError> {
-    crate::inspect::critical(|| unmap_page_inner(virt))
+    crate::inspect::critical(|| unmap_page_in(&mut DirectMap::new(), root(), virt))
 }
 
-fn unmap_page_inner(virt: u64) -> Result<Translation, MapError> {
+/// `unmap_page` on the hierarchy at `root` in `mem`.
+pub fn unmap_page_in<M: TableMemory>(mem: &mut M, root: u64, virt: u64) -> Result<Translation, MapError> {
     if !is_canonical(virt) {
         return Err(MapError::NonCanonical { virt });
     }
     let mut path = [0u64; 5];
-    path[4] = root();
+    path[4] = root & ADDR_MASK;
     let mut level = 4;
-    let (p, e) = loop {
-        let p = entry_ptr(path[level as usize], index(virt, level));
-        // SAFETY: direct-mapped page-table entry of the active hierarchy.
-        let e = unsafe { *p };
+    let e = loop {
+        let e = mem.read(path[level as usize], index(virt, level));
         if e & PageFlags::PRESENT.0 == 0 {
             return Err(MapError::NotMapped { virt });
         }
-        if level == 1 || (level <= 3 && e & PageFlags::HUGE.0 != 0) {
-            break (p, e);
+        if is_leaf(e, level) {
+            break e;
         }
         path[level as usize - 1] = e & ADDR_MASK;
         level -= 1;
@@ -403,31 +492,28 @@ fn unmap_page_inner(virt: u64) -> Result<Translation, MapError> {
     if virt & (size.bytes() - 1) != 0 {
         return Err(MapError::NotPageStart { virt, size });
     }
-    // SAFETY: as above.
-    unsafe { *p = 0 };
-    invlpg(virt);
+    mem.write(path[level as usize], index(virt, level), 0);
+    mem.flush(virt);
 
     // Walk back up: the table at `level` lost an entry; free it if it is now
     // empty and ours, then its parent lost one, and so on. The PML4 stays.
     while level < 4 {
-        let parent = entry_ptr(path[level as usize + 1], index(virt, level + 1));
-        // SAFETY: as above.
-        let pe = unsafe { *parent };
+        let (pt, pi) = (path[level as usize + 1], index(virt, level + 1));
+        let pe = mem.read(pt, pi);
         let table_phys = pe & ADDR_MASK;
-        let ours = frames::with(|fa| fa.is_allocated(table_phys));
-        if !ours {
+        if !mem.owns_table(table_phys) {
             break;
         }
         let count = child_count(pe).saturating_sub(1);
         if count > 0 {
-            unsafe { *parent = with_child_count(pe, count) };
+            mem.write(pt, pi, with_child_count(pe, count));
             break;
         }
-        unsafe { *parent = 0 };
+        mem.write(pt, pi, 0);
         // The paging-structure caches may hold the freed table: INVLPG drops
         // those entries too (SDM Vol. 3, 4.10.4.1).
-        invlpg(virt);
-        frames::free_frame(table_phys).expect("freeing an emptied page table");
+        mem.flush(virt);
+        mem.free_table(table_phys);
         level += 1;
     }
     Ok(Translation { phys: e & ADDR_MASK & !(size.bytes() - 1), size, flags: PageFlags::from_bits_truncate(e) })
@@ -437,11 +523,15 @@ fn unmap_page_inner(virt: u64) -> Result<Translation, MapError> {
 /// its parent entry (only meaningful for tables this module created). For
 /// tests.
 pub fn recorded_child_count(virt: u64, level: u32) -> Option<u64> {
-    let mut t = root();
+    recorded_child_count_in(&mut DirectMap::new(), root(), virt, level)
+}
+
+/// `recorded_child_count` on the hierarchy at `root` in `mem`.
+pub fn recorded_child_count_in<M: TableMemory>(mem: &mut M, root: u64, virt: u64, level: u32) -> Option<u64> {
+    let mut t = root & ADDR_MASK;
     let mut l = 4;
     while l > level {
-        // SAFETY: direct-mapped page-table entry of the active hierarchy.
-        let e = unsafe { *entry_ptr(t, index(virt, l)) };
+        let e = mem.read(t, index(virt, l));
         if e & PageFlags::PRESENT.0 == 0 || (l <= 3 && e & PageFlags::HUGE.0 != 0) {
             return None;
         }
@@ -454,16 +544,32 @@ pub fn recorded_child_count(virt: u64, level: u32) -> Option<u64> {
     None
 }
 
+/// The physical address of the table that maps `virt` at `level` (4 =
+/// the PML4 itself), if the walk gets there. For tests.
+pub fn table_at_in<M: TableMemory>(mem: &mut M, root: u64, virt: u64, level: u32) -> Option<u64> {
+    let mut t = root & ADDR_MASK;
+    let mut l = 4;
+    while l > level {
+        let e = mem.read(t, index(virt, l));
+        if e & PageFlags::PRESENT.0 == 0 || is_leaf(e, l) {
+            return None;
+        }
+        t = e & ADDR_MASK;
+        l -= 1;
+    }
+    Some(t)
+}
+
 /// The entries a walk of `virt` reads, PML4 first (0 past a leaf or a
 /// non-present entry). For fault reports.
 pub fn walk_entries(virt: u64) -> [u64; 4] {
+    let mut mem = DirectMap::new();
     let mut out = [0u64; 4];
     let mut t = root();
     for (k, level) in (1..=4u32).rev().enumerate() {
-        // SAFETY: direct-mapped page-table entry of the active hierarchy.
-        let e = unsafe { *entry_ptr(t, index(virt, level)) };
+        let e = mem.read(t, index(virt, level));
         out[k] = e;
-        if e & PageFlags::PRESENT.0 == 0 || level == 1 || (level <= 3 && e & PageFlags::HUGE.0 != 0) {
+        if e & PageFlags::PRESENT.0 == 0 || is_leaf(e, level) {
             break;
         }
         t = e & ADDR_MASK;
@@ -473,6 +579,10 @@ pub fn walk_entries(virt: u64) -> [u64; 4] {
 
 /// Number of present entries at `table_phys`, by scanning (tests only).
 pub fn count_present(table_phys: u64) -> usize {
-    // SAFETY: caller passes a page-table frame; reads only.
-    (0..ENTRIES).filter(|&i| unsafe { *entry_ptr(table_phys, i) } & PageFlags::PRESENT.0 != 0).count()
+    count_present_in(&mut DirectMap::new(), table_phys)
+}
+
+/// `count_present` on a table in `mem`.
+pub fn count_present_in<M: TableMemory>(mem: &mut M, table_phys: u64) -> usize {
+    (0..ENTRIES).filter(|&i| mem.read(table_phys, i) & PageFlags::PRESENT.0 != 0).count()
 }
