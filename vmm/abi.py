@@ -1,6 +1,10 @@
 """Host side of the guest/host ABI (docs/ABI.md); guest/src/abi.rs is the other.
 
-Data only: the BootInfo mirror, port numbers, exit codes, report kinds.
+Data only: the BootInfo mirror, port numbers, exit codes, report kinds, the
+inspect block. The memory-map descriptor and types are mm's (mm/memmap.py,
+a pure library); layout addresses are vmm/layout.py's. The guest emits the
+same numbers as its compiler sees them (guest/src/abi_table.rs), and
+tests/guest/test_abi_table.py compares the two, entry by entry.
 Sizes and offsets are pinned in tests/vmm/test_abi.py, and the guest pins the
 same numbers with compile-time assertions.
 """
@@ -124,3 +128,52 @@ class ReportKind(enum.IntEnum):
     INFO = 7
     TEST_LIST = 8
     SUMMARY = 9
+
+
+# --- the live-inspection block (docs/ABI.md, "Inspect block") --------------------
+INSPECT_BLOCK_MAGIC = int.from_bytes(b"PYVMMIB1", "little")
+INSPECT_BLOCK_SIZE = 800
+MAX_STACKS = 16
+STACK_IN_USE = 1
+
+
+
+class StackRecord(C.LittleEndianStructure):
+    _pack_ = 1
+    _fields_ = [
+        ("base", u64),
+        ("top", u64),
+        ("guard_low", u64),
+        ("guard_high", u64),
+        ("task_id", u32),
+        ("flags", u32),
+    ]
+
+
+class InspectBlockRaw(C.LittleEndianStructure):
+    _pack_ = 1
+    _fields_ = [
+        ("magic", u64),
+        ("version", u32),
+        ("size", u32),
+        ("seq", u64),
+        ("heap_free_head", u64),
+        ("heap_start", u64),
+        ("heap_end", u64),
+        ("heap_free_bytes", u64),
+        ("heap_large_bytes", u64),
+        ("frames_free", u64),
+        ("bitmap_phys", u64),
+        ("bitmap_bits", u64),
+        ("stack_count", u32),
+        ("current_task", u32),
+        ("demand_start", u64),
+        ("demand_end", u64),
+        ("demand_faults", u64),
+        ("heap_allocs", u64),
+        ("heap_frees", u64),
+        ("heap_cached_bytes", u64),
+        ("workload_iters", u64),
+        ("heap_index", u64),
+        ("stacks", StackRecord * MAX_STACKS),
+    ]

@@ -240,3 +240,106 @@ pub enum ReportKind {
     TestList = 8,
     Summary = 9,
 }
+
+// --- The live-inspection block (docs/ABI.md, "Inspect block"; kept current by
+// crate::inspect) -----------------------------------------------------------
+
+/// `b"PYVMMIB1"` read as a little-endian u64.
+pub const INSPECT_MAGIC: u64 = 0x3142_494D_4D56_5950;
+pub const INSPECT_VERSION: u32 = 1;
+/// Stack records in the block.
+pub const MAX_STACKS: usize = 16;
+
+/// `StackRecord::flags` bit 0: the record describes a live stack.
+pub const STACK_IN_USE: u32 = 1 << 0;
+
+/// One kernel stack: `[base, top)` is mapped; the guard pages at
+/// `guard_low` (just below `base`) and `guard_high` (at `top`) are not.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackRecord {
+    pub base: u64,
+    pub top: u64,
+    pub guard_low: u64,
+    pub guard_high: u64,
+    pub task_id: u32,
+    pub flags: u32,
+}
+
+const _: () = assert!(size_of::<StackRecord>() == 40);
+const _: () = assert!(offset_of!(StackRecord, top) == 8);
+const _: () = assert!(offset_of!(StackRecord, guard_low) == 16);
+const _: () = assert!(offset_of!(StackRecord, guard_high) == 24);
+const _: () = assert!(offset_of!(StackRecord, task_id) == 32);
+const _: () = assert!(offset_of!(StackRecord, flags) == 36);
+
+impl StackRecord {
+    pub const EMPTY: StackRecord = StackRecord { base: 0, top: 0, guard_low: 0, guard_high: 0, task_id: 0, flags: 0 };
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct InspectBlock {
+    pub magic: u64,
+    pub version: u32,
+    pub size: u32,
+    /// Update counter: odd while an update is in progress.
+    pub seq: u64,
+    /// Virtual address of the first free-list node (0 if empty).
+    pub heap_free_head: u64,
+    pub heap_start: u64,
+    /// End of the mapped heap (current).
+    pub heap_end: u64,
+    /// Bytes on the free list.
+    pub heap_free_bytes: u64,
+    /// Bytes in large (frame-backed, direct-map) allocations.
+    pub heap_large_bytes: u64,
+    pub frames_free: u64,
+    pub bitmap_phys: u64,
+    /// Frames covered by the bitmaps (bits per bitmap).
+    pub bitmap_bits: u64,
+    /// Records in `stacks` with STACK_IN_USE set.
+    pub stack_count: u32,
+    /// Task id currently running.
+    pub current_task: u32,
+    /// Demand-paged region `[demand_start, demand_end)`.
+    pub demand_start: u64,
+    pub demand_end: u64,
+    /// Pages mapped by the demand-paging fault handler so far.
+    pub demand_faults: u64,
+    pub heap_allocs: u64,
+    pub heap_frees: u64,
+    /// Bytes held in the fast allocator's size-class caches.
+    pub heap_cached_bytes: u64,
+    /// Iterations of the `workload=` loop so far.
+    pub workload_iters: u64,
+    /// Virtual address of the heap index (`heap::HeapIndex`: backing
+    /// allocator, findings, TLSF lists); 0 before the heap exists.
+    pub heap_index: u64,
+    pub stacks: [StackRecord; MAX_STACKS],
+}
+
+pub const INSPECT_SIZE: usize = 800;
+const _: () = assert!(size_of::<InspectBlock>() == INSPECT_SIZE);
+const _: () = assert!(offset_of!(InspectBlock, version) == 8);
+const _: () = assert!(offset_of!(InspectBlock, size) == 12);
+const _: () = assert!(offset_of!(InspectBlock, seq) == 16);
+const _: () = assert!(offset_of!(InspectBlock, heap_free_head) == 24);
+const _: () = assert!(offset_of!(InspectBlock, heap_start) == 32);
+const _: () = assert!(offset_of!(InspectBlock, heap_end) == 40);
+const _: () = assert!(offset_of!(InspectBlock, heap_free_bytes) == 48);
+const _: () = assert!(offset_of!(InspectBlock, heap_large_bytes) == 56);
+const _: () = assert!(offset_of!(InspectBlock, frames_free) == 64);
+const _: () = assert!(offset_of!(InspectBlock, bitmap_phys) == 72);
+const _: () = assert!(offset_of!(InspectBlock, bitmap_bits) == 80);
+const _: () = assert!(offset_of!(InspectBlock, stack_count) == 88);
+const _: () = assert!(offset_of!(InspectBlock, current_task) == 92);
+const _: () = assert!(offset_of!(InspectBlock, demand_start) == 96);
+const _: () = assert!(offset_of!(InspectBlock, demand_end) == 104);
+const _: () = assert!(offset_of!(InspectBlock, demand_faults) == 112);
+const _: () = assert!(offset_of!(InspectBlock, heap_allocs) == 120);
+const _: () = assert!(offset_of!(InspectBlock, heap_frees) == 128);
+const _: () = assert!(offset_of!(InspectBlock, heap_cached_bytes) == 136);
+const _: () = assert!(offset_of!(InspectBlock, workload_iters) == 144);
+const _: () = assert!(offset_of!(InspectBlock, heap_index) == 152);
+const _: () = assert!(offset_of!(InspectBlock, stacks) == 160);

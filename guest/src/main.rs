@@ -14,6 +14,7 @@
 extern crate alloc;
 
 pub mod abi;
+pub mod abi_table;
 pub mod arch;
 pub mod bench;
 pub mod boot;

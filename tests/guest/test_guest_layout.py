@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vmm.abi import ExitCode, ReportKind
+from vmm.abi import INSPECT_BLOCK_SIZE, STACK_IN_USE, ExitCode, InspectBlockRaw, ReportKind
 
 pytestmark = pytest.mark.kvm
 
@@ -43,13 +43,10 @@ def test_task_stack_overflow_names_task_and_guard(vmm_boot):
     # The faulting address is in the low guard page of that task's stack,
     # which the inspect block still describes.
     (ins,) = run.reports_of(ReportKind.INSPECT)
-    import struct
-
-    raw = run.read_phys(ins.int("inspect_block_phys"), 800)
-    recs = [struct.unpack_from("<QQQQII", raw, 160 + 40 * i) for i in range(16)]
-    mine = [r for r in recs if r[5] & 1 and r[4] == f.int("task")]
+    block = InspectBlockRaw.from_buffer_copy(run.read_phys(ins.int("inspect_block_phys"), INSPECT_BLOCK_SIZE))
+    mine = [r for r in block.stacks if r.flags & STACK_IN_USE and r.task_id == f.int("task")]
     assert len(mine) == 1
-    base, top, glow, ghigh, _, _ = mine[0]
+    base, top, glow, ghigh = mine[0].base, mine[0].top, mine[0].guard_low, mine[0].guard_high
     assert glow <= f.int("addr") < glow + 4096 == base
     assert top - base == 64 << 10 and ghigh == top
     assert run.translate(glow) is None and run.translate(ghigh) is None

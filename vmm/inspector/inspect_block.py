@@ -10,58 +10,15 @@ for bounded walks.
 
 from __future__ import annotations
 
-import ctypes as C
 import dataclasses
 from dataclasses import dataclass
 
-INSPECT_BLOCK_MAGIC = int.from_bytes(b"PYVMMIB1", "little")
-INSPECT_BLOCK_SIZE = 800
-MAX_STACKS = 16
-STACK_IN_USE = 1
+from ..abi import INSPECT_BLOCK_MAGIC, INSPECT_BLOCK_SIZE, MAX_STACKS, STACK_IN_USE, InspectBlockRaw, StackRecord
 
-u32, u64 = C.c_uint32, C.c_uint64
-
-
-class StackRecord(C.LittleEndianStructure):
-    _pack_ = 1
-    _fields_ = [
-        ("base", u64),
-        ("top", u64),
-        ("guard_low", u64),
-        ("guard_high", u64),
-        ("task_id", u32),
-        ("flags", u32),
-    ]
-
-
-class InspectBlockRaw(C.LittleEndianStructure):
-    _pack_ = 1
-    _fields_ = [
-        ("magic", u64),
-        ("version", u32),
-        ("size", u32),
-        ("seq", u64),
-        ("heap_free_head", u64),
-        ("heap_start", u64),
-        ("heap_end", u64),
-        ("heap_free_bytes", u64),
-        ("heap_large_bytes", u64),
-        ("frames_free", u64),
-        ("bitmap_phys", u64),
-        ("bitmap_bits", u64),
-        ("stack_count", u32),
-        ("current_task", u32),
-        ("demand_start", u64),
-        ("demand_end", u64),
-        ("demand_faults", u64),
-        ("heap_allocs", u64),
-        ("heap_frees", u64),
-        ("heap_cached_bytes", u64),
-        ("workload_iters", u64),
-        ("heap_index", u64),
-        ("stacks", StackRecord * MAX_STACKS),
-    ]
-
+__all__ = [
+    "INSPECT_BLOCK_MAGIC", "INSPECT_BLOCK_SIZE", "MAX_STACKS", "SEQ_OFFSET", "STACK_IN_USE", "InspectBlock",
+    "InspectBlockError", "InspectBlockRaw", "Stack", "StackRecord", "read_inspect_block",
+]
 
 #: Offset of ``seq`` in the block: odd while the guest is inside a critical section.
 SEQ_OFFSET = InspectBlockRaw.seq.offset
