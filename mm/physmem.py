@@ -1,22 +1,40 @@
 """Physical memory as seen by the mapper and the walker.
 
 The mapper and walker only use the :class:`PhysicalMemory` protocol, so they
-run on a ``bytearray`` in unit tests and on the VMM's guest-RAM ``mmap``.
+run on a ``bytearray`` in unit tests and on the VMM's guest RAM, which *is* a
+:class:`BufferMemory` (``vmm.memory.GuestMemory`` owns the mapping and adds
+its lifetime): one bounds check and one error, :class:`~mm.errors.OutOfBounds`,
+for every access to guest-physical memory.
+
+Byte and single-word access use only the standard library; numpy is imported
+on the first table or vectorized access, so a VMM that never walks tables
+(a plain ``vmm run``) never loads it (fast start).
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
-import numpy as np
+import ctypes as C
+import struct
+from functools import cached_property
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .addr import PAGE_4K
 from .errors import Misaligned, OutOfBounds
 
+if TYPE_CHECKING:
+    import numpy as np
+
 __all__ = ["PhysicalMemory", "BufferMemory", "read_tables", "TABLE_BYTES"]
 
 TABLE_BYTES = PAGE_4K
-_U64 = np.dtype("<u8")  # page-table entries are little-endian u64
+_U64 = struct.Struct("<Q")  # page-table entries are little-endian u64
+
+
+def _numpy():
+    """numpy, loaded on first use (see the module docstring)."""
+    import numpy
+
+    return numpy
 
 
 @runtime_checkable
@@ -56,6 +74,7 @@ def read_tables(mem: PhysicalMemory, paddrs: np.ndarray) -> np.ndarray:
     fast = getattr(mem, "read_tables", None)
     if fast is not None:
         return fast(paddrs)
+    np = _numpy()
     if len(paddrs) == 0:
         return np.zeros((0, 512), dtype=np.uint64)
     return np.stack([np.asarray(mem.read_table(int(p)), dtype=np.uint64) for p in paddrs])
@@ -64,11 +83,11 @@ def read_tables(mem: PhysicalMemory, paddrs: np.ndarray) -> np.ndarray:
 class BufferMemory:
     """:class:`PhysicalMemory` over any writable buffer (``bytearray``, ``mmap``).
 
-    The buffer is viewed through numpy without copying, and only the pages an
-    access touches are read, so a sparse ``MAP_NORESERVE`` mapping stays
-    sparse. Tables returned by :meth:`read_table` are snapshots (copies): the
-    guest may rewrite its tables while we decode them. Call :meth:`close` (or
-    use ``with``) before closing an ``mmap`` so no exported view pins it.
+    Only the pages an access touches are read, so a sparse ``MAP_NORESERVE``
+    mapping stays sparse. Reads return copies (``bytes``, and tables as numpy
+    arrays): the guest may rewrite its tables while we decode them; only
+    :meth:`view` lends a window. Call :meth:`close` (or use ``with``) before
+    closing an ``mmap``, so that no view of ours pins it.
     """
 
     def __init__(self, buffer: bytearray | memoryview | object, base: int = 0) -> None:
@@ -76,20 +95,26 @@ class BufferMemory:
             raise Misaligned(base, PAGE_4K)
         mv = memoryview(buffer)  # type: ignore[arg-type]
         if mv.readonly:
+            mv.release()
             raise ValueError("BufferMemory needs a writable buffer")
-        mv.release()
-        self._bytes = np.frombuffer(buffer, dtype=np.uint8)  # type: ignore[call-overload]
-        n = self._bytes.size
-        self._u64 = self._bytes[: n - n % 8].view(_U64)
-        self._frames = self._bytes[: n - n % PAGE_4K].view(_U64).reshape(-1, 512)
+        self._mem = mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
         self.base = base
-        self.size = n
+        self.size = self._mem.nbytes
+        self._anchor = (C.c_char * self.size).from_buffer(self._mem)
+        #: host virtual address of ``base`` (memset here; KVM memory slots in the VMM)
+        self.host_address = C.addressof(self._anchor)
 
     # -- bookkeeping ---------------------------------------------------
 
     def close(self) -> None:
-        """Drop the numpy views of the buffer (no access is possible after)."""
-        self._bytes = self._u64 = self._frames = None  # type: ignore[assignment]
+        """Drop every view of the buffer (no access is possible after)."""
+        if self._mem is None:
+            return
+        self.__dict__.pop("_frames", None)  # the numpy views, if any was made
+        self.__dict__.pop("_u64", None)
+        del self._anchor
+        self._mem.release()
+        self._mem = None  # type: ignore[assignment]
 
     def __enter__(self) -> "BufferMemory":
         return self
@@ -98,7 +123,11 @@ class BufferMemory:
         self.close()
 
     def __repr__(self) -> str:
-        return f"BufferMemory(base={self.base:#_x}, size={self.size:#_x})"
+        return f"{type(self).__name__}(base={self.base:#_x}, size={self.size:#_x})"
+
+    def contains(self, paddr: int, n: int = 1) -> bool:
+        off = paddr - self.base
+        return 0 <= off and 0 <= n and off + n <= self.size
 
     def _offset(self, paddr: int, n: int) -> int:
         """Offset of ``[paddr, paddr+n)`` in the buffer, or OutOfBounds."""
@@ -112,29 +141,51 @@ class BufferMemory:
 
     def read(self, paddr: int, n: int) -> bytes:
         off = self._offset(paddr, n)
-        return self._bytes[off : off + n].tobytes()
+        return self._mem[off : off + n].tobytes()
+
+    def view(self, paddr: int, n: int) -> memoryview:
+        """A zero-copy window; valid only while this object is open, and it
+        must be released before :meth:`close` can close the mapping."""
+        off = self._offset(paddr, n)
+        return self._mem[off : off + n]
 
     def write(self, paddr: int, data: bytes | bytearray | memoryview) -> None:
-        src = np.frombuffer(data, dtype=np.uint8)
-        off = self._offset(paddr, src.size)
-        self._bytes[off : off + src.size] = src
+        src = memoryview(data)
+        if src.format != "B" or src.ndim != 1:
+            src = src.cast("B")  # any C-contiguous buffer (a numpy array, a ctypes record), as bytes
+        off = self._offset(paddr, src.nbytes)
+        self._mem[off : off + src.nbytes] = src
 
     def zero(self, paddr: int, n: int) -> None:
         off = self._offset(paddr, n)
-        self._bytes[off : off + n] = 0
+        C.memset(self.host_address + off, 0, n)
 
     # -- u64 access ----------------------------------------------------
 
     def read_u64(self, paddr: int) -> int:
-        off = self._offset(paddr, 8)
-        if off % 8:
-            return int.from_bytes(self._bytes[off : off + 8].tobytes(), "little")
-        return int(self._u64[off >> 3])
+        return _U64.unpack_from(self._mem, self._offset(paddr, 8))[0]
+
+    def write_u64(self, paddr: int, value: int) -> None:
+        _U64.pack_into(self._mem, self._offset(paddr, 8), value)
+
+    # -- vectorized access (numpy) -----------------------------------------------
+
+    @cached_property
+    def _u64(self) -> np.ndarray:
+        """Every whole u64 of the buffer, viewed (made on first use)."""
+        np = _numpy()
+        return np.frombuffer(self._mem, dtype="<u8", count=self.size // 8)
+
+    @cached_property
+    def _frames(self) -> np.ndarray:
+        """Every whole 4 KiB frame of the buffer as a row of 512 u64, viewed."""
+        return self._u64[: self.size // PAGE_4K * 512].reshape(-1, 512)
 
     def u64_indices(self, paddrs: np.ndarray) -> np.ndarray:
         """Checked word indices of the 8-byte aligned ``paddrs``, for
         :meth:`gather_u64`: check once, gather many times (the gather is then
         one numpy indexing, e.g. while a vCPU is held)."""
+        np = _numpy()
         paddrs = np.asarray(paddrs, dtype=np.uint64)
         if paddrs.size == 0:
             return np.zeros(0, dtype=np.intp)
@@ -154,15 +205,9 @@ class BufferMemory:
         vectorized read: a copy, like every read."""
         return self.gather_u64(self.u64_indices(paddrs))
 
-    def write_u64(self, paddr: int, value: int) -> None:
-        off = self._offset(paddr, 8)
-        if off % 8:
-            self._bytes[off : off + 8] = np.frombuffer(int(value).to_bytes(8, "little"), np.uint8)
-        else:
-            self._u64[off >> 3] = value
-
     def write_u64s(self, paddr: int, values: np.ndarray) -> None:
         """Store consecutive u64 values at the 8-byte aligned ``paddr``."""
+        np = _numpy()
         values = np.asarray(values, dtype=np.uint64)
         off = self._offset(paddr, 8 * values.size)
         if off % 8:
@@ -179,6 +224,7 @@ class BufferMemory:
 
     def read_tables(self, paddrs: np.ndarray) -> np.ndarray:
         """Gather the tables at ``paddrs`` (all 4 KiB aligned) into a ``(k, 512)`` copy."""
+        np = _numpy()
         paddrs = np.asarray(paddrs, dtype=np.uint64)
         if paddrs.size == 0:
             return np.zeros((0, 512), dtype=np.uint64)

@@ -21,9 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("mm", "vmm")
 #: module -> why it may import inside a function (nothing else may).
 DEFERRED_IMPORTS_ALLOWED = {
+    "mm.physmem": "numpy only when someone reads tables or gathers words: guest RAM is this class, and a "
+                  "plain `vmm run` only reads and writes bytes (fast start)",
     "vmm.bench.child": "it times the imports of a fresh `vmm run` process",
     "vmm.boot": "mm and numpy build a boot plan only on a kernel-cache miss (fast start)",
-    "vmm.memory": "the mm view of guest RAM (numpy) only when someone walks tables (fast start)",
     "vmm.guest_build": "subprocess only when cargo or rustup must run (fast start)",
     "vmm.commands.memmap": "rich and the snapshot reader only when asked (`vmm memmap --json` stays light)",
     "vmm.vm": "mm decodes a restored guest's memory map only when something inspects it (fast start)",

@@ -175,10 +175,10 @@ class GuestRun:
 
     def page_tables(self, start: int = 0, end: int | None = None) -> list:
         """Coalesced runs of the guest's live page tables (``mm.walker.Run``)."""
-        return list(walker.walk(self.vm.memory.physmem, self.cr3, start, end, **self._cpu))
+        return list(walker.walk(self.vm.memory, self.cr3, start, end, **self._cpu))
 
     def translate(self, virt: int):
-        return walker.translate(self.vm.memory.physmem, self.cr3, virt, **self._cpu)
+        return walker.translate(self.vm.memory, self.cr3, virt, **self._cpu)
 
     @property
     def _cpu(self) -> dict:

@@ -567,7 +567,7 @@ class Vm:
     def diagnose(self, rip: int, rbp: int | None):
         """Code around ``rip`` and the frame-pointer backtrace from ``rbp``, read
         through the guest's current page tables (vmm.diagnostics)."""
-        return diagnose(guest_reader(self.memory.physmem, self.vcpu.get_sregs().cr3), rip, rbp, self.symbolizer)
+        return diagnose(guest_reader(self.memory, self.vcpu.get_sregs().cr3), rip, rbp, self.symbolizer)
 
     # --- the run loop -------------------------------------------------------------------
     def run(self, *, profile: bool = False) -> RunResult:

@@ -164,7 +164,7 @@ def _hammer(guest_image, cmdline, memory=64 << 20, seconds_limit=120, damaged_he
                     continue
                 seen["stopped"] += snap.method == STOPPED
                 assert snap.method in (VALIDATED, STOPPED)
-                found = consistency_problems(snap, vm.memory.physmem, damaged_heap_ok=damaged_heap_ok)
+                found = consistency_problems(snap, vm.memory, damaged_heap_ok=damaged_heap_ok)
                 found += label_problems(snap)
                 problems.extend(f"snapshot {seen['snaps']} ({snap.method}): {p}" for p in found)
                 seen["checked"] += 1
@@ -227,14 +227,14 @@ def test_run_to_the_quiet_hook_ends_a_critical_section(guest_image):
                 with target.paused() as parked:
                     if not parked:
                         break
-                    block = read_block(vm.memory.physmem, facts)
+                    block = read_block(vm.memory, facts)
                     if block is None or not block.busy:
                         continue
                     found["busy"] += 1
                     if target.run_to(hook, 0.5):
                         found["quiet"] += 1
                         found["rips"].add(target.control_registers().rip)
-                        assert not read_block(vm.memory.physmem, facts).busy
+                        assert not read_block(vm.memory, facts).busy
                 time.sleep(0.01)
 
         t = threading.Thread(target=watch)

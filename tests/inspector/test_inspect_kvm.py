@@ -28,7 +28,7 @@ def _stop_at_ready(report):
 def test_snapshot_at_ready_labels_and_audits(guest_image):
     with Vm(guest_image, VmConfig(memory=64 << 20, timeout=30), on_report=_stop_at_ready) as vm:
         assert vm.run().stop_reason == "ready"
-        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory.physmem)
+        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory)
         labels = {label for _, label in view.runs}
         assert {"kernel .text", "kernel .rodata", "kernel .data/.bss", "direct map"} <= labels
         text = [r for r, label in view.runs if label == "kernel .text"][0]
@@ -44,10 +44,10 @@ def test_filters(guest_image):
     with Vm(guest_image, VmConfig(memory=64 << 20, timeout=30), on_report=_stop_at_ready) as vm:
         vm.run()
         snap = take_snapshot(LocalTarget(vm))
-        execs = inspect(snap, vm.memory.physmem, RunFilter(executable=True)).runs
+        execs = inspect(snap, vm.memory, RunFilter(executable=True)).runs
         assert execs and all(label == "kernel .text" for _, label in execs)
-        assert not inspect(snap, vm.memory.physmem, RunFilter(user=True)).runs
-        big = inspect(snap, vm.memory.physmem, RunFilter(page_size=2 << 20)).runs
+        assert not inspect(snap, vm.memory, RunFilter(user=True)).runs
+        big = inspect(snap, vm.memory, RunFilter(page_size=2 << 20)).runs
         assert big and all(label in ("direct map", "framebuffer (direct map)") for _, label in big)
 
 

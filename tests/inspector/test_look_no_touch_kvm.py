@@ -53,11 +53,11 @@ def test_inspection_entry_points_leave_ram_unchanged(stopped_vm, tmp_path):
     before = ram_hash(vm)
     local = LocalTarget(vm)
     snap = take_snapshot(local)
-    view = inspect(snap, vm.memory.physmem)
+    view = inspect(snap, vm.memory)
     assert view.runs and view.physical is not None
-    assert heap_view(snap, vm.memory.physmem) is not None
-    assert physical_view(snap, vm.memory.physmem) is not None
-    inspect(take_snapshot(local), vm.memory.physmem, previous=snap)  # a diff
+    assert heap_view(snap, vm.memory) is not None
+    assert physical_view(snap, vm.memory) is not None
+    inspect(take_snapshot(local), vm.memory, previous=snap)  # a diff
     local.dirty_pages()
     assert ram_hash(vm) == before, "a local inspection changed guest RAM"
 

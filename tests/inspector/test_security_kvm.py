@@ -68,7 +68,7 @@ def test_guest_under_load_stays_secure_and_consistent(guest_image):
                 snap = take_snapshot(target)
                 if not snap.parked:
                     continue
-                view = inspect(snap, vm.memory.physmem, previous=previous)
+                view = inspect(snap, vm.memory, previous=previous)
                 previous = snap
                 problems.extend(str(f) for f in view.findings if f.severity.name == "ERROR")
                 block = snap.block

@@ -203,7 +203,7 @@ def test_live_guest_heap_walks_clean(guest_image, allocator):
     cfg = VmConfig(memory=64 << 20, timeout=60, cmdline=f"allocator={allocator} tests=heap::random_mixed")
     with Vm(guest_image, cfg, on_report=_stop_at_summary) as vm:
         assert vm.run().stop_reason == "summary"
-        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory.physmem)
+        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory)
         h = view.heap
         assert h is not None and h.allocator == allocator
         assert not h.findings, h.findings

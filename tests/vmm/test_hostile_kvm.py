@@ -28,7 +28,7 @@ def _run(elf: bytes, **kw):
     with Vm(parse_kernel(elf), VmConfig(**cfg)) as vm:
         result = vm.run()
         t0 = time.perf_counter()
-        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory.physmem)  # must never raise
+        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory)  # must never raise
         inspect_s = time.perf_counter() - t0
     return result, view, inspect_s
 
@@ -76,7 +76,7 @@ def test_cr3_inside_maxphyaddr_outside_ram():
     with Vm(parse_kernel(hostile.cr3_outside_ram()), VmConfig(memory=RAM, timeout=20)) as vm:
         result = vm.run()
         cr3 = vm.vcpu.get_sregs().cr3
-        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory.physmem)
+        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory)
         maxphyaddr = vm.cpu_features.maxphyaddr
     assert result.exit_code in (ExitCode.TRIPLE_FAULT, ExitCode.EMULATION_FAILURE, ExitCode.UNBACKED_MMIO), result.message
     # The guest computed its CR3 from its own CPUID; the host's decode of the vCPU agrees.
@@ -94,7 +94,7 @@ def test_cr3_with_reserved_bits_faults_and_is_reported():
         boot_cr3 = vm.layout.cr3
         result = vm.run()
         cr3 = vm.vcpu.get_sregs().cr3
-        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory.physmem)
+        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory)
     assert result.exit_code == ExitCode.TRIPLE_FAULT, result.message
     assert cr3 & ~0xFFF == boot_cr3 & ~0xFFF, (hex(cr3), hex(boot_cr3))
     assert result.registers is not None
@@ -128,7 +128,7 @@ def test_mmio_beyond_ram():
     with Vm(parse_kernel(hostile.mmio_write(virt)), VmConfig(memory=RAM, timeout=20)) as vm:
         # Play the guest mapping a device window: a page beyond the end of RAM.
         frames = BumpFrameAllocator(0x50000, 0x60000)  # free frames of the low conventional area
-        mapper = Mapper(vm.memory.physmem, vm.layout.cr3, frames)
+        mapper = Mapper(vm.memory, vm.layout.cr3, frames)
         mapper.map(virt, RAM + 0x10_0000, PageSize.SIZE_4K, PteFlags.PRESENT | PteFlags.WRITABLE | PteFlags.NO_EXECUTE)
         result = vm.run()
     assert result.exit_code == ExitCode.UNBACKED_MMIO, result.message

@@ -1,5 +1,7 @@
 import pytest
 
+from mm.errors import OutOfBounds
+from mm.physmem import PhysicalMemory
 from vmm.memory import GuestMemory, GuestMemoryError, check_ram_size
 
 
@@ -12,11 +14,23 @@ def test_sparse_64g_costs_nothing():
 
 @pytest.mark.parametrize("paddr,n", [(-1, 1), (16 << 20, 1), ((16 << 20) - 1, 2), (0, (16 << 20) + 1), (1 << 63, 8)])
 def test_out_of_bounds_refused(paddr, n):
+    # mm's error, the one every guest-physical access raises (exit code 2 at the command line)
     with GuestMemory(16 << 20) as mem:
-        with pytest.raises(GuestMemoryError):
-            mem.read(paddr, n)
-        with pytest.raises(GuestMemoryError):
-            mem.write(paddr, bytes(max(n, 0)))
+        for op in (lambda: mem.read(paddr, n), lambda: mem.write(paddr, bytes(max(n, 0))),
+                   lambda: mem.view(paddr, n), lambda: mem.zero(paddr, n)):
+            with pytest.raises(OutOfBounds):
+                op()
+        if n == 8:
+            with pytest.raises(OutOfBounds):
+                mem.read_u64(paddr)
+
+
+def test_large_write_is_checked_before_the_file():
+    # writes of a page or more go through pwrite(2): the bounds check comes first
+    with GuestMemory(16 << 20) as mem:
+        with pytest.raises(OutOfBounds):
+            mem.write((16 << 20) - 4096, bytes(8192))
+        assert mem.resident_bytes() == 0
 
 
 @pytest.mark.parametrize("size,msg", [(0, "positive"), (4097, "4 KiB"), (1 << 20, "minimum"), (65 << 30, "maximum")])
@@ -31,3 +45,26 @@ def test_u64_and_zero():
         assert mem.read_u64(0x1000) == 0x1122334455667788
         mem.zero(0x1000, 8)
         assert mem.read_u64(0x1000) == 0
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_guest_ram_is_the_mm_interface(shared):
+    # No wrapper: the walker's table reads and the VMM's byte writes are one mapping.
+    with GuestMemory(16 << 20, shared=shared) as mem:
+        assert isinstance(mem, PhysicalMemory) and (mem.base, mem.size) == (0, 16 << 20)
+        mem.write(0x3000, (0x5000 | 3).to_bytes(8, "little") * 2)
+        mem.write(0x10000, bytes(range(256)) * 32)  # a pwrite(2) when shared
+        table = mem.read_table(0x3000)
+        assert list(table[:3]) == [0x5003, 0x5003, 0]
+        assert mem.read(0x10000 + 255, 2) == b"\xff\x00"
+        assert list(mem.read_u64s([0x3000, 0x3008])) == [0x5003, 0x5003]
+        mem.write_u64s(0x3000, table[:1] + 1)
+        assert mem.read_u64(0x3000) == 0x5004
+
+
+def test_close_releases_the_mapping():
+    mem = GuestMemory(16 << 20)
+    mem.read_table(0)  # numpy views exist now
+    mem.close()
+    mem.close()  # idempotent
+    assert mem.mmap is None and mem.fd is None

@@ -35,7 +35,7 @@ def test_walker_matches_kvm_translate(guest_image):
         result = vm.run()
         assert result.exit_code == 0, result.message
         cr3 = vm.vcpu.get_sregs().cr3 & 0x000F_FFFF_FFFF_F000
-        mem = vm.memory.physmem
+        mem = vm.memory
         runs = list(walker.walk(mem, cr3))
         assert runs, "the guest's page tables map nothing"
         addrs = _sample_addresses(runs, rng, 2000)

@@ -167,7 +167,7 @@ def measure(image, runs: int, backend=None) -> dict:
     # Bare costs in the same process: a walk + 4 KiB read; one single-stepped KVM_RUN.
     with Vm(image, VmConfig(memory=GUEST_RAM, timeout=60, slide=0), backend=backend) as vm:
         sregs = vm.vcpu.get_sregs()
-        pm = vm.memory.physmem
+        pm = vm.memory
         for _ in range(20 * runs):
             t0 = time.perf_counter_ns()
             read_virtual(pm, sregs.cr3, entry, 4096)

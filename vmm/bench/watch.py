@@ -71,7 +71,7 @@ class WatchSamples:
 
 
 def _iterations(vm) -> int:
-    block = read_block(vm.memory.physmem, facts_from_vm(vm))
+    block = read_block(vm.memory, facts_from_vm(vm))
     return block.workload_iters if block is not None else 0
 
 
@@ -97,7 +97,7 @@ def run_once(image, workload: Workload, seconds: float, hz: float | None, out: W
                         if vm.running:
                             out.error = f"{type(exc).__name__}: {exc}"
                         break
-                    view = inspect(snap, vm.memory.physmem, previous=previous)
+                    view = inspect(snap, vm.memory, previous=previous)
                     console.file = io.StringIO()
                     console.print(view.render(max_rows=25))
                     previous = snap

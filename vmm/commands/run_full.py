@@ -132,7 +132,7 @@ class FullRun(RunExtras):
         if self.saver is not None:
             self.saver.finish(result)
         if self.args.screenshot:
-            save_screenshot(vm.memory.physmem, vm.memory.size, self.args.screenshot)
+            save_screenshot(vm.memory, vm.memory.size, self.args.screenshot)
             say(f"framebuffer saved to {self.args.screenshot}")
 
     def add_json(self, out: dict) -> None:

@@ -370,7 +370,7 @@ class Debugger:
 
     def read_memory(self, addr: int, n: int) -> bytes:
         cr3, nxe = self._walk_args()
-        data = read_virtual(self.vm.memory.physmem, cr3, addr, n, nxe=nxe)
+        data = read_virtual(self.vm.memory, cr3, addr, n, nxe=nxe)
         if self.bps.int3:
             data = self._hide_int3(addr, data)
         return data
@@ -385,19 +385,19 @@ class Debugger:
 
     def write_memory(self, addr: int, data: bytes) -> None:
         cr3, nxe = self._walk_args()
-        write_virtual(self.vm.memory.physmem, cr3, addr, data, write_through=self.write_through, nxe=nxe)
+        write_virtual(self.vm.memory, cr3, addr, data, write_through=self.write_through, nxe=nxe)
 
     def _poke(self, addr: int, data: bytes) -> None:
         """A debugger write that ignores W (int3 planting into read-only text)."""
         cr3, nxe = self._walk_args()
-        write_virtual(self.vm.memory.physmem, cr3, addr, data, write_through=True, nxe=nxe)
+        write_virtual(self.vm.memory, cr3, addr, data, write_through=True, nxe=nxe)
 
     def breakpoint(self, insert: bool, kind: int, addr: int) -> None:
         if insert:
             how = self.bps.insert(kind, addr)
             if how == "int3":
                 cr3, nxe = self._walk_args()
-                original = read_virtual(self.vm.memory.physmem, cr3, addr, 1, nxe=nxe)
+                original = read_virtual(self.vm.memory, cr3, addr, 1, nxe=nxe)
                 self._poke(addr, b"\xcc")
                 self.bps.planted(addr, original)
             self._bp_kind[addr] = kind

@@ -120,7 +120,7 @@ def _dispatch(dbg, cmd: str, args: list[str]) -> str:
         if len(args) != 1:
             raise MonitorError("usage: monitor translate VA")
         regs = dbg.registers()
-        return translate_text(vm.memory.physmem, regs["cr3"], _number(args[0], "address"),
+        return translate_text(vm.memory, regs["cr3"], _number(args[0], "address"),
                               nxe=bool(regs["efer"] & (1 << 11)))
     if cmd == "xp":
         if not 1 <= len(args) <= 2:

@@ -252,7 +252,7 @@ class ControlServer:
         if not hook or block_at is None:
             return 0.0
         try:
-            busy = read_inspect_block(self.vm.memory.physmem, block_at, retries=1).busy
+            busy = read_inspect_block(self.vm.memory, block_at, retries=1).busy
         except (InspectBlockError, ValueError):
             return 0.0
         if not busy:

@@ -102,7 +102,7 @@ class LocalTarget:
 
     def __init__(self, vm):
         self.vm = vm
-        self.physmem = vm.memory.physmem
+        self.physmem = vm.memory
 
     def control_registers(self) -> ControlRegisters:
         s = self.vm.vcpu.get_sregs()

@@ -32,7 +32,7 @@ class SnapshotTarget:
         except BaseException:
             self.memory.close()
             raise
-        self.physmem = self.memory.physmem
+        self.physmem = self.memory
         self._facts = facts_from_meta(snap.meta)
 
     @classmethod
