@@ -103,6 +103,7 @@ class ExitCode(enum.IntEnum):
     KERNEL_WRITE = 107  # a write hit the read-only kernel slot
     TIMEOUT = 124
     INTERRUPTED = 130  # SIGINT (Ctrl-C) stopped the guest: 128 + SIGINT, the shell's convention
+    KILLED = 137  # gdb's `kill`: 128 + SIGKILL
     BROKEN_PIPE = 141  # stdout closed (`vmm run | head`): 128 + SIGPIPE
     TERMINATED = 143  # SIGTERM: 128 + SIGTERM
 

@@ -191,7 +191,7 @@ class WorkMailbox(Device):
         if self.pending is not None:
             self.deliver()
             return None
-        return Stop(0, "waiting-for-work", "the guest waits for work (zygote=1)")
+        return Stop(ExitCode.SUCCESS, "waiting-for-work", "the guest waits for work (zygote=1)")
 
 
 class InstructionCounter(Device):

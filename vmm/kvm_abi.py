@@ -8,6 +8,7 @@ tests/vmm/test_kvm_abi.py against the values of the installed header.
 from __future__ import annotations
 
 import ctypes as C
+import struct
 
 # --- _IOC encoding (include/uapi/asm-generic/ioctl.h) ----------------------
 # An ioctl number packs direction (2 bits), argument size (14 bits), type
@@ -333,6 +334,59 @@ class kvm_run(_Struct):
         # union { struct kvm_sync_regs regs; char padding[2048]; } s;
         ("s", C.c_char * 2048),
     ]
+
+
+# The exit union's members under their C names (kvm_run.u.io is `struct {...} io`).
+kvm_run_io = _exit_io
+kvm_run_mmio = _exit_mmio
+kvm_run_debug = _exit_debug
+kvm_run_fail_entry = _exit_fail_entry
+kvm_run_internal = _exit_internal
+kvm_run_system_event = _exit_system_event
+KVM_RUN_EXIT_REASON = kvm_run.exit_reason.offset
+KVM_RUN_EXIT_UNION = kvm_run.u.offset
+
+
+# --- reading these structs with struct.Struct -------------------------------
+_STRUCT_CODES = {C.c_uint8: "B", C.c_uint16: "H", C.c_uint32: "I", C.c_uint64: "Q"}
+
+
+def _fields_at(ctype: type, base: int) -> list[tuple[int, str]]:
+    """(offset, struct code) of every scalar in ``ctype`` placed at ``base``."""
+    if ctype in _STRUCT_CODES:
+        return [(base, _STRUCT_CODES[ctype])]
+    if issubclass(ctype, C.Array):
+        item = ctype._type_
+        if item in (C.c_uint8, C.c_char):
+            return [(base, f"{ctype._length_}s")]  # bytes, not a tuple of ints
+        return [(base + i * C.sizeof(item), code) for i in range(ctype._length_) for _, code in _fields_at(item, 0)]
+    if issubclass(ctype, C.Structure):
+        out: list[tuple[int, str]] = []
+        for name, ftype, *_ in ctype._fields_:
+            out += _fields_at(ftype, base + getattr(ctype, name).offset)
+        return out
+    raise TypeError(f"no struct code for {ctype!r}")
+
+
+def unpacker(*parts: tuple[int, type]) -> tuple[struct.Struct, int]:
+    """A little-endian ``struct.Struct`` that reads, in offset order, every
+    scalar of the ctypes types placed at the given offsets, and the offset it
+    starts at. Gaps become pad bytes, taken from the ctypes offsets.
+
+    The exit decoder reads the vCPU's mapping with these: one C call per exit
+    instead of one ctypes attribute read per field, and the layout is still
+    the one defined above (never a hand-typed format)."""
+    fields = sorted(f for base, ctype in parts for f in _fields_at(ctype, base))
+    start = pos = fields[0][0]
+    fmt = "<"
+    for off, code in fields:
+        if off < pos:
+            raise ValueError(f"overlapping fields at offset {off}")
+        if off > pos:
+            fmt += f"{off - pos}x"
+        fmt += code
+        pos = off + struct.calcsize("<" + code)
+    return struct.Struct(fmt), start
 
 
 # --- vCPU state beyond regs/sregs (snapshots) -------------------------------

@@ -2,18 +2,18 @@
 
 ``Vm`` owns everything for one guest and closes it deterministically.
 ``Vm.run()`` drives KVM_RUN until the guest stops and returns a
-``RunResult``. Exit handling is ``handle_exit``, a free function fed decoded
-exits, so tests can give it synthetic exits without a VM.
+``RunResult``. Every exit comes back from ``VcpuFd.run`` decoded
+(``vmm.exits``) and goes to ``handle_exit`` (``vmm.exit_handling``), a free
+function tests feed synthetic exits; the run loop keeps only the pause
+protocol and the order of buffered serial output.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import functools
 import signal
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -43,21 +43,18 @@ from .diagnostics import QUIET_STOPS, diagnose, guest_reader
 from .registers import capture, format_registers
 from .devices import ExitDevice, InstructionCounter, PortBus, ReportDevice, Stop, Uart16550, WorkMailbox
 from .elf import KernelImage, Symbolizer
+from .exit_handling import PARK, ExitPolicy, handle_exit
 from .kvm import Kvm, KvmError
 from . import kvm_abi as K
-from .kvm_abi import KVM_CAP_READONLY_MEM, KVM_EXIT_IO, KVM_EXIT_IO_OUT, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_RUN
+from .kvm_abi import KVM_CAP_READONLY_MEM, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 from .memory import GuestMemory
 from .reports import Report
 from .watchdog import Watchdog
 
 STOP_SIGNAL = signal.SIGUSR1
-# exit_reason (u32 at 8), then skip to the exit union at 32: kvm_run.io.
-_EXIT_HEAD = struct.Struct("<I20xBBHIQ")
-# kvm_coalesced_mmio_ring {u32 first, last} and an entry's head {u64 addr; u32 len; u32 pio} (data follows).
-_RING_HEAD = struct.Struct("<II")
-_RING_ENTRY = struct.Struct("<QII")
-_RING_ENTRY_SIZE = 24
-_U32 = struct.Struct("<I")
+# COM1's registers other than THR (the exit storm's scratch): writes to them
+# need no ordering against serial output buffered in the coalesced ring.
+_UNORDERED_PORTS = frozenset(range(COM1_BASE, COM1_BASE + COM1_SIZE)) - {COM1_BASE + Uart16550.THR}
 
 
 def _install_stop_signal() -> None:
@@ -138,53 +135,6 @@ class RunResult:
         }
 
 
-def handle_exit(exit_: X.Exit, bus: PortBus) -> Stop | bytes | None:
-    """Decide what one decoded exit means.
-
-    Returns a ``Stop`` to end the run, bytes to hand back for an IN, or None
-    to resume the guest.
-    """
-    if isinstance(exit_, X.IoOut):
-        hit = bus.lookup(exit_.port)
-        if hit is None:
-            return Stop(ExitCode.UNKNOWN_PORT, "unknown-port", f"write to unknown port {exit_.port:#x}")
-        device, offset = hit
-        size = exit_.size
-        if len(exit_.data) == size:
-            return device.io_out(offset, exit_.data)
-        for i in range(0, len(exit_.data), size):  # rep outs: one exit, many items
-            stop = device.io_out(offset, exit_.data[i : i + size])
-            if stop is not None:
-                return stop
-        return None
-    if isinstance(exit_, X.IoIn):
-        hit = bus.lookup(exit_.port)
-        if hit is None:
-            return Stop(ExitCode.UNKNOWN_PORT, "unknown-port", f"read from unknown port {exit_.port:#x}")
-        device, offset = hit
-        return device.io_in(offset, exit_.size) * exit_.count
-    if isinstance(exit_, X.Mmio):
-        op = "write to" if exit_.is_write else "read from"
-        return Stop(ExitCode.UNBACKED_MMIO, "unbacked-mmio", f"MMIO {op} unbacked address {exit_.phys_addr:#x}")
-    if isinstance(exit_, X.Hlt):
-        return Stop(ExitCode.HALTED, "halted", "guest halted (HLT) with nothing to wake it")
-    if isinstance(exit_, X.Shutdown):
-        return Stop(ExitCode.TRIPLE_FAULT, "triple-fault", "guest triple-faulted (KVM_EXIT_SHUTDOWN)")
-    if isinstance(exit_, X.FailEntry):
-        return Stop(
-            ExitCode.FAIL_ENTRY,
-            "fail-entry",
-            f"VM entry failed (hardware reason {exit_.hardware_entry_failure_reason:#x})",
-        )
-    if isinstance(exit_, X.InternalError):
-        return Stop(ExitCode.EMULATION_FAILURE, "internal-error", f"KVM internal error: {exit_.description}")
-    if isinstance(exit_, X.SystemEvent):
-        return Stop(ExitCode.TRIPLE_FAULT, "system-event", f"system event {exit_.type}")
-    if isinstance(exit_, X.Interrupted):
-        return None  # the run loop decides (watchdog or request to stop)
-    return Stop(ExitCode.HOST_ERROR, "unknown-exit", f"unhandled KVM exit {exit_!r}")
-
-
 @dataclass
 class VmConfig:
     memory: int
@@ -200,12 +150,6 @@ class VmConfig:
     # Buffer serial output (COM1's THR) in KVM's coalesced-I/O ring instead of
     # one exit per byte, where the host has KVM_CAP_COALESCED_PIO.
     coalesce_serial: bool = True
-
-
-def _drained(drain, handler, data):
-    """``handler(data)`` after the coalesced ring is drained (see Vm._coalesce_serial)."""
-    drain()
-    return handler(data)
 
 
 def direct_map_1g(features: CpuFeatures, backend: Backend) -> bool:
@@ -267,7 +211,8 @@ class Vm:
         self._pause_requested = False
         self._paused = threading.Event()
         self._resume = threading.Event()
-        self._run_to: int | None = None  # breakpoint address of a pending run_to()
+        # What handle_exit decides with: filled in as the parts exist.
+        self.exit_policy = ExitPolicy()
         self.parked_ns = 0  # perf_counter_ns() of the vCPU's last park (run_to's held time starts there)
         self._unparked = threading.Event()
         self.running = False
@@ -277,7 +222,6 @@ class Vm:
         # What the guest reported about its layout before the snapshot (INSPECT fields).
         self.inherited_inspect = dict(getattr(restore, "inspect_fields", None) or {})
         self._memmap = None
-        #: A vmm.gdbstub.Debugger when `--gdb` serves this VM; the run loop calls its hooks.
         self.debugger = None
         self.watchdog = None
         t = time.perf_counter_ns
@@ -361,6 +305,8 @@ class Vm:
         self.icount = InstructionCounter(self._set_single_step,
                                          completion_step=self.backend.backend in (Backend.VMX, Backend.SVM))
         self.bus.add(ICOUNT_PORT, ICOUNT_PORT_SIZE, self.icount)
+        self.exit_policy.read_only = self.protected
+        self.exit_policy.icount = self.icount
         self.work = WorkMailbox(self.memory, WORK_MAILBOX_SIZE)
         self.bus.add(WORK_PORT, WORK_PORT_SIZE, self.work)
         self._ready_ns: int | None = None
@@ -376,25 +322,16 @@ class Vm:
         if off is None or self.vm.check_extension(K.KVM_CAP_COALESCED_PIO) <= 0:
             return None
         self.vm.register_coalesced_pio(COM1_BASE + Uart16550.THR, 1)
-        return off
+        return self.vcpu.use_coalesced_ring()
 
-    def _drain_ring(self, run_map, off: int) -> None:
+    def _drain_ring(self) -> None:
         """Hand the buffered port writes to their devices, oldest first."""
-        first, last = _RING_HEAD.unpack_from(run_map, off)
-        if first == last:
-            return
-        base = off + _RING_HEAD.size
         by_port = self.bus.by_port
-        while first != last:
-            pos = base + first * _RING_ENTRY_SIZE
-            port, n, _pio = _RING_ENTRY.unpack_from(run_map, pos)
+        for port, data in self.vcpu.take_coalesced():
             target = by_port.get(port)
             if target is not None:
                 dev, dev_off = target
-                data_at = pos + _RING_ENTRY.size
-                dev.io_out(dev_off, run_map[data_at : data_at + min(n, 8)])
-            first = (first + 1) % K.KVM_COALESCED_MMIO_MAX
-        _U32.pack_into(run_map, off, first)  # consumed: KVM may reuse the slots
+                dev.io_out(dev_off, data)
 
     def reset_devices(self) -> None:
         """Host-side run state back to "nothing happened yet" (a VM reset in
@@ -437,6 +374,16 @@ class Vm:
                 size = self.memory.size
                 self._memmap = MemoryMap.parse(memory_map_bytes(self.image, size), ram_size=size)
         return self._memmap
+
+    @property
+    def debugger(self):
+        """A vmm.gdbstub.Debugger when `--gdb` serves this VM: the run loop and
+        ``handle_exit`` (its debug exits) call its hooks."""
+        return self.exit_policy.debugger
+
+    @debugger.setter
+    def debugger(self, debugger) -> None:
+        self.exit_policy.debugger = debugger
 
     # --- lifetime -------------------------------------------------------------------
     def close(self) -> None:
@@ -585,64 +532,42 @@ class Vm:
             watchdog = self.watchdog = Watchdog(self.config.timeout, functools.partial(self.request_stop, timeout))
             watchdog.start()
         debugger = self.debugger
-        vcpu = self.vcpu
-        # Hot loop: locals only, one struct unpack per exit (exit_reason plus
-        # the io member of the exit union, which starts 24 bytes after it).
-        fd, ioctl, kvm_run_nr = vcpu.fd, fcntl.ioctl, KVM_RUN
-        run_map = vcpu._map
-        unpack_exit = _EXIT_HEAD.unpack_from
-        # port -> device.io_out bound to the port's offset: one C-level call per exit.
-        out_ports = {port: functools.partial(dev.io_out, off) for port, (dev, off) in self.bus.by_port.items()}
-        ring = self._ring
-        if ring is not None:
-            # Output buffered in the ring comes before whatever these ports do
-            # (a report, the exit, a THR write KVM could not buffer: ring full).
-            # COM1's other registers (the storm's scratch) need no ordering.
-            drain = functools.partial(self._drain_ring, run_map, ring)
-            thr = COM1_BASE + Uart16550.THR
-            for port, handler in list(out_ports.items()):
-                if port == thr or not COM1_BASE <= port < COM1_BASE + COM1_SIZE:
-                    out_ports[port] = functools.partial(_drained, drain, handler)
+        vcpu, bus, policy = self.vcpu, self.bus, self.exit_policy
+        vcpu.ns_in_kvm_run = 0
+        run = vcpu.run_profiled if profile else vcpu.run
+        # Serial output buffered in the coalesced ring comes before whatever
+        # the next exit does (a report, the exit, a THR write KVM could not
+        # buffer: ring full), except writes to COM1's other registers.
+        drain = self._drain_ring if self._ring is not None else None
+        unordered, IoOut, Interrupted = _UNORDERED_PORTS, X.IoOut, X.Interrupted
         nexits = 0
-        in_kvm = 0
-        clock = time.perf_counter_ns
-        start = clock()
+        start = time.perf_counter_ns()
         stop: Stop | None = None
         try:
             if debugger is not None:
                 stop = debugger.on_start()  # --gdb-wait: held before the first instruction
             while stop is None:
                 try:
-                    if profile:
-                        t_in = clock()
-                        ioctl(fd, kvm_run_nr, 0)
-                        in_kvm += clock() - t_in
-                    else:
-                        ioctl(fd, kvm_run_nr, 0)
-                except InterruptedError:
-                    vcpu.run_struct.immediate_exit = 0
-                    if ring is not None:
-                        drain()  # a pause, a save or gdb sees the console up to here
-                    stop = self._stop_request
-                    if stop is None and debugger is not None and debugger.pending:
-                        stop = debugger.on_interrupt()
-                    elif stop is None and self._pause_requested:
-                        self._park()
-                    continue
+                    ex = run()
                 except KeyboardInterrupt:
                     stop = Stop(ExitCode.INTERRUPTED, "interrupted", "interrupted by the user (Ctrl-C)")
                     break
-                nexits += 1
-                reason, direction, size, port, count, off = unpack_exit(run_map, 8)
-                if reason == KVM_EXIT_IO and direction == KVM_EXIT_IO_OUT and count == 1:
-                    io_out = out_ports.get(port)
-                    if io_out is not None:  # fast path: one item to a known port
-                        stop = io_out(run_map[off : off + size]) or self._stop_request
-                        continue
-                if ring is not None:
-                    drain()
-                stop = self._slow_exit(reason, run_map) or self._stop_request
-            if ring is not None:
+                cls = ex.__class__
+                if cls is not Interrupted:
+                    nexits += 1
+                if drain is not None and (cls is not IoOut or ex.port not in unordered):
+                    drain()  # a pause, a save or gdb sees the console up to here too
+                action = handle_exit(ex, bus, policy)
+                if action is None:
+                    stop = self._stop_request
+                elif action is PARK:
+                    stop = self._at_park_point(ex)
+                elif action.__class__ is bytes:
+                    vcpu.complete_io_in(ex, action)
+                    stop = self._stop_request
+                else:
+                    stop = action
+            if drain is not None:
                 drain()  # what the guest wrote just before it stopped
             if debugger is not None:
                 stop = debugger.on_guest_stop(stop)  # gdb sees the corpse before the run ends
@@ -655,7 +580,7 @@ class Vm:
         end = time.perf_counter_ns()
         result = self._result(stop, nexits, start, end)
         if profile:
-            result.timings_ms["in_kvm_run"] = in_kvm / 1e6
+            result.timings_ms["in_kvm_run"] = vcpu.ns_in_kvm_run / 1e6
         return result
 
     def _park(self) -> None:
@@ -681,7 +606,7 @@ class Vm:
                 or self.debugger is not None):
             return False
         vcpu.set_guest_debug(K.KVM_GUESTDBG_ENABLE | K.KVM_GUESTDBG_USE_HW_BP, (addr, 0, 0, 0, 0, 0, 0, K.DR7_L0))
-        self._run_to = addr
+        self.exit_policy.run_to = addr
         self._paused.clear()
         self._unparked.clear()
         self._resume.set()
@@ -691,42 +616,32 @@ class Vm:
         if not reached:
             self._kick_vcpu()  # _pause_requested is still set: it parks where it is
             if not self._paused.wait(1.0):
-                self._run_to = None
+                self.exit_policy.run_to = None
                 return False  # the guest stopped meanwhile
-        self._run_to = None
+        self.exit_policy.run_to = None
         vcpu.set_guest_debug(0)
         return reached
 
     def _set_single_step(self, on: bool) -> None:
         self.vcpu.set_guest_debug(K.KVM_GUESTDBG_ENABLE | K.KVM_GUESTDBG_SINGLESTEP if on else 0)
 
-    def _slow_exit(self, reason: int, run_map) -> Stop | None:
-        """Every exit but a single OUT to a known port: decode, then handle."""
-        ex = X.decode_exit(reason, memoryview(run_map))
-        if isinstance(ex, X.Debug) and self._run_to is not None and ex.pc == self._run_to:
-            if self._pause_requested:
-                self._park()  # at the address ``run_to`` waits for
-            return None
-        if isinstance(ex, X.Debug) and self.icount.active is not None:
-            self.icount.step()  # one single-stepped instruction
-            return None
-        if isinstance(ex, X.Debug) and self.debugger is not None:
-            return self.debugger.on_debug_exit(ex)
-        if isinstance(ex, X.Mmio) and ex.is_write and any(a <= ex.phys_addr < b for a, b in self.protected):
-            return Stop(
-                ExitCode.KERNEL_WRITE,
-                "kernel-write",
-                f"guest wrote to read-only kernel memory at guest-physical {ex.phys_addr:#x} "
-                f"(KVM_MEM_READONLY slot; the guest's own page tables cannot lift it)",
-            )
-        action = handle_exit(ex, self.bus)
-        if isinstance(action, bytes) and isinstance(ex, X.IoIn):
-            # The answer to an IN goes where KVM expects it (data_offset in kvm_run).
-            end = ex.data_offset + len(action)
-            if end <= len(run_map):
-                run_map[ex.data_offset : end] = action
-            return None
-        return action if isinstance(action, Stop) else None
+    def _at_park_point(self, ex: X.Exit) -> Stop | None:
+        """The pause protocol, where ``handle_exit`` said PARK: the vCPU was
+        kicked out of KVM_RUN, or it reached a ``run_to`` address. A stop
+        request ends the run; gdb takes an interrupt it asked for; a pending
+        ``paused()`` (or ``run_to``) holds the vCPU here."""
+        interrupted = ex.__class__ is X.Interrupted
+        if interrupted:
+            self.vcpu.run_struct.immediate_exit = 0  # the kick is taken
+        stop = self._stop_request
+        if stop is not None:
+            return stop
+        debugger = self.debugger
+        if interrupted and debugger is not None and debugger.pending:
+            return debugger.on_interrupt()
+        if self._pause_requested:
+            self._park()
+        return None
 
     def _result(self, stop: Stop, nexits: int, start: int, end: int) -> RunResult:
         timings = dict(self.timings_ms)

@@ -5,8 +5,8 @@ import struct
 from vmm import exits as X
 from vmm import kvm_abi as K
 from vmm.abi import COM1_BASE, EXIT_PORT, ExitCode
-from vmm.devices import ExitDevice, PortBus, Stop, Uart16550
-from vmm.vm import handle_exit
+from vmm.devices import ExitDevice, InstructionCounter, PortBus, Stop, Uart16550
+from vmm.exit_handling import PARK, ExitPolicy, handle_exit
 
 
 def _bus():
@@ -82,3 +82,93 @@ def test_mmio_hlt_shutdown_fail_entry():
     assert handle_exit(X.FailEntry(0x21), bus).exit_code == ExitCode.FAIL_ENTRY
     assert handle_exit(X.InternalError(1, ()), bus).exit_code == ExitCode.EMULATION_FAILURE
     assert handle_exit(X.UnknownExit(77), bus).exit_code == ExitCode.HOST_ERROR
+
+
+# --- policy that depends on run state (ExitPolicy) -------------------------------------
+def test_write_to_read_only_slot_is_a_kernel_write():
+    bus, _ = _bus()
+    policy = ExitPolicy(read_only=[(0x200000, 0x400000)])
+    stop = handle_exit(X.Mmio(0x201000, 8, True, b"\0" * 8), bus, policy)
+    assert stop.exit_code == ExitCode.KERNEL_WRITE and "0x201000" in stop.message
+    # A read there, or a write just past the slot, is unbacked MMIO as before.
+    assert handle_exit(X.Mmio(0x201000, 8, False, b""), bus, policy).exit_code == ExitCode.UNBACKED_MMIO
+    assert handle_exit(X.Mmio(0x400000, 8, True, b"\0" * 8), bus, policy).exit_code == ExitCode.UNBACKED_MMIO
+
+
+def test_debug_exit_at_run_to_address_parks():
+    bus, _ = _bus()
+    policy = ExitPolicy(run_to=0xFFFF_8000_0010_0000)
+    assert handle_exit(X.Debug(1, 0xFFFF_8000_0010_0000), bus, policy) is PARK
+    # Elsewhere nobody owns the debug exit: the run stops with a host error.
+    assert handle_exit(X.Debug(1, 0x1234), bus, policy).exit_code == ExitCode.HOST_ERROR
+
+
+def test_debug_exit_while_counting_is_one_step():
+    bus, _ = _bus()
+    stepping = []
+    icount = InstructionCounter(stepping.append)
+    policy = ExitPolicy(icount=icount)
+    icount.io_out(0, (7).to_bytes(4, "little"))  # the guest's start marker
+    for _ in range(3):
+        assert handle_exit(X.Debug(1, 0x1000), bus, policy) is None
+    icount.io_out(4, (7).to_bytes(4, "little"))  # stop marker
+    assert icount.counts == {7: 3} and stepping == [True, False]
+    # Counting is over: the next debug exit is nobody's.
+    assert handle_exit(X.Debug(1, 0x1000), bus, policy).exit_code == ExitCode.HOST_ERROR
+
+
+def test_interrupted_parks():
+    bus, _ = _bus()
+    assert handle_exit(X.Interrupted(), bus) is PARK
+
+
+# --- the decoder reads the layout kvm_abi defines ----------------------------------------
+def test_unpacker_formats_follow_the_ctypes_layout():
+    head, at = K.unpacker((K.KVM_RUN_EXIT_REASON, K.u32), (K.KVM_RUN_EXIT_UNION, K.kvm_run_io))
+    assert (head.format, at) == ("<I20xBBHIQ", 8)
+    assert K.unpacker((0, K.kvm_run_mmio))[0].format == "<Q8sIB"
+    assert K.unpacker((0, K.kvm_coalesced_mmio))[0].format == "<QII8s"
+
+
+def _kvm_run() -> tuple[K.kvm_run, bytearray]:
+    buf = bytearray(4096)
+    return K.kvm_run.from_buffer(buf), buf
+
+
+def test_decode_reads_what_the_ctypes_mirror_wrote():
+    run, buf = _kvm_run()
+    run.exit_reason = K.KVM_EXIT_IO
+    io = run.u.io
+    io.direction, io.size, io.port, io.count, io.data_offset = K.KVM_EXIT_IO_OUT, 2, 0x3F8, 3, 0x400
+    buf[0x400:0x406] = b"abcdef"
+    assert X.decode(buf) == X.IoOut(0x3F8, 2, b"abcdef")
+    run.exit_reason = K.KVM_EXIT_MMIO
+    m = run.u.mmio
+    m.phys_addr, m.len, m.is_write = 0xFEE0_0030, 4, 1
+    m.data[:4] = [1, 2, 3, 4]
+    assert X.decode(buf) == X.Mmio(0xFEE0_0030, 4, True, b"\1\2\3\4")
+    run.exit_reason = K.KVM_EXIT_DEBUG
+    run.u.debug.arch.exception, run.u.debug.arch.pc = 1, 0xFFFF_FFFF_8000_1234
+    assert X.decode(buf) == X.Debug(1, 0xFFFF_FFFF_8000_1234)
+    run.exit_reason = K.KVM_EXIT_SYSTEM_EVENT
+    run.u.system_event.type = 2
+    assert X.decode(buf) == X.SystemEvent(2)
+    run.exit_reason = K.KVM_EXIT_INTR
+    assert X.decode(buf) == X.Interrupted()
+
+
+def test_bound_decoder_refills_one_port_write_and_decodes_the_rest():
+    run, buf = _kvm_run()
+    decode = X.decoder_for(buf)
+    run.exit_reason = K.KVM_EXIT_IO
+    io = run.u.io
+    io.direction, io.size, io.port, io.count, io.data_offset = K.KVM_EXIT_IO_OUT, 1, 0x3F8, 1, 0x400
+    buf[0x400] = ord("a")
+    first = decode()
+    assert first == X.IoOut(0x3F8, 1, b"a")
+    io.port, buf[0x400] = 0x3FF, ord("b")
+    assert decode() is first and first == X.IoOut(0x3FF, 1, b"b")  # the same object, refilled
+    io.data_offset = len(buf)  # data past the mapping: not a port write we can read
+    assert decode() == X.UnknownExit(K.KVM_EXIT_IO)
+    io.direction, io.data_offset = K.KVM_EXIT_IO_IN, 0x400
+    assert decode() == X.IoIn(0x3FF, 1, 1, 0x400)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import fcntl
 import time
 
-from ..kvm_abi import KVM_RUN
+from .. import kvm_abi as K
+from ..abi import EXIT_PORT
 from ..vm import Vm, VmConfig
 from .host_baselines import BaselineError, kvm_loop
 from .stats import Section, rate, summarize
@@ -30,13 +31,14 @@ STORM_RAM = 16 << 20
 
 def _bare_python_loop(vm: Vm) -> float:
     """KVM_RUN from Python with no dispatch at all; us per exit."""
-    fd, run_map, ioctl = vm.vcpu.fd, vm.vcpu._map, fcntl.ioctl
+    fd, run_map, ioctl, kvm_run = vm.vcpu.fd, vm.vcpu.run_buffer, fcntl.ioctl, K.KVM_RUN
+    port_low = K.KVM_RUN_EXIT_UNION + K.kvm_run_io.port.offset  # little-endian: its low byte
     n = 0
     t0 = time.perf_counter_ns()
     while True:
-        ioctl(fd, KVM_RUN, 0)
+        ioctl(fd, kvm_run, 0)
         n += 1
-        if run_map[34] == 0xF4:  # kvm_run.io.port (low byte) of the exit port
+        if run_map[port_low] == EXIT_PORT & 0xFF:
             break
     return (time.perf_counter_ns() - t0) / 1e3 / n
 

@@ -25,6 +25,7 @@ import threading
 import time
 
 from .. import kvm_abi as K
+from ..abi import ExitCode
 from ..devices import Stop
 from ..gdbstub.breakpoints import GUESTDBG_ENABLE, GUESTDBG_SINGLESTEP, GUESTDBG_USE_HW_BP, dr7_for
 from ..gdbstub.debugger import Debugger
@@ -129,7 +130,7 @@ class _BareBreakpoint:
 
     def on_debug_exit(self, ex):
         self.t1 = time.perf_counter_ns()
-        return Stop(0, "bench-bp", "breakpoint reached")
+        return Stop(ExitCode.SUCCESS, "bench-bp", "breakpoint reached")
 
     def on_interrupt(self):
         return None

@@ -27,7 +27,7 @@ from rich.console import Console
 
 from mm.walker import walk_arrays
 
-from ..abi import ReportKind
+from ..abi import ExitCode, ReportKind
 from ..inspector.snapshot import take_snapshot
 from ..inspector.target import LocalTarget
 from ..inspector.views import inspect
@@ -85,7 +85,7 @@ def _measure_live(vm: Vm, inspected: threading.Event, iterations: int, out: dict
     except Exception as exc:  # report, never hang the vCPU thread
         out["error"] = f"{type(exc).__name__}: {exc}"
     finally:
-        vm.request_stop(Stop(0, "bench-done", "inspector benchmark done"))
+        vm.request_stop(Stop(ExitCode.SUCCESS, "bench-done", "inspector benchmark done"))
 
 
 def measure(image, iterations: int, backend=None) -> dict:

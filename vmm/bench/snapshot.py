@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 
-from ..abi import ReportKind
+from ..abi import ExitCode, ReportKind
 from ..devices import Stop
 from ..elf import load_kernel_file
 from ..snapshot.machine import open_snapshot, restore_vm, save_vm
@@ -89,7 +89,7 @@ def _vms_per_second(kernel_path: str, how: str, procs: int, n: int) -> float:
 
 def _save_load(image, size: int, backend, tmp: str) -> dict:
     def at_ready(r):
-        return Stop(0, "ready") if r.kind == ReportKind.READY else None
+        return Stop(ExitCode.SUCCESS, "ready") if r.kind == ReportKind.READY else None
 
     path = os.path.join(tmp, f"s{size}.core")
     with Vm(image, VmConfig(memory=size, timeout=120), backend=backend, on_report=at_ready) as vm:

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from ..abi import ReportKind
+from ..abi import ExitCode, ReportKind
 from ..devices import Stop
 from ..errors import UsageError
 from ..inspector.control import RemoteTarget
@@ -44,7 +44,7 @@ def main(args) -> int:
 
     def at_ready(report):
         if report.kind == ReportKind.READY:
-            return Stop(0, "ready", "stopped at the guest's READY point for inspection")
+            return Stop(ExitCode.SUCCESS, "ready", "stopped at the guest's READY point for inspection")
         return None
 
     with Vm(image, VmConfig(memory=size, cmdline=args.cmdline, timeout=60), on_report=at_ready) as vm:

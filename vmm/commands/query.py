@@ -17,7 +17,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ..abi import ReportKind
+from ..abi import ExitCode, ReportKind
 from ..cpu import decode_bits
 from ..devices import Stop
 from ..inspector.control import RemoteTarget
@@ -70,7 +70,7 @@ def open_target(socket: str | None, args):
     image = kernel_image(args, quiet=True)
 
     def at_ready(report):
-        return Stop(0, "ready", "stopped at READY") if report.kind == ReportKind.READY else None
+        return Stop(ExitCode.SUCCESS, "ready", "stopped at READY") if report.kind == ReportKind.READY else None
 
     with Vm(image, VmConfig(memory=size, cmdline=args.cmdline, timeout=60, slide=0 if args.no_kaslr else None), on_report=at_ready) as vm:
         result = vm.run()

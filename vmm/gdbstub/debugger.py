@@ -38,7 +38,6 @@ from .session import (
 )
 
 #: Exit code of a run gdb ended with ``kill`` (128 + SIGKILL, as a shell shows it).
-KILLED = 137
 
 _SEGMENTS = ("cs", "ss", "ds", "es", "fs", "gs")
 _GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
@@ -159,7 +158,7 @@ class Debugger:
     def on_guest_stop(self, stop: Stop) -> Stop:
         """The guest is ending (exit, panic, fault, watchdog...): show gdb the
         corpse; whatever gdb does next, the run then ends with ``stop``."""
-        if self.conn is None or stop.exit_code == KILLED:
+        if self.conn is None or stop.exit_code == ExitCode.KILLED:
             return stop
         msg = f"pyvmm: {stop.message} (exit code {int(stop.exit_code)})"
         fault = self._fault_line()
@@ -243,7 +242,7 @@ class Debugger:
                     self._drop_client()
                     if final is not None:
                         return final
-                    return Stop(KILLED, "killed", "killed by gdb")
+                    return Stop(ExitCode.KILLED, "killed", "killed by gdb")
                 if isinstance(out, list):
                     for pkt in out:
                         conn.send(pkt)

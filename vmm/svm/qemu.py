@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..abi import ExitCode
 from ..guest_build import GuestBuildError, build_guest, default_kernel_path
 from .image import SETUP_HINT, TOOLS, BuiltImage, SvmError, build_base, cache_dir, project_manifest
 
@@ -130,7 +131,7 @@ def run(cmd: list[str], *, project: Path, memory: str = "4G", smp: int = 1, time
         before = f.tell()
         layer.write(f)
         project_bytes = f.tell() - before
-    result = SvmRun(exit_code=70, image=image, initrd_bytes=project_bytes)
+    result = SvmRun(exit_code=int(ExitCode.HOST_ERROR), image=image, initrd_bytes=project_bytes)
     argv = [
         qemu, "-accel", "tcg", "-cpu", "max", "-m", memory, "-smp", str(smp),
         "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-monitor", "none",
