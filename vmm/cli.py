@@ -41,6 +41,7 @@ exit codes:
   124      the watchdog (--timeout) stopped the guest
   130      interrupted (Ctrl-C); 143 terminated (SIGTERM); the control
            socket is removed either way
+  137      killed from gdb (`kill` in a --gdb session)
   141      stdout was closed (e.g. `vmm run | head`): the run ends quietly
 """
 
