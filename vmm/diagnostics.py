@@ -105,9 +105,10 @@ class Diagnosis:
 def guest_reader(physmem, cr3: int) -> Reader:
     """Read guest-virtual memory through the tables rooted at CR3 (None where unmapped)."""
     from mm.errors import MMError
+    from mm.flags import ADDR_MASK
     from mm.walker import read_virt
 
-    root = cr3 & 0x000F_FFFF_FFFF_F000
+    root = cr3 & ADDR_MASK  # CR3 holds the root table's frame in bits 51:12, as an entry does
 
     def read(virt: int, n: int) -> bytes | None:
         try:

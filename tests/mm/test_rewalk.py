@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mm import BufferMemory, BumpFrameAllocator, Mapper, PageSize, PteFlags
+from mm import ADDR_MASK, BufferMemory, BumpFrameAllocator, Mapper, PageSize, PteFlags
 from mm.errors import MMError
 from mm.findings import WalkReport
 from mm.rewalk import changed_tables, refresh
@@ -172,7 +172,7 @@ def _entry_of(mem, m, virt, level_index):
     """Physical address of the entry that maps ``virt`` at ``level_index`` (0: PML4)."""
     table = m.root
     for li in range(level_index):
-        table = mem.read_u64(table + 8 * ((virt >> (39 - 9 * li)) & 511)) & 0x000F_FFFF_FFFF_F000
+        table = mem.read_u64(table + 8 * ((virt >> (39 - 9 * li)) & 511)) & ADDR_MASK
     return table + 8 * ((virt >> (39 - 9 * level_index)) & 511)
 
 

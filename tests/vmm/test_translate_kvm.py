@@ -10,6 +10,7 @@ import random
 import pytest
 
 from mm import walker
+from mm.flags import ADDR_MASK
 from vmm.vm import Vm, VmConfig
 
 pytestmark = pytest.mark.kvm
@@ -34,7 +35,7 @@ def test_walker_matches_kvm_translate(guest_image):
     with Vm(guest_image, VmConfig(memory=64 << 20, timeout=30)) as vm:
         result = vm.run()
         assert result.exit_code == 0, result.message
-        cr3 = vm.vcpu.get_sregs().cr3 & 0x000F_FFFF_FFFF_F000
+        cr3 = vm.vcpu.get_sregs().cr3 & ADDR_MASK
         mem = vm.memory
         runs = list(walker.walk(mem, cr3))
         assert runs, "the guest's page tables map nothing"

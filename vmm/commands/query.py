@@ -17,6 +17,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from mm.flags import ADDR_MASK
+
 from ..abi import ExitCode, ReportKind
 from ..cpu import decode_bits
 from ..devices import Stop
@@ -162,7 +164,7 @@ def _registers_table(result):
             continue
         bits = " ".join(decode_bits(n, v[n])) if n in ("cr0", "cr4", "efer") else ""
         if n == "cr3":
-            bits = f"PML4 at {v[n] & 0x000F_FFFF_FFFF_F000:#x}" + (f", PCID {v[n] & 0xFFF}" if v[n] & 0xFFF else "")
+            bits = f"PML4 at {v[n] & ADDR_MASK:#x}" + (f", PCID {v[n] & 0xFFF}" if v[n] & 0xFFF else "")
         if n == "cr2":
             bits = "last page-fault address"
         ctl.add_row(n, f"{v[n]:016x}", bits)

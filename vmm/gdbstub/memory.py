@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mm.addr import is_canonical
-from mm.flags import PteFlags
+from mm.flags import ADDR_MASK, PteFlags
 from mm.walker import walk_arrays
 
 __all__ = ["MemoryFault", "Pieces", "pieces", "read_virtual", "write_virtual", "EFER_NXE"]
@@ -56,7 +56,7 @@ def pieces(physmem, cr3: int, addr: int, n: int, *, nxe: bool = True) -> Pieces:
     end = addr + n
     if n and not is_canonical(end - 1):
         end = (1 << 47) if addr < (1 << 47) else (1 << 64)  # stop at the canonical hole / top
-    runs = walk_arrays(physmem, cr3 & 0x000F_FFFF_FFFF_F000, addr, end, nxe=nxe, max_tables=64)
+    runs = walk_arrays(physmem, cr3 & ADDR_MASK, addr, end, nxe=nxe, max_tables=64)
     parts: list[tuple[int, int, bool]] = []
     cur = addr
     ram = int(physmem.size) + int(getattr(physmem, "base", 0))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..units import human_size
 from .physical import OWNERS, PhysicalView
 
 MAX_CELLS = 512 * 512
@@ -45,11 +46,7 @@ def cell_owners(owner: np.ndarray, per_cell: int) -> np.ndarray:
 
 
 def _size(frames: int) -> str:
-    b = frames * 4096
-    for unit, shift in (("GiB", 30), ("MiB", 20)):
-        if b >= 1 << shift:
-            return f"{b / (1 << shift):.1f} {unit}".replace(".0 ", " ")
-    return f"{b >> 10} KiB"
+    return human_size(frames * 4096)
 
 
 def render(view: PhysicalView, title: str = "guest physical memory by owner"):

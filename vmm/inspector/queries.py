@@ -27,14 +27,13 @@ from dataclasses import dataclass, field
 from mm.addr import is_canonical
 from mm.entry import LEVELS, Entry
 from mm.errors import MMError
-from mm.flags import PteFlags
+from mm.flags import ADDR_MASK, PteFlags
 
 from ..cpu import decode_bits
 from ..errors import UsageError
 from ..registers import SEGMENTS, format_registers, rflags_bits, segment_kind
 
 MAX_DUMP = 64 << 10
-_ROOT_MASK = 0x000F_FFFF_FFFF_F000
 
 # Short names of an entry's bits, in bit order (SDM Vol. 3A, tables 4-15..4-20).
 _BITS = (
@@ -142,7 +141,7 @@ def translate(physmem, cr3: int, virt: int, *, maxphyaddr: int = 52, nxe: bool =
     if not is_canonical(virt):
         walk.reason = "not canonical (bits 63:47 must all equal bit 47): #GP, no walk"
         return walk
-    table = cr3 & _ROOT_MASK
+    table = cr3 & ADDR_MASK  # CR3 bits 51:12: the root table, as in an entry
     w = u = True
     nx = False
     for lv in LEVELS:

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mm.findings import Finding, WalkReport
-from mm.flags import PteFlags
+from mm.flags import ADDR_MASK, PteFlags
 from mm.rewalk import Refreshed, refresh, spans_touch
 from mm.walker import Run, RunArrays, WalkTrace, walk_arrays, walk_traced
 
@@ -64,7 +64,6 @@ MAX_ATTEMPTS = 6
 #: Parks that find the guest inside a critical section before falling back
 #: (each is short: park, read the block's seq, resume).
 BUSY_PARKS = 40
-CR3_ADDR = 0x000F_FFFF_FFFF_F000
 #: How long a parked-busy guest may run to the end of its critical section.
 QUIET_TIMEOUT_S = 0.05
 
@@ -172,7 +171,7 @@ class Snapshotter:
         facts = facts or self.target.facts()
         _warm_up(self.target.physmem)
         if self._cr3 is None and facts.report.cr3 is not None:
-            self._cr3 = facts.report.cr3 & CR3_ADDR
+            self._cr3 = facts.report.cr3 & ADDR_MASK
         tally = _Tally()
         walked, changed = None, 0
         while changed < self.attempts and tally.busy < BUSY_PARKS:
