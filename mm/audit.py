@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .addr import PAGE_4K
+from .addr import PAGE_4K, VIRT_ADDR_BITS, canonicalize
 from .findings import Finding, Severity, WalkReport
 from .flags import PteFlags
 from .physmem import PhysicalMemory
@@ -29,7 +29,8 @@ __all__ = [
 ]
 
 #: First canonical address of the upper (kernel) half.
-KERNEL_HALF = 0xFFFF_8000_0000_0000
+#: First address of the upper (kernel) half: the sign-extended top bit of the levels' width.
+KERNEL_HALF = canonicalize(1 << (VIRT_ADDR_BITS - 1))
 _WALK_KINDS_RESERVED = ("reserved_bits",)
 _WALK_KINDS_RAM = ("cr3_outside_ram", "table_outside_ram", "leaf_outside_ram")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mm.addr import is_canonical
+from mm.addr import VIRT_ADDR_BITS, is_canonical
 from mm.flags import ADDR_MASK, PteFlags
 from mm.walker import walk_arrays
 
@@ -55,7 +55,8 @@ def pieces(physmem, cr3: int, addr: int, n: int, *, nxe: bool = True) -> Pieces:
         raise MemoryFault(addr, "non-canonical address")
     end = addr + n
     if n and not is_canonical(end - 1):
-        end = (1 << 47) if addr < (1 << 47) else (1 << 64)  # stop at the canonical hole / top
+        half = 1 << (VIRT_ADDR_BITS - 1)  # the lower half's end (the levels decide the width)
+        end = half if addr < half else (1 << 64)  # stop at the canonical hole / top
     runs = walk_arrays(physmem, cr3 & ADDR_MASK, addr, end, nxe=nxe, max_tables=64)
     parts: list[tuple[int, int, bool]] = []
     cur = addr
