@@ -1,6 +1,8 @@
-"""A booted guest: KVM objects, guest RAM, devices and the run loop.
+"""A guest that runs: devices, the run loop and control from other threads.
 
-``Vm`` owns everything for one guest and closes it deterministically.
+``Vm`` owns everything for one guest and closes it deterministically. Its
+setup steps are ``vmm.vm_builder``'s and its ``RunResult`` is built by
+``vmm.run_result``.
 ``Vm.run()`` drives KVM_RUN until the guest stops and returns a
 ``RunResult``. Every exit comes back from ``VcpuFd.run`` decoded
 (``vmm.exits``) and goes to ``handle_exit`` (``vmm.exit_handling``), a free
@@ -17,7 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import exits as X
 from .abi import (
@@ -34,21 +36,18 @@ from .abi import (
     WORK_PORT_SIZE,
     ExitCode,
 )
-from .abi import Backend, BootInfo, ReportKind
-from .layout import BOOT_INFO_PHYS
+from .abi import Backend, ReportKind
 from .backend import BackendInfo, detect_backend
-from .boot import BootLayout, choose_slide, memory_map_bytes, prepare_guest
-from .cpu import CpuFeatures, cpu_features, cpuid_leaves, entry_regs, long_mode_sregs
-from .diagnostics import QUIET_STOPS, diagnose, guest_reader
+from .boot import BootLayout, memory_map_bytes
+from .diagnostics import diagnose, guest_reader
 from .registers import capture, format_registers
 from .devices import ExitDevice, InstructionCounter, PortBus, ReportDevice, Stop, Uart16550, WorkMailbox
 from .elf import KernelImage, Symbolizer
 from .exit_handling import PARK, ExitPolicy, handle_exit
-from .kvm import Kvm, KvmError
 from . import kvm_abi as K
-from .kvm_abi import KVM_CAP_READONLY_MEM, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
-from .memory import GuestMemory
 from .reports import Report
+from .run_result import RunResult, build_result
+from .vm_builder import build_machine
 from .watchdog import Watchdog
 
 STOP_SIGNAL = signal.SIGUSR1
@@ -62,77 +61,6 @@ def _install_stop_signal() -> None:
     if threading.current_thread() is threading.main_thread():
         if signal.getsignal(STOP_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
             signal.signal(STOP_SIGNAL, lambda *_: None)
-
-
-_CPUID_CACHE = None
-
-
-def _supported_cpuid(kvm: Kvm):
-    """KVM_GET_SUPPORTED_CPUID does not change while the process runs: ask once."""
-    global _CPUID_CACHE
-    if _CPUID_CACHE is None:
-        _CPUID_CACHE = kvm.get_supported_cpuid()
-    return _CPUID_CACHE
-
-
-@dataclass
-class RunResult:
-    exit_code: int
-    stop_reason: str
-    message: str
-    backend: str
-    memory_bytes: int
-    kaslr_slide: int
-    serial: bytes
-    reports: list[Report]
-    report_errors: list[str]
-    timings_ms: dict[str, float]
-    exits: int
-    registers: dict[str, int] | None = None
-    rip_symbol: str | None = None
-    fault_rip_symbol: str | None = None
-    instruction_counts: dict[int, int] = field(default_factory=dict)
-    # Disassembly around the faulting RIP and a backtrace (vmm.diagnostics):
-    # for an abnormal stop, from the vCPU; for a guest FAULT report, from it.
-    diagnosis: object | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
-
-    def reports_of(self, kind: ReportKind) -> list[Report]:
-        return [r for r in self.reports if r.kind == kind]
-
-    @property
-    def fault(self) -> dict | None:
-        """The guest's own FAULT report (the last one), its RIP symbolized."""
-        faults = self.reports_of(ReportKind.FAULT)
-        if not faults:
-            return None
-        out = dict(faults[-1].fields)
-        if self.fault_rip_symbol:
-            out["rip_symbol"] = self.fault_rip_symbol
-        return out
-
-    def to_json(self) -> dict:
-        return {
-            "exit_code": self.exit_code,
-            "stop_reason": self.stop_reason,
-            "message": self.message,
-            "backend": self.backend,
-            "memory_bytes": self.memory_bytes,
-            "kaslr_slide": self.kaslr_slide,
-            "timings_ms": {k: round(v, 4) for k, v in self.timings_ms.items()},
-            "exits": self.exits,
-            "serial_bytes": len(self.serial),
-            "reports": [r.to_json() for r in self.reports],
-            "report_errors": self.report_errors,
-            "registers": self.registers,
-            "rip_symbol": self.rip_symbol,
-            "fault": self.fault,
-            "instruction_counts": {str(k): v for k, v in self.instruction_counts.items()},
-            "diagnosis": self.diagnosis.to_json() if self.diagnosis is not None else None,
-        }
 
 
 @dataclass
@@ -150,40 +78,6 @@ class VmConfig:
     # Buffer serial output (COM1's THR) in KVM's coalesced-I/O ring instead of
     # one exit per byte, where the host has KVM_CAP_COALESCED_PIO.
     coalesce_serial: bool = True
-
-
-def direct_map_1g(features: CpuFeatures, backend: Backend) -> bool:
-    """Whether the boot direct map may use 1 GiB pages: only if the vCPU's
-    CPUID offers them (Page1GB), and never on KVM-PVM, where a 1 GiB leaf
-    faults with reserved bits set even with that bit set (shared/HOST.md)."""
-    return features.gbpages and backend != Backend.PVM
-
-
-def protected_ranges(image: KernelImage) -> list[tuple[int, int]]:
-    """Physical page ranges of the non-writable segments, adjacent ones merged."""
-    spans = sorted(
-        (s.paddr & ~0xFFF, (s.paddr + s.memsz + 0xFFF) & ~0xFFF) for s in image.segments if not s.writable
-    )
-    merged: list[tuple[int, int]] = []
-    for a, b in spans:
-        if merged and a <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
-        else:
-            merged.append((a, b))
-    return merged
-
-
-def memory_slots(ram_size: int, protected: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
-    """(guest-physical start, size, read-only) slots covering [0, ram_size)."""
-    slots, pos = [], 0
-    for a, b in protected:
-        if pos < a:
-            slots.append((pos, a - pos, False))
-        slots.append((a, b - a, True))
-        pos = b
-    if pos < ram_size:
-        slots.append((pos, ram_size - pos, False))
-    return slots
 
 
 class Vm:
@@ -224,74 +118,20 @@ class Vm:
         self._memmap = None
         self.debugger = None
         self.watchdog = None
-        t = time.perf_counter_ns
-        t0 = t()
-        try:
-            # /dev/kvm and the CPUID the vCPU will get come first: the boot
-            # tables' page sizes depend on what that CPUID offers.
-            self.kvm = Kvm()
-            t_open = t()
-            cpuid = _supported_cpuid(self.kvm)
-            self.cpu_features = cpu_features(cpuid_leaves(cpuid))
-            t_cpuid = t()
-            # Guest RAM is prepared before the VM exists: once KVM_CREATE_VM
-            # has attached KVM's MMU notifier to this process, every first
-            # touch of a fresh page costs noticeably more.
-            if restore is None:
-                self.memory = GuestMemory(config.memory, shared=config.shared_memory)
-            else:
-                self.memory = restore.make_memory(config)
-            t1 = t()
-            if restore is None:
-                self._write_boot_state(image, config)
-            else:
-                self.slide = restore.slide
-                self.layout = None
-            t2 = t()
-            self.vm = self.kvm.create_vm()
-            t3 = t()
-            self.vcpu = self.vm.create_vcpu(0)
-            self.vcpu.set_cpuid2(cpuid)
-            try:
-                tsc_khz = self.vcpu.get_tsc_khz()
-            except KvmError:
-                tsc_khz = 0
-            if restore is None:
-                self.memory.write_u64(BOOT_INFO_PHYS + BootInfo.tsc_khz.offset, tsc_khz)
-            t4 = t()
-            self.protected = protected_ranges(image) if config.protect_kernel else []
-            if self.protected and not self.vm.check_extension(KVM_CAP_READONLY_MEM):
-                self.protected = []
-            self.slots = memory_slots(self.memory.size, self.protected)
-            log = KVM_MEM_LOG_DIRTY_PAGES if config.dirty_log else 0
-            for slot, (gpa, size, readonly) in enumerate(self.slots):
-                self.vm.set_user_memory_region(
-                    slot, gpa, size, self.memory.host_address + gpa, log | (KVM_MEM_READONLY if readonly else 0)
-                )
-            t4b = t()
-            if restore is None:
-                sregs = long_mode_sregs(self.vcpu.get_sregs(), self.layout.cr3, self.layout.gdt_base)
-                self.vcpu.set_sregs(sregs)
-                self.vcpu.set_regs(entry_regs(self.layout.entry, self.layout.stack_top, self.layout.boot_info_virt))
-            else:
-                restore.load_vcpu(self.vcpu)
-            self._ring = self._coalesce_serial() if config.coalesce_serial else None
-            t5 = t()
-        except BaseException:
-            self.close()
-            raise
-        self.tsc_khz = tsc_khz
+        # Setup (KVM, CPUID, RAM, boot state, slots, registers) is the builder's.
+        machine = build_machine(image, config, self.backend, restore)
+        self.kvm, self.vm, self.vcpu, self.memory = machine.kvm, machine.vm, machine.vcpu, machine.memory
+        self.cpu_features, self.tsc_khz, self.slide = machine.cpu_features, machine.tsc_khz, machine.slide
+        self.layout: BootLayout | None = machine.layout
+        self.protected, self.slots, self._ring = machine.protected, machine.slots, machine.ring
+        self.timings_ms, self.setup_done_ns = machine.timings_ms, machine.setup_done_ns
         self.symbolizer: Symbolizer = image.symbolizer(self.slide)
-        self.timings_ms = {
-            "guest_memory": (t1 - t_cpuid) / 1e6,
-            **(self.layout.timings_ms if self.layout is not None else {"restore_state": (t2 - t1) / 1e6}),
-            "kvm_create_vm": (t3 - t2 + t_open - t0) / 1e6,  # opening /dev/kvm included, as before
-            "vcpu_create": (t4 - t3 + t_cpuid - t_open) / 1e6,  # the CPUID query included, as before
-            "memory_slots": (t4b - t4) / 1e6,
-            "vcpu_state": (t5 - t4b) / 1e6,
-            "setup_total": (t5 - t0) / 1e6,
-        }
-        self._setup_done_ns = t5
+        self.ready_ns: int | None = None
+        self._add_devices(console)
+
+    def _add_devices(self, console: Callable[[bytes], None] | None) -> None:
+        """The port bus: COM1, the exit and report ports, the instruction
+        counter and the work mailbox (docs/ABI.md)."""
         self.bus = PortBus()
         self.uart = Uart16550(console)
         self.reports = ReportDevice(self.memory, self._report)
@@ -309,20 +149,6 @@ class Vm:
         self.exit_policy.icount = self.icount
         self.work = WorkMailbox(self.memory, WORK_MAILBOX_SIZE)
         self.bus.add(WORK_PORT, WORK_PORT_SIZE, self.work)
-        self._ready_ns: int | None = None
-
-    def _coalesce_serial(self) -> int | None:
-        """Have KVM buffer the guest's serial output (writes to COM1's THR) in
-        the vCPU's coalesced ring instead of exiting for each byte, where the
-        host supports it; returns the ring's offset in the vCPU mmap, or None.
-        The ring is drained before every exit whose handling could be seen
-        after that output (other ports, reads, the end of the run), so the
-        console keeps its order."""
-        off = self.vcpu.coalesced_ring_offset()
-        if off is None or self.vm.check_extension(K.KVM_CAP_COALESCED_PIO) <= 0:
-            return None
-        self.vm.register_coalesced_pio(COM1_BASE + Uart16550.THR, 1)
-        return self.vcpu.use_coalesced_ring()
 
     def _drain_ring(self) -> None:
         """Hand the buffered port writes to their devices, oldest first."""
@@ -344,22 +170,7 @@ class Vm:
         self.reports.errors.clear()
         self.icount.active, self.icount.steps = None, 0
         self.icount.counts.clear()
-        self._ready_ns = None
-
-    def _write_boot_state(self, image: KernelImage, config: VmConfig) -> None:
-        """A cold boot: kernel, page tables and boot info written into fresh RAM."""
-        self.slide = choose_slide(image, config.slide)
-        use_1g = direct_map_1g(self.cpu_features, self.backend.backend) if config.use_1g is None else config.use_1g
-        self.layout: BootLayout | None = prepare_guest(
-            self.memory,
-            image,
-            slide=self.slide,
-            cmdline=config.cmdline,
-            backend=int(self.backend.backend),
-            tsc_khz=0,  # known once the vCPU exists; patched by __init__
-            use_1g=use_1g,
-            fresh_memory=True,  # a new memfd: every page reads as zero
-        )
+        self.ready_ns = None
 
     @property
     def memmap(self):
@@ -455,8 +266,8 @@ class Vm:
                 self._unparked.wait(0.05)
 
     def _report(self, report: Report) -> Stop | None:
-        if report.kind == ReportKind.READY and self._ready_ns is None:
-            self._ready_ns = time.perf_counter_ns()
+        if report.kind == ReportKind.READY and self.ready_ns is None:
+            self.ready_ns = time.perf_counter_ns()
         if self._on_report is not None:
             action = self._on_report(report)
             if isinstance(action, Stop):
@@ -644,53 +455,4 @@ class Vm:
         return None
 
     def _result(self, stop: Stop, nexits: int, start: int, end: int) -> RunResult:
-        timings = dict(self.timings_ms)
-        timings["run"] = (end - start) / 1e6
-        if self.uart.first_byte_ns is not None:
-            timings["to_first_serial_byte"] = (self.uart.first_byte_ns - self._setup_done_ns) / 1e6
-        if self._ready_ns is not None:
-            timings["to_ready"] = (self._ready_ns - self._setup_done_ns) / 1e6
-        registers = rip_symbol = None
-        message = stop.message
-        if stop.reason == "triple-fault" and self.backend.backend == Backend.SVM:
-            # KVM-SVM reinitializes the VMCB and resets the vCPU at a SHUTDOWN
-            # intercept (the VMCB is undefined after one, AMD APM 15.11): what the
-            # vCPU holds now is the reset state (RIP 0xfff0), not the fault's.
-            message += "; registers at the fault are lost (KVM-SVM resets the vCPU on shutdown)"
-        elif stop.reason not in ("exit",):
-            try:
-                registers = self.register_dump()
-                rip_symbol = self.symbolizer.format(registers["rip"])
-            except KvmError:
-                pass
-        fault_sym = diagnosis = None
-        faults = [r for r in self.reports.reports if r.kind == ReportKind.FAULT]
-        if faults and faults[-1].int("rip") is not None:
-            fault_sym = self.symbolizer.format(faults[-1].int("rip"))
-        try:
-            # Only for stops a developer has to debug: not for READY stops
-            # (vmm pt), a clean exit or the user's Ctrl-C/SIGTERM/closed pipe.
-            if faults and faults[-1].int("rip") is not None:
-                diagnosis = self.diagnose(faults[-1].int("rip"), faults[-1].int("rbp"))
-            elif registers is not None and int(stop.exit_code) not in QUIET_STOPS:
-                diagnosis = self.diagnose(registers["rip"], registers["rbp"])
-        except KvmError:
-            pass
-        return RunResult(
-            instruction_counts=dict(self.icount.counts),
-            fault_rip_symbol=fault_sym,
-            exit_code=int(stop.exit_code),
-            stop_reason=stop.reason,
-            message=message,
-            backend=self.backend.name,
-            memory_bytes=self.memory.size,
-            kaslr_slide=self.slide,
-            serial=bytes(self.uart.output),
-            reports=list(self.reports.reports),
-            report_errors=list(self.reports.errors),
-            timings_ms=timings,
-            exits=nexits,
-            registers=registers,
-            rip_symbol=rip_symbol,
-            diagnosis=diagnosis,
-        )
+        return build_result(self, stop, nexits, start, end)

@@ -4,7 +4,7 @@ import pytest
 
 from vmm.abi import Backend
 from vmm.cpu import CPUID_PAGE1GB, CpuFeatures, cpu_features
-from vmm.vm import direct_map_1g
+from vmm.vm_builder import direct_map_1g
 
 
 def table(maxphy: int | None, linear: int = 48, gb: bool = False, ext_max: int = 0x8000_0008):

@@ -22,7 +22,8 @@ from ..abi import ExitCode
 from ..devices import Stop
 from ..backend import detect_backend
 from ..diagnostics import stop_report
-from ..vm import RunResult, Vm, VmConfig
+from ..run_result import RunResult
+from ..vm import Vm, VmConfig
 from .common import kernel_image, memory_size
 
 Say = Callable[[str], None]

@@ -19,7 +19,8 @@ from ..inspector.target import LocalTarget
 from ..inspector.tui import ConsoleHistory, run_tui
 from ..snapshot.commands import check_run_arguments, open_for_run, plan_for_run
 from ..snapshot.machine import restore_vm
-from ..vm import RunResult, Vm, VmConfig
+from ..run_result import RunResult
+from ..vm import Vm, VmConfig
 from .run import RunExtras, Say, run
 from .screenshot import save_screenshot
 
