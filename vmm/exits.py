@@ -37,6 +37,7 @@ _INTERNAL = _member(K.kvm_run_internal)
 _SYSTEM_EVENT = _member(K.kvm_run_system_event)
 _DEBUG = _member(K.kvm_run_debug)
 _IO_OUT = K.KVM_EXIT_IO_OUT
+_ONE_BYTE = tuple(bytes([i]) for i in range(256))
 _EXIT_IO = K.KVM_EXIT_IO
 
 
@@ -120,23 +121,35 @@ Exit = IoOut | IoIn | Mmio | Hlt | Shutdown | FailEntry | InternalError | System
 INTERRUPTED = Interrupted()
 
 
-def decoder_for(run) -> Callable[[], Exit]:
+def _nothing() -> None:
+    pass
+
+
+def decoder_for(run, enter: Callable[[], object] = _nothing) -> Callable[[], Exit]:
     """``decode`` bound to one vCPU's kvm_run mapping, for its run loop.
 
+    ``enter`` is called first: the safe layer passes its KVM_RUN ioctl, so
+    that running the vCPU and decoding its exit is one Python call per exit
+    (``VcpuFd.run``); a signal that interrupted it is ``Interrupted``.
     The port write it returns is one preallocated ``IoOut``, refilled for
     every such exit (valid until the next call): a port write is most exits,
     and building a new object for each costs about as much as reading it.
     Other exits are new values, like ``decode``'s."""
     out = IoOut(0, 0, b"")
-    unpack, at, size_of_run = _HEAD.unpack_from, _HEAD_AT, len(run)
+    unpack, at, size_of_run, one_byte = _HEAD.unpack_from, _HEAD_AT, len(run), _ONE_BYTE
 
     def decode_next() -> Exit:
+        try:
+            enter()
+        except InterruptedError:
+            return INTERRUPTED
         reason, direction, size, port, count, off = unpack(run, at)
         if reason == _EXIT_IO and direction == _IO_OUT:
             end = off + size * count
             if end > size_of_run:
                 return UnknownExit(reason)
-            out.port, out.size, out.data = port, size, run[off:end]
+            # A one-byte write (serial, most port writes) needs no new bytes object.
+            out.port, out.size, out.data = port, size, one_byte[run[off]] if end - off == 1 else run[off:end]
             return out
         return decode_exit(reason, run)
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import ctypes as C
 import errno
 import fcntl
+import functools
 import mmap
 import os
 from time import perf_counter_ns as _clock
+from collections.abc import Callable
 from typing import Any
 
 from . import exits as X
@@ -197,12 +199,15 @@ class VcpuFd(_FdOwner):
         self.run_struct = K.kvm_run.from_buffer(self._map)
         # Address of kvm_run for data_offset access without extra copies.
         self.run_address = C.addressof(self.run_struct)
-        # ioctl(KVM_RUN) with an int argument: fcntl passes it straight through.
-        self._run_request = K.KVM_RUN
         self.mmap_size = mmap_size
         self._ring: int | None = None
-        self._decode = X.decoder_for(self._map)
-        #: Time spent inside KVM_RUN by ``run_profiled`` (ns).
+        # KVM_RUN once, then the exit decoded (vmm.exits): one call per exit.
+        # An int argument: fcntl passes it straight through.
+        self._enter = functools.partial(fcntl.ioctl, fd, K.KVM_RUN, 0)
+        self.run: Callable[[], X.Exit] = X.decoder_for(self._map, self._enter)
+        #: ``run`` that adds the time inside KVM_RUN (decoding excluded) to
+        #: ``ns_in_kvm_run``: the rest of a run loop's time is its own.
+        self.run_profiled: Callable[[], X.Exit] = X.decoder_for(self._map, self._timed_enter)
         self.ns_in_kvm_run = 0
 
     @property
@@ -248,34 +253,18 @@ class VcpuFd(_FdOwner):
     def close(self) -> None:
         # Drop the ctypes view before closing the mmap it points into.
         self.run_struct = None  # type: ignore[assignment]
-        self._decode = None
+        self.run = self.run_profiled = None  # type: ignore[assignment]
         if self._map is not None:
             self._map.close()
             self._map = None
         super().close()
 
-    def run(self) -> X.Exit:
-        """Issue KVM_RUN once and return the exit, decoded (``vmm.exits``).
-
-        A signal that interrupted the run (the way to stop the vCPU from
-        another thread) is an exit too: ``exits.Interrupted``."""
-        try:
-            fcntl.ioctl(self._fd, self._run_request, 0)
-        except InterruptedError:
-            return X.INTERRUPTED
-        return self._decode()
-
-    def run_profiled(self) -> X.Exit:
-        """``run`` that adds the time inside KVM_RUN (decoding excluded) to
-        ``ns_in_kvm_run``: the rest of a run loop's time is its own."""
+    def _timed_enter(self) -> None:
         t = _clock()
         try:
-            fcntl.ioctl(self._fd, self._run_request, 0)
-        except InterruptedError:
-            return X.INTERRUPTED
+            self._enter()
         finally:
             self.ns_in_kvm_run += _clock() - t
-        return self._decode()
 
     def complete_io_in(self, ex: X.IoIn, data: bytes) -> None:
         """Put the answer to an IN where KVM takes it from on the next KVM_RUN

@@ -363,15 +363,15 @@ class Vm:
                 except KeyboardInterrupt:
                     stop = Stop(ExitCode.INTERRUPTED, "interrupted", "interrupted by the user (Ctrl-C)")
                     break
-                cls = ex.__class__
-                if cls is not Interrupted:
-                    nexits += 1
-                if drain is not None and (cls is not IoOut or ex.port not in unordered):
+                nexits += 1  # less the kicks: _at_park_point
+                if drain is not None and (ex.__class__ is not IoOut or ex.port not in unordered):
                     drain()  # a pause, a save or gdb sees the console up to here too
                 action = handle_exit(ex, bus, policy)
                 if action is None:
                     stop = self._stop_request
                 elif action is PARK:
+                    if ex.__class__ is Interrupted:
+                        nexits -= 1  # our own kick, not a guest exit
                     stop = self._at_park_point(ex)
                 elif action.__class__ is bytes:
                     vcpu.complete_io_in(ex, action)
