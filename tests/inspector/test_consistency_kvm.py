@@ -117,7 +117,15 @@ def consistency_problems(snap, physmem, *, damaged_heap_ok: bool = False) -> lis
     if phys is None:
         out.append("no physical view")
     else:
-        out += [f"frames: {f}" for f in phys.findings if f.severity.name == "ERROR"]
+        errors = [f for f in phys.findings if f.severity.name == "ERROR"]
+        if _huge_scratch_alias(snap):
+            # The in-guest paging tests (ktest paging::errors, map_2m, map_1g)
+            # map physical 0 with one 2 MiB or 1 GiB page in the scratch
+            # region on purpose: free frames below 2 MiB are then really
+            # mapped (seen in 2 of ~11,000 snapshots of tests=all: the 2 MiB
+            # page of paging::errors at scratch + 8 GiB, frames from 0x1e7000).
+            errors = [f for f in errors if f.kind != "mapped-frame-free"]
+        out += [f"frames: {f}" for f in errors]
         if phys.free != b.frames_free:
             out.append(f"frames: the bitmap has {phys.free} free frames, the block says {b.frames_free}")
     tr = RunTranslator(snap.runs)
@@ -137,6 +145,14 @@ def consistency_problems(snap, physmem, *, damaged_heap_ok: bool = False) -> lis
         out.append(f"{int((~owned).sum())} page(s) mapped in the stack region belong to no recorded stack "
                    f"(first {int(in_stacks[~owned][0]):#x})")
     return out
+
+
+def _huge_scratch_alias(snap) -> bool:
+    """A 2 MiB or 1 GiB leaf in the scratch region (see consistency_problems)."""
+    scratch = snap.facts.scratch
+    return scratch is not None and any(
+        r.page_size > PAGE and scratch[0] <= r.virt < scratch[1] for r in snap.iter_runs()
+    )
 
 
 def _hammer(guest_image, cmdline, memory=64 << 20, seconds_limit=120, damaged_heap_ok=False):
