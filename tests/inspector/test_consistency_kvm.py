@@ -147,6 +147,16 @@ def consistency_problems(snap, physmem, *, damaged_heap_ok: bool = False) -> lis
     return out
 
 
+def run_watched(vm, watch):
+    """Run the guest here while ``watch`` looks at it from another thread; the result."""
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        return vm.run()
+    finally:
+        t.join()
+
+
 def _huge_scratch_alias(snap) -> bool:
     """A 2 MiB or 1 GiB leaf in the scratch region (see consistency_problems)."""
     scratch = snap.facts.scratch
@@ -188,10 +198,7 @@ def _hammer(guest_image, cmdline, memory=64 << 20, seconds_limit=120, damaged_he
                 seen["tasks"].update(s.task_id for s in snap.block.stacks)
                 seen["mappings"].add(len(snap.runs))
 
-        t = threading.Thread(target=watch)
-        t.start()
-        result = vm.run()
-        t.join()
+        result = run_watched(vm, watch)
     assert result.exit_code == 0, result.message
     assert not problems, f"{len(problems)} problems in {seen['checked']} snapshots: {problems[:5]}"
     return seen
@@ -253,10 +260,7 @@ def test_run_to_the_quiet_hook_ends_a_critical_section(guest_image):
                         assert not read_block(vm.memory, facts).busy
                 time.sleep(0.01)
 
-        t = threading.Thread(target=watch)
-        t.start()
-        result = vm.run()
-        t.join()
+        result = run_watched(vm, watch)
     assert result.exit_code == 0, result.message
     assert found["hook"], "the INSPECT report names no quiet_hook"
     assert found["quiet"] >= 3, found
@@ -298,10 +302,7 @@ def test_a_quiet_remote_pause_parks_a_busy_guest_outside_its_critical_sections(g
                             seen["plain_busy"] += busy
                     time.sleep(0.01)
 
-        t = threading.Thread(target=watch)
-        t.start()
-        result = vm.run()
-        t.join()
+        result = run_watched(vm, watch)
     assert result.exit_code == 0, result.message
     assert seen["quiet"] >= 5, seen
     assert seen["quiet_busy"] == 0, seen
