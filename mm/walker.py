@@ -23,9 +23,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .addr import PAGE_4K, PHYS_ADDR_BITS, PageSize, is_canonical
-from .entry import LEVELS, Entry, Level, leaf_addr_mask, reserved_mask
+from .entry import LEVELS, Level, leaf_addr_mask, reserved_mask
 from .levels import ENTRIES_PER_TABLE, linear_bits
-from .errors import AddressError, NotMapped, OutOfBounds
+from .errors import AddressError, NotMapped
 from .findings import Finding, Severity, WalkReport
 from .flags import ADDR_MASK, PteFlags
 from .physmem import PhysicalMemory, read_tables
@@ -298,7 +298,6 @@ class _Walk:
     # levels --------------------------------------------------------------
 
     def run(self, cr3: int, lo: int, hi: int) -> None:
-        rep = self.report
         phys_bits = (1 << PHYS_ADDR_BITS) - 1
         if cr3 & phys_bits & ~((1 << self.maxphyaddr) - 1):
             # MOV to CR3 with bits above MAXPHYADDR raises #GP: nothing is mapped.
@@ -322,15 +321,16 @@ class _Walk:
         together with the children found above them (``run`` starts at the
         root; ``mm.rewalk`` restarts at tables that changed)."""
         rep = self.report
-        tbl = None
+        cur: tuple[np.ndarray, ...] | None = None  # (tables, bases, acc, ancestors) at this level
         for li, lv in enumerate(self.levels):
             more = frontier.get(li)
             if more is not None:
                 rep.tables_visited += more[0].size
-                tbl, base, acc, anc = more if tbl is None else map(np.concatenate, zip((tbl, base, acc, anc), more))
-            if tbl is None or tbl.size == 0 or lo >= hi:
-                tbl = None
+                cur = more if cur is None else tuple(np.concatenate(pair) for pair in zip(cur, more))
+            if cur is None or cur[0].size == 0 or lo >= hi:
+                cur = None
                 continue
+            tbl, base, acc, anc = cur
             rep.tables[lv.number] = np.unique(tbl)
             last = li == len(self.levels) - 1
             children = []
@@ -339,10 +339,9 @@ class _Walk:
                 out = self._level_chunk(li, last, tbl[s], base[s], acc[s], anc[s], lo, hi)
                 if out is not None:
                     children.append(out)
-            if last or not children:
-                tbl = None
-                continue
-            tbl, base, acc, anc = self._next_frontier(lv, self.levels[li + 1], *map(np.concatenate, zip(*children)))
+            cur = None
+            if not last and children:
+                cur = self._next_frontier(lv, self.levels[li + 1], *map(np.concatenate, zip(*children)))
 
     def _table_in_ram(self, paddr: int) -> bool:
         return self.ram[0] <= paddr and paddr + PAGE_4K <= self.ram[1]

@@ -4,7 +4,6 @@ from mm import BufferMemory, BumpFrameAllocator, Mapper, PageSize, PteFlags
 from mm.findings import WalkReport
 from mm.rewalk import changed_tables
 from mm.walker import walk_arrays, walk_traced
-from vmm.inspector.heap import HeapView
 from mm.rewalk import refresh, spans_touch
 from vmm.inspector.snapshot import same_translation
 

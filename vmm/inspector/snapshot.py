@@ -42,7 +42,7 @@ import gc
 import random
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
