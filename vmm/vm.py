@@ -111,6 +111,7 @@ class Vm:
         self._unparked = threading.Event()
         self.running = False
         self._vcpu_thread: int | None = None
+        self._kick_signal = False  # a SIGUSR1 handler is installed (set by run)
         _install_stop_signal()  # here too: run() may be called from another thread
         self.restored_from = restore
         # What the guest reported about its layout before the snapshot (INSPECT fields).
@@ -220,7 +221,7 @@ class Vm:
         tid = self._vcpu_thread
         # Without a handler SIGUSR1 would kill the process: a Vm built and run
         # outside the main thread relies on immediate_exit alone.
-        if tid is not None and callable(signal.getsignal(STOP_SIGNAL)):
+        if tid is not None and self._kick_signal:
             try:
                 signal.pthread_kill(tid, STOP_SIGNAL)
             except (ProcessLookupError, OSError):
@@ -335,6 +336,9 @@ class Vm:
         ``timings_ms["in_kvm_run"]`` so the rest of ``run`` is Python's share.
         """
         _install_stop_signal()
+        # Whether a kick may signal this thread: decided once here, not on
+        # every kick (the pause's latency is what a snapshot holds the guest).
+        self._kick_signal = callable(signal.getsignal(STOP_SIGNAL))
         self._vcpu_thread = threading.get_ident()
         self.running = True
         watchdog = None
