@@ -33,6 +33,7 @@ import tempfile
 import time
 
 from ..elf import read_symbols
+from ..guest_build import REPO_ROOT
 from ..kernel_cache import KernelCache
 from ..vm import Vm, VmConfig
 from .host_baselines import BaselineError, kvm_setup
@@ -91,8 +92,9 @@ def cli_boot(memory: int, kernel: str | None = None, *, importtime: bool = False
     through the build-cache check and the kernel cache, as a user runs it."""
     fd, trace = tempfile.mkstemp(prefix="vmm-startup-", suffix=".json")
     os.close(fd)
+    # The checkout's entry point, as the README runs it (nothing imports the CLI).
     cmd = [sys.executable, *(["-X", "importtime"] if importtime else []),
-           "-c", "from vmm.cli import entry_point; entry_point()", "run", "--quiet", "--memory", str(memory)]
+           str(REPO_ROOT / "vmm.py"), "run", "--quiet", "--memory", str(memory)]
     if kernel is not None:
         cmd += ["--kernel", str(kernel)]
     env = {**os.environ, "VMM_STARTUP_TRACE": trace}
