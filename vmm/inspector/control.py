@@ -49,7 +49,7 @@ from ..snapshot.format import SnapshotError
 from ..snapshot.machine import save_vm_paused
 from .dirty import dirty_pages
 from ..registers import capture
-from .inspect_block import InspectBlockError, read_inspect_block
+from .inspect_block import parked_busy
 from .target import ControlRegisters, GuestFacts, Pause, facts_from_vm
 
 MAX_PAUSE_S = 0.2
@@ -251,11 +251,7 @@ class ControlServer:
         hook, block_at = facts.report.quiet_hook, facts.report.inspect_block_phys
         if not hook or block_at is None:
             return 0.0
-        try:
-            busy = read_inspect_block(self.vm.memory, block_at, retries=1).busy
-        except (InspectBlockError, ValueError):
-            return 0.0
-        if not busy:
+        if not parked_busy(self.vm.memory, block_at):
             return 0.0
         t = time.perf_counter_ns()
         if not self.vm.run_to(hook, QUIET_TIMEOUT_S):

@@ -17,11 +17,21 @@ from ..abi import INSPECT_BLOCK_MAGIC, INSPECT_BLOCK_SIZE, MAX_STACKS, STACK_IN_
 
 __all__ = [
     "INSPECT_BLOCK_MAGIC", "INSPECT_BLOCK_SIZE", "MAX_STACKS", "SEQ_OFFSET", "STACK_IN_USE", "InspectBlock",
-    "InspectBlockError", "InspectBlockRaw", "Stack", "StackRecord", "read_inspect_block",
+    "InspectBlockError", "InspectBlockRaw", "Stack", "StackRecord", "parked_busy", "read_inspect_block",
 ]
 
 #: Offset of ``seq`` in the block: odd while the guest is inside a critical section.
 SEQ_OFFSET = InspectBlockRaw.seq.offset
+
+
+def parked_busy(physmem, paddr: int | None) -> bool:
+    """With the vCPU parked: is the guest inside a critical section? The
+    block's ``seq`` word alone (odd while a section is open): one read, no
+    parse; False where there is no block to read."""
+    size = getattr(physmem, "size", None)
+    if paddr is None or paddr < 0 or (size is not None and paddr + SEQ_OFFSET + 8 > size):
+        return False
+    return bool(physmem.read_u64(paddr + SEQ_OFFSET) & 1)
 
 
 class InspectBlockError(ValueError):

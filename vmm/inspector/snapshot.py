@@ -58,7 +58,7 @@ from mm.walker import Run, RunArrays, WalkTrace, walk_arrays, walk_traced
 from ..cpu import EFER_NXE
 from .facts import GuestFacts
 from .heap import HeapView, RunTranslator
-from .inspect_block import SEQ_OFFSET, InspectBlock, InspectBlockError, read_inspect_block
+from .inspect_block import InspectBlock, InspectBlockError, parked_busy, read_inspect_block
 from .labels import Labeler
 from .target import ControlRegisters, Target
 from .tlsf import walk_heap_any
@@ -290,7 +290,7 @@ class Snapshotter:
                 finish = self._read_all(facts, max_tables)
                 return "ok", finish(t0, t1, time.perf_counter_ns(), tally, parked=False, method=NOT_RUNNING)
             run_to = getattr(self.target, "run_to", None)  # local targets only
-            if run_to is not None and facts.report.quiet_hook and _parked_busy(physmem, facts):
+            if run_to is not None and facts.report.quiet_hook and parked_busy(physmem, facts.report.inspect_block_phys):
                 # Inside a critical section: let the guest run to its end (the
                 # kernel's quiet hook, an instruction breakpoint) and look there.
                 # It runs meanwhile (not counted as held), and the tables are
@@ -419,15 +419,6 @@ def _no_gc():
     finally:
         if enabled:
             gc.enable()
-
-
-def _parked_busy(physmem, facts: GuestFacts) -> bool:
-    """With the vCPU parked: is the guest inside a critical section? (The
-    block's ``seq`` word alone: odd while a section is open.)"""
-    paddr = facts.report.inspect_block_phys
-    if paddr is None or not 0 <= paddr + SEQ_OFFSET + 8 <= facts.ram_size:
-        return False
-    return bool(physmem.read_u64(paddr + SEQ_OFFSET) & 1)
 
 
 def _ran_ns(pause) -> int:
