@@ -19,6 +19,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .addr import PAGE_4K
+from .levels import ENTRIES_PER_TABLE
 from .errors import Misaligned, OutOfBounds
 
 if TYPE_CHECKING:
@@ -59,14 +60,14 @@ class PhysicalMemory(Protocol):
     def write_u64s(self, paddr: int, values: np.ndarray) -> None: ...
 
     def read_table(self, paddr: int) -> np.ndarray:
-        """The 512 little-endian u64 entries of the 4 KiB-aligned table at ``paddr``."""
+        """The ENTRIES_PER_TABLE (512) little-endian u64 entries of the 4 KiB-aligned table at ``paddr``."""
         ...
 
     def zero(self, paddr: int, n: int) -> None: ...
 
 
 def read_tables(mem: PhysicalMemory, paddrs: np.ndarray) -> np.ndarray:
-    """Read many tables as one ``(k, 512)`` uint64 array (a copy).
+    """Read many tables as one ``(k, ENTRIES_PER_TABLE)`` uint64 array (a copy).
 
     Uses ``mem.read_tables`` when the implementation has it (one gather),
     else stacks :meth:`PhysicalMemory.read_table`.
@@ -76,7 +77,7 @@ def read_tables(mem: PhysicalMemory, paddrs: np.ndarray) -> np.ndarray:
         return fast(paddrs)
     np = _numpy()
     if len(paddrs) == 0:
-        return np.zeros((0, 512), dtype=np.uint64)
+        return np.zeros((0, ENTRIES_PER_TABLE), dtype=np.uint64)
     return np.stack([np.asarray(mem.read_table(int(p)), dtype=np.uint64) for p in paddrs])
 
 
@@ -178,8 +179,8 @@ class BufferMemory:
 
     @cached_property
     def _frames(self) -> np.ndarray:
-        """Every whole 4 KiB frame of the buffer as a row of 512 u64, viewed."""
-        return self._u64[: self.size // PAGE_4K * 512].reshape(-1, 512)
+        """Every whole 4 KiB frame of the buffer as a row of ENTRIES_PER_TABLE u64, viewed."""
+        return self._u64[: self.size // PAGE_4K * ENTRIES_PER_TABLE].reshape(-1, ENTRIES_PER_TABLE)
 
     def u64_indices(self, paddrs: np.ndarray) -> np.ndarray:
         """Checked word indices of the 8-byte aligned ``paddrs``, for
@@ -223,11 +224,11 @@ class BufferMemory:
         return self._frames[off >> 12].copy()
 
     def read_tables(self, paddrs: np.ndarray) -> np.ndarray:
-        """Gather the tables at ``paddrs`` (all 4 KiB aligned) into a ``(k, 512)`` copy."""
+        """Gather the tables at ``paddrs`` (all 4 KiB aligned) into a ``(k, ENTRIES_PER_TABLE)`` copy."""
         np = _numpy()
         paddrs = np.asarray(paddrs, dtype=np.uint64)
         if paddrs.size == 0:
-            return np.zeros((0, 512), dtype=np.uint64)
+            return np.zeros((0, ENTRIES_PER_TABLE), dtype=np.uint64)
         bad = (paddrs < self.base) | (paddrs >= self.base + len(self._frames) * PAGE_4K)
         if bad.any():
             p = int(paddrs[np.argmax(bad)])

@@ -145,7 +145,7 @@ def translate(physmem, cr3: int, virt: int, *, maxphyaddr: int = 52, nxe: bool =
     w = u = True
     nx = False
     for lv in LEVELS:
-        index = (virt >> lv.shift) & 511
+        index = lv.index(virt)
         addr = table + 8 * index
         try:
             raw = physmem.read_u64(addr)
