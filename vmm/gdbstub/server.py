@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import queue
 import socket
-import stat
 import threading
 from dataclasses import dataclass
 
+from ..unix_socket import SocketPathError, bind_private, close_listener
 from .packets import Ack, BadChecksum, Framer, Interrupt, Malformed, Nack, Oversize, Packet, encode
 
 __all__ = ["GdbAddress", "GdbAddressError", "parse_address", "GdbServer", "Connection", "NewClient", "ClientGone"]
@@ -208,31 +207,10 @@ class GdbServer:
 
     @staticmethod
     def _unix_socket(path: str) -> socket.socket:
-        if os.path.lexists(path):
-            try:
-                is_sock = stat.S_ISSOCK(os.lstat(path).st_mode)
-            except OSError:
-                is_sock = False
-            if not is_sock:
-                raise GdbAddressError(f"--gdb: {path} exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-                raise GdbAddressError(f"--gdb: {path} is in use")
-            except (ConnectionRefusedError, FileNotFoundError):
-                os.unlink(path)  # stale socket of a dead VM
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # the socket file is born 0600
         try:
-            sock.bind(path)
-        except OSError as exc:
-            sock.close()
-            raise GdbAddressError(f"--gdb: cannot listen on {path}: {exc.strerror}") from None
-        finally:
-            os.umask(old)
-        return sock
+            return bind_private(path)  # owner-only, stale sockets of ours replaced
+        except SocketPathError as exc:
+            raise GdbAddressError(f"--gdb: {exc}") from None
 
     def _accept_loop(self) -> None:
         while not self._closed:
@@ -268,15 +246,10 @@ class GdbServer:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
+        close_listener(self.sock, self.address.path if self.address.kind == "unix" else None)
         client = self.client
         if client is not None:
             client.close()
-        if self.address.kind == "unix":
-            with contextlib.suppress(OSError):
-                os.unlink(self.address.path)
 
     def __enter__(self):
         return self

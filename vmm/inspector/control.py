@@ -35,7 +35,6 @@ import json
 import mmap
 import os
 import socket
-import stat
 import struct
 import threading
 import time
@@ -46,6 +45,7 @@ from mm.physmem import BufferMemory
 
 from ..errors import UsageError
 from ..snapshot.format import SnapshotError
+from ..unix_socket import SocketPathError, bind_private, close_listener
 from ..snapshot.machine import save_vm_paused
 from .dirty import dirty_pages
 from ..registers import capture
@@ -105,18 +105,12 @@ class ControlServer:
             raise ControlError("the VM's RAM is not memfd-backed; it cannot be shared")
         self.vm = vm
         self.path = path
-        _clear_stale_socket(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Whoever can connect can pause the guest and map all of its RAM, so the
-        # socket is its owner's alone whatever the umask: Linux gives the bound
-        # file the socket inode's mode (masked by the umask), so set 0600 first.
-        os.fchmod(self.sock.fileno(), 0o600)
+        # Whoever can connect can pause the guest and map all of its RAM: the
+        # socket is its owner's alone whatever the umask (vmm.unix_socket).
         try:
-            self.sock.bind(path)
-            os.chmod(path, 0o600)
-        except OSError as exc:
-            self.sock.close()
-            raise ControlError(f"cannot listen on {path}: {exc.strerror}") from None
+            self.sock = bind_private(path)
+        except SocketPathError as exc:
+            raise ControlError(str(exc)) from None
         self.sock.listen(4)
         self._closed = False
         self._thread = threading.Thread(target=self._accept_loop, name="vmm-control", daemon=True)
@@ -126,11 +120,7 @@ class ControlServer:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        close_listener(self.sock, self.path)
 
     def __enter__(self):
         return self
@@ -270,37 +260,6 @@ def peer_uid(conn: socket.socket) -> int:
     """The connecting process's uid (SO_PEERCRED: struct ucred {pid, uid, gid})."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
-
-
-def _clear_stale_socket(path: str) -> None:
-    """Make room for a new socket at ``path``: only a dead socket of our own goes.
-
-    Anything else at the path (a file, a live VM's socket, another user's
-    socket) is left untouched and refused with one line.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise ControlError(f"cannot check {path}: {exc.strerror}") from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ControlError(f"{path} exists and is not a socket; refusing to replace it")
-    if st.st_uid != os.geteuid():
-        raise ControlError(f"{path} is a socket of uid {st.st_uid}, not ours; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(0.2)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # stale socket from a dead VM of ours
-        return
-    except OSError:
-        pass  # busy or timing out: somebody is there
-    finally:
-        probe.close()
-    raise ControlError(f"{path} is in use by another VM")
 
 
 class RemoteTarget:
