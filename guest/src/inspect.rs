@@ -52,12 +52,17 @@ static BLOCK: Global = Global(UnsafeCell::new(InspectBlock {
     stacks: [StackRecord::EMPTY; MAX_STACKS],
 }));
 
-/// Nesting depth of open critical sections (one CPU: a plain cell).
-struct Depth(UnsafeCell<u32>);
-// SAFETY: one CPU; an exception handler that nests a section closes it
-// before returning to the code it interrupted.
-unsafe impl Sync for Depth {}
-static DEPTH: Depth = Depth(UnsafeCell::new(0));
+/// An open critical section, from [`begin`] to [`end`]: the odd `seq` this
+/// `begin` wrote if it opened the outermost section, 0 if a section was
+/// already open (then `end` writes nothing: the outer one closes it).
+///
+/// Nesting is read off `seq` itself (odd = a section is open) rather than a
+/// depth counter: the heap's slow path opens one section per operation, and
+/// a counter was two more dependent read-modify-writes of memory each time.
+/// One CPU: an exception handler that nests a section closes it before
+/// returning to the code it interrupted, so `seq` is as that code left it.
+#[must_use = "a critical section must be closed with inspect::end"]
+pub struct Section(u64);
 
 /// Opens a critical section: `seq` turns odd until the matching [`end`].
 ///
@@ -66,32 +71,31 @@ static DEPTH: Depth = Depth(UnsafeCell::new(0));
 /// heap, the frame bitmap or the page tables are mid-update and retries
 /// instead of reporting a torn state as corruption. Sections nest.
 #[inline(always)]
-pub fn begin() {
-    // SAFETY: single CPU, see `Depth` and `Global`.
-    unsafe {
-        let d = DEPTH.0.get();
-        if *d == 0 {
-            let seq = addr_of_mut!((*BLOCK.0.get()).seq);
-            seq.write_volatile(seq.read_volatile() | 1);
+pub fn begin() -> Section {
+    // SAFETY: single CPU, see `Global`.
+    let s = unsafe {
+        let seq = addr_of_mut!((*BLOCK.0.get()).seq);
+        let s = seq.read_volatile();
+        if s & 1 == 0 {
+            seq.write_volatile(s | 1);
+            Section(s | 1)
+        } else {
+            Section(0)
         }
-        *d += 1;
-    }
+    };
     core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    s
 }
 
-/// Closes the section opened by [`begin`]; `seq` becomes even (and larger).
+/// Closes the section opened by [`begin`]; if it was the outermost, `seq`
+/// becomes even (and larger) and the quiet hook runs.
 #[inline(always)]
-pub fn end() {
+pub fn end(s: Section) {
     core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
-    // SAFETY: as in `begin`.
-    unsafe {
-        let d = DEPTH.0.get();
-        *d -= 1;
-        if *d == 0 {
-            let seq = addr_of_mut!((*BLOCK.0.get()).seq);
-            seq.write_volatile(seq.read_volatile().wrapping_add(1));
-            inspect_quiet();
-        }
+    if s.0 != 0 {
+        // SAFETY: as in `begin`.
+        unsafe { addr_of_mut!((*BLOCK.0.get()).seq).write_volatile(s.0.wrapping_add(1)) };
+        inspect_quiet();
     }
 }
 
@@ -118,16 +122,16 @@ pub fn quiet_hook() -> u64 {
 /// True inside a critical section (debug assertions of the mutators).
 #[inline(always)]
 pub fn in_critical() -> bool {
-    // SAFETY: single CPU, see `Depth`.
-    unsafe { *DEPTH.0.get() > 0 }
+    // SAFETY: single CPU, see `Global`.
+    unsafe { addr_of!((*BLOCK.0.get()).seq).read_volatile() & 1 != 0 }
 }
 
 /// Runs `f` inside a critical section.
 #[inline(always)]
 pub fn critical<R>(f: impl FnOnce() -> R) -> R {
-    begin();
+    let s = begin();
     let r = f();
-    end();
+    end(s);
     r
 }
 
@@ -135,16 +139,16 @@ pub fn critical<R>(f: impl FnOnce() -> R) -> R {
 /// the host sees every update in order).
 #[inline]
 pub fn update(f: impl FnOnce(&mut InspectBlock)) {
-    begin();
+    let s = begin();
     // SAFETY: single CPU, see `Global`; `begin`/`end` fence the field stores.
     unsafe { f(&mut *BLOCK.0.get()) };
-    end();
+    end(s);
 }
 
 /// Runs `f` on the block inside a critical section the caller already
 /// holds: `seq` is odd already and `end` fences the stores, so no second
-/// bracket (on the heap's slow path the nested `begin`/`end` were four
-/// dependent read-modify-writes of the depth counter per operation).
+/// bracket (on the heap's slow path a nested `begin`/`end` would be one more
+/// read of `seq` and a branch per operation).
 #[inline(always)]
 pub fn update_in_critical(f: impl FnOnce(&mut InspectBlock)) {
     debug_assert!(in_critical(), "inspect: update_in_critical outside a critical section");

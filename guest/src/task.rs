@@ -151,11 +151,11 @@ pub fn spawn(name: &'static str, entry: extern "sysv64" fn(u64), arg: u64) -> Re
     let id = t.next_id;
     // The stack is mapped and its record published in one inspect critical
     // section (see `init_boot_task`).
-    inspect::begin();
+    let section = inspect::begin();
     let rec = match stack::alloc_stack(id, &in_use) {
         Ok(rec) => rec,
         Err(e) => {
-            inspect::end();
+            inspect::end(section);
             return Err(TaskError::Stack(e));
         }
     };
@@ -168,7 +168,7 @@ pub fn spawn(name: &'static str, entry: extern "sysv64" fn(u64), arg: u64) -> Re
     unsafe { core::ptr::copy_nonoverlapping(words.as_ptr(), frame as *mut u64, words.len()) };
     t.tasks[i] = Task { id, state: State::Ready, rsp: frame, name, stack: rec };
     publish(i, &t.tasks[i]);
-    inspect::end();
+    inspect::end(section);
     Ok(id)
 }
 

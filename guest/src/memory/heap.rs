@@ -223,8 +223,8 @@ impl Heap {
     /// it to the backing allocator. On failure the pages mapped so far stay
     /// in the heap.
     ///
-    /// Callers hold an inspect critical section around the grow *and* the
-    /// publish that follows: pages are mapped one by one and `heap_end` is
+    /// Callers hold an inspect critical section around the grow, which ends
+    /// with a full publish: pages are mapped one by one and `heap_end` is
     /// published at the end, so between the two a host would otherwise see
     /// mapped heap pages past the published end with `seq` even.
     fn grow(&mut self, bytes: u64) -> Result<(), MapError> {
@@ -260,6 +260,7 @@ impl Heap {
                 }
             }
         }
+        self.publish();
         result
     }
 
@@ -382,36 +383,22 @@ impl Heap {
         true
     }
 
+    /// The slow path's allocation (after `fast_alloc` declined): whole
+    /// frames for large requests, else the backing allocator, growing the
+    /// heap if it has no fitting block.
+    ///
     /// # Safety
-    /// The heap's pages and caches must be intact, as for `backing_alloc`
-    /// and `fast_alloc` (the state `GlobalAlloc` relies on).
+    /// The heap's pages must be intact, as for `backing_alloc` (the state
+    /// `GlobalAlloc` relies on); the caller holds an inspect critical section.
+    #[inline(always)]
     pub unsafe fn alloc(&mut self, layout: Layout) -> *mut u8 {
         if Self::is_large(layout) {
-            let pages = align_up(layout.size() as u64, PAGE_SIZE) / PAGE_SIZE;
-            let align = (layout.align() as u64).max(PAGE_SIZE);
-            return match frames::with(|fa| fa.alloc_contiguous(pages, align)) {
-                Ok(phys) => {
-                    self.large_bytes += (pages * PAGE_SIZE) as usize;
-                    self.allocs += 1;
-                    phys_to_virt(phys) as *mut u8
-                }
-                Err(_) => null_mut(),
-            };
-        }
-        if let Some(p) = self.fast_alloc(layout) {
-            return p;
+            return self.alloc_large(layout);
         }
         let (size, align) = Self::small_shape(layout);
         let mut p = self.backing_alloc(size, align);
         if p.is_null() {
-            // Grow by a step, or (near the limit) by just what is needed
-            // (room for tags and an aligned split included). Even a failed
-            // grow may have mapped some pages, so retry anyway.
-            let want = (size + align + 2 * tlsf::MIN_BLOCK) as u64;
-            if self.grow(want.max(HEAP_GROW_STEP)).is_err() {
-                let _ = self.grow(want);
-            }
-            p = self.backing_alloc(size, align);
+            p = self.grow_and_alloc(size, align);
         }
         if !p.is_null() {
             self.allocs += 1;
@@ -419,28 +406,51 @@ impl Heap {
         p
     }
 
+    /// Whole contiguous frames, used through the direct map.
+    #[inline(never)]
+    fn alloc_large(&mut self, layout: Layout) -> *mut u8 {
+        let pages = align_up(layout.size() as u64, PAGE_SIZE) / PAGE_SIZE;
+        let align = (layout.align() as u64).max(PAGE_SIZE);
+        match frames::with(|fa| fa.alloc_contiguous(pages, align)) {
+            Ok(phys) => {
+                self.large_bytes += (pages * PAGE_SIZE) as usize;
+                self.allocs += 1;
+                phys_to_virt(phys) as *mut u8
+            }
+            Err(_) => null_mut(),
+        }
+    }
+
+    /// The backing allocator had no fitting block: grow by a step, or (near
+    /// the limit) by just what is needed (room for tags and an aligned split
+    /// included), and try again. Even a failed grow may have mapped some
+    /// pages, so retry anyway.
+    ///
+    /// # Safety
+    /// As for `backing_alloc`.
+    #[inline(never)]
+    unsafe fn grow_and_alloc(&mut self, size: usize, align: usize) -> *mut u8 {
+        let want = (size + align + 2 * tlsf::MIN_BLOCK) as u64;
+        if self.grow(want.max(HEAP_GROW_STEP)).is_err() {
+            let _ = self.grow(want);
+        }
+        self.backing_alloc(size, align)
+    }
+
+    /// The slow path's free (after `fast_free` declined).
+    ///
     /// # Safety
     /// `ptr` must come from `alloc` on this heap with the same `layout`, and
     /// the caller must not use it afterwards (the `GlobalAlloc::dealloc`
     /// contract). Detected violations are recorded as findings, not relied on.
+    #[inline(always)]
     pub unsafe fn dealloc(&mut self, ptr: *mut u8, layout: Layout) {
         if Self::is_large(layout) {
-            self.frees += 1;
-            if self.in_heap(ptr as u64) {
-                self.record(Finding { kind: FindingKind::NotHeap, addr: ptr as u64 });
-                return;
-            }
-            let pages = align_up(layout.size() as u64, PAGE_SIZE) / PAGE_SIZE;
-            let phys = ptr as u64 - super::phys_offset();
-            frames::with(|fa| fa.free_contiguous(phys, pages)).expect("heap: freeing large allocation");
-            self.large_bytes -= (pages * PAGE_SIZE) as usize;
+            self.dealloc_large(ptr, layout);
             return;
         }
         if !self.in_heap(ptr as u64) {
             self.record(Finding { kind: FindingKind::NotHeap, addr: ptr as u64 });
-            return;
-        }
-        if self.fast_free(ptr, layout) {
             return;
         }
         self.frees += 1;
@@ -448,21 +458,43 @@ impl Heap {
         self.backing_free(ptr, size);
     }
 
+    #[inline(never)]
+    fn dealloc_large(&mut self, ptr: *mut u8, layout: Layout) {
+        self.frees += 1;
+        if self.in_heap(ptr as u64) {
+            self.record(Finding { kind: FindingKind::NotHeap, addr: ptr as u64 });
+            return;
+        }
+        let pages = align_up(layout.size() as u64, PAGE_SIZE) / PAGE_SIZE;
+        let phys = ptr as u64 - super::phys_offset();
+        frames::with(|fa| fa.free_contiguous(phys, pages)).expect("heap: freeing large allocation");
+        self.large_bytes -= (pages * PAGE_SIZE) as usize;
+    }
+
     /// Copies the allocator's state into the inspect block. Callers hold
     /// an inspect critical section (every mutation does).
-    #[inline]
     fn publish(&self) {
         let index = &self.index as *const HeapIndex as u64;
         crate::inspect::update_in_critical(|b| {
-            b.heap_free_head = self.list.head();
             b.heap_start = self.start;
             b.heap_end = self.end;
+            b.heap_index = index;
+        });
+        self.publish_counts();
+    }
+
+    /// The part of `publish` an allocation or free can change (start, end
+    /// and the index address change only in `init` and `grow`, which
+    /// publish everything). Callers hold an inspect critical section.
+    #[inline(always)]
+    fn publish_counts(&self) {
+        crate::inspect::update_in_critical(|b| {
+            b.heap_free_head = self.list.head();
             b.heap_free_bytes = self.backing_free_bytes() as u64;
             b.heap_large_bytes = self.large_bytes as u64;
             b.heap_allocs = self.allocs;
             b.heap_frees = self.frees;
             b.heap_cached_bytes = self.cached_bytes as u64;
-            b.heap_index = index;
         });
     }
 
@@ -739,6 +771,18 @@ fn report_finding(f: Finding) {
     crate::println!("heap: finding {} at {:#x} (operation refused, block leaked)", f.kind.name(), f.addr);
 }
 
+/// Reports the finding the last operation recorded, after the heap lock is
+/// released (the report path may allocate).
+#[cold]
+#[inline(never)]
+fn report_unreported(mut h: crate::sync::SpinLockGuard<'_, Heap>) {
+    let f = h.unreported.take();
+    drop(h);
+    if let Some(f) = f {
+        report_finding(f);
+    }
+}
+
 pub struct KernelAllocator;
 
 unsafe impl GlobalAlloc for KernelAllocator {
@@ -754,14 +798,12 @@ unsafe impl GlobalAlloc for KernelAllocator {
         }
         // Slow path: one inspect critical section, so a host that parks the
         // vCPU inside it sees an odd `seq` and retries.
-        let p = crate::inspect::critical(|| {
-            let p = h.alloc(layout);
-            h.publish();
-            p
-        });
-        if let Some(f) = h.unreported.take() {
-            drop(h);
-            report_finding(f);
+        let s = crate::inspect::begin();
+        let p = h.alloc(layout);
+        h.publish_counts();
+        crate::inspect::end(s);
+        if h.unreported.is_some() {
+            report_unreported(h);
         }
         p
     }
@@ -773,13 +815,12 @@ unsafe impl GlobalAlloc for KernelAllocator {
         if h.fast_free(ptr, layout) {
             return;
         }
-        crate::inspect::critical(|| {
-            h.dealloc(ptr, layout);
-            h.publish();
-        });
-        if let Some(f) = h.unreported.take() {
-            drop(h);
-            report_finding(f);
+        let s = crate::inspect::begin();
+        h.dealloc(ptr, layout);
+        h.publish_counts();
+        crate::inspect::end(s);
+        if h.unreported.is_some() {
+            report_unreported(h);
         }
     }
 

@@ -479,6 +479,7 @@ impl Tlsf {
     /// # Safety
     /// The region handed over by `extend` must still be mapped, writable
     /// and used by nothing but this allocator.
+    #[inline(always)]
     pub unsafe fn alloc(&mut self, size: usize, align: usize, found: &mut Option<Finding>) -> *mut u8 {
         let need = block_size(size);
         if align <= GRAIN {
@@ -596,6 +597,7 @@ impl Tlsf {
     /// `ptr` must have come from `alloc` on this allocator and not be used by
     /// the caller afterwards; the region as for `alloc`. Bad tags, footers
     /// and links are detected and refused, not relied on.
+    #[inline(always)]
     pub unsafe fn free(&mut self, ptr: *mut u8, min_size: usize) -> Result<usize, Finding> {
         let (b, t) = self.tag_of(ptr)?;
         let size = (t & SIZE_MASK) as usize;
