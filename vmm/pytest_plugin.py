@@ -29,7 +29,8 @@ import pytest
 from mm import walker
 from mm.flags import ADDR_MASK
 
-from .abi import ReportKind
+from .abi import ExitCode, ReportKind
+from .devices import Stop
 from .elf import load_kernel_file
 from .guest_build import GuestBuildError, build_guest, built_kernel_sha256
 from .inspector.snapshot import take_snapshot
@@ -251,10 +252,9 @@ class _ZygotePool:
         # later object (a rebuilt kernel at the same path) can take an id in a key.
         self.images: dict[int, object] = {}
 
-    def start(self, image, memory: int, cmdline: str, timeout: float):
-        """(vm, result) of ``cmdline`` run from the zygote point (or cold, if
-        its boot-time words end the run before READY: scenario=panic, ...)."""
-        boot, work = split_cmdline(cmdline)
+    def zygote(self, image, memory: int, boot: str, timeout: float):
+        """(key, Zygote) for these boot-time words, booted on first use; the
+        Zygote is None if that boot never reaches the wait for work."""
         self.images[id(image)] = image
         key = (image.path, id(image), memory, boot)
         z = self.zygotes.get(key)
@@ -264,6 +264,13 @@ class _ZygotePool:
                 self.idle[key] = []
             except SnapshotError:
                 self.cold.add(key)
+        return key, z
+
+    def start(self, image, memory: int, cmdline: str, timeout: float):
+        """(vm, result) of ``cmdline`` run from the zygote point (or cold, if
+        its boot-time words end the run before READY: scenario=panic, ...)."""
+        boot, work = split_cmdline(cmdline)
+        key, z = self.zygote(image, memory, boot, timeout)
         if z is None:
             return boot_guest(image, cmdline=cmdline, memory=memory, timeout=timeout)
         idle = self.idle[key]
@@ -361,6 +368,71 @@ def vmm_boot(request, pytestconfig):
             pool.release(vm, result)
         else:
             vm.close()
+
+
+def _stop_at_ready(report):
+    return Stop(ExitCode.SUCCESS, "ready", "parked at READY") if report.kind == ReportKind.READY else None
+
+
+@pytest.fixture
+def vmm_vm(pytestconfig):
+    """Factory for tests that drive the run themselves (watch it from another
+    thread, stop it at a report, serve it on a control socket):
+    ``vmm_vm(cmdline="", *, memory=64 << 20, timeout=None, on_report=None,
+    console=None, dirty_log=False, fresh=False) -> Vm``, a VM that has not run yet, whose
+    ``run()`` does ``cmdline``'s work. VMs close at teardown.
+
+    By default it is a fork of the zygote for ``cmdline``'s boot-time words,
+    parked after READY with the work words in its mailbox: ``run()`` returns
+    what comes after READY (``on_report`` never sees the boot's reports), and
+    the VM shares the zygote's KASLR slide. ``fresh=True``, ``--vmm-cold`` and
+    ``scenario=`` words give ``Vm(...)`` itself, to run from its first
+    instruction."""
+    reason = kvm_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    opened: list = []
+    default_timeout = pytestconfig.getoption("--vmm-timeout", DEFAULT_TIMEOUT)
+
+    def _vm(cmdline: str = "", *, memory: int = DEFAULT_MEMORY, timeout: float | None = None, on_report=None,
+            console=None, dirty_log: bool = False, fresh: bool = False):
+        image = _kernel_image(pytestconfig)
+        timeout = timeout or default_timeout
+        z = None
+        if not fresh and _use_zygote(pytestconfig, cmdline):
+            boot, work = split_cmdline(cmdline)
+            _, z = _pool(pytestconfig).zygote(image, memory, boot, timeout)
+        if z is not None:
+            # Dirty logging only if asked, as for a cold VM: the inspector
+            # reads the log when it has one, and both modes must take one path.
+            vm = z.fork(work, console=console, on_report=on_report, timeout=timeout, dirty_log=dirty_log)
+        else:
+            vm = Vm(image, VmConfig(memory=memory, cmdline=cmdline, timeout=timeout, dirty_log=dirty_log),
+                    console=console, on_report=on_report)
+        opened.append(vm)
+        return vm
+
+    yield _vm
+    for vm in opened:
+        vm.close()
+
+
+@pytest.fixture
+def vmm_ready(vmm_vm):
+    """Factory: ``vmm_ready(*, memory=64 << 20, dirty_log=False, fresh=False) -> Vm``, the
+    default guest parked just after READY, for tests that look at a booted
+    guest: an unrun fork of the zygote (already there), or with
+    ``fresh=True``/``--vmm-cold`` a cold boot run until its READY report."""
+
+    def _ready(*, memory: int = DEFAULT_MEMORY, dirty_log: bool = False, fresh: bool = False):
+        vm = vmm_vm("", memory=memory, on_report=_stop_at_ready, dirty_log=dirty_log, fresh=fresh)
+        if getattr(vm, "forked_from", None) is None:
+            result = vm.run()
+            if result.stop_reason != "ready":
+                raise AssertionError(f"the guest did not reach READY: {result.stop_reason}: {result.message}")
+        return vm
+
+    return _ready
 
 
 # --- in-guest tests as pytest items ------------------------------------------------------------

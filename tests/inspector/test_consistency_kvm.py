@@ -17,7 +17,6 @@ from vmm.inspector.physical import physical_view
 from vmm.inspector.snapshot import STOPPED, VALIDATED, Snapshotter, read_block
 from vmm.inspector.target import LocalTarget
 from vmm.layout import PHYS_OFFSET
-from vmm.vm import Vm, VmConfig
 
 pytestmark = pytest.mark.kvm
 
@@ -165,40 +164,40 @@ def _huge_scratch_alias(snap) -> bool:
     )
 
 
-def _hammer(guest_image, cmdline, memory=64 << 20, seconds_limit=120, damaged_heap_ok=False):
+def _hammer(vmm_vm, cmdline, memory=64 << 20, seconds_limit=120, damaged_heap_ok=False):
     """Snapshots back to back while the guest runs ``cmdline``; returns them checked."""
     seen = {"snaps": 0, "checked": 0, "busy": 0, "stopped": 0, "heap_ends": set(), "tasks": set(), "mappings": set()}
     problems: list[str] = []
-    with Vm(guest_image, VmConfig(memory=memory, cmdline=cmdline, timeout=seconds_limit)) as vm:
-        snapper = Snapshotter(LocalTarget(vm))
+    vm = vmm_vm(cmdline, memory=memory, timeout=seconds_limit)
+    snapper = Snapshotter(LocalTarget(vm))
 
-        def watch():
-            while not vm.running:
-                time.sleep(0.001)
-            while vm.running:
-                try:
-                    snap = snapper.take()
-                except Exception as exc:  # the guest stopped mid-snapshot
-                    if vm.running:
-                        problems.append(f"snapshot raised {type(exc).__name__}: {exc}")
-                    return
-                seen["snaps"] += 1
-                if not snap.parked or snap.block is None or snap.block.heap_start == 0:
-                    continue  # stopped by now, or before the allocators exist
-                if snap.busy:
-                    seen["busy"] += 1
-                    continue
-                seen["stopped"] += snap.method == STOPPED
-                assert snap.method in (VALIDATED, STOPPED)
-                found = consistency_problems(snap, vm.memory, damaged_heap_ok=damaged_heap_ok)
-                found += label_problems(snap)
-                problems.extend(f"snapshot {seen['snaps']} ({snap.method}): {p}" for p in found)
-                seen["checked"] += 1
-                seen["heap_ends"].add(snap.block.heap_end)
-                seen["tasks"].update(s.task_id for s in snap.block.stacks)
-                seen["mappings"].add(len(snap.runs))
+    def watch():
+        while not vm.running:
+            time.sleep(0.001)
+        while vm.running:
+            try:
+                snap = snapper.take()
+            except Exception as exc:  # the guest stopped mid-snapshot
+                if vm.running:
+                    problems.append(f"snapshot raised {type(exc).__name__}: {exc}")
+                return
+            seen["snaps"] += 1
+            if not snap.parked or snap.block is None or snap.block.heap_start == 0:
+                continue  # stopped by now, or before the allocators exist
+            if snap.busy:
+                seen["busy"] += 1
+                continue
+            seen["stopped"] += snap.method == STOPPED
+            assert snap.method in (VALIDATED, STOPPED)
+            found = consistency_problems(snap, vm.memory, damaged_heap_ok=damaged_heap_ok)
+            found += label_problems(snap)
+            problems.extend(f"snapshot {seen['snaps']} ({snap.method}): {p}" for p in found)
+            seen["checked"] += 1
+            seen["heap_ends"].add(snap.block.heap_end)
+            seen["tasks"].update(s.task_id for s in snap.block.stacks)
+            seen["mappings"].add(len(snap.runs))
 
-        result = run_watched(vm, watch)
+    result = run_watched(vm, watch)
     assert result.exit_code == 0, result.message
     assert not problems, f"{len(problems)} problems in {seen['checked']} snapshots: {problems[:5]}"
     return seen
@@ -215,52 +214,52 @@ _HOST_EMULATED = pytest.mark.skipif(
 
 
 @_HOST_EMULATED
-def test_hammered_snapshots_of_workload_mm_are_consistent_and_labelled(guest_image):
-    seen = _hammer(guest_image, "workload=mm workload_ms=2500")
+def test_hammered_snapshots_of_workload_mm_are_consistent_and_labelled(vmm_vm):
+    seen = _hammer(vmm_vm, "workload=mm workload_ms=2500")
     assert seen["checked"] >= 10, seen
     assert len(seen["tasks"]) > 2, "the workload should have spawned tasks while watched"
     assert len(seen["mappings"]) > 1, "the page tables should have changed while watched"
 
 
 @_HOST_EMULATED
-def test_hammered_snapshots_of_the_in_guest_tests_are_consistent_and_labelled(guest_image):
-    seen = _hammer(guest_image, "tests=all", memory=128 << 20, damaged_heap_ok=True)
+def test_hammered_snapshots_of_the_in_guest_tests_are_consistent_and_labelled(vmm_vm):
+    seen = _hammer(vmm_vm, "tests=all", memory=128 << 20, damaged_heap_ok=True)
     assert seen["checked"] >= 10, seen
     assert len(seen["heap_ends"]) > 1, "the heap should have grown while watched"
 
 
 @_HOST_EMULATED
-def test_run_to_the_quiet_hook_ends_a_critical_section(guest_image):
+def test_run_to_the_quiet_hook_ends_a_critical_section(vmm_vm):
     """Parked inside a critical section, the guest runs to the kernel's quiet
     hook (an instruction breakpoint) and is held there with ``seq`` even."""
-    with Vm(guest_image, VmConfig(memory=64 << 20, cmdline="workload=mm workload_ms=3000", timeout=60)) as vm:
-        target = LocalTarget(vm)
-        found = {"busy": 0, "quiet": 0, "rips": set(), "hook": None}
+    vm = vmm_vm("workload=mm workload_ms=3000", timeout=60)
+    target = LocalTarget(vm)
+    found = {"busy": 0, "quiet": 0, "rips": set(), "hook": None}
 
-        def watch():
-            while not vm.running:
-                time.sleep(0.001)
+    def watch():
+        while not vm.running:
+            time.sleep(0.001)
+        facts = target.facts()
+        deadline = time.time() + 10
+        while vm.running and not facts.report.quiet_hook and time.time() < deadline:
+            time.sleep(0.01)  # until the guest has sent its INSPECT report
             facts = target.facts()
-            deadline = time.time() + 10
-            while vm.running and not facts.report.quiet_hook and time.time() < deadline:
-                time.sleep(0.01)  # until the guest has sent its INSPECT report
-                facts = target.facts()
-            hook = found["hook"] = facts.report.quiet_hook
-            while vm.running and found["quiet"] < 5:
-                with target.paused() as parked:
-                    if not parked:
-                        break
-                    block = read_block(vm.memory, facts)
-                    if block is None or not block.busy:
-                        continue
-                    found["busy"] += 1
-                    if target.run_to(hook, 0.5):
-                        found["quiet"] += 1
-                        found["rips"].add(target.control_registers().rip)
-                        assert not read_block(vm.memory, facts).busy
-                time.sleep(0.01)
+        hook = found["hook"] = facts.report.quiet_hook
+        while vm.running and found["quiet"] < 5:
+            with target.paused() as parked:
+                if not parked:
+                    break
+                block = read_block(vm.memory, facts)
+                if block is None or not block.busy:
+                    continue
+                found["busy"] += 1
+                if target.run_to(hook, 0.5):
+                    found["quiet"] += 1
+                    found["rips"].add(target.control_registers().rip)
+                    assert not read_block(vm.memory, facts).busy
+            time.sleep(0.01)
 
-        result = run_watched(vm, watch)
+    result = run_watched(vm, watch)
     assert result.exit_code == 0, result.message
     assert found["hook"], "the INSPECT report names no quiet_hook"
     assert found["quiet"] >= 3, found
@@ -268,7 +267,7 @@ def test_run_to_the_quiet_hook_ends_a_critical_section(guest_image):
 
 
 @_HOST_EMULATED
-def test_a_quiet_remote_pause_parks_a_busy_guest_outside_its_critical_sections(guest_image, tmp_path):
+def test_a_quiet_remote_pause_parks_a_busy_guest_outside_its_critical_sections(vmm_vm, tmp_path):
     # Over the control socket a busy guest (workload=mm spends nearly all its
     # time inside allocator and paging sections) would be parked busy again
     # and again, a round trip each: a "quiet" pause runs it to the section's
@@ -276,33 +275,34 @@ def test_a_quiet_remote_pause_parks_a_busy_guest_outside_its_critical_sections(g
     from vmm.inspector.control import ControlServer, RemoteTarget
 
     path = str(tmp_path / "vm.sock")
-    with Vm(guest_image, VmConfig(memory=64 << 20, cmdline="workload=mm workload_ms=4000", timeout=60)) as vm:
-        seen = {"plain_busy": 0, "quiet_busy": 0, "quiet": 0, "ran": 0}
+    # Cold: the control server shares the VM's RAM memfd (a fork's CoW RAM has none).
+    vm = vmm_vm("workload=mm workload_ms=4000", timeout=60, fresh=True)
+    seen = {"plain_busy": 0, "quiet_busy": 0, "quiet": 0, "ran": 0}
 
-        def watch():
-            while not vm.running:
-                time.sleep(0.001)
-            with ControlServer(vm, path), RemoteTarget(path) as target:
+    def watch():
+        while not vm.running:
+            time.sleep(0.001)
+        with ControlServer(vm, path), RemoteTarget(path) as target:
+            facts = target.facts()
+            deadline = time.time() + 10
+            while vm.running and not facts.report.quiet_hook and time.time() < deadline:
+                time.sleep(0.01)
                 facts = target.facts()
-                deadline = time.time() + 10
-                while vm.running and not facts.report.quiet_hook and time.time() < deadline:
-                    time.sleep(0.01)
-                    facts = target.facts()
-                while vm.running and seen["quiet"] < 10:
-                    for quiet in (False, True):
-                        with target.paused(quiet=quiet) as pause:
-                            if not pause.parked:
-                                return
-                            busy = read_block(target.physmem, facts, parked=True).busy
-                        if quiet:
-                            seen["quiet"] += 1
-                            seen["quiet_busy"] += busy
-                            seen["ran"] += pause.ran_ms > 0
-                        else:
-                            seen["plain_busy"] += busy
-                    time.sleep(0.01)
+            while vm.running and seen["quiet"] < 10:
+                for quiet in (False, True):
+                    with target.paused(quiet=quiet) as pause:
+                        if not pause.parked:
+                            return
+                        busy = read_block(target.physmem, facts, parked=True).busy
+                    if quiet:
+                        seen["quiet"] += 1
+                        seen["quiet_busy"] += busy
+                        seen["ran"] += pause.ran_ms > 0
+                    else:
+                        seen["plain_busy"] += busy
+                time.sleep(0.01)
 
-        result = run_watched(vm, watch)
+    result = run_watched(vm, watch)
     assert result.exit_code == 0, result.message
     assert seen["quiet"] >= 5, seen
     assert seen["quiet_busy"] == 0, seen

@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from vmm.abi import ReportKind
 from vmm.devices import Stop
 from vmm.inspector.control import ControlServer, RemoteTarget
 from vmm.inspector.snapshot import RunFilter, take_snapshot
@@ -19,36 +18,28 @@ from vmm.vm import Vm, VmConfig
 pytestmark = pytest.mark.kvm
 
 
-def _stop_at_ready(report):
-    if report.kind == ReportKind.READY:
-        return Stop(0, "ready", "inspect")
-    return None
+def test_snapshot_at_ready_labels_and_audits(guest_image, vmm_ready):
+    vm = vmm_ready()
+    view = inspect(take_snapshot(LocalTarget(vm)), vm.memory)
+    labels = {label for _, label in view.runs}
+    assert {"kernel .text", "kernel .rodata", "kernel .data/.bss", "direct map"} <= labels
+    text = [r for r, label in view.runs if label == "kernel .text"][0]
+    assert text.virt == (guest_image.entry & ~0xFFF) + vm.slide
+    assert not [f for f in view.findings if f.severity.name == "ERROR"], view.findings
+    assert view.physical is not None and view.physical.allocated > 0
+    doc = view.to_json()
+    json.dumps(doc)
+    assert doc["schema"] == 1 and doc["kaslr_slide"] == vm.slide
 
 
-def test_snapshot_at_ready_labels_and_audits(guest_image):
-    with Vm(guest_image, VmConfig(memory=64 << 20, timeout=30), on_report=_stop_at_ready) as vm:
-        assert vm.run().stop_reason == "ready"
-        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory)
-        labels = {label for _, label in view.runs}
-        assert {"kernel .text", "kernel .rodata", "kernel .data/.bss", "direct map"} <= labels
-        text = [r for r, label in view.runs if label == "kernel .text"][0]
-        assert text.virt == (guest_image.entry & ~0xFFF) + vm.slide
-        assert not [f for f in view.findings if f.severity.name == "ERROR"], view.findings
-        assert view.physical is not None and view.physical.allocated > 0
-        doc = view.to_json()
-        json.dumps(doc)
-        assert doc["schema"] == 1 and doc["kaslr_slide"] == vm.slide
-
-
-def test_filters(guest_image):
-    with Vm(guest_image, VmConfig(memory=64 << 20, timeout=30), on_report=_stop_at_ready) as vm:
-        vm.run()
-        snap = take_snapshot(LocalTarget(vm))
-        execs = inspect(snap, vm.memory, RunFilter(executable=True)).runs
-        assert execs and all(label == "kernel .text" for _, label in execs)
-        assert not inspect(snap, vm.memory, RunFilter(user=True)).runs
-        big = inspect(snap, vm.memory, RunFilter(page_size=2 << 20)).runs
-        assert big and all(label in ("direct map", "framebuffer (direct map)") for _, label in big)
+def test_filters(vmm_ready):
+    vm = vmm_ready()
+    snap = take_snapshot(LocalTarget(vm))
+    execs = inspect(snap, vm.memory, RunFilter(executable=True)).runs
+    assert execs and all(label == "kernel .text" for _, label in execs)
+    assert not inspect(snap, vm.memory, RunFilter(user=True)).runs
+    big = inspect(snap, vm.memory, RunFilter(page_size=2 << 20)).runs
+    assert big and all(label in ("direct map", "framebuffer (direct map)") for _, label in big)
 
 
 def test_control_socket_snapshot_of_running_guest(guest_image, tmp_path):

@@ -15,15 +15,12 @@ import sys
 
 import pytest
 
-from vmm.abi import ReportKind
-from vmm.devices import Stop
 from vmm.inspector.control import ControlServer, RemoteTarget
 from vmm.inspector.physical import physical_view
 from vmm.inspector.snapshot import take_snapshot
 from vmm.inspector.target import LocalTarget
 from vmm.inspector.views import heap_view, inspect
 from vmm.layout import PHYS_OFFSET
-from vmm.vm import Vm, VmConfig
 
 pytestmark = pytest.mark.kvm
 RAM = 64 << 20
@@ -37,15 +34,11 @@ def ram_hash(vm) -> str:
     return h.hexdigest()
 
 
-def _stop_at_ready(report):
-    return Stop(0, "ready", "inspect") if report.kind == ReportKind.READY else None
-
-
 @pytest.fixture
-def stopped_vm(guest_image):
-    with Vm(guest_image, VmConfig(memory=RAM, timeout=30, dirty_log=True), on_report=_stop_at_ready) as vm:
-        assert vm.run().stop_reason == "ready"
-        yield vm
+def stopped_vm(vmm_ready):
+    # Cold: the control server shares the VM's RAM memfd, and a fork's
+    # copy-on-write RAM has no memfd of its own.
+    return vmm_ready(memory=RAM, dirty_log=True, fresh=True)
 
 
 def test_inspection_entry_points_leave_ram_unchanged(stopped_vm, tmp_path):

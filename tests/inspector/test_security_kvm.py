@@ -9,21 +9,14 @@ import time
 
 import pytest
 
-from vmm.abi import ReportKind
 from vmm.backend import detect_backend
-from vmm.devices import Stop
 from vmm.inspector.heap import RunTranslator
 from vmm.inspector.snapshot import take_snapshot
 from vmm.inspector.target import LocalTarget
 from vmm.inspector.views import audits, inspect
 from vmm.pytest_plugin import security_violations
-from vmm.vm import Vm, VmConfig
 
 pytestmark = pytest.mark.kvm
-
-
-def _stop_at_ready(report):
-    return Stop(0, "ready", "inspect") if report.kind == ReportKind.READY else None
 
 
 def _check_stacks(snap):
@@ -39,13 +32,12 @@ def _check_stacks(snap):
     return block
 
 
-def test_default_boot_is_secure(guest_image):
-    with Vm(guest_image, VmConfig(memory=64 << 20, timeout=30), on_report=_stop_at_ready) as vm:
-        assert vm.run().stop_reason == "ready"
-        assert security_violations(vm) == []
-        snap = take_snapshot(LocalTarget(vm))
-        _check_stacks(snap)
-        assert not [f for f in audits(snap) if f.severity.name == "ERROR"]
+def test_default_boot_is_secure(vmm_ready):
+    vm = vmm_ready()
+    assert security_violations(vm) == []
+    snap = take_snapshot(LocalTarget(vm))
+    _check_stacks(snap)
+    assert not [f for f in audits(snap) if f.severity.name == "ERROR"]
 
 
 _B = detect_backend()
@@ -55,31 +47,31 @@ _B = detect_backend()
     _B.emulated,
     reason=f"{_B.name} nested under {_B.nested_under}: the host side is emulated, the guest's workload ends first",
 )
-def test_guest_under_load_stays_secure_and_consistent(guest_image):
-    with Vm(guest_image, VmConfig(memory=64 << 20, cmdline="workload=mm workload_ms=1500", timeout=60)) as vm:
-        target = LocalTarget(vm)
-        seen_tasks, problems = set(), []
+def test_guest_under_load_stays_secure_and_consistent(vmm_vm):
+    vm = vmm_vm("workload=mm workload_ms=1500", timeout=60)
+    target = LocalTarget(vm)
+    seen_tasks, problems = set(), []
 
-        def watch():
-            while not vm.running:
-                time.sleep(0.001)
-            previous = None
-            while vm.running:
-                snap = take_snapshot(target)
-                if not snap.parked:
-                    continue
-                view = inspect(snap, vm.memory, previous=previous)
-                previous = snap
-                problems.extend(str(f) for f in view.findings if f.severity.name == "ERROR")
-                block = snap.block
-                if block is not None:
-                    seen_tasks.update(s.task_id for s in block.stacks)
-                time.sleep(0.05)
+    def watch():
+        while not vm.running:
+            time.sleep(0.001)
+        previous = None
+        while vm.running:
+            snap = take_snapshot(target)
+            if not snap.parked:
+                continue
+            view = inspect(snap, vm.memory, previous=previous)
+            previous = snap
+            problems.extend(str(f) for f in view.findings if f.severity.name == "ERROR")
+            block = snap.block
+            if block is not None:
+                seen_tasks.update(s.task_id for s in block.stacks)
+            time.sleep(0.05)
 
-        t = threading.Thread(target=watch)
-        t.start()
-        result = vm.run()
-        t.join()
-        assert result.exit_code == 0, result.message
-        assert not problems, problems[:5]
-        assert len(seen_tasks) > 1, "the workload should have run several tasks"
+    t = threading.Thread(target=watch)
+    t.start()
+    result = vm.run()
+    t.join()
+    assert result.exit_code == 0, result.message
+    assert not problems, problems[:5]
+    assert len(seen_tasks) > 1, "the workload should have run several tasks"

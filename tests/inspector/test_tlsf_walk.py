@@ -193,21 +193,19 @@ def _stop_at_summary(report):
 
 @pytest.mark.kvm
 @pytest.mark.parametrize("allocator", ["tlsf", "list"])
-def test_live_guest_heap_walks_clean(guest_image, allocator):
+def test_live_guest_heap_walks_clean(vmm_vm, allocator):
     from vmm.inspector.snapshot import take_snapshot
     from vmm.inspector.target import LocalTarget
     from vmm.inspector.views import inspect
-    from vmm.vm import Vm, VmConfig
 
     # After random traffic the heap holds live and cached blocks of many sizes.
-    cfg = VmConfig(memory=64 << 20, timeout=60, cmdline=f"allocator={allocator} tests=heap::random_mixed")
-    with Vm(guest_image, cfg, on_report=_stop_at_summary) as vm:
-        assert vm.run().stop_reason == "summary"
-        view = inspect(take_snapshot(LocalTarget(vm)), vm.memory)
-        h = view.heap
-        assert h is not None and h.allocator == allocator
-        assert not h.findings, h.findings
-        assert h.blocks and h.free_bytes > 0
-        if allocator == "tlsf":
-            assert h.used_blocks > 0 and h.cached_blocks > 0
-            assert sum(h.lists.values()) + (h.top != 0) == len(h.blocks)
+    vm = vmm_vm(f"allocator={allocator} tests=heap::random_mixed", timeout=60, on_report=_stop_at_summary)
+    assert vm.run().stop_reason == "summary"
+    view = inspect(take_snapshot(LocalTarget(vm)), vm.memory)
+    h = view.heap
+    assert h is not None and h.allocator == allocator
+    assert not h.findings, h.findings
+    assert h.blocks and h.free_bytes > 0
+    if allocator == "tlsf":
+        assert h.used_blocks > 0 and h.cached_blocks > 0
+        assert sum(h.lists.values()) + (h.top != 0) == len(h.blocks)

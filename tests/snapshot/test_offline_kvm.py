@@ -18,7 +18,6 @@ from vmm.inspector.target import LocalTarget
 from vmm.inspector.views import inspect
 from vmm.snapshot.machine import save_vm
 from vmm.snapshot.offline import SnapshotTarget
-from vmm.vm import Vm, VmConfig
 
 pytestmark = pytest.mark.kvm
 
@@ -33,7 +32,7 @@ def _view_json(target) -> dict:
 
 
 @pytest.mark.parametrize("cmdline", ["", "tests=heap"])
-def test_file_views_equal_live_views(tmp_path, vmm_kernel, cmdline):
+def test_file_views_equal_live_views(tmp_path, vmm_vm, vmm_ready, cmdline):
     """Stopped at the same point, the live guest and its snapshot give the same JSON."""
     kinds = {"": ReportKind.READY, "tests=heap": ReportKind.TEST_RESULT}
 
@@ -41,10 +40,13 @@ def test_file_views_equal_live_views(tmp_path, vmm_kernel, cmdline):
         return Stop(0, "here") if report.kind == kinds[cmdline] else None
 
     path = tmp_path / "g.core"
-    with Vm(vmm_kernel, VmConfig(memory=64 << 20, cmdline=cmdline, timeout=30), on_report=stop_at) as vm:
+    if cmdline:
+        vm = vmm_vm(cmdline, timeout=30, on_report=stop_at)
         assert vm.run().stop_reason == "here"
-        save_vm(vm, str(path), "test")
-        live = _view_json(LocalTarget(vm))
+    else:
+        vm = vmm_ready()
+    save_vm(vm, str(path), "test")
+    live = _view_json(LocalTarget(vm))
     with SnapshotTarget.open(str(path)) as target:
         offline = _view_json(target)
     assert offline == live

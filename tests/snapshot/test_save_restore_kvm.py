@@ -162,30 +162,23 @@ def test_a_failed_save_leaves_no_file(tmp_path, vmm_kernel_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_a_full_disk_leaves_no_file(tmp_path, vmm_kernel):
+def test_a_full_disk_leaves_no_file(tmp_path, vmm_ready):
     """The file size limit stops the write half-way, like a full disk (Python
     ignores SIGXFSZ, so write(2) fails with EFBIG)."""
-    from vmm.abi import ReportKind
-    from vmm.devices import Stop
     from vmm.snapshot.format import SnapshotError
     from vmm.snapshot.machine import save_vm
-    from vmm.vm import Vm, VmConfig
 
-    def at_ready(r):
-        return Stop(0, "ready") if r.kind == ReportKind.READY else None
-
-    with Vm(vmm_kernel, VmConfig(memory=64 << 20, timeout=30), on_report=at_ready) as vm:
-        assert vm.run().stop_reason == "ready"
-        old = resource.getrlimit(resource.RLIMIT_FSIZE)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, old[1]))
-        try:
-            with pytest.raises(SnapshotError, match="cannot save"):
-                save_vm(vm, str(tmp_path / "full.core"), "ready")
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, old)
-        assert os.listdir(tmp_path) == []
-        save_vm(vm, str(tmp_path / "ok.core"), "ready")  # and with room it works
-        assert os.listdir(tmp_path) == ["ok.core"]
+    vm = vmm_ready()
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, old[1]))
+    try:
+        with pytest.raises(SnapshotError, match="cannot save"):
+            save_vm(vm, str(tmp_path / "full.core"), "ready")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+    assert os.listdir(tmp_path) == []
+    save_vm(vm, str(tmp_path / "ok.core"), "ready")  # and with room it works
+    assert os.listdir(tmp_path) == ["ok.core"]
 
 
 def test_never_reached_save_point_is_an_error(tmp_path, vmm_kernel_path):
