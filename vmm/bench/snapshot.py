@@ -111,6 +111,9 @@ def _save_load(image, size: int, backend, tmp: str) -> dict:
 def run(image, kernel_path: str, runs: int, backend, *, quick: bool = False, sizes=SAVE_SIZES) -> Section:
     sec = Section("snapshot", "Snapshots, reset and fork")
     iters = 20 if quick else max(50, 10 * runs)
+    # The busier test runs ~0.7 s of emulated CPL0 work per reset on KVM-PVM:
+    # --quick (and the structure test in tests/snapshot) takes a few samples.
+    busy_iters = 5 if quick else iters
     cold = [_cold_cycle(image, backend) for _ in range(max(3, runs))]
     cold_fig = distribution(cold, "us")
     with Zygote(image, RAM, backend=backend) as z:
@@ -131,7 +134,7 @@ def run(image, kernel_path: str, runs: int, backend, *, quick: bool = False, siz
                 pages.append(info["pages"])
             busy_resets, busy_pages = [], []
             z.reset(vm, BUSY_TEST)
-            for _ in range(iters):
+            for _ in range(busy_iters):
                 r = vm.run()
                 assert r.exit_code == 0, r.message
                 t0 = _ns()
