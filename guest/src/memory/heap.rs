@@ -48,6 +48,21 @@ const MAX_CLASS: usize = MIN_BLOCK << (CLASSES - 1);
 /// Blocks a class cache holds before frees go back to the backing allocator.
 const CACHE_CAP: u32 = 256;
 
+/// The size class of a small request: the power of two from 16 up that
+/// holds `size` bytes (`size.max(16).next_power_of_two()`, one bit scan:
+/// `(size - 1) | 15` has its top bit one below the class's).
+#[inline(always)]
+fn class_size(size: usize) -> usize {
+    MIN_BLOCK << class_index(size)
+}
+
+/// Index of `class_size(size)` in the caches: 0 for 16 bytes.
+#[inline(always)]
+fn class_index(size: usize) -> usize {
+    let x = (size.max(1) - 1) | (MIN_BLOCK - 1);
+    (usize::BITS - 1 - x.leading_zeros()) as usize - (MIN_BLOCK.trailing_zeros() as usize - 1)
+}
+
 /// Which backing allocator the heap runs on (fixed at boot).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
@@ -264,18 +279,19 @@ impl Heap {
         result
     }
 
+    #[inline(always)]
     fn in_heap(&self, addr: u64) -> bool {
-        addr >= self.start && addr < self.start + HEAP_MAX
+        addr.wrapping_sub(self.start) < HEAP_MAX
     }
 
     /// Size and alignment a small request really takes from the backing
     /// allocator: the size class (power of two from 16 to 2048), else a 16
     /// multiple.
-    #[inline]
+    #[inline(always)]
     fn small_shape(layout: Layout) -> (usize, usize) {
         let align = layout.align().max(MIN_BLOCK);
-        let size = layout.size().max(1);
-        let size = if size <= MAX_CLASS { size.next_power_of_two().max(MIN_BLOCK) } else { (size + MIN_BLOCK - 1) & !(MIN_BLOCK - 1) };
+        let size = layout.size();
+        let size = if size <= MAX_CLASS { class_size(size) } else { (size + MIN_BLOCK - 1) & !(MIN_BLOCK - 1) };
         (size, align)
     }
 
@@ -286,7 +302,7 @@ impl Heap {
     /// # Safety
     /// The backing allocator's memory must be intact: heap pages mapped and
     /// used by nothing but the heap (true while `self` owns the kernel heap).
-    #[inline]
+    #[inline(always)]
     unsafe fn backing_alloc(&mut self, size: usize, align: usize) -> *mut u8 {
         match self.backing {
             Backing::Tlsf => {
@@ -304,7 +320,7 @@ impl Heap {
     /// # Safety
     /// `ptr` must come from `backing_alloc` with the same `size` and not be
     /// used by the caller afterwards; the backing memory as for `backing_alloc`.
-    #[inline]
+    #[inline(always)]
     unsafe fn backing_free(&mut self, ptr: *mut u8, size: usize) {
         let r = match self.backing {
             Backing::Tlsf => self.index.tlsf.free(ptr, size),
@@ -333,8 +349,8 @@ impl Heap {
         if self.mode != Mode::Fast || layout.align() > MIN_BLOCK || layout.size() > MAX_CLASS {
             return None;
         }
-        let size = layout.size().max(1).next_power_of_two().max(MIN_BLOCK);
-        let c = (size / MIN_BLOCK).trailing_zeros() as usize;
+        let c = class_index(layout.size());
+        let size = MIN_BLOCK << c;
         let b = self.cache[c];
         if b.is_null() {
             return None;
@@ -361,8 +377,8 @@ impl Heap {
         if self.mode != Mode::Fast || layout.size() > MAX_CLASS || layout.align() > LARGE_THRESHOLD {
             return false;
         }
-        let size = layout.size().max(1).next_power_of_two().max(MIN_BLOCK);
-        let c = (size / MIN_BLOCK).trailing_zeros() as usize;
+        let c = class_index(layout.size());
+        let size = MIN_BLOCK << c;
         if self.cache_len[c] >= CACHE_CAP {
             return false;
         }
@@ -415,6 +431,8 @@ impl Heap {
             Ok(phys) => {
                 self.large_bytes += (pages * PAGE_SIZE) as usize;
                 self.allocs += 1;
+                let large = self.large_bytes as u64;
+                crate::inspect::update_in_critical(|b| b.heap_large_bytes = large);
                 phys_to_virt(phys) as *mut u8
             }
             Err(_) => null_mut(),
@@ -469,6 +487,8 @@ impl Heap {
         let phys = ptr as u64 - super::phys_offset();
         frames::with(|fa| fa.free_contiguous(phys, pages)).expect("heap: freeing large allocation");
         self.large_bytes -= (pages * PAGE_SIZE) as usize;
+        let large = self.large_bytes as u64;
+        crate::inspect::update_in_critical(|b| b.heap_large_bytes = large);
     }
 
     /// Copies the allocator's state into the inspect block. Callers hold
@@ -479,19 +499,20 @@ impl Heap {
             b.heap_start = self.start;
             b.heap_end = self.end;
             b.heap_index = index;
+            b.heap_large_bytes = self.large_bytes as u64;
         });
         self.publish_counts();
     }
 
-    /// The part of `publish` an allocation or free can change (start, end
-    /// and the index address change only in `init` and `grow`, which
-    /// publish everything). Callers hold an inspect critical section.
+    /// The part of `publish` a small allocation or free can change (start,
+    /// end and the index address change only in `init` and `grow`, which
+    /// publish everything; the large path publishes `heap_large_bytes`).
+    /// Callers hold an inspect critical section.
     #[inline(always)]
     fn publish_counts(&self) {
         crate::inspect::update_in_critical(|b| {
             b.heap_free_head = self.list.head();
             b.heap_free_bytes = self.backing_free_bytes() as u64;
-            b.heap_large_bytes = self.large_bytes as u64;
             b.heap_allocs = self.allocs;
             b.heap_frees = self.frees;
             b.heap_cached_bytes = self.cached_bytes as u64;
@@ -771,6 +792,40 @@ fn report_finding(f: Finding) {
     crate::println!("heap: finding {} at {:#x} (operation refused, block leaked)", f.kind.name(), f.addr);
 }
 
+/// The slow path of `KernelAllocator::alloc`: one inspect critical section
+/// around the whole operation and its publish, so a host that parks the
+/// vCPU inside it sees an odd `seq` and retries. Out of line, so the fast
+/// path's function saves no registers for it.
+///
+/// # Safety
+/// As for `Heap::alloc`; `h` is the locked kernel heap.
+#[inline(never)]
+unsafe fn slow_alloc(mut h: crate::sync::SpinLockGuard<'_, Heap>, layout: Layout) -> *mut u8 {
+    let s = crate::inspect::begin();
+    let p = h.alloc(layout);
+    h.publish_counts();
+    crate::inspect::end(s);
+    if h.unreported.is_some() {
+        report_unreported(h);
+    }
+    p
+}
+
+/// The slow path of `KernelAllocator::dealloc` (see `slow_alloc`).
+///
+/// # Safety
+/// As for `Heap::dealloc`; `h` is the locked kernel heap.
+#[inline(never)]
+unsafe fn slow_dealloc(mut h: crate::sync::SpinLockGuard<'_, Heap>, ptr: *mut u8, layout: Layout) {
+    let s = crate::inspect::begin();
+    h.dealloc(ptr, layout);
+    h.publish_counts();
+    crate::inspect::end(s);
+    if h.unreported.is_some() {
+        report_unreported(h);
+    }
+}
+
 /// Reports the finding the last operation recorded, after the heap lock is
 /// released (the report path may allocate).
 #[cold]
@@ -796,16 +851,7 @@ unsafe impl GlobalAlloc for KernelAllocator {
         if let Some(p) = h.fast_alloc(layout) {
             return p;
         }
-        // Slow path: one inspect critical section, so a host that parks the
-        // vCPU inside it sees an odd `seq` and retries.
-        let s = crate::inspect::begin();
-        let p = h.alloc(layout);
-        h.publish_counts();
-        crate::inspect::end(s);
-        if h.unreported.is_some() {
-            report_unreported(h);
-        }
-        p
+        slow_alloc(h, layout)
     }
 
     /// # Safety
@@ -815,13 +861,7 @@ unsafe impl GlobalAlloc for KernelAllocator {
         if h.fast_free(ptr, layout) {
             return;
         }
-        let s = crate::inspect::begin();
-        h.dealloc(ptr, layout);
-        h.publish_counts();
-        crate::inspect::end(s);
-        if h.unreported.is_some() {
-            report_unreported(h);
-        }
+        slow_dealloc(h, ptr, layout)
     }
 
     /// # Safety

@@ -376,14 +376,27 @@ impl Tlsf {
         }
     }
 
-    /// Takes a free block at least `min` bytes long off its list, or None.
-    /// A list whose head has a broken tag or links is dropped (its blocks
-    /// leak) and reported through `found`.
+    /// True if some list at or above the one of `min` is non-empty: only
+    /// then can a list serve a request of `min` bytes (the own list may
+    /// still hold only smaller blocks; `pop_fit` sorts that out). Two bitmap
+    /// reads, no list is touched.
+    #[inline(always)]
+    fn lists_may_fit(&self, min: usize) -> bool {
+        let (fl, sl) = mapping(min);
+        fl < FL_COUNT && ((self.sl_bitmap[fl] >> sl) != 0 || (self.fl_bitmap >> fl) > 1)
+    }
+
+    /// Takes a free block at least `min` bytes long off its list, or the top
+    /// block, or None. A list whose head has a broken tag or links is
+    /// dropped (its blocks leak) and reported through `found`.
+    ///
+    /// Out of line: `alloc` comes here only when `lists_may_fit`; with empty
+    /// lists it takes the top block itself.
     ///
     /// # Safety
     /// The region as for `alloc`; corrupt tags and links are detected, not
     /// relied on.
-    #[inline(always)]
+    #[inline(never)]
     unsafe fn pop_fit(&mut self, min: usize, found: &mut Option<Finding>) -> Option<(u64, usize, bool)> {
         // Good fit without rounding up: the request's own list may hold a
         // block that fits; look at its first few members (a constant
@@ -458,19 +471,47 @@ impl Tlsf {
             }
         }
         // Last resort before growing: the top block.
+        self.take_top(min, found)
+    }
+
+    /// The top block if it is sound and at least `min` bytes long (it stays
+    /// the top: `carve` makes its remainder the new top).
+    ///
+    /// # Safety
+    /// The region as for `alloc`; a broken top tag is detected (reported
+    /// through `found`, the top dropped), not relied on.
+    #[inline(always)]
+    unsafe fn take_top(&mut self, min: usize, found: &mut Option<Finding>) -> Option<(u64, usize, bool)> {
         let top = self.top;
-        if top != 0 {
-            let t = rd(top);
-            let size = (t & SIZE_MASK) as usize;
-            if !tag_ok(top, t) || t & FREE == 0 || top + size as u64 != self.sentinel {
-                *found = Some(Finding { kind: FindingKind::BadTag, addr: top });
-                self.top = 0;
-            } else if size >= min {
-                self.top = 0;
-                return Some((top, size, true));
-            }
+        if top == 0 {
+            return None;
         }
-        None
+        let t = rd(top);
+        let size = (t & SIZE_MASK) as usize;
+        if !tag_ok(top, t) || t & FREE == 0 || top + size as u64 != self.sentinel {
+            *found = Some(Finding { kind: FindingKind::BadTag, addr: top });
+            self.top = 0;
+            return None;
+        }
+        if size < min {
+            return None;
+        }
+        Some((top, size, true))
+    }
+
+    /// A block of at least `min` bytes: from the lists when a bitmap says one
+    /// may serve, else straight from the top block (the common case of a
+    /// heap whose holes are all too small: no list is looked at).
+    ///
+    /// # Safety
+    /// As for `pop_fit`.
+    #[inline(always)]
+    unsafe fn fit(&mut self, min: usize, found: &mut Option<Finding>) -> Option<(u64, usize, bool)> {
+        if self.lists_may_fit(min) {
+            self.pop_fit(min, found)
+        } else {
+            self.take_top(min, found)
+        }
     }
 
     /// Allocates `size` payload bytes aligned to `align` (power of two, at
@@ -483,11 +524,11 @@ impl Tlsf {
     pub unsafe fn alloc(&mut self, size: usize, align: usize, found: &mut Option<Finding>) -> *mut u8 {
         let need = block_size(size);
         if align <= GRAIN {
-            let Some((b, bsize, top)) = self.pop_fit(need, found) else { return null_mut() };
+            let Some((b, bsize, top)) = self.fit(need, found) else { return null_mut() };
             self.carve(b, bsize, need, rd(b) & PREV_FREE, top);
             return (b + TAG as u64) as *mut u8;
         }
-        let Some((b, bsize, top)) = self.pop_fit(need + align + MIN_BLOCK, found) else { return null_mut() };
+        let Some((b, bsize, top)) = self.fit(need + align + MIN_BLOCK, found) else { return null_mut() };
         let a = align as u64;
         let mut payload = (b + TAG as u64 + a - 1) & !(a - 1);
         if payload - TAG as u64 - b != 0 && ((payload - TAG as u64 - b) as usize) < MIN_BLOCK {
@@ -508,7 +549,8 @@ impl Tlsf {
 
     /// Marks `need` bytes at `b` (a block of `bsize` bytes just taken off
     /// its list, or the top block) in use and frees the remainder if it is
-    /// a block (as the new top if `b` was the top).
+    /// a block (as the new top if `b` was the top; no top if `b` was the top
+    /// and is used whole).
     ///
     /// # Safety
     /// `[b, b + bsize)` must be a block just taken off its list (or the top
@@ -528,6 +570,9 @@ impl Tlsf {
             // The block after `r` already has PREV_FREE (b was free).
             self.free_bytes -= need as u64;
         } else {
+            if top {
+                self.top = 0;
+            }
             wr(b, make_tag(b, bsize as u64, prev_free));
             let n = b + bsize as u64;
             wr(n, rd(n) & !PREV_FREE);
@@ -611,6 +656,32 @@ impl Tlsf {
             return Err(Finding { kind: FindingKind::Overflow, addr: n });
         }
         let next_free = nt & FREE != 0;
+        if t & PREV_FREE != 0 || (next_free && n != self.top) {
+            return self.free_list_neighbours(b, size, t, n, nsize, next_free);
+        }
+        // Neither neighbour is on a list: the block below is in use, the one
+        // above is in use or the top. Nothing to unlink, so nothing more to
+        // check.
+        let mut total = size;
+        if next_free {
+            self.top = 0;
+            wr(n, 0); // poison: a later free of that block finds no tag
+            total += nsize;
+        }
+        self.release(b, total);
+        self.free_bytes += size as u64;
+        Ok(size)
+    }
+
+    /// `free` of a block with a free neighbour on a list (the block below,
+    /// or the one above when it is not the top): their links are checked
+    /// before anything is written, then they are unlinked and merged.
+    ///
+    /// # Safety
+    /// As for `free`; `b` (tag `t`, `size` bytes) and its upper neighbour `n`
+    /// (`nsize` bytes, FREE = `next_free`) have sound tags.
+    #[inline(never)]
+    unsafe fn free_list_neighbours(&mut self, b: u64, size: usize, t: u64, n: u64, nsize: usize, next_free: bool) -> Result<usize, Finding> {
         let next_top = next_free && n == self.top;
         if next_free && !next_top && !self.links_ok(n, nsize) {
             return Err(Finding { kind: FindingKind::CrossLinked, addr: n });
@@ -648,6 +719,21 @@ impl Tlsf {
             start = p;
             total += psize;
         }
+        self.release(start, total);
+        self.free_bytes += size as u64;
+        Ok(size)
+    }
+
+    /// Makes `[start, start + total)`, merged and unlinked, one free block:
+    /// the top if it ends at the sentinel, else on its list; the block above
+    /// gets PREV_FREE.
+    ///
+    /// # Safety
+    /// `[start, start + total)` must be free memory of the region on no list,
+    /// its neighbours in use (or the sentinel above). The region as for
+    /// `alloc`.
+    #[inline(always)]
+    unsafe fn release(&mut self, start: u64, total: usize) {
         let after = start + total as u64;
         if after == self.sentinel {
             self.set_top(start, total);
@@ -655,8 +741,6 @@ impl Tlsf {
             self.make_free(start, total);
         }
         wr(after, rd(after) | PREV_FREE);
-        self.free_bytes += size as u64;
-        Ok(size)
     }
 
     /// Hands `[start, end)` to the allocator: the first call makes the
