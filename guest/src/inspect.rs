@@ -93,30 +93,39 @@ pub fn begin() -> Section {
 pub fn end(s: Section) {
     core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
     if s.0 != 0 {
-        // SAFETY: as in `begin`.
-        unsafe { addr_of_mut!((*BLOCK.0.get()).seq).write_volatile(s.0.wrapping_add(1)) };
-        inspect_quiet();
+        // SAFETY: `seq` as in `begin`; `inspect_quiet` is a lone `ret`.
+        unsafe {
+            addr_of_mut!((*BLOCK.0.get()).seq).write_volatile(s.0.wrapping_add(1));
+            inspect_quiet();
+        }
     }
 }
 
-/// Called each time the outermost critical section closes, right after
-/// `seq` turned even: the first quiet moment. It does nothing. Its address
-/// (INSPECT report `quiet_hook`) is where a host that parked the vCPU inside
-/// a section puts an instruction breakpoint: the guest then runs at full
-/// speed to the end of the section and stops there, instead of being parked
-/// again and again until it happens to be quiet. A call and a return per
-/// outermost section otherwise.
-#[inline(never)]
-#[no_mangle]
-pub extern "C" fn inspect_quiet() {
-    // SAFETY: an empty asm statement; it only keeps the call (and so the
-    // breakpoint address) from being optimised away.
-    unsafe { core::arch::asm!("", options(nostack, preserves_flags)) };
+// `inspect_quiet`: called each time the outermost critical section closes,
+// right after `seq` turned even: the first quiet moment. It does nothing.
+// Its address (INSPECT report `quiet_hook`) is where a host that parked the
+// vCPU inside a section puts an instruction breakpoint: the guest then runs
+// at full speed to the end of the section and stops there, instead of being
+// parked again and again until it happens to be quiet. A lone `ret` in
+// assembly: a Rust function would also push and pop the frame pointer
+// (force-frame-pointers), three more instructions on every heap slow path.
+core::arch::global_asm!(
+    ".pushsection .text.inspect_quiet,\"ax\",@progbits",
+    ".globl inspect_quiet",
+    ".type inspect_quiet,@function",
+    "inspect_quiet:",
+    "    ret",
+    ".size inspect_quiet, . - inspect_quiet",
+    ".popsection",
+);
+
+extern "C" {
+    fn inspect_quiet();
 }
 
 /// Address of [`inspect_quiet`] (INSPECT report).
 pub fn quiet_hook() -> u64 {
-    inspect_quiet as extern "C" fn() as usize as u64
+    inspect_quiet as unsafe extern "C" fn() as usize as u64
 }
 
 /// True inside a critical section (debug assertions of the mutators).

@@ -194,6 +194,12 @@ pub struct Tlsf {
     /// whole and growth is the last resort.
     pub top: u64,
     free_bytes: u64,
+    /// The tag `set_top` wrote on the top block (when `top` is not 0). The
+    /// heap's tag must still equal it, one compare instead of recomputing
+    /// the check hash, and the top's size is taken from here: an alloc+free
+    /// pair on the top then does not wait, through memory, for the previous
+    /// operation's tag (only a predicted branch reads it).
+    top_tag: u64,
 }
 
 pub const PUBLISHED_SIZE: usize = offset_of!(Tlsf, free_bytes);
@@ -224,6 +230,7 @@ impl Tlsf {
             heads: [[0; SL_COUNT]; FL_COUNT],
             top: 0,
             free_bytes: 0,
+            top_tag: 0,
         }
     }
 
@@ -320,9 +327,11 @@ impl Tlsf {
     /// for `alloc`.
     #[inline(always)]
     unsafe fn set_top(&mut self, b: u64, size: usize) {
-        wr(b, make_tag(b, size as u64, FREE));
+        let tag = make_tag(b, size as u64, FREE);
+        wr(b, tag);
         wr(b + size as u64 - 8, size as u64);
         self.top = b;
+        self.top_tag = tag;
     }
 
     /// Writes a free block's tag and footer and links it.
@@ -486,9 +495,11 @@ impl Tlsf {
         if top == 0 {
             return None;
         }
-        let t = rd(top);
-        let size = (t & SIZE_MASK) as usize;
-        if !tag_ok(top, t) || t & FREE == 0 || top + size as u64 != self.sentinel {
+        let tag = self.top_tag;
+        let size = (tag & SIZE_MASK) as usize;
+        // One compare checks the hash, FREE, the size and that PREV_FREE and
+        // CACHED are clear (the block below the top is in use).
+        if rd(top) != tag || top + size as u64 != self.sentinel {
             *found = Some(Finding { kind: FindingKind::BadTag, addr: top });
             self.top = 0;
             return None;
@@ -525,7 +536,9 @@ impl Tlsf {
         let need = block_size(size);
         if align <= GRAIN {
             let Some((b, bsize, top)) = self.fit(need, found) else { return null_mut() };
-            self.carve(b, bsize, need, rd(b) & PREV_FREE, top);
+            // The top's PREV_FREE is clear (`take_top` checked its whole tag).
+            let prev_free = if top { 0 } else { rd(b) & PREV_FREE };
+            self.carve(b, bsize, need, prev_free, top);
             return (b + TAG as u64) as *mut u8;
         }
         let Some((b, bsize, top)) = self.fit(need + align + MIN_BLOCK, found) else { return null_mut() };
@@ -542,7 +555,8 @@ impl Tlsf {
             self.make_free(b, gap);
             self.carve(nb, bsize - gap, need, PREV_FREE, top);
         } else {
-            self.carve(b, bsize, need, rd(b) & PREV_FREE, top);
+            let prev_free = if top { 0 } else { rd(b) & PREV_FREE };
+            self.carve(b, bsize, need, prev_free, top);
         }
         payload as *mut u8
     }
@@ -651,24 +665,36 @@ impl Tlsf {
         }
         let n = b + size as u64;
         let nt = rd(n);
+        if n == self.top && t & PREV_FREE == 0 {
+            // The common merge: the block above is the top and the one below
+            // is in use. The top's tag must be the one `set_top` wrote (an
+            // overflow from `b` breaks it); the merged block ends at the
+            // sentinel as the top did, and the sentinel keeps PREV_FREE.
+            let tt = self.top_tag;
+            let tsize = (tt & SIZE_MASK) as usize;
+            if nt != tt || n + tsize as u64 != self.sentinel {
+                return Err(Finding { kind: FindingKind::Overflow, addr: n });
+            }
+            wr(n, 0); // poison: a later free of that block finds no tag
+            self.set_top(b, size + tsize);
+            self.free_bytes += size as u64;
+            return Ok(size);
+        }
         let nsize = (nt & SIZE_MASK) as usize;
         if !tag_ok(n, nt) || nt & PREV_FREE != 0 || (n != self.sentinel && (nsize < MIN_BLOCK || n + nsize as u64 > self.sentinel)) {
             return Err(Finding { kind: FindingKind::Overflow, addr: n });
         }
         let next_free = nt & FREE != 0;
-        if t & PREV_FREE != 0 || (next_free && n != self.top) {
+        if t & PREV_FREE != 0 || next_free {
             return self.free_list_neighbours(b, size, t, n, nsize, next_free);
         }
-        // Neither neighbour is on a list: the block below is in use, the one
-        // above is in use or the top. Nothing to unlink, so nothing more to
-        // check.
-        let mut total = size;
-        if next_free {
-            self.top = 0;
-            wr(n, 0); // poison: a later free of that block finds no tag
-            total += nsize;
+        // Neither neighbour is free: nothing to unlink, nothing to merge.
+        if n == self.sentinel {
+            self.set_top(b, size);
+        } else {
+            self.make_free(b, size);
         }
-        self.release(b, total);
+        wr(n, nt | PREV_FREE);
         self.free_bytes += size as u64;
         Ok(size)
     }
