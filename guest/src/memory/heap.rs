@@ -467,7 +467,9 @@ impl Heap {
             self.dealloc_large(ptr, layout);
             return;
         }
-        if !self.in_heap(ptr as u64) {
+        // TLSF checks the pointer against its own region (a NotHeap finding
+        // too), so only the list needs the range check here.
+        if self.backing == Backing::List && !self.in_heap(ptr as u64) {
             self.record(Finding { kind: FindingKind::NotHeap, addr: ptr as u64 });
             return;
         }
@@ -500,19 +502,26 @@ impl Heap {
             b.heap_end = self.end;
             b.heap_index = index;
             b.heap_large_bytes = self.large_bytes as u64;
+            b.heap_free_head = self.list.head();
         });
         self.publish_counts();
     }
 
     /// The part of `publish` a small allocation or free can change (start,
     /// end and the index address change only in `init` and `grow`, which
-    /// publish everything; the large path publishes `heap_large_bytes`).
+    /// publish everything; the large path publishes `heap_large_bytes`; the
+    /// free-list head is the list's only, 0 with TLSF).
     /// Callers hold an inspect critical section.
     #[inline(always)]
     fn publish_counts(&self) {
         crate::inspect::update_in_critical(|b| {
-            b.heap_free_head = self.list.head();
-            b.heap_free_bytes = self.backing_free_bytes() as u64;
+            match self.backing {
+                Backing::Tlsf => b.heap_free_bytes = self.index.tlsf.free_bytes() as u64,
+                Backing::List => {
+                    b.heap_free_head = self.list.head();
+                    b.heap_free_bytes = self.list.free_bytes() as u64;
+                }
+            }
             b.heap_allocs = self.allocs;
             b.heap_frees = self.frees;
             b.heap_cached_bytes = self.cached_bytes as u64;
