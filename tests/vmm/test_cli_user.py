@@ -3,6 +3,7 @@ signals and stale control sockets. Each test runs the CLI as a user would."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -62,6 +63,20 @@ def test_closed_stdout_ends_the_run_quietly(guest_kernel_path):
     assert "host problem" not in proc.stderr and "exit code" not in proc.stderr
 
 
+def _wait_until_running(sock, deadline: float) -> None:
+    """Ask the control socket (its JSON-lines "status") until the vCPU runs."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(10)
+        c.connect(str(sock))
+        lines = c.makefile("r")
+        while True:
+            c.sendall(b'{"op": "status"}\n')
+            if json.loads(lines.readline()).get("running"):
+                return
+            assert time.monotonic() < deadline, "the guest never started running"
+            time.sleep(0.01)
+
+
 @pytest.mark.kvm
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signals_remove_the_control_socket(guest_kernel_path, tmp_path, sig, code):
@@ -76,8 +91,8 @@ def test_signals_remove_the_control_socket(guest_kernel_path, tmp_path, sig, cod
         while not sock.exists():
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline, "the control socket never appeared"
-            time.sleep(0.05)
-        time.sleep(0.3)  # the guest is running
+            time.sleep(0.01)
+        _wait_until_running(sock, deadline)
         proc.send_signal(sig)
         rc = proc.wait(timeout=30)
     finally:
