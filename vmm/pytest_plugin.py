@@ -7,7 +7,9 @@ project that installs it gets:
   unusable) and ``slow``;
 - fixtures ``vmm_kernel_path`` / ``vmm_kernel`` (the guest kernel, built once
   per session) and ``vmm_boot`` (boot a VM, get a ``GuestRun`` handle with its
-  serial output, exit code, reports and the inspection API);
+  serial output, exit code, reports and the inspection API); ``vmm_vm`` (a
+  VM not yet run, for tests that drive the run themselves) and ``vmm_ready``
+  (the default guest parked at READY);
 - ``*.ktest`` files: each one is collected into one pytest item per in-guest
   test, listed by the guest itself (``tests=list``), each run in its own VM.
 
