@@ -49,6 +49,14 @@ class OutOfBounds(MMError, IndexError):
         )
 
 
+class NotCopied(MMError, LookupError):
+    """A read of a frame a :class:`~mm.physmem.FrameCopy` did not copy."""
+
+    def __init__(self, paddr: int) -> None:
+        self.paddr = paddr
+        super().__init__(f"frame {paddr:#_x} was not copied")
+
+
 class Misaligned(MMError, ValueError):
     """An address or length is not a multiple of the required alignment."""
 

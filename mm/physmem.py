@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .addr import PAGE_4K
 from .levels import ENTRIES_PER_TABLE
-from .errors import Misaligned, OutOfBounds
+from .errors import Misaligned, NotCopied, OutOfBounds
 
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["PhysicalMemory", "BufferMemory", "read_tables", "TABLE_BYTES"]
+__all__ = ["PhysicalMemory", "BufferMemory", "FrameCopy", "read_tables", "TABLE_BYTES"]
 
 TABLE_BYTES = PAGE_4K
 _U64 = struct.Struct("<Q")  # page-table entries are little-endian u64
@@ -223,16 +223,66 @@ class BufferMemory:
             raise Misaligned(int(paddr), PAGE_4K)
         return self._frames[off >> 12].copy()
 
-    def read_tables(self, paddrs: np.ndarray) -> np.ndarray:
-        """Gather the tables at ``paddrs`` (all 4 KiB aligned) into a ``(k, ENTRIES_PER_TABLE)`` copy."""
+    def frame_indices(self, paddrs: np.ndarray) -> np.ndarray:
+        """Checked frame indices of the 4 KiB aligned ``paddrs``, for
+        :meth:`gather_frames` (check once, gather many times, like
+        :meth:`u64_indices`)."""
         np = _numpy()
         paddrs = np.asarray(paddrs, dtype=np.uint64)
         if paddrs.size == 0:
-            return np.zeros((0, ENTRIES_PER_TABLE), dtype=np.uint64)
+            return np.zeros(0, dtype=np.intp)
         bad = (paddrs < self.base) | (paddrs >= self.base + len(self._frames) * PAGE_4K)
         if bad.any():
             p = int(paddrs[np.argmax(bad)])
             raise OutOfBounds(p, PAGE_4K, self.base, self.size)
         if (paddrs % PAGE_4K).any():
             raise Misaligned(int(paddrs[np.argmax(paddrs % PAGE_4K != 0)]), PAGE_4K)
-        return self._frames[((paddrs - np.uint64(self.base)) >> np.uint64(12)).astype(np.intp)]
+        return ((paddrs - np.uint64(self.base)) >> np.uint64(12)).astype(np.intp)
+
+    def gather_frames(self, indices: np.ndarray) -> np.ndarray:
+        """The tables at ``indices`` (from :meth:`frame_indices`) as a ``(k, ENTRIES_PER_TABLE)`` copy."""
+        return self._frames[indices]
+
+    def read_tables(self, paddrs: np.ndarray) -> np.ndarray:
+        """Gather the tables at ``paddrs`` (all 4 KiB aligned) into a ``(k, ENTRIES_PER_TABLE)`` copy."""
+        np = _numpy()
+        if len(paddrs) == 0:
+            return np.zeros((0, ENTRIES_PER_TABLE), dtype=np.uint64)
+        return self._frames[self.frame_indices(paddrs)]
+
+
+class FrameCopy:
+    """Some 4 KiB frames of a memory, copied at one instant, read as tables.
+
+    What a snapshot's short pause copies (``mm.rewalk.copy_tables``) so that
+    the tables can be compared and patched after the guest runs again: the
+    walker and ``mm.rewalk.refresh`` read it like the memory it came from
+    (same ``base`` and ``size``), and a read of a frame it does not hold
+    raises :class:`~mm.errors.NotCopied`. Read-only; reads return copies.
+    """
+
+    def __init__(self, base: int, size: int, frames: "np.ndarray", rows: "np.ndarray") -> None:
+        self.base, self.size = base, size
+        self.frames, self.rows = frames, rows  # (k,) frame addresses, (k, ENTRIES_PER_TABLE) their entries
+
+    @cached_property
+    def _row_of(self) -> dict[int, int]:
+        # Built on the first read, after the pause: the pause only copies.
+        return {p: i for i, p in enumerate(self.frames.tolist())}
+
+    def _rows(self, paddrs) -> list[int]:
+        row_of = self._row_of
+        try:
+            return [row_of[p] for p in paddrs]
+        except KeyError as exc:
+            raise NotCopied(int(exc.args[0])) from None
+
+    def read_table(self, paddr: int) -> "np.ndarray":
+        return self.rows[self._rows([int(paddr)])[0]].copy()
+
+    def read_tables(self, paddrs: "np.ndarray") -> "np.ndarray":
+        np = _numpy()
+        paddrs = np.asarray(paddrs, dtype=np.uint64)
+        if paddrs.size == 0:
+            return np.zeros((0, ENTRIES_PER_TABLE), dtype=np.uint64)
+        return self.rows[self._rows(paddrs.tolist())]

@@ -13,6 +13,11 @@ way inside its short pause, instead of throwing it away and trying again: a
 guest that maps and unmaps all the time (``workload=mm``) changes a few leaf
 tables between any read and any check, never the whole tree.
 
+A snapshot does the re-read in two halves: ``copy_tables`` (``TableCopier``), in its
+pause, only copies (the traced tables in one gather, and the tables newly
+reached below changed entries); ``refresh`` then runs on that copy
+(``mm.physmem.FrameCopy``) after the guest runs again.
+
 Only a walk without findings is refreshed (hostile trees take the full
 walk): ``refresh`` returns None where it cannot promise the full walk's
 answer (findings, the table cap, a frame now shared between two places).
@@ -29,10 +34,10 @@ from .addr import PHYS_ADDR_BITS
 from .entry import LEVELS, Level, leaf_addr_mask, reserved_mask
 from .findings import WalkReport
 from .flags import ADDR_MASK, PteFlags
-from .physmem import PhysicalMemory, read_tables
+from .physmem import FrameCopy, PhysicalMemory, read_tables
 from .walker import DEFAULT_LEAF_FLAGS, DEFAULT_MAX_TABLES, RunArrays, WalkTrace, _coalesce, _space, _Walk
 
-__all__ = ["Refreshed", "changed_tables", "refresh", "spans_touch"]
+__all__ = ["Refreshed", "TableCopier", "changed_tables", "copy_tables", "refresh", "spans_touch"]
 
 _u64 = np.uint64
 _PRESENT, _WU, _NX = int(PteFlags.PRESENT), int(PteFlags.WRITABLE | PteFlags.USER), int(PteFlags.NO_EXECUTE)
@@ -69,6 +74,86 @@ def changed_tables(mem: PhysicalMemory, trace: WalkTrace) -> np.ndarray:
     if len(trace) == 0:
         return np.zeros(0, dtype=bool)
     return (read_tables(mem, trace.table) != trace.rows).any(axis=1)
+
+
+#: Tables ``copy_tables`` copies beyond the traced ones (a guest that built
+#: more than this since the walk gets re-walked while it runs).
+MAX_NEW_TABLES = 128
+
+
+def copy_tables(mem: PhysicalMemory, trace: WalkTrace, *, levels: Sequence[Level] = LEVELS,
+                max_new: int = MAX_NEW_TABLES) -> FrameCopy:
+    """Everything ``refresh`` of ``trace`` reads, copied now (see ``TableCopier``)."""
+    return TableCopier(mem, trace, levels=levels, max_new=max_new).copy()
+
+
+class TableCopier:
+    """Copies what ``refresh`` of one trace reads, for a pause: prepared while
+    the guest runs (where each traced table sits in ``mem``, which frames
+    the trace holds), ``copy`` then only copies and compares: the traced
+    tables in one gather and, below every entry that changed, the tables it
+    reaches that the trace does not hold (one gather per level). Past
+    ``max_new`` new tables, or at a child outside ``mem``, it stops
+    following: ``refresh`` on the copy then raises ``NotCopied`` where it
+    needs what is missing."""
+
+    def __init__(self, mem: PhysicalMemory, trace: WalkTrace, *, levels: Sequence[Level] = LEVELS,
+                 max_new: int = MAX_NEW_TABLES):
+        self.mem, self.trace, self.max_new = mem, trace, max_new
+        self.base, self.size = int(getattr(mem, "base", 0)), int(mem.size)
+        indices = getattr(mem, "frame_indices", None)
+        self._at = indices(trace.table) if indices is not None and len(trace) else None
+        self._known = set(trace.table.tolist())
+        self._level = trace.level.tolist()
+        self._last = len(levels) - 1
+        self._huge = [lv.may_be_huge for lv in levels]
+
+    def _child(self, entry: int, level: int) -> int | None:
+        """The table a present entry of a ``level`` table points at (None: a leaf, or outside mem)."""
+        if not entry & _PRESENT or level >= self._last or (self._huge[level] and entry & _PS):
+            return None
+        child = entry & ADDR_MASK
+        return child if self.base <= child <= self.base + self.size - 4096 else None
+
+    def copy(self) -> FrameCopy:
+        trace, mem = self.trace, self.mem
+        now = mem.gather_frames(self._at) if self._at is not None else read_tables(mem, trace.table)
+        if not len(trace):
+            return FrameCopy(self.base, self.size, trace.table, now)
+        diff = now != trace.rows
+        changed = np.flatnonzero(diff.any(axis=1)).tolist()
+        # Tables reached anew below changed entries (leaf tables have no children).
+        todo: list[tuple[int, int]] = []  # (frame, its level)
+        seen: set[int] = set()
+        for r in changed:
+            level = self._level[r]
+            if level >= self._last:
+                continue
+            for entry in now[r, np.flatnonzero(diff[r])].tolist():
+                child = self._child(entry, level)
+                if child is not None and child not in self._known and child not in seen:
+                    seen.add(child)
+                    todo.append((child, level + 1))
+        if not todo:
+            return FrameCopy(self.base, self.size, trace.table, now)
+        frames, rows, budget = [trace.table], [now], self.max_new
+        while todo and budget > 0:
+            todo = todo[:budget]
+            got = read_tables(mem, np.array([f for f, _ in todo], dtype=np.uint64))
+            frames.append(np.array([f for f, _ in todo], dtype=np.uint64))
+            rows.append(got)
+            budget -= len(todo)
+            below: list[tuple[int, int]] = []
+            for (_, level), table in zip(todo, got):
+                if level >= self._last:
+                    continue
+                for entry in table[table & _u64(_PRESENT) != 0].tolist():  # every entry is new to the walk
+                    child = self._child(entry, level)
+                    if child is not None and child not in self._known and child not in seen:
+                        seen.add(child)
+                        below.append((child, level + 1))
+            todo = below
+        return FrameCopy(self.base, self.size, np.concatenate(frames), np.concatenate(rows))
 
 
 def _below(trace: WalkTrace, chosen: np.ndarray) -> np.ndarray:

@@ -47,6 +47,7 @@ from .exit_handling import PARK, ExitPolicy, handle_exit
 from . import kvm_abi as K
 from .reports import Report
 from .run_result import RunResult, build_result
+from .visit import DONE, DROPPED, PENDING, RUNNING_ON, SERVING, Visit
 from .vm_builder import build_machine
 from .watchdog import Watchdog
 
@@ -109,6 +110,8 @@ class Vm:
         self.exit_policy = ExitPolicy()
         self.parked_ns = 0  # perf_counter_ns() of the vCPU's last park (run_to's held time starts there)
         self._unparked = threading.Event()
+        self._visit: Visit | None = None  # asked for by visit(), served at the park point
+        self._visit_lock = threading.Lock()  # who takes a pending visit: the vCPU, or its requester giving up
         self.running = False
         self._vcpu_thread: int | None = None
         self._kick_signal = False  # a SIGUSR1 handler is installed (set by run)
@@ -266,6 +269,102 @@ class Vm:
                 # whole switch interval (5 ms) while this thread runs Python.
                 self._unparked.wait(0.05)
 
+    def visit(self, fn: Callable[[], object], *, run_on: Callable[[], int | None] | None = None,
+              timeout: float = 1.0, run_on_timeout: float = 0.05) -> Visit | None:
+        """Call ``fn`` on the vCPU thread with the guest out of KVM_RUN, from
+        any other thread (``vmm.visit``): the vCPU is kicked out, calls ``fn``
+        at its park point and goes straight back into the guest; nobody
+        else's wake-up is inside the pause. ``run_on`` (asked at the first
+        stop) may name an address to let the guest run to first; if it is
+        not there within ``run_on_timeout``, it is kicked again and ``fn``
+        runs where it stopped. Returns the served ``Visit`` (``fn``'s
+        value, the time held), or None when the guest is not running here
+        or stopped first (nothing holds it: read as it is). ``fn``'s
+        exceptions are raised here."""
+        if not self.running or self._vcpu_thread == threading.get_ident():
+            return None
+        if self.debugger is not None or self._paused.is_set():
+            return self._visit_parked(fn, timeout)  # gdb owns the stops, or the vCPU is parked already
+        v = Visit(fn, run_on)
+        with self._visit_lock:
+            self._visit = v
+        self._kick_vcpu()
+        if not v.progress.wait(timeout):
+            with self._visit_lock:
+                if v.stage == PENDING:  # never taken (the loop is stuck or gone)
+                    self._visit = None
+                    v.stage = DROPPED
+            if v.stage == DROPPED:
+                return None
+        if not v.done.wait(run_on_timeout if v.stage == RUNNING_ON else timeout):
+            self._kick_vcpu()  # not at the address in time: it stops where it is
+            if not v.done.wait(timeout):
+                return None
+        if v.error is not None:
+            raise v.error
+        return v if v.stage == DONE else None
+
+    def _visit_parked(self, fn: Callable[[], object], timeout: float) -> Visit | None:
+        """A visit while gdb holds the vCPU, or another thread has it parked:
+        ``fn`` runs here, inside ``paused()``, all of it counted as held."""
+        v = Visit(fn)
+        t0 = time.perf_counter_ns()
+        with self.paused(timeout) as parked:
+            if not parked:
+                return None
+            v.exit_ns = time.perf_counter_ns()
+            v.value = fn()
+        v.stage, v.stops, v.held_ns = DONE, 1, time.perf_counter_ns() - t0
+        return v
+
+    def _serve_visit(self, v: Visit, at: int, interrupted: bool) -> None:
+        """vCPU thread, at the park point: the visit's next step (see ``visit``)."""
+        with self._visit_lock:  # taken: its requester no longer drops it
+            if v.stage not in (PENDING, RUNNING_ON):
+                return
+            first, v.stage = v.stage == PENDING, SERVING
+        v.stops += 1
+        if first:
+            addr = v.run_on() if v.run_on is not None and self.icount.active is None else None
+            if addr is not None:
+                # Let it run to ``addr`` first (as run_to does), then come back here.
+                self.vcpu.set_guest_debug(K.KVM_GUESTDBG_ENABLE | K.KVM_GUESTDBG_USE_HW_BP,
+                                          (addr, 0, 0, 0, 0, 0, 0, K.DR7_L0))
+                self.exit_policy.run_to = addr
+                v.stage = RUNNING_ON
+                now = time.perf_counter_ns()
+                v.held_ns += now - at
+                v.ran_ns = -now
+                v.progress.set()
+                return
+        else:
+            self.exit_policy.run_to = None
+            self.vcpu.set_guest_debug(0)
+            v.ran_ns += at
+            v.ran_on = not interrupted
+        self._visit = None
+        try:
+            v.value = v.fn()
+        except Exception as exc:  # the requester raises it
+            v.error = exc
+        v.exit_ns = at
+        v.held_ns += time.perf_counter_ns() - at
+        v.stage = DONE
+        v.progress.set()
+        v.done.set()
+
+    def _drop_visit(self) -> None:
+        """The run ends: a pending visit will not be served."""
+        with self._visit_lock:
+            v, self._visit = self._visit, None
+            if v is not None and v.stage in (PENDING, RUNNING_ON, SERVING):
+                if v.stage == RUNNING_ON:
+                    self.exit_policy.run_to = None
+                    self.vcpu.set_guest_debug(0)
+                v.stage = DROPPED
+                v.progress.set()
+                v.done.set()
+
     def _report(self, report: Report) -> Stop | None:
         if report.kind == ReportKind.READY and self.ready_ns is None:
             self.ready_ns = time.perf_counter_ns()
@@ -391,6 +490,7 @@ class Vm:
                 watchdog.cancel()
             self._vcpu_thread = None
             self.running = False
+            self._drop_visit()
             self._resume.set()
         end = time.perf_counter_ns()
         result = self._result(stop, nexits, start, end)
@@ -445,6 +545,7 @@ class Vm:
         kicked out of KVM_RUN, or it reached a ``run_to`` address. A stop
         request ends the run; gdb takes an interrupt it asked for; a pending
         ``paused()`` (or ``run_to``) holds the vCPU here."""
+        at = time.perf_counter_ns()
         interrupted = ex.__class__ is X.Interrupted
         if interrupted:
             self.vcpu.run_struct.immediate_exit = 0  # the kick is taken
@@ -454,6 +555,9 @@ class Vm:
         debugger = self.debugger
         if interrupted and debugger is not None and debugger.pending:
             return debugger.on_interrupt()
+        visit = self._visit
+        if visit is not None:
+            self._serve_visit(visit, at, interrupted)
         if self._pause_requested:
             self._park()
         return None

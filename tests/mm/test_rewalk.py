@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mm import ADDR_MASK, BufferMemory, BumpFrameAllocator, Mapper, PageSize, PteFlags
-from mm.errors import MMError
+from mm.errors import MMError, NotCopied
 from mm.findings import WalkReport
-from mm.rewalk import changed_tables, refresh
+from mm.rewalk import changed_tables, copy_tables, refresh
 from mm.walker import WalkTrace, walk_arrays, walk_traced
 
 P, W, U, NX = PteFlags.PRESENT, PteFlags.WRITABLE, PteFlags.USER, PteFlags.NO_EXECUTE
@@ -123,6 +124,39 @@ def test_refresh_equals_a_fresh_walk(maps, edits):
         assert np.array_equal(got.report.tables[level], frames)
     # The refreshed trace describes the tables as they are now: nothing changed since.
     assert not changed_tables(mem, got.trace).any()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(mapping, min_size=1, max_size=8), st.lists(edit, min_size=1, max_size=5),
+       st.lists(edit, min_size=1, max_size=3))
+def test_refresh_on_a_copy_equals_a_fresh_walk_at_the_copy(maps, edits, later):
+    """copy_tables copies all a refresh reads: refreshed on the copy after
+    the memory moved on, the walk is the one of the moment of the copy."""
+    mem, m = _build(maps)
+    report = WalkReport()
+    runs, trace = walk_traced(mem, m.root, report=report)
+    for e in edits:
+        _apply(mem, m, trace, runs, e)
+    copy = copy_tables(mem, trace)
+    full_report = WalkReport()
+    full = walk_arrays(mem, m.root, report=full_report)
+    for e in later:  # the guest runs on: nothing of this may show
+        _apply(mem, m, trace, runs, e)
+    got = refresh(copy, runs, trace, report)
+    if got is None:
+        assert full_report.findings or report.findings
+        return
+    _same(got.runs, full)
+    assert got.report.tables_visited == full_report.tables_visited
+
+
+def test_a_copy_refuses_frames_it_does_not_hold():
+    mem, m = _build([(SLOTS[3], 5, PageSize.SIZE_4K, 20, P | W | NX)])
+    _, trace = walk_traced(mem, m.root)
+    copy = copy_tables(mem, trace)
+    assert np.array_equal(copy.read_tables(trace.table), trace.rows)
+    with pytest.raises(NotCopied):
+        copy.read_table(0x7F_F000)
 
 
 def test_nothing_changed_reuses_the_walk():

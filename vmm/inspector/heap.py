@@ -155,14 +155,27 @@ class HeapView:
         """True if every node this walk read still holds the words it read
         (one vectorized gather; the caller checks that the translations and
         the heap bounds/head are unchanged too)."""
-        if self.reads is not None and not self.reads.unchanged(physmem):
-            return False
+        return self.matches(self.capture(physmem))
+
+    def capture(self, physmem) -> tuple | None:
+        """The words this walk read, as they are now: copies only (made for a
+        pause; ``matches`` compares them after). None: nothing to copy from."""
+        reads = self.reads.capture(physmem) if self.reads is not None else ()
         r = self.record
         if r.phys.size == 0:
-            return True
+            return reads, _EMPTY
         if r.words is None:
+            return None
+        return reads, physmem.gather_u64(r.words)
+
+    def matches(self, captured: tuple | None) -> bool:
+        """Does ``capture``'s copy hold exactly the words the walk read?"""
+        if captured is None:
             return False
-        return bool(np.array_equal(physmem.gather_u64(r.words), r.expect))
+        reads, words = captured
+        if self.reads is not None and not self.reads.matches(reads):
+            return False
+        return self.record.phys.size == 0 or bool(np.array_equal(words, self.record.expect))
 
     def to_json(self) -> dict:
         return {
@@ -370,8 +383,16 @@ class RecordedReads:
         return self
 
     def unchanged(self, physmem) -> bool:
+        return self.matches(self.capture(physmem))
+
+    def capture(self, physmem) -> tuple | None:
+        """Every recorded read, made again: copies only (for a pause)."""
         if self.words is None:
+            return None
+        return physmem.gather_u64(self.words), [physmem.read(p, len(d)) for p, d in self.odd]
+
+    def matches(self, captured: tuple | None) -> bool:
+        if captured is None or self.words is None:
             return False
-        if self.words.size and not np.array_equal(physmem.gather_u64(self.words), self.expect):
-            return False
-        return all(physmem.read(p, len(d)) == d for p, d in self.odd)
+        words, odd = captured
+        return bool(np.array_equal(words, self.expect)) and all(a == d for a, (_p, d) in zip(odd, self.odd))

@@ -17,7 +17,8 @@ from ..abi import INSPECT_BLOCK_MAGIC, INSPECT_BLOCK_SIZE, MAX_STACKS, STACK_IN_
 
 __all__ = [
     "INSPECT_BLOCK_MAGIC", "INSPECT_BLOCK_SIZE", "MAX_STACKS", "SEQ_OFFSET", "STACK_IN_USE", "InspectBlock",
-    "InspectBlockError", "InspectBlockRaw", "Stack", "StackRecord", "parked_busy", "read_inspect_block",
+    "InspectBlockError", "InspectBlockRaw", "Stack", "StackRecord", "parked_busy", "parse_inspect_block",
+    "read_inspect_block",
 ]
 
 #: Offset of ``seq`` in the block: odd while the guest is inside a critical section.
@@ -105,10 +106,21 @@ def read_inspect_block(physmem, paddr: int, retries: int = 8) -> InspectBlock:
     if paddr < 0 or (size is not None and paddr + INSPECT_BLOCK_SIZE > size):
         raise InspectBlockError(f"inspect block at {paddr:#x} lies outside guest RAM")
     for _ in range(retries):
-        raw = InspectBlockRaw.from_buffer_copy(physmem.read(paddr, INSPECT_BLOCK_SIZE))
-        if raw.magic != INSPECT_BLOCK_MAGIC or raw.size != INSPECT_BLOCK_SIZE:
-            raise InspectBlockError(f"no inspect block at {paddr:#x} (bad magic or size)")
+        raw = _raw(physmem.read(paddr, INSPECT_BLOCK_SIZE), paddr)
         seq_after = int.from_bytes(physmem.read(paddr + InspectBlockRaw.seq.offset, 8), "little")
         if raw.seq == seq_after and raw.seq % 2 == 0:
             break
     return InspectBlock.from_raw(raw)
+
+
+def parse_inspect_block(data: bytes, paddr: int) -> InspectBlock:
+    """A block from bytes copied at one instant (the vCPU held: no seq
+    re-read needed; ``busy`` says whether a section was open)."""
+    return InspectBlock.from_raw(_raw(data, paddr))
+
+
+def _raw(data: bytes, paddr: int) -> InspectBlockRaw:
+    raw = InspectBlockRaw.from_buffer_copy(data)
+    if raw.magic != INSPECT_BLOCK_MAGIC or raw.size != INSPECT_BLOCK_SIZE:
+        raise InspectBlockError(f"no inspect block at {paddr:#x} (bad magic or size)")
+    return raw

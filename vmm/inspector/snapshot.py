@@ -1,7 +1,7 @@
 """One consistent look at a guest: page tables, frame bitmap, heap free list.
 
-The guest keeps running while the host reads (the vCPU is parked only to
-check): ``Snapshotter.take``
+The guest keeps running while the host reads (the vCPU is held only to
+copy what must be seen at one instant): ``Snapshotter.take``
 
 1. walks the tables from the last known CR3 (``mm.walker.walk_traced``:
    every table it decodes, where it sits in the tree and what it read
@@ -9,24 +9,28 @@ check): ``Snapshotter.take``
    unchanged), and walks the heap free list, recording every node it reads
    (reusing the unchanged stretches of the previous walk), while the guest
    runs;
-2. parks the vCPU and validates: same CR3 and EFER.NXE, the inspect block
-   not mid-update (even ``seq``), the heap's bounds and head as walked,
-   every recorded heap node unchanged (one vectorized gather); re-reads
-   every traced table in one gather and re-walks only below the ones that
-   changed (``mm.rewalk.refresh``: a guest that maps and unmaps all the time
-   changes a few leaf tables between any read and any check, and throwing
-   the walk away would never converge); then copies the frame bitmaps (a
-   memcpy of RAM/32768 bytes: 8 KiB at 128 MiB, cheaper than comparing a
-   copy made earlier) and lets the guest go. The pause costs comparisons
-   and a few tables, not walks;
-3. if the vCPU was parked inside a critical section (odd ``seq``), lets it
-   run to the section's end (an instruction breakpoint on the kernel's quiet
-   hook, local targets) and checks there, or parks again a moment later,
+2. holds the guest once, only to copy (``capture``: the control
+   registers, the inspect block, every traced table in one gather and the
+   tables newly reached below entries that changed, the words the heap
+   walk read, the frame bitmaps). A local guest is held on its own vCPU
+   thread (``Vm.visit``): kicked out of KVM_RUN, it copies and goes
+   straight back, with no other thread's wake-up inside the hold. Then,
+   with the guest running again, it checks the copies: same CR3 and
+   EFER.NXE, the block not mid-update (even ``seq``), the heap's bounds
+   and head as walked, every heap word unchanged; and brings the walk up
+   to date on the copied tables (``mm.rewalk.refresh``: a guest that maps
+   and unmaps all the time changes a few leaf tables between any read and
+   any check, and throwing the walk away would never converge). The hold
+   costs copies, not comparisons or walks;
+3. if the guest was held inside a critical section (odd ``seq``), the
+   visit lets it run to the section's end first (an instruction breakpoint
+   on the kernel's quiet hook) and copies there; a remote server does the
+   same for a "quiet" pause. Still busy, it looks again a moment later
    without reading anything again (what was read may well still hold); if
-   the heap changed (or the tables in a way only a full walk can judge:
-   findings, a new CR3), starts over from 1 (the heap walk then rereads
-   only what changed), at most ``attempts`` times. Every park is short;
-   ``held_ms`` adds them up per snapshot;
+   the heap changed (or the tables in a way the copy cannot settle: a new
+   CR3, more new tables than it follows), it starts over from 1 (the heap
+   walk then rereads only what changed), at most ``attempts`` times. Every
+   hold is short; ``held_ms`` adds them up per snapshot;
 4. after that, holds the guest for as long as a complete read takes
    (``method == "stopped"``), after waiting for it to leave any critical
    section; a guest that never does gives a snapshot marked ``busy``.
@@ -50,15 +54,17 @@ from mm.addr import PageSize
 from mm.findings import Finding, WalkReport
 from mm.frames import BumpFrameAllocator
 from mm.mapper import Mapper
+from mm.errors import NotCopied
 from mm.physmem import BufferMemory
 from mm.flags import ADDR_MASK, PteFlags
-from mm.rewalk import Refreshed, refresh, spans_touch
+from mm.rewalk import Refreshed, TableCopier, refresh, spans_touch
 from mm.walker import Run, RunArrays, WalkTrace, walk_arrays, walk_traced
 
 from ..cpu import EFER_NXE
 from .facts import GuestFacts
 from .heap import HeapView, RunTranslator
-from .inspect_block import InspectBlock, InspectBlockError, parked_busy, read_inspect_block
+from .capture import Capture, bitmap_span, block_span, capture
+from .inspect_block import InspectBlock, InspectBlockError, parked_busy, parse_inspect_block, read_inspect_block
 from .labels import Labeler
 from .target import ControlRegisters, Target
 from .tlsf import walk_heap_any
@@ -68,8 +74,6 @@ MAX_ATTEMPTS = 6
 #: Parks that find the guest inside a critical section before falling back
 #: (each is short: park, read the block's seq, resume).
 BUSY_PARKS = 40
-#: How long a parked-busy guest may run to the end of its critical section.
-QUIET_TIMEOUT_S = 0.05
 
 #: How a snapshot got consistent.
 VALIDATED = "validated"  # read while the guest ran, checked unchanged in a short pause
@@ -85,8 +89,8 @@ class Snapshot:
     walk_findings: list[Finding]
     table_frames: dict  # level -> array of table frame addresses
     tables_visited: int
-    pause_ms: float  # the vCPU held, park and resume included
-    walk_ms: float  # reads and checks done while it was held
+    pause_ms: float  # the guest held by the last hold (local: its exit to its re-entry, on the vCPU thread)
+    walk_ms: float  # reads done while it was held (copies; a complete read when ``method`` is stopped)
     facts: GuestFacts  # with the live inspect block read in the pause
     parked: bool = True
     method: str = VALIDATED
@@ -101,6 +105,10 @@ class Snapshot:
     pause_expired: bool = False
     bitmap_raw: bytes | None = None  # used then managed bitmap, as of the pause
     heap: HeapView | None = None
+    #: The last hold as its requester saw it: kick, hold, answer (running on
+    #: to the end of a critical section excluded). ``pause_ms`` is the guest's
+    #: side of it: for a local guest, from its exit to its re-entry.
+    round_trip_ms: float = 0.0
 
     @property
     def block(self) -> InspectBlock | None:
@@ -173,6 +181,7 @@ class _Walked:
     heap_runs: RunArrays | None = None
     #: Linear spans where ``runs`` differs from ``heap_runs`` (None: not known).
     touched: tuple[tuple[int, int], ...] | None = ()
+    block: InspectBlock | None = None  # the inspect block as read with the walk
 
 
 class Snapshotter:
@@ -199,16 +208,14 @@ class Snapshotter:
         while changed < self.attempts and tally.busy < BUSY_PARKS:
             if walked is None:
                 walked = self._read_running(facts, max_tables)
-            # Until the last pass, the pause only patches edits of the two lowest
-            # levels (pages, leaf tables); a re-walk from higher up waits for the
-            # next pass, made while the guest runs.
-            status, snap = self._validate(facts, walked, max_tables, tally, patch_only=changed < self.attempts - 1)
+            status, snap = self._validate(facts, walked, max_tables, tally)
             if snap is not None:
                 return snap
             if status == "busy":
-                # Parked inside a critical section: what was read may still be
-                # valid once it ends. Park again a little later (jittered so a
-                # periodic guest cannot dodge us); no new pass unless it changed.
+                # Parked inside a critical section (and it did not end in
+                # time): what was read may still be valid once it ends. Look
+                # again a little later (jittered so a periodic guest cannot
+                # dodge us); no new pass unless it changed.
                 time.sleep(random.uniform(0.0003, 0.0015))
             else:
                 changed += 1
@@ -234,10 +241,10 @@ class Snapshotter:
         heap = walk_heap(physmem, runs, facts.with_block(block) if block else facts, prior=self._heap)
         if heap is not None:
             self._heap = heap
-        walked = _Walked(self._cr3, self._nxe, trace, report, runs, heap, runs)
+        walked = _Walked(self._cr3, self._nxe, trace, report, runs, heap, runs, block=block)
         # Catch up with what the guest changed during the heap walk (a few
-        # tables at most), so that the pause, which follows at once, finds
-        # as little as possible to re-walk.
+        # tables at most), so that the check after the pause finds little
+        # to patch.
         self._catch_up(physmem, walked, facts, max_tables)
         return walked
 
@@ -247,7 +254,7 @@ class Snapshotter:
             return
         try:
             again = self._tables(physmem, walked, walked.cr3, walked.nxe, facts, max_tables)
-        except Exception:  # a torn read: the check in the pause decides
+        except Exception:  # a torn read: the check after the pause decides
             return
         if again is not None:
             walked.runs, walked.report, walked.trace, walked.touched = again
@@ -272,94 +279,119 @@ class Snapshotter:
     def _pause(self):
         """The target's pause; a remote one "quiet" (its server runs a guest
         parked inside a critical section to the section's end first: local
-        targets do that here, with ``run_to``)."""
+        targets do that in their visit, with ``run_on``)."""
         if getattr(self.target, "quiet_pause", False):
             return self.target.paused(quiet=True)
         return self.target.paused()
 
-    # -- 2. in a short pause -------------------------------------------------------------
+    def _hold(self, fn, run_on=None) -> "_Held":
+        """Hold the guest once and call ``fn`` meanwhile: on the vCPU thread
+        itself where the target can (``visit``: local guests; ``run_on``
+        may let it run to the end of a critical section first), else inside
+        the target's pause. Not running: ``fn`` is not called."""
+        visit = getattr(self.target, "visit", None)
+        with _no_gc():
+            t0 = time.perf_counter_ns()
+            if visit is not None:
+                v = visit(fn, run_on)
+                rt = time.perf_counter_ns() - t0
+                if v is None:
+                    return _Held(False, None, 0, rt)
+                return _Held(True, v.value, v.held_ns, rt - v.ran_ns, stops=v.stops)
+            with self._pause() as parked:
+                t0 += _ran_ns(parked)  # a remote guest's run to its quiet point is not held
+                value = fn() if parked else None
+            t3 = time.perf_counter_ns()
+        return _Held(bool(parked), value, t3 - t0, t3 - t0, expired=_expired(parked))
+
+    # -- 2. one short hold: copy; then check and patch on the copies ------------------
     def _validate(self, facts: GuestFacts, walked: _Walked | None, max_tables: int,
-                  tally: "_Tally", *, patch_only: bool = False) -> tuple[str, Snapshot | None]:
+                  tally: "_Tally") -> tuple[str, Snapshot | None]:
         """("ok", snapshot), or ("busy" | "changed", None)."""
         physmem = self.target.physmem
-        t0 = time.perf_counter_ns()
-        with _no_gc(), self._pause() as parked:
-            t1 = time.perf_counter_ns()
-            t0 += _ran_ns(parked)  # a remote guest's run to its quiet point is not held
-            if not parked:  # not running: every read is consistent as it is
-                finish = self._read_all(facts, max_tables)
-                return "ok", finish(t0, t1, time.perf_counter_ns(), tally, parked=False, method=NOT_RUNNING)
-            run_to = getattr(self.target, "run_to", None)  # local targets only
-            if run_to is not None and facts.report.quiet_hook and parked_busy(physmem, facts.report.inspect_block_phys):
-                # Inside a critical section: let the guest run to its end (the
-                # kernel's quiet hook, an instruction breakpoint) and look there.
-                # It runs meanwhile (not counted as held), and the tables are
-                # caught up with meanwhile, so the check at the hook finds
-                # only the section's last edits.
-                tr = time.perf_counter_ns()
-                quiet = run_to(facts.report.quiet_hook, QUIET_TIMEOUT_S,
-                               lambda: self._catch_up(physmem, walked, facts, max_tables))
-                ran = (quiet if quiet is not None else time.perf_counter_ns()) - tr
-                t0, t1 = t0 + ran, t1 + ran
-            regs = self.target.control_registers()
-            block = read_block(physmem, facts, parked=True)
-            busy = block is not None and block.busy
-            nxe = bool(regs.efer & EFER_NXE)
-            live = facts.with_block(block) if block is not None else facts
-            ok = (
-                not busy
-                and walked is not None
-                and regs.root == walked.cr3
-                and nxe == walked.nxe
-                and _heap_unchanged(physmem, walked.heap, live)
-            )
-            if ok:
-                # The tables as of this pause: the walk, re-walked below what changed.
-                fixed = refresh(physmem, walked.runs, walked.trace, walked.report, max_tables=max_tables, nxe=nxe,
-                                patch_only=patch_only, **_cpu(facts))
-                ok = fixed is not None and _heap_still_mapped(walked, fixed)
-            bitmap = read_bitmaps(physmem, live) if ok else None
-            t2 = time.perf_counter_ns()
-        t3 = time.perf_counter_ns()
+        block_at = block_span(facts, physmem)
+        hook = facts.report.quiet_hook
+        read_as = facts.with_block(walked.block) if walked is not None and walked.block is not None else facts
+        bitmap_at = bitmap_span(read_as)
+        tables = TableCopier(physmem, walked.trace) if walked is not None else None
+        heap = walked.heap if walked is not None else None
+
+        def copy() -> Capture:
+            return capture(self.target, physmem, block_at=block_at, tables=tables, heap=heap, bitmap_at=bitmap_at)
+
+        def run_on() -> int | None:
+            # vCPU thread, first stop: inside a critical section (odd seq),
+            # let the guest run to its end (the kernel's quiet hook) and copy there.
+            return hook if parked_busy(physmem, block_at) else None
+
+        held = self._hold(copy, run_on if hook and block_at is not None else None)
+        if not held.parked:  # not running: every read is consistent as it is
+            return "ok", self._read_all(facts, max_tables)(tally, held, parked=False, method=NOT_RUNNING)
+        cap: Capture = held.value
+        block = _parse_block(cap.block, block_at)
+        busy = block is not None and block.busy
+        tally.park(held.held_ns, busy)
+        regs, nxe = cap.regs, bool(cap.regs.efer & EFER_NXE)
         self._cr3, self._nxe = regs.root, nxe
-        if _expired(parked):  # a remote pause ran out mid-read: the guest moved, read again
-            tally.park(t3 - t0, False)
+        if held.expired:  # a remote pause ran out mid-copy: the guest moved, read again
             return "changed", None
+        live = facts.with_block(block) if block is not None else facts
+        ok = (
+            not busy
+            and walked is not None
+            and regs.root == walked.cr3
+            and nxe == walked.nxe
+            and bitmap_span(live) == cap.bitmap_at
+            and _heap_matches(walked.heap, cap.heap, live)
+        )
+        if ok:
+            # The tables as of the hold: the walk, patched (or re-walked below
+            # what changed) on the copy, with the guest running again.
+            try:
+                fixed = refresh(cap.tables, walked.runs, walked.trace, walked.report, max_tables=max_tables,
+                                nxe=nxe, **_cpu(facts))
+            except NotCopied:  # it built more tables than the copy followed
+                fixed = None
+            ok = fixed is not None and _heap_still_mapped(walked, fixed)
         if not ok:
-            tally.park(t3 - t0, busy)
             return ("busy" if busy else "changed"), None
-        self._walked = _Walked(walked.cr3, nxe, fixed.trace, fixed.report, fixed.runs, walked.heap, walked.heap_runs)
-        return "ok", _snapshot(regs, fixed.runs, fixed.report, live, bitmap, walked.heap, t0, t1, t2, t3, tally,
-                               parked=True, method=VALIDATED, busy=False)
+        self._walked = _Walked(walked.cr3, nxe, fixed.trace, fixed.report, fixed.runs, walked.heap, walked.heap_runs,
+                               block=block)
+        return "ok", _snapshot(regs, fixed.runs, fixed.report, live, cap.bitmap, walked.heap, tally, held,
+                               cap.copy_ns, parked=True, method=VALIDATED, busy=False)
 
     # -- 4. the guest held -----------------------------------------------------------------
     def _take_stopped(self, facts: GuestFacts, max_tables: int, tally: "_Tally") -> Snapshot:
         physmem = self.target.physmem
+        block_at = block_span(facts, physmem)
+        hook = facts.report.quiet_hook
+
+        def run_on() -> int | None:
+            return hook if parked_busy(physmem, block_at) else None
+
         for k in range(BUSY_PARKS):
-            t0 = time.perf_counter_ns()
-            with _no_gc(), self._pause() as parked:
-                t1 = time.perf_counter_ns()
-                t0 += _ran_ns(parked)
-                block = read_block(physmem, facts, parked=True) if parked else None
-                if parked and block is not None and block.busy and k < BUSY_PARKS - 1:
-                    finish = None  # inside a critical section: let it finish
-                else:
-                    finish = self._read_all(facts, max_tables)
-            t3 = time.perf_counter_ns()
-            if finish is not None:
+            last = k == BUSY_PARKS - 1
+
+            def read_all():
+                # Inside a critical section (after running on to its end, where
+                # that works): let it finish, unless this is the last try.
+                return None if not last and parked_busy(physmem, block_at) else self._read_all(facts, max_tables)
+
+            held = self._hold(read_all, run_on if hook and block_at is not None else None)
+            if not held.parked:
+                return self._read_all(facts, max_tables)(tally, held, parked=False, method=NOT_RUNNING)
+            if held.value is not None:
                 # A remote pause that ran out let the guest go mid-read: the
                 # snapshot says it was not parked (its reads may be torn).
-                held = bool(parked) and not _expired(parked)
-                return finish(t0, t1, t3, tally, parked=held, method=STOPPED if parked else NOT_RUNNING,
-                              expired=_expired(parked))
-            tally.park(t3 - t0, True)
+                return held.value(tally, held, parked=not held.expired, method=STOPPED, expired=held.expired)
+            tally.park(held.held_ns, True)
             time.sleep(random.uniform(0.0003, 0.0015))
-        raise AssertionError("unreachable: the last park always reads")
+        raise AssertionError("unreachable: the last hold always reads")
 
     def _read_all(self, facts: GuestFacts, max_tables: int):
         """Every read with the guest not running (held, or stopped anyway);
-        returns a function that makes the snapshot once the pause is over
-        (from its timestamps: start, parked, resumed)."""
+        returns a function that makes the snapshot once the hold is over."""
+        t1 = time.perf_counter_ns()
         physmem = self.target.physmem
         regs = self.target.control_registers()
         nxe = bool(regs.efer & EFER_NXE)
@@ -369,24 +401,47 @@ class Snapshotter:
         live = facts.with_block(block) if block is not None else facts
         bitmap = read_bitmaps(physmem, live)
         heap = walk_heap(physmem, runs, live, prior=self._heap)
-        t2 = time.perf_counter_ns()
+        work_ns = time.perf_counter_ns() - t1
         self._cr3, self._nxe = regs.root, nxe
-        self._walked = _Walked(regs.root, nxe, trace, report, runs, heap, runs)
+        self._walked = _Walked(regs.root, nxe, trace, report, runs, heap, runs, block=block)
         if heap is not None:
             self._heap = heap
 
-        def finish(t0: int, t1: int, t3: int, tally: _Tally, *, parked: bool, method: str,
-                   expired: bool = False) -> Snapshot:
-            return _snapshot(regs, runs, report, live, bitmap, heap, t0, t1, t2, t3, tally, parked=parked,
-                             method=method, busy=bool(parked and block is not None and block.busy), expired=expired)
+        def finish(tally: _Tally, held: "_Held", *, parked: bool, method: str, expired: bool = False) -> Snapshot:
+            busy = bool(parked and block is not None and block.busy)
+            if parked or expired:
+                tally.park(held.held_ns, busy)
+            return _snapshot(regs, runs, report, live, bitmap, heap, tally, held, work_ns, parked=parked,
+                             method=method, busy=busy, expired=expired)
 
         return finish
 
 
-def _snapshot(regs, runs, report, facts, bitmap, heap, t0, t1, t2, t3, tally, *, parked, method, busy,
+@dataclass
+class _Held:
+    """One hold of the guest: was it parked, ``fn``'s value, how long it was
+    held (exit to re-entry where the vCPU thread measures it), and the
+    whole request (kick, hold, answer), running on excluded."""
+
+    parked: bool
+    value: object
+    held_ns: int
+    round_trip_ns: int
+    expired: bool = False
+    stops: int = 1
+
+
+def _parse_block(data: bytes | None, paddr: int | None) -> InspectBlock | None:
+    if data is None or paddr is None:
+        return None
+    try:
+        return parse_inspect_block(data, paddr)
+    except (InspectBlockError, ValueError):
+        return None
+
+
+def _snapshot(regs, runs, report, facts, bitmap, heap, tally, held, work_ns, *, parked, method, busy,
               expired=False) -> Snapshot:
-    if parked or expired:
-        tally.park(t3 - t0, busy)
     return Snapshot(
         taken_at=time.time(),
         registers=regs,
@@ -394,8 +449,8 @@ def _snapshot(regs, runs, report, facts, bitmap, heap, t0, t1, t2, t3, tally, *,
         walk_findings=list(report.findings),
         table_frames=dict(report.tables),
         tables_visited=report.tables_visited,
-        pause_ms=(t3 - t0) / 1e6 if parked else 0.0,
-        walk_ms=(t2 - t1) / 1e6,
+        pause_ms=held.held_ns / 1e6 if parked else 0.0,
+        walk_ms=work_ns / 1e6,
         facts=facts,
         parked=parked,
         method=method,
@@ -405,6 +460,7 @@ def _snapshot(regs, runs, report, facts, bitmap, heap, t0, t1, t2, t3, tally, *,
         pause_expired=expired,
         bitmap_raw=bitmap,
         heap=heap,
+        round_trip_ms=held.round_trip_ns / 1e6 if parked else 0.0,
     )
 
 
@@ -431,14 +487,15 @@ def _expired(pause) -> bool:
     return bool(getattr(pause, "expired", False))
 
 
-def _heap_unchanged(physmem, heap: HeapView | None, facts: GuestFacts) -> bool:
-    """The optimistic heap walk still describes the heap the block describes."""
+def _heap_matches(heap: HeapView | None, captured: tuple | None, facts: GuestFacts) -> bool:
+    """The optimistic heap walk still describes the heap the block describes,
+    word for word as copied in the hold."""
     bounds, head = facts.heap, facts.heap_free_head
     if heap is None:
         return bounds is None or head is None
     if bounds is None or (heap.heap_start, heap.heap_end, heap.head) != (*bounds, head):
         return False
-    return heap.unchanged(physmem)
+    return heap.matches(captured)
 
 
 def _heap_still_mapped(walked: _Walked, fixed: Refreshed) -> bool:
@@ -485,15 +542,8 @@ def _cpu(facts: GuestFacts) -> dict:
 
 def read_bitmaps(physmem, facts: GuestFacts) -> bytes | None:
     """Both frame bitmaps (used, then managed) as raw bytes, bounds-checked."""
-    if facts.bitmap is None:
-        return None
-    paddr, bits = facts.bitmap
-    if bits > facts.ram_size // 4096 + 64:
-        return None
-    n = 2 * (-(-bits // 64)) * 8
-    if paddr < 0 or paddr + n > facts.ram_size:
-        return None
-    return physmem.read(paddr, n)
+    span = bitmap_span(facts)
+    return physmem.read(*span) if span is not None else None
 
 
 def walk_heap(physmem, runs: RunArrays, facts: GuestFacts, *, prior: HeapView | None = None) -> HeapView | None:

@@ -21,6 +21,9 @@ from ..reports import Report
 from .dirty import dirty_pages
 from .facts import GuestFacts, InspectReport
 
+#: How long a guest held inside a critical section may run to the section's end.
+QUIET_TIMEOUT_S = 0.05
+
 __all__ = [
     "ControlRegisters", "GuestFacts", "InspectReport", "LocalTarget", "Pause", "Target", "facts_from_vm", "latest",
 ]
@@ -114,6 +117,12 @@ class LocalTarget:
 
     def facts(self) -> GuestFacts:
         return facts_from_vm(self.vm)
+
+    def visit(self, fn, run_on=None):
+        """Call ``fn`` on the vCPU thread with the guest held at its next exit
+        (``Vm.visit``; ``run_on`` may let it run to an address first, for at
+        most ``QUIET_TIMEOUT_S``); None if it is not running."""
+        return self.vm.visit(fn, run_on=run_on, run_on_timeout=QUIET_TIMEOUT_S)
 
     def run_to(self, addr: int, timeout: float, meanwhile=None) -> int | None:
         """While paused: run the guest to ``addr`` and hold it there (``Vm.run_to``);

@@ -1,0 +1,92 @@
+"""Vm.visit: work done on the vCPU thread with the guest out of KVM_RUN (vmm/visit.py)."""
+
+import threading
+import time
+
+import pytest
+
+from vmm.inspector.inspect_block import parked_busy
+from vmm.inspector.target import LocalTarget
+from vmm.vm import Vm, VmConfig
+
+pytestmark = pytest.mark.kvm
+
+
+def _run_watched(vm, watch):
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        return vm.run()
+    finally:
+        t.join()
+
+
+def _facts_with_hook(target, vm):
+    facts = target.facts()
+    deadline = time.time() + 10
+    while vm.running and not facts.report.quiet_hook and time.time() < deadline:
+        time.sleep(0.01)  # until the guest has sent its INSPECT report
+        facts = target.facts()
+    return facts
+
+
+def test_a_visit_runs_on_the_vcpu_thread_and_the_guest_goes_on(guest_image):
+    with Vm(guest_image, VmConfig(memory=64 << 20, cmdline="workload=compute workload_ms=1500", timeout=60)) as vm:
+        assert vm.visit(lambda: 1) is None  # not running: nothing to hold
+        seen = {"visits": [], "rips": set(), "error": None}
+
+        def watch():
+            while not vm.running:
+                time.sleep(0.001)
+            while vm.running and len(seen["visits"]) < 20:
+                v = vm.visit(lambda: (threading.get_ident(), vm.vcpu.get_regs().rip))
+                if v is None:
+                    break
+                seen["visits"].append(v)
+                time.sleep(0.01)
+            try:
+                vm.visit(lambda: 1 / 0)
+            except ZeroDivisionError as exc:  # fn's error reaches the requester
+                seen["error"] = exc
+
+        result = _run_watched(vm, watch)
+        vcpu_thread = threading.get_ident()  # vm.run() ran here
+    assert result.exit_code == 0, result.message
+    visits = seen["visits"]
+    assert len(visits) == 20
+    assert all(v.value[0] == vcpu_thread and v.stops == 1 and v.held_ns > 0 for v in visits)
+    assert len({v.value[1] for v in visits}) > 1, "the guest should have moved on between visits"
+    assert vm.visit(lambda: 1) is None
+    assert isinstance(seen["error"], ZeroDivisionError)
+
+
+def test_a_visit_runs_on_to_the_end_of_a_critical_section(guest_image):
+    """Held inside a critical section, a visit lets the guest run to the
+    kernel's quiet hook (an instruction breakpoint) and calls fn there."""
+    with Vm(guest_image, VmConfig(memory=64 << 20, cmdline="workload=mm workload_ms=3000", timeout=60)) as vm:
+        target = LocalTarget(vm)
+        found = {"ran_on": 0, "rips": set(), "busy_there": 0, "hook": None}
+
+        def watch():
+            while not vm.running:
+                time.sleep(0.001)
+            facts = _facts_with_hook(target, vm)
+            hook = found["hook"] = facts.report.quiet_hook
+            at = facts.report.inspect_block_phys
+            while vm.running and found["ran_on"] < 5:
+                v = target.visit(lambda: (vm.vcpu.get_regs().rip, parked_busy(vm.memory, at)),
+                                 run_on=lambda: hook if parked_busy(vm.memory, at) else None)
+                if v is None:
+                    break
+                if v.ran_on:
+                    found["ran_on"] += 1
+                    found["rips"].add(v.value[0])
+                    found["busy_there"] += v.value[1]
+                    assert v.stops == 2 and v.ran_ns > 0
+                time.sleep(0.005)
+
+        result = _run_watched(vm, watch)
+    assert result.exit_code == 0, result.message
+    assert found["hook"], "the INSPECT report names no quiet_hook"
+    assert found["ran_on"] >= 3, found
+    assert found["rips"] == {found["hook"]} and found["busy_there"] == 0, found
