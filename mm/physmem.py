@@ -197,9 +197,13 @@ class BufferMemory:
             raise OutOfBounds(lo if lo < self.base else hi, 8, self.base, self.size)
         return ((paddrs - np.uint64(self.base)) >> np.uint64(3)).astype(np.intp)
 
-    def gather_u64(self, indices: np.ndarray) -> np.ndarray:
-        """The u64s at ``indices`` (from :meth:`u64_indices`), as a copy."""
-        return self._u64[indices]
+    def gather_u64(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The u64s at ``indices`` (from :meth:`u64_indices`), as a copy (into
+        ``out`` if given: memory allocated and touched beforehand, so that a
+        gather made while a vCPU is held takes no page faults)."""
+        if out is None:
+            return self._u64[indices]
+        return _numpy().take(self._u64, indices, out=out)
 
     def read_u64s(self, paddrs: np.ndarray) -> np.ndarray:
         """Gather the u64s at the 8-byte aligned ``paddrs`` (any order) in one
@@ -239,9 +243,12 @@ class BufferMemory:
             raise Misaligned(int(paddrs[np.argmax(paddrs % PAGE_4K != 0)]), PAGE_4K)
         return ((paddrs - np.uint64(self.base)) >> np.uint64(12)).astype(np.intp)
 
-    def gather_frames(self, indices: np.ndarray) -> np.ndarray:
-        """The tables at ``indices`` (from :meth:`frame_indices`) as a ``(k, ENTRIES_PER_TABLE)`` copy."""
-        return self._frames[indices]
+    def gather_frames(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The tables at ``indices`` (from :meth:`frame_indices`) as a
+        ``(k, ENTRIES_PER_TABLE)`` copy (into ``out`` if given, as :meth:`gather_u64`)."""
+        if out is None:
+            return self._frames[indices]
+        return _numpy().take(self._frames, indices, axis=0, out=out)
 
     def read_tables(self, paddrs: np.ndarray) -> np.ndarray:
         """Gather the tables at ``paddrs`` (all 4 KiB aligned) into a ``(k, ENTRIES_PER_TABLE)`` copy."""

@@ -103,6 +103,10 @@ class TableCopier:
         self.base, self.size = int(getattr(mem, "base", 0)), int(mem.size)
         indices = getattr(mem, "frame_indices", None)
         self._at = indices(trace.table) if indices is not None and len(trace) else None
+        # Where the copy and the comparison go, allocated and touched now:
+        # fresh memory would cost page faults inside the pause.
+        self._now = np.zeros((len(trace), 512), dtype=np.uint64)
+        self._diff = np.zeros((len(trace), 512), dtype=bool)
         self._known = set(trace.table.tolist())
         self._level = trace.level.tolist()
         self._last = len(levels) - 1
@@ -117,10 +121,10 @@ class TableCopier:
 
     def copy(self) -> FrameCopy:
         trace, mem = self.trace, self.mem
-        now = mem.gather_frames(self._at) if self._at is not None else read_tables(mem, trace.table)
+        now = mem.gather_frames(self._at, self._now) if self._at is not None else read_tables(mem, trace.table)
         if not len(trace):
             return FrameCopy(self.base, self.size, trace.table, now)
-        diff = now != trace.rows
+        diff = np.not_equal(now, trace.rows, out=self._diff)
         changed = np.flatnonzero(diff.any(axis=1)).tolist()
         # Tables reached anew below changed entries (leaf tables have no children).
         todo: list[tuple[int, int]] = []  # (frame, its level)

@@ -273,6 +273,20 @@ class VcpuFd(_FdOwner):
         if end <= len(self._map):
             self._map[ex.data_offset : end] = data
 
+    def request_sync_regs(self, fields: int) -> None:
+        """Ask KVM to store ``fields`` (KVM_SYNC_X86_*) in kvm_run at every exit
+        from now on (``kvm_valid_regs``, KVM_CAP_SYNC_REGS; 0 stops it). KVM
+        reads it when KVM_RUN returns, so another thread may set it."""
+        self.run_struct.kvm_valid_regs = fields
+
+    def sync_regs(self) -> tuple[K.kvm_regs, K.kvm_sregs]:
+        """The registers KVM stored in kvm_run at the last exit, as asked with
+        ``request_sync_regs(KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS)``: copies,
+        no ioctl."""
+        at = K.kvm_run.s.offset
+        return (K.kvm_regs.from_buffer_copy(self._map, at),
+                K.kvm_sregs.from_buffer_copy(self._map, at + C.sizeof(K.kvm_regs)))
+
     def get_regs(self) -> K.kvm_regs:
         regs = K.kvm_regs()
         _ioctl(self.fd, K.KVM_GET_REGS, regs, "KVM_GET_REGS")

@@ -521,6 +521,13 @@ KVM_CAP_VCPU_EVENTS = 41
 KVM_CAP_DEBUGREGS = 50
 KVM_CAP_XSAVE = 55
 KVM_CAP_XCRS = 56
+KVM_CAP_SYNC_REGS = 74
+
+# kvm_run.kvm_valid_regs: what KVM stores in kvm_run.s at every exit
+# (struct kvm_sync_regs: kvm_regs, then kvm_sregs, then kvm_vcpu_events).
+KVM_SYNC_X86_REGS = 1 << 0
+KVM_SYNC_X86_SREGS = 1 << 1
+KVM_SYNC_X86_EVENTS = 1 << 2
 
 # MSRs
 MSR_EFER = 0xC0000080

@@ -142,7 +142,8 @@ def test_watch_rows_per_workload():
     from vmm.bench.watch import WORKLOADS, WatchSamples
 
     s = WatchSamples(WORKLOADS[3], iters_plain=[100, 110], iters_watched=[98, 100], pause_ms=[0.3, 0.5, 2.0],
-                     held_ms=[0.3, 1.5, 2.0], work_ms=[0.1, 0.2, 1.5], attempts=[1, 3, 7], stopped=1, snapshots=3)
+                     held_ms=[0.3, 1.5, 2.0], work_ms=[0.1, 0.2, 1.5], attempts=[1, 3, 7], stopped=1, retried=2,
+                     snapshots=3, round_trip_ms=[0.4, 0.6, 2.2])
     quiet = WatchSamples(WORKLOADS[0], error="guest failed")
     sec = inspector.section_from({"park_ms": [], "pause_ms": [], "entries_per_s_live": [], "refresh_ms": [],
                                   "walk_ms": [], "tables": 0, "runs": 0, "error": ""})
@@ -151,5 +152,7 @@ def test_watch_rows_per_workload():
     assert pause["p50"] == 0.5 and pause["p99"] == 2.0 and pause["n"] == 3
     slow = sec.figure("watch_frag16k_slowdown")
     assert slow["unit"] == "%" and slow["median"] == pytest.approx((100 / 98 - 1 + 110 / 100 - 1) / 2 * 100)
-    assert "1 held" in next(r for r in sec.rows if r.key == "watch_frag16k_pause").note
+    note = next(r for r in sec.rows if r.key == "watch_frag16k_pause").note
+    assert "p99 2.000 ms" in note and "max 2.000 ms" in note and "1 stopped" in note and "2 retried" in note
+    assert sec.figure("watch_frag16k_round_trip")["p99"] == 2.2
     assert sec.figure("watch_compute_pause") is None and "guest failed" in sec.message

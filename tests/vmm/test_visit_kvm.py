@@ -21,6 +21,14 @@ def _run_watched(vm, watch):
         t.join()
 
 
+def _same_registers(vm) -> bool:
+    """Inside a visit: ``Vm.registers`` (kvm_run's copy, where KVM_CAP_SYNC_REGS
+    is there) equals what the ioctls read."""
+    r, s = vm.registers()
+    r2, s2 = vm.vcpu.get_regs(), vm.vcpu.get_sregs()
+    return bytes(r) == bytes(r2) and (s.cr0, s.cr3, s.cr4, s.efer) == (s2.cr0, s2.cr3, s2.cr4, s2.efer)
+
+
 def _facts_with_hook(target, vm):
     facts = target.facts()
     deadline = time.time() + 10
@@ -39,7 +47,7 @@ def test_a_visit_runs_on_the_vcpu_thread_and_the_guest_goes_on(guest_image):
             while not vm.running:
                 time.sleep(0.001)
             while vm.running and len(seen["visits"]) < 20:
-                v = vm.visit(lambda: (threading.get_ident(), vm.vcpu.get_regs().rip))
+                v = vm.visit(lambda: (threading.get_ident(), vm.vcpu.get_regs().rip, _same_registers(vm)))
                 if v is None:
                     break
                 seen["visits"].append(v)
@@ -55,6 +63,7 @@ def test_a_visit_runs_on_the_vcpu_thread_and_the_guest_goes_on(guest_image):
     visits = seen["visits"]
     assert len(visits) == 20
     assert all(v.value[0] == vcpu_thread and v.stops == 1 and v.held_ns > 0 for v in visits)
+    assert all(v.value[2] for v in visits), "the registers KVM stored at the exit are the vCPU's"
     assert len({v.value[1] for v in visits}) > 1, "the guest should have moved on between visits"
     assert vm.visit(lambda: 1) is None
     assert isinstance(seen["error"], ZeroDivisionError)

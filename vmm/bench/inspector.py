@@ -9,12 +9,15 @@ measurements in another one, which stops the guest when done.
   examined per second = tables visited x 512 / walk time;
 - view refresh: one refresh of the live view (snapshot, labels, audits,
   physical view, heap walk, diff, rendered with rich to a string), as a rate;
-- snapshot pause: how long the guest is held for one consistent snapshot,
-  beside the baseline of parking and resuming the vCPU with no walk at all;
+- snapshot pause: how long the guest is held for one consistent snapshot
+  (its exit to its re-entry, timed on the vCPU thread: ``Vm.visit``), beside
+  the baseline of a hold that copies nothing;
 - per guest workload (``watch.py``: compute loop, ``workload=mm``, heaps
   fragmented into 1,024 and 16,384 free blocks), watched at 10 Hz as the
-  live view does: pause per snapshot (p50/p99), total held per snapshot
-  (all its parks), and the guest's slowdown against unwatched runs.
+  live view does: pause per snapshot (p50/p99/max), total held per snapshot
+  (all its holds), the watcher's round trip, how many snapshots were
+  stopped (held for a complete read) or retried, and the guest's slowdown
+  against unwatched runs.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ GUEST_RAM = 128 << 20
 ENTRIES_PER_TABLE = 512
 
 
+def _nothing() -> None:
+    pass
+
+
 def _measure_live(vm: Vm, inspected: threading.Event, iterations: int, out: dict) -> None:
     try:
         if not inspected.wait(60):
@@ -55,12 +62,9 @@ def _measure_live(vm: Vm, inspected: threading.Event, iterations: int, out: dict
             if not vm.running:
                 out["error"] = "the guest stopped before the measurements ended"
                 return
-            t0 = time.perf_counter_ns()
-            with vm.paused() as parked:
-                pass
-            t1 = time.perf_counter_ns()
-            if parked:
-                out["park_ms"].append((t1 - t0) / 1e6)
+            bare = vm.visit(_nothing)  # a hold with nothing to copy: the exit path alone
+            if bare is not None:
+                out["park_ms"].append(bare.held_ns / 1e6)
             snap = take_snapshot(target, facts=facts)
             if snap.parked:
                 out["pause_ms"].append(snap.pause_ms)
@@ -133,7 +137,7 @@ def section_from(samples: dict) -> Section:
     if samples["pause_ms"]:
         park = summarize(samples["park_ms"], "ms") if samples["park_ms"] else None
         sec.add("snapshot_pause", "snapshot pause (guest held)", summarize(samples["pause_ms"], "ms"),
-                baseline=park, baseline_label="park + resume vCPU, no walk" if park else "")
+                baseline=park, baseline_label="a hold with nothing to copy (Vm.visit)" if park else "")
     if samples["error"]:
         sec.message = samples["error"]
         if not sec.rows:
@@ -152,15 +156,22 @@ def add_watch_rows(sec: Section, samples: list) -> None:
                     note=s.error or "no snapshot while the guest ran")
             continue
         pause = distribution(s.pause_ms, "ms")
-        note = (f"{s.snapshots} snapshots, {s.stopped} held for a complete read, {s.busy} busy; "
-                f"p99 {pause['p99']:.2f} ms; guest cmdline '{w.cmdline}'")
-        sec.add(f"watch_{w.key}_pause", f"{w.label}: snapshot pause", pause, note=note)
+        note = (f"pause p50 {pause['p50']:.3f} ms, p99 {pause['p99']:.3f} ms, max {pause['max']:.3f} ms; "
+                f"{s.snapshots} snapshots: {s.stopped} stopped (held for a complete read), {s.retried} retried "
+                f"(more than one hold, at most {max(s.attempts)}), {s.busy} busy; guest cmdline '{w.cmdline}'")
+        sec.add(f"watch_{w.key}_pause", f"{w.label}: snapshot pause (guest held)", pause, note=note)
         if s.stopped and s.validated_pause_ms:
             validated = distribution(s.validated_pause_ms, "ms")
-            sec.add(f"watch_{w.key}_validated_pause", "pause of the snapshots validated (not held)", validated,
-                    indent=1, note=f"p99 {validated['p99']:.2f} ms")
-        sec.add(f"watch_{w.key}_held", "held per snapshot, all parks", distribution(s.held_ms, "ms"), indent=1)
-        sec.add(f"watch_{w.key}_work", "reads and checks while held", distribution(s.work_ms, "ms"), indent=1)
+            sec.add(f"watch_{w.key}_validated_pause", "pause of the snapshots validated (not stopped)", validated,
+                    indent=1, note=f"p99 {validated['p99']:.3f} ms")
+        held = distribution(s.held_ms, "ms")
+        sec.add(f"watch_{w.key}_held", "held per snapshot, all holds", held, indent=1,
+                note=f"p99 {held['p99']:.3f} ms")
+        sec.add(f"watch_{w.key}_work", "copies while held", distribution(s.work_ms, "ms"), indent=1)
+        if s.round_trip_ms:
+            trip = distribution(s.round_trip_ms, "ms")
+            sec.add(f"watch_{w.key}_round_trip", "watcher's round trip: kick, hold, answer", trip, indent=1,
+                    note=f"p99 {trip['p99']:.3f} ms (the guest runs until the kick lands)")
         if s.slowdowns:
             sec.add(f"watch_{w.key}_slowdown", "guest slowdown watched at 10 Hz",
                     summarize([100 * x for x in s.slowdowns], "%"), indent=1,

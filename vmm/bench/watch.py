@@ -55,12 +55,14 @@ class WatchSamples:
     workload: Workload
     iters_plain: list[int] = field(default_factory=list)
     iters_watched: list[int] = field(default_factory=list)
-    pause_ms: list[float] = field(default_factory=list)  # the snapshot's last park
+    pause_ms: list[float] = field(default_factory=list)  # the snapshot's last hold (the guest's side)
     validated_pause_ms: list[float] = field(default_factory=list)  # the same, snapshots not held for a full read
-    held_ms: list[float] = field(default_factory=list)  # all its parks
-    work_ms: list[float] = field(default_factory=list)  # reads and checks while held
+    held_ms: list[float] = field(default_factory=list)  # all its holds
+    work_ms: list[float] = field(default_factory=list)  # copies (or a complete read) while held
+    round_trip_ms: list[float] = field(default_factory=list)  # the last hold as the watcher saw it: kick to answer
     attempts: list[int] = field(default_factory=list)
     stopped: int = 0  # snapshots that fell back to holding the guest
+    retried: int = 0  # snapshots that took more than one hold
     busy: int = 0
     snapshots: int = 0
     error: str = ""
@@ -108,8 +110,10 @@ def run_once(image, workload: Workload, seconds: float, hz: float | None, out: W
                             out.validated_pause_ms.append(snap.pause_ms)
                         out.held_ms.append(snap.held_ms)
                         out.work_ms.append(snap.walk_ms)
+                        out.round_trip_ms.append(snap.round_trip_ms)
                         out.attempts.append(snap.attempts)
                         out.stopped += snap.method == STOPPED
+                        out.retried += snap.attempts > 1
                         out.busy += snap.busy
                     stop.wait(max(0.0, 1 / hz - (time.perf_counter() - t0)))
 
@@ -145,5 +149,6 @@ def summary_line(s: WatchSamples) -> str:
     d = distribution(s.pause_ms, "ms")
     slow = statistics.median(s.slowdowns) * 100 if s.slowdowns else float("nan")
     return (f"{s.workload.label}: pause p50 {d['p50']:.3f} ms, p99 {d['p99']:.3f} ms, max {d['max']:.2f} ms "
-            f"over {s.snapshots} snapshots ({s.stopped} held, {s.busy} busy, attempts max {max(s.attempts)}); "
+            f"over {s.snapshots} snapshots ({s.stopped} stopped, {s.retried} retried, {s.busy} busy, "
+            f"holds max {max(s.attempts)}); "
             f"slowdown {slow:.1f} % (iterations {s.iters_plain} unwatched, {s.iters_watched} watched)")

@@ -41,6 +41,25 @@ MIN_BLOCK = 16
 _EMPTY = np.zeros(0, dtype=np.uint64)
 
 
+def _buffer(owner: dict, name: str, n: int) -> np.ndarray:
+    """``n`` u64s kept in ``owner`` for the next capture, allocated and touched
+    on first use: a gather into fresh memory would take page faults inside
+    the pause. Reused by the next capture of the same walk (by then the
+    previous one has been compared)."""
+    buf = owner.get(name)
+    if buf is None or buf.size != n:
+        buf = owner[name] = np.zeros(n, dtype=np.uint64)
+    return buf
+
+
+def prepare_capture(heap: "HeapView") -> None:
+    """Allocate what ``HeapView.capture`` copies into (outside a pause)."""
+    if heap.reads is not None and heap.reads.words is not None:
+        _buffer(heap.reads.__dict__, "_capture_out", heap.reads.words.size)
+    if heap.record.words is not None and heap.record.phys.size:
+        _buffer(heap.__dict__, "_capture_out", heap.record.words.size)
+
+
 class RunTranslator:
     """Virtual -> physical through a snapshot's coalesced runs (no re-walk)."""
 
@@ -166,7 +185,7 @@ class HeapView:
             return reads, _EMPTY
         if r.words is None:
             return None
-        return reads, physmem.gather_u64(r.words)
+        return reads, physmem.gather_u64(r.words, _buffer(self.__dict__, "_capture_out", r.words.size))
 
     def matches(self, captured: tuple | None) -> bool:
         """Does ``capture``'s copy hold exactly the words the walk read?"""
@@ -389,7 +408,8 @@ class RecordedReads:
         """Every recorded read, made again: copies only (for a pause)."""
         if self.words is None:
             return None
-        return physmem.gather_u64(self.words), [physmem.read(p, len(d)) for p, d in self.odd]
+        out = _buffer(self.__dict__, "_capture_out", self.words.size)
+        return physmem.gather_u64(self.words, out), [physmem.read(p, len(d)) for p, d in self.odd]
 
     def matches(self, captured: tuple | None) -> bool:
         if captured is None or self.words is None:

@@ -62,7 +62,7 @@ from mm.walker import Run, RunArrays, WalkTrace, walk_arrays, walk_traced
 
 from ..cpu import EFER_NXE
 from .facts import GuestFacts
-from .heap import HeapView, RunTranslator
+from .heap import HeapView, RunTranslator, prepare_capture
 from .capture import Capture, bitmap_span, block_span, capture
 from .inspect_block import InspectBlock, InspectBlockError, parked_busy, parse_inspect_block, read_inspect_block
 from .labels import Labeler
@@ -315,6 +315,12 @@ class Snapshotter:
         bitmap_at = bitmap_span(read_as)
         tables = TableCopier(physmem, walked.trace) if walked is not None else None
         heap = walked.heap if walked is not None else None
+        if heap is not None:
+            prepare_capture(heap)
+        # The same copies once now, thrown away: they bring what the hold
+        # reads into the shared cache (guest RAM read cold costs ~3 us a
+        # table here) and run each code path once before it counts.
+        _warm_copies(physmem, tables, heap)
 
         def copy() -> Capture:
             return capture(self.target, physmem, block_at=block_at, tables=tables, heap=heap, bitmap_at=bitmap_at)
@@ -429,6 +435,16 @@ class _Held:
     round_trip_ns: int
     expired: bool = False
     stops: int = 1
+
+
+def _warm_copies(physmem, tables: TableCopier | None, heap: HeapView | None) -> None:
+    try:
+        if tables is not None:
+            tables.copy()
+        if heap is not None:
+            heap.capture(physmem)
+    except Exception:  # a torn read of a table being rewritten: the hold copies again
+        pass
 
 
 def _parse_block(data: bytes | None, paddr: int | None) -> InspectBlock | None:

@@ -108,9 +108,8 @@ class LocalTarget:
         self.physmem = vm.memory
 
     def control_registers(self) -> ControlRegisters:
-        s = self.vm.vcpu.get_sregs()
-        rip = self.vm.vcpu.get_regs().rip
-        return ControlRegisters(s.cr0, s.cr3, s.cr4, s.efer, rip)
+        r, s = self.vm.registers()
+        return ControlRegisters(s.cr0, s.cr3, s.cr4, s.efer, r.rip)
 
     def paused(self):
         return self.vm.paused()
