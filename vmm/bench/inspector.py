@@ -127,7 +127,7 @@ def section_from(samples: dict) -> Section:
                     rate(per_entry))
         sec.add("walk_ms", f"walker: whole address space ({samples['runs']} runs)", walk, indent=1)
     if samples["entries_per_s_live"]:
-        sec.add("walker_entries_per_s_paused", "walker: entries per second inside a snapshot",
+        sec.add("walker_entries_per_s_paused", "table entries per second copied while held",
                 summarize(samples["entries_per_s_live"], "/s"), indent=1)
     if samples["refresh_ms"]:
         refresh = summarize(samples["refresh_ms"], "ms")
