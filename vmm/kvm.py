@@ -173,6 +173,22 @@ class VmFd(_FdOwner):
         log = K.kvm_dirty_log(slot=slot, dirty_bitmap=C.addressof(bitmap))
         _ioctl(self.fd, K.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
 
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: C.Array) -> None:
+        """KVM_CLEAR_DIRTY_LOG: write-protect again (and clear in the log) the
+        pages of ``slot`` whose bits are set in ``bitmap``, bit 0 being
+        ``first_page`` (a multiple of 64; ``num_pages`` too, unless the range
+        ends at the end of the slot). Only with MANUAL_DIRTY_LOG_PROTECT2 on."""
+        log = K.kvm_clear_dirty_log(slot=slot, num_pages=num_pages, first_page=first_page,
+                                    dirty_bitmap=C.addressof(bitmap))
+        _ioctl(self.fd, K.KVM_CLEAR_DIRTY_LOG, log, "KVM_CLEAR_DIRTY_LOG")
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        """KVM_ENABLE_CAP on the VM with up to four arguments."""
+        req = K.kvm_enable_cap(cap=cap)
+        for i, value in enumerate(args):
+            req.args[i] = value
+        _ioctl(self.fd, K.KVM_ENABLE_CAP, req, f"KVM_ENABLE_CAP({cap})")
+
     def check_extension(self, cap: int) -> int:
         return _ioctl(self.fd, K.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
 

@@ -85,22 +85,16 @@ class GuestMemory(BufferMemory):
         if done < src.nbytes:
             super().write(paddr + done, src.cast("B")[done:])
 
-    def copy_pages_from(self, other: "GuestMemory", pages) -> None:
-        """Copy the 4 KiB pages numbered ``pages`` (sorted) from ``other``,
-        a RAM of the same size; contiguous pages go in one slice copy."""
+    def copy_runs_from(self, other: "GuestMemory", runs) -> None:
+        """Copy runs of 4 KiB pages, ``(first page, count)``, from ``other``,
+        a RAM of the same size: one slice copy per run."""
         if other.size != self.size:
             raise ValueError(f"page copy between RAMs of {other.size:#x} and {self.size:#x} bytes")
-        src, dst = other._mem, self._mem
-        run_start = prev = None
-        for p in pages:
-            if prev is not None and p == prev + 1:
-                prev = p
-                continue
-            if run_start is not None:
-                dst[run_start * 4096 : (prev + 1) * 4096] = src[run_start * 4096 : (prev + 1) * 4096]
-            run_start = prev = p
-        if run_start is not None:
-            dst[run_start * 4096 : (prev + 1) * 4096] = src[run_start * 4096 : (prev + 1) * 4096]
+        src, dst, pages = other._mem, self._mem, self.size // 4096
+        for first, n in runs:
+            if first < 0 or n < 0 or first + n > pages:
+                raise OutOfBounds(first * 4096, n * 4096, 0, self.size)
+            dst[first * 4096 : (first + n) * 4096] = src[first * 4096 : (first + n) * 4096]
 
     def read_cstruct(self, paddr: int, ctype: type):
         """A copy of a ctypes structure read from guest memory."""

@@ -40,6 +40,7 @@ from .abi import Backend, ReportKind
 from .backend import BackendInfo, detect_backend
 from .boot import BootLayout, memory_map_bytes
 from .diagnostics import diagnose, guest_reader
+from .dirty_log import DirtyLog
 from .registers import capture, format_registers
 from .devices import ExitDevice, InstructionCounter, PortBus, ReportDevice, Stop, Uart16550, WorkMailbox
 from .elf import KernelImage, Symbolizer
@@ -76,6 +77,9 @@ class VmConfig:
     # KVM_MEM_READONLY slot: second-stage protection the guest cannot lift.
     protect_kernel: bool = True
     dirty_log: bool = False
+    # With dirty_log: "auto" (the fastest the host offers) or one of
+    # vmm.vm_builder.DIRTY_MECHANISMS ("bitmap", "manual").
+    dirty_mechanism: str = "auto"
     # Buffer serial output (COM1's THR) in KVM's coalesced-I/O ring instead of
     # one exit per byte, where the host has KVM_CAP_COALESCED_PIO.
     coalesce_serial: bool = True
@@ -130,6 +134,8 @@ class Vm:
         self.cpu_features, self.tsc_khz, self.slide = machine.cpu_features, machine.tsc_khz, machine.slide
         self.layout: BootLayout | None = machine.layout
         self.protected, self.slots, self._ring = machine.protected, machine.slots, machine.ring
+        self.dirty_mechanism: str | None = machine.dirty_mechanism  # vm_builder.choose_dirty_tracking
+        self._dirty = None  # the DirtyLog, made on first use (dirty_tracker)
         self.timings_ms, self.setup_done_ns = machine.timings_ms, machine.setup_done_ns
         self.symbolizer: Symbolizer = image.symbolizer(self.slide)
         self.ready_ns: int | None = None
@@ -204,6 +210,9 @@ class Vm:
 
     # --- lifetime -------------------------------------------------------------------
     def close(self) -> None:
+        if getattr(self, "_dirty", None) is not None:
+            self._dirty.close()
+            self._dirty = None
         for name in ("vcpu", "vm", "memory", "kvm"):
             obj = getattr(self, name, None)
             if obj is not None:
@@ -399,43 +408,25 @@ class Vm:
         return None
 
     # --- dirty logging -----------------------------------------------------------------
+    @property
+    def dirty_tracker(self):
+        """This VM's ``vmm.dirty_log.DirtyLog`` (needs VmConfig.dirty_log), made on first use."""
+        if not self.config.dirty_log:
+            raise ValueError("dirty logging is off (VmConfig.dirty_log)")
+        if self._dirty is None:
+            self._dirty = DirtyLog(self.vm, self.slots, self.dirty_mechanism)
+        return self._dirty
+
     def dirty_log(self) -> list[tuple[int, int, bytes]]:
-        """KVM_GET_DIRTY_LOG of every slot (which also clears it): ``(first page,
-        pages, little-endian bitmap)`` per slot. Needs VmConfig.dirty_log;
+        """Pages written since the last look, per slot: ``(first page, pages,
+        little-endian bitmap)``; reading re-arms the log.
         ``vmm.inspector.dirty.dirty_pages`` turns it into one array over RAM."""
-        if not self.config.dirty_log:
-            raise ValueError("dirty logging is off (VmConfig.dirty_log)")
-        out = []
-        for slot, (gpa, size, _ro) in enumerate(self.slots):
-            pages = size // 4096
-            bitmap = (ctypes.c_uint64 * ((pages + 63) // 64))()
-            self.vm.get_dirty_log(slot, bitmap)
-            out.append((gpa // 4096, pages, bytes(bitmap)))
-        return out
+        return self.dirty_tracker.bitmaps()
 
-    def dirty_page_numbers(self) -> list[int]:
-        """Page numbers written since the last call (KVM_GET_DIRTY_LOG, which
-        also clears the log): the sparse form of ``dirty_pages`` for a few pages."""
-        import numpy as np
-
-        if not self.config.dirty_log:
-            raise ValueError("dirty logging is off (VmConfig.dirty_log)")
-        out: list[int] = []
-        for slot, (gpa, size, readonly) in enumerate(self.slots):
-            if readonly:
-                continue  # nothing writes a read-only slot
-            pages = size // 4096
-            bitmap = (ctypes.c_uint64 * ((pages + 63) // 64))()
-            self.vm.get_dirty_log(slot, bitmap)
-            base = gpa // 4096
-            words = np.frombuffer(bitmap, dtype=np.uint64)
-            for i in np.flatnonzero(words).tolist():
-                word = int(words[i])
-                while word:
-                    low = word & -word
-                    out.append(base + i * 64 + low.bit_length() - 1)
-                    word ^= low
-        return out
+    def dirty_runs(self) -> list[tuple[int, int]]:
+        """Runs ``(first page, count)`` of the pages written since the last
+        look, ascending; reading re-arms the log. The sparse form of ``dirty_log``."""
+        return self.dirty_tracker.take()
 
     # --- diagnostics ------------------------------------------------------------------
     def register_dump(self) -> dict[str, int]:

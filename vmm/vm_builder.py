@@ -11,6 +11,7 @@ made is closed again if a step fails. ``vmm.vm.Vm`` runs the result.
 
 from __future__ import annotations
 
+import errno
 import time
 from dataclasses import dataclass, field
 
@@ -88,6 +89,8 @@ class Machine:
     slots: list[tuple[int, int, bool]] = field(default_factory=list)
     #: Offset of the coalesced ring in the vCPU's mapping when serial output goes through it.
     ring: int | None = None
+    #: How dirty pages are tracked (``choose_dirty_tracking``), None without dirty logging.
+    dirty_mechanism: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     #: perf_counter_ns() when setup was done (the guest's first instruction comes next).
     setup_done_ns: int = 0
@@ -127,6 +130,43 @@ def create_vcpu(m: Machine, cpuid, cold_boot: bool) -> None:
         m.tsc_khz = 0
     if cold_boot:
         m.memory.write_u64(BOOT_INFO_PHYS + BootInfo.tsc_khz.offset, m.tsc_khz)
+
+
+#: How the VMM may learn which pages a guest wrote (``vmm.dirty_log``),
+#: fastest first as measured on KVM-PVM (README, "Figures"):
+#: ``choose_dirty_tracking`` takes the first the host offers.
+DIRTY_MECHANISMS = ("bitmap", "manual")
+
+
+def choose_dirty_tracking(vm: VmFd, wanted: str = "auto") -> str:
+    """The dirty-logging mechanism for this host, from KVM_CHECK_EXTENSION
+    (never from the machine's name): "bitmap" (plain KVM_GET_DIRTY_LOG,
+    which every KVM has) or "manual" (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+    KVM_GET_DIRTY_LOG, then KVM_CLEAR_DIRTY_LOG of just the pages read).
+    ``wanted`` other than "auto" asks for one (the benchmark compares
+    them); one the host lacks is an error."""
+    offered = ["bitmap"]
+    if vm.check_extension(K.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) & K.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+        offered.append("manual")
+    if wanted == "auto":
+        return next(m for m in DIRTY_MECHANISMS if m in offered)
+    if wanted not in offered:
+        raise KvmError(errno.EOPNOTSUPP, f"dirty tracking '{wanted}' is not offered by this KVM "
+                                         f"(it offers {', '.join(offered)})")
+    return wanted
+
+
+def enable_dirty_tracking(m: Machine, config) -> None:
+    """Before the slots exist: switch on the mechanism
+    ``choose_dirty_tracking`` picks. "manual" goes without INITIALLY_SET, so
+    a new slot starts write-protected with an empty log, as with the plain
+    bitmap: the first look holds only what the guest wrote, and a fork needs
+    no clearing of all of RAM first."""
+    if not config.dirty_log:
+        return
+    m.dirty_mechanism = choose_dirty_tracking(m.vm, config.dirty_mechanism)
+    if m.dirty_mechanism == "manual":
+        m.vm.enable_cap(K.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, K.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
 
 
 def add_memory_slots(m: Machine, image: KernelImage, config) -> None:
@@ -191,6 +231,7 @@ def build_machine(image: KernelImage, config, backend: BackendInfo, restore=None
         t2 = t()
         m.vm = m.kvm.create_vm()
         t3 = t()
+        enable_dirty_tracking(m, config)
         create_vcpu(m, cpuid, cold_boot=restore is None)
         t4 = t()
         add_memory_slots(m, image, config)

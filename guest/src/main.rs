@@ -244,6 +244,10 @@ extern "sysv64" fn kernel_main(arg: u64) -> ! {
             cmdline.get("workload_ms").and_then(|v| v.parse().ok()),
             cmdline.get("frag_blocks").and_then(|v| v.parse().ok()).unwrap_or(0),
         ),
+        Some("touch") => workload::touch(
+            cmdline.get("touch_pages").and_then(|v| v.parse().ok()).unwrap_or(1),
+            cmdline.get("touch_stride").and_then(|v| v.parse().ok()).unwrap_or(1),
+        ),
         Some(other) => println!("kernel: unknown workload '{}', ignored", other),
         None => {}
     }

@@ -190,3 +190,33 @@ pub fn compute(ms: Option<u64>, frag_blocks: u64) {
     }
     println!("workload: done, {} iterations (x={:#x})", iters, x);
 }
+
+/// Largest `touch_pages` honoured (16 MiB of frames).
+const TOUCH_MAX: u64 = 4096;
+
+/// `workload=touch touch_pages=N [touch_stride=S]`: write exactly N pages of
+/// guest RAM, for the host's reset-in-place benchmark and its test that every
+/// written page comes back. Takes N*S physically contiguous free frames,
+/// writes one u64 (the page's own physical address) into every S-th, through
+/// the direct map, and gives the frames back. A stride above 1 leaves clean
+/// pages between the written ones (no run of contiguous dirty pages); the
+/// allocator's bitmap, the stack and the console are written too, as by any
+/// work, so the host sees N plus a handful.
+pub fn touch(pages: u64, stride: u64) {
+    let pages = pages.min(TOUCH_MAX);
+    let stride = stride.clamp(1, 64);
+    if pages == 0 {
+        return;
+    }
+    let Ok(base) = frames::with(|fa| fa.alloc_contiguous(pages * stride, PAGE_SIZE)) else {
+        println!("workload: touch, no {} contiguous frames", pages * stride);
+        return;
+    };
+    for i in 0..pages {
+        let phys = base + i * stride * PAGE_SIZE;
+        // SAFETY: the frames are ours until freed below; the direct map covers RAM.
+        unsafe { core::ptr::write_volatile(crate::memory::phys_to_virt(phys) as *mut u64, phys) };
+    }
+    let _ = frames::with(|fa| fa.free_contiguous(base, pages * stride));
+    println!("workload: touch, {} pages from {:#x}, stride {}", pages, base, stride);
+}

@@ -20,6 +20,9 @@ SIZES = {
     "kvm_cpuid_entry2": 40,
     "kvm_translation": 24,
     "kvm_dirty_log": 16,
+    "kvm_clear_dirty_log": 24,
+    "kvm_enable_cap": 104,
+    "kvm_dirty_gfn": 16,
     "kvm_guest_debug": 72,
     "kvm_msrs": 8,
     "kvm_msr_entry": 16,
@@ -55,6 +58,13 @@ OFFSETS = [
     ("kvm_vcpu_events", "exception_payload", 56),
     ("kvm_debugregs", "dr7", 40),
     ("kvm_xcrs", "xcrs", 8),
+    ("kvm_clear_dirty_log", "num_pages", 4),
+    ("kvm_clear_dirty_log", "first_page", 8),
+    ("kvm_clear_dirty_log", "dirty_bitmap", 16),
+    ("kvm_enable_cap", "args", 8),
+    ("kvm_enable_cap", "pad", 40),
+    ("kvm_dirty_gfn", "slot", 4),
+    ("kvm_dirty_gfn", "offset", 8),
 ]
 
 IOCTLS = {
@@ -94,6 +104,17 @@ IOCTLS = {
     "KVM_SET_DEBUGREGS": 0x4080AEA2,
     "KVM_GET_MP_STATE": 0x8004AE98,
     "KVM_SET_MP_STATE": 0x4004AE99,
+    "KVM_CLEAR_DIRTY_LOG": 0xC018AEC0,
+    "KVM_ENABLE_CAP": 0x4068AEA3,
+    "KVM_RESET_DIRTY_RINGS": 0xAEC7,
+    "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2": 168,
+    "KVM_CAP_DIRTY_LOG_RING": 192,
+    "KVM_CAP_DIRTY_LOG_RING_ACQ_REL": 223,
+    "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE": 1,
+    "KVM_DIRTY_LOG_INITIALLY_SET": 2,
+    "KVM_DIRTY_GFN_F_DIRTY": 1,
+    "KVM_DIRTY_GFN_F_RESET": 2,
+    "KVM_DIRTY_LOG_PAGE_OFFSET": 64,
 }
 
 

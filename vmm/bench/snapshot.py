@@ -3,9 +3,14 @@
 Each figure beside a cold boot measured in the same run:
 
 - reset in place to the next guest instruction (dirty pages copied back from
-  the zygote, vCPU state loaded), with the pages a trivial test dirtied, and
+  the zygote, vCPU state loaded), with the pages a trivial test dirtied,
   after a busier test (``workload=mm`` for a few dozen iterations: heap,
-  page tables, task stacks) that dirties a few hundred;
+  page tables, task stacks), and after tests that write exactly 1, 32 and
+  256 pages (``workload=touch``: one u64 into each of N free frames through
+  the direct map, contiguous, and for 256 also every other frame), each
+  with its breakdown: reading the dirty log, copying pages back, loading the
+  vCPU state, resetting devices and giving the next work; the 256-page
+  reset also with each other dirty-log mechanism the host offers;
 - a fresh VM from the zygote (KVM VM + vCPU, RAM a copy-on-write mapping of
   the zygote's memfd, state loaded), to its first instruction;
 - trivial test VMs per second (work ``""``: READY -> SUMMARY -> exit), one
@@ -33,8 +38,12 @@ from .stats import Section, distribution, summarize
 
 RAM = 64 << 20
 SAVE_SIZES = (128 << 20, 16 << 30, 64 << 30)
-#: A test that dirties a few hundred pages (the reset target's "256 or fewer" case).
+#: A busier test (heap, page tables, task stacks): it dirties a few dozen pages.
 BUSY_TEST = "workload=mm workload_iters=40"
+#: Tests that write exactly N pages, N per the reset target ("256 or fewer"),
+#: and the stride between them (2: no two written pages adjacent, one copy each).
+TOUCH_TESTS = ((1, 1), (32, 1), (256, 1), (256, 2))
+RESET_STEPS = (("log_us", "dirty log"), ("copy_us", "copy"), ("vcpu_us", "vCPU load"), ("devices_us", "devices + work"))
 
 
 def _ns() -> int:
@@ -85,6 +94,52 @@ def _vms_per_second(kernel_path: str, how: str, procs: int, n: int) -> float:
         wall = time.perf_counter() - t0
     # Per process its own loop time (the zygote boot is paid once, outside).
     return sum(k for k, _ in out) / max(dt for _, dt in out) if wall else 0.0
+
+
+def touch_work(pages: int, stride: int) -> str:
+    return f"workload=touch touch_pages={pages} touch_stride={stride}"
+
+
+def _reset_after(z: Zygote, work: str, iters: int, mechanism: str = "auto") -> list[dict]:
+    """``iters`` resets of one fork, each after a run of ``work`` (the reset
+    measured is the one that follows that run, with its breakdown)."""
+    vm = z.fork(work, dirty_mechanism=mechanism)
+    try:
+        vm.run()
+        z.reset(vm, work)
+        out = []
+        for _ in range(iters):
+            r = vm.run()
+            assert r.exit_code == 0, r.message
+            out.append(z.reset(vm, work))
+        return out
+    finally:
+        vm.close()
+
+
+def _add_reset_row(sec: Section, key: str, label: str, infos: list[dict], baseline: dict, note: str) -> None:
+    steps = ", ".join(f"{name} {summarize([i[k] for i in infos], 'us')['median']:.0f}" for k, name in RESET_STEPS)
+    pages = [i["pages"] for i in infos]
+    runs = [i["runs"] for i in infos]
+    sec.add(key, label, distribution([i["total_us"] for i in infos], "us"), baseline=baseline,
+            baseline_label="cold boot to exit", indent=1,
+            note=f"{note}; dirty pages seen {min(pages)}-{max(pages)} in {min(runs)}-{max(runs)} runs; "
+                 f"medians (us): {steps}; dirty log by {infos[0]['mechanism']}")
+
+
+def _offered_mechanisms() -> list[str]:
+    """The dirty-log mechanisms this host offers (KVM_CHECK_EXTENSION on a VM)."""
+    from ..kvm import Kvm, KvmError
+    from ..vm_builder import DIRTY_MECHANISMS, choose_dirty_tracking
+
+    out = []
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        for m in DIRTY_MECHANISMS:
+            try:
+                out.append(choose_dirty_tracking(vm, m))
+            except KvmError:
+                pass
+    return out
 
 
 def _save_load(image, size: int, backend, tmp: str) -> dict:
@@ -143,6 +198,10 @@ def run(image, kernel_path: str, runs: int, backend, *, quick: bool = False, siz
                 busy_pages.append(info["pages"])
         finally:
             vm.close()
+        touch = {(n, stride): _reset_after(z, touch_work(n, stride), iters) for n, stride in TOUCH_TESTS}
+        auto = touch[(256, 1)][0]["mechanism"]
+        others = {m: _reset_after(z, touch_work(256, 1), iters, m)
+                  for m in _offered_mechanisms() if m != auto}
         forks, fork_cycles = [], []
         for _ in range(iters):
             t0 = _ns()
@@ -156,11 +215,19 @@ def run(image, kernel_path: str, runs: int, backend, *, quick: bool = False, siz
             forks.append((t1 - t0) / 1e3)
     sec.add("reset", "reset in place to the next guest instruction", distribution(resets, "us"),
             baseline=cold_fig, baseline_label="cold boot to exit",
-            note=f"a trivial test dirtied {int(summarize(pages, 'pages')['median'])} pages (mailbox included)")
+            note=f"a trivial test dirtied {int(summarize(pages, 'pages')['median'])} pages (and the host the mailbox)")
     sec.add("reset_busy", "reset in place after a busier test", distribution(busy_resets, "us"),
             baseline=cold_fig, baseline_label="cold boot to exit", indent=1,
             note=f"'{BUSY_TEST}' dirtied {int(summarize(busy_pages, 'pages')['median'])} pages "
                  f"({min(busy_pages)}-{max(busy_pages)})")
+    for (n, stride), infos in touch.items():
+        key = f"reset_touch_{n}" + ("" if stride == 1 else f"_stride{stride}")
+        how = "contiguous" if stride == 1 else f"every {stride}nd frame" if stride == 2 else f"every {stride}th frame"
+        _add_reset_row(sec, key, f"reset after a test that wrote {n} page{'s' if n > 1 else ''}"
+                       + (f" ({how})" if n > 1 else ""), infos, cold_fig, f"'{touch_work(n, stride)}'")
+    for m, infos in others.items():
+        _add_reset_row(sec, f"reset_touch_256_{m}", f"the same, 256 pages, dirty log by {m}", infos, cold_fig,
+                       f"'{touch_work(256, 1)}'")
     sec.add("fork", "fresh VM from the zygote (CoW RAM), to its first instruction", distribution(forks, "us"),
             baseline=cold_fig, baseline_label="cold boot to exit")
     sec.add("reset_cycle", "trivial test VM: reset + run to exit", distribution(cycles, "us"),

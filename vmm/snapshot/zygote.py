@@ -33,7 +33,8 @@ PAGE = 4096
 
 # Command-line words the guest only reads after READY: the work. Every other
 # word shapes the boot and so belongs to the zygote's identity.
-WORK_WORDS = frozenset({"tests", "bench", "workload", "workload_ms", "workload_iters", "frag_blocks"})
+WORK_WORDS = frozenset({"tests", "bench", "workload", "workload_ms", "workload_iters", "frag_blocks",
+                        "touch_pages", "touch_stride"})
 
 
 def split_cmdline(cmdline: str) -> tuple[str, str]:
@@ -109,10 +110,13 @@ class Zygote:
         self.close()
 
     # --- making VMs -------------------------------------------------------------------
-    def fork(self, work: str = "", *, console=None, on_report=None, dirty_log: bool = True, timeout=None) -> Vm:
-        """A fresh VM at the zygote point with ``work`` in its mailbox."""
+    def fork(self, work: str = "", *, console=None, on_report=None, dirty_log: bool = True, timeout=None,
+             dirty_mechanism: str = "auto") -> Vm:
+        """A fresh VM at the zygote point with ``work`` in its mailbox
+        (``dirty_mechanism``: see ``vmm.vm_builder.choose_dirty_tracking``)."""
         config = VmConfig(memory=self.memory.size, cmdline=self.boot_cmdline, slide=self.slide,
-                          timeout=timeout if timeout is not None else self.timeout, dirty_log=dirty_log)
+                          timeout=timeout if timeout is not None else self.timeout, dirty_log=dirty_log,
+                          dirty_mechanism=dirty_mechanism)
         vm = Vm(self.image, config, restore=_ForkSource(self), backend=self.backend, console=console,
                 on_report=on_report)
         vm.forked_from = self
@@ -120,19 +124,26 @@ class Zygote:
         return vm
 
     def reset(self, vm: Vm, work: str = "") -> dict:
-        """Put ``vm`` (a fork with dirty logging) back to the zygote point in place."""
+        """Put ``vm`` (a fork with dirty logging) back to the zygote point in
+        place; what it cost, step by step (``vmm bench`` reports it)."""
         if getattr(vm, "forked_from", None) is not self:
             raise ValueError("only a VM forked from this zygote can be reset to it")
         t0 = time.perf_counter_ns()
-        pages = set(vm.dirty_page_numbers())  # also clears the log for the next round
-        pages.add(self.mailbox // PAGE)  # written by the host, so not in KVM's log
-        vm.memory.copy_pages_from(self.memory, sorted(pages))
+        runs = vm.dirty_runs()  # and re-armed for the next round
         t1 = time.perf_counter_ns()
+        vm.memory.copy_runs_from(self.memory, runs)
+        # The mailbox: written by the host, so in no dirty log.
+        box = self.mailbox & ~(PAGE - 1)
+        vm.memory.write(box, self.memory.view(box, PAGE))
+        t2 = time.perf_counter_ns()
         self._loader.load(vm.vcpu)
+        t3 = time.perf_counter_ns()
         vm.reset_devices()
         self._give(vm, work)
-        t2 = time.perf_counter_ns()
-        return {"pages": len(pages), "copy_us": (t1 - t0) / 1e3, "total_us": (t2 - t0) / 1e3}
+        t4 = time.perf_counter_ns()
+        return {"pages": sum(n for _first, n in runs), "runs": len(runs), "log_us": (t1 - t0) / 1e3, "copy_us": (t2 - t1) / 1e3,
+                "vcpu_us": (t3 - t2) / 1e3, "devices_us": (t4 - t3) / 1e3, "total_us": (t4 - t0) / 1e3,
+                "mechanism": vm.dirty_mechanism}
 
     def _give(self, vm: Vm, work: str) -> None:
         vm.work.mailbox = self.mailbox
