@@ -156,6 +156,18 @@ def choose_dirty_tracking(vm: VmFd, wanted: str = "auto") -> str:
     return wanted
 
 
+def offered_dirty_mechanisms() -> list[str]:
+    """Every dirty-log mechanism this host offers, best first (asked of a scratch VM)."""
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        out = []
+        for m in DIRTY_MECHANISMS:
+            try:
+                out.append(choose_dirty_tracking(vm, m))
+            except KvmError:
+                pass
+        return out
+
+
 def enable_dirty_tracking(m: Machine, config) -> None:
     """Before the slots exist: switch on the mechanism
     ``choose_dirty_tracking`` picks. "manual" goes without INITIALLY_SET, so

@@ -13,6 +13,7 @@ from vmm.pytest_plugin import boot_guest, security_violations
 from vmm.snapshot.machine import open_snapshot, restore_vm, save_vm
 from vmm.snapshot.zygote import Zygote, split_cmdline
 from vmm.vm import Vm, VmConfig
+from vmm.vm_builder import offered_dirty_mechanisms
 
 pytestmark = pytest.mark.kvm
 MEM = 64 << 20
@@ -157,21 +158,6 @@ def test_bench_section_reports_every_figure(vmm_kernel, vmm_kernel_path):
     assert sec.figure("reset")["p99"] >= sec.figure("reset")["median"]
 
 
-def _offered_mechanisms():
-    from vmm.kvm import Kvm
-    from vmm.vm_builder import DIRTY_MECHANISMS, choose_dirty_tracking
-    from vmm.kvm import KvmError
-
-    with Kvm() as kvm, kvm.create_vm() as vm:
-        out = []
-        for m in DIRTY_MECHANISMS:
-            try:
-                out.append(choose_dirty_tracking(vm, m))
-            except KvmError:
-                pass
-        return out
-
-
 @pytest.mark.parametrize("mechanism", ["bitmap", "manual"])
 def test_reset_restores_every_page_the_guest_wrote(vmm_kernel, mechanism):
     """A guest writes known pages (``workload=touch``: one u64, the page's own
@@ -182,7 +168,7 @@ def test_reset_restores_every_page_the_guest_wrote(vmm_kernel, mechanism):
 
     import numpy as np
 
-    if mechanism not in _offered_mechanisms():
+    if mechanism not in offered_dirty_mechanisms():
         pytest.skip(f"this KVM does not offer '{mechanism}' dirty tracking (KVM_CHECK_EXTENSION)")
     with Zygote(vmm_kernel, MEM) as z:
         def frames(mem):  # a copy of all of RAM, one row of u64 per page (no view left open)

@@ -34,6 +34,7 @@ from ..elf import load_kernel_file
 from ..snapshot.machine import open_snapshot, restore_vm, save_vm
 from ..snapshot.zygote import Zygote
 from ..vm import Vm, VmConfig
+from ..vm_builder import offered_dirty_mechanisms
 from .stats import Section, distribution, summarize
 
 RAM = 64 << 20
@@ -127,21 +128,6 @@ def _add_reset_row(sec: Section, key: str, label: str, infos: list[dict], baseli
                  f"medians (us): {steps}; dirty log by {infos[0]['mechanism']}")
 
 
-def _offered_mechanisms() -> list[str]:
-    """The dirty-log mechanisms this host offers (KVM_CHECK_EXTENSION on a VM)."""
-    from ..kvm import Kvm, KvmError
-    from ..vm_builder import DIRTY_MECHANISMS, choose_dirty_tracking
-
-    out = []
-    with Kvm() as kvm, kvm.create_vm() as vm:
-        for m in DIRTY_MECHANISMS:
-            try:
-                out.append(choose_dirty_tracking(vm, m))
-            except KvmError:
-                pass
-    return out
-
-
 def _save_load(image, size: int, backend, tmp: str) -> dict:
     def at_ready(r):
         return Stop(ExitCode.SUCCESS, "ready") if r.kind == ReportKind.READY else None
@@ -201,7 +187,7 @@ def run(image, kernel_path: str, runs: int, backend, *, quick: bool = False, siz
         touch = {(n, stride): _reset_after(z, touch_work(n, stride), iters) for n, stride in TOUCH_TESTS}
         auto = touch[(256, 1)][0]["mechanism"]
         others = {m: _reset_after(z, touch_work(256, 1), iters, m)
-                  for m in _offered_mechanisms() if m != auto}
+                  for m in offered_dirty_mechanisms() if m != auto}
         forks, fork_cycles = [], []
         for _ in range(iters):
             t0 = _ns()
