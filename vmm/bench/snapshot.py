@@ -184,9 +184,11 @@ def run(image, kernel_path: str, runs: int, backend, *, quick: bool = False, siz
                 busy_pages.append(info["pages"])
         finally:
             vm.close()
-        touch = {(n, stride): _reset_after(z, touch_work(n, stride), iters) for n, stride in TOUCH_TESTS}
+        # 100 samples each for a p99 that means something (vmm.bench.report), a few with --quick.
+        touch_iters = 5 if quick else 100
+        touch = {(n, stride): _reset_after(z, touch_work(n, stride), touch_iters) for n, stride in TOUCH_TESTS}
         auto = touch[(256, 1)][0]["mechanism"]
-        others = {m: _reset_after(z, touch_work(256, 1), iters, m)
+        others = {m: _reset_after(z, touch_work(256, 1), touch_iters, m)
                   for m in offered_dirty_mechanisms() if m != auto}
         forks, fork_cycles = [], []
         for _ in range(iters):
