@@ -271,9 +271,12 @@ impl Tlsf {
         }) && (next == 0 || (self.in_range(next) && rd(next + 16) == b))
     }
 
+    /// `b` could be a block's tag address: in `[first, sentinel)` and 8 mod
+    /// 16 like `first` (one unsigned compare covers both bounds).
     #[inline(always)]
     fn in_range(&self, b: u64) -> bool {
-        b >= self.first && b < self.sentinel && b % GRAIN as u64 == TAG as u64
+        let off = b.wrapping_sub(self.first);
+        off < self.sentinel.wrapping_sub(self.first) && off % GRAIN as u64 == 0
     }
 
     /// # Safety
@@ -392,7 +395,8 @@ impl Tlsf {
     #[inline(always)]
     fn lists_may_fit(&self, min: usize) -> bool {
         let (fl, sl) = mapping(min);
-        fl < FL_COUNT && ((self.sl_bitmap[fl] >> sl) != 0 || (self.fl_bitmap >> fl) > 1)
+        // Bits at or above `sl` of this level, or any level above it.
+        fl < FL_COUNT && ((self.sl_bitmap[fl] >> sl) | (self.fl_bitmap >> fl >> 1)) != 0
     }
 
     /// Takes a free block at least `min` bytes long off its list, or the top
