@@ -538,6 +538,34 @@ impl Tlsf {
     #[inline(always)]
     pub unsafe fn alloc(&mut self, size: usize, align: usize, found: &mut Option<Finding>) -> *mut u8 {
         let need = block_size(size);
+        // Inline, the common case: no list can serve, and the top block is
+        // sound and large enough to split. Everything else out of line.
+        let top = self.top;
+        let tsize = (self.top_tag & SIZE_MASK) as usize;
+        if align <= GRAIN
+            && !self.lists_may_fit(need)
+            && top != 0
+            && rd(top) == self.top_tag
+            && top + tsize as u64 == self.sentinel
+            && tsize >= need + MIN_BLOCK
+        {
+            // The top's PREV_FREE is clear (its whole tag was compared).
+            wr(top, make_tag(top, need as u64, 0));
+            self.set_top(top + need as u64, tsize - need);
+            self.free_bytes -= need as u64;
+            return (top + TAG as u64) as *mut u8;
+        }
+        self.alloc_general(need, align, found)
+    }
+
+    /// `alloc` for everything but a split of the top block with empty
+    /// lists: a list block, alignment above 16, the top used whole, or a
+    /// broken top tag (a finding).
+    ///
+    /// # Safety
+    /// As for `alloc`; `need` is `block_size` of the request.
+    #[inline(never)]
+    unsafe fn alloc_general(&mut self, need: usize, align: usize, found: &mut Option<Finding>) -> *mut u8 {
         if align <= GRAIN {
             let Some((b, bsize, top)) = self.fit(need, found) else { return null_mut() };
             // The top's PREV_FREE is clear (`take_top` checked its whole tag).
@@ -662,6 +690,39 @@ impl Tlsf {
     /// and links are detected and refused, not relied on.
     #[inline(always)]
     pub unsafe fn free(&mut self, ptr: *mut u8, min_size: usize) -> Result<usize, Finding> {
+        // Inline, the common case: the block's tag is intact (no flag set,
+        // the block below in use) and the block above is the top with the
+        // tag `set_top` wrote. Everything else, findings included, out of
+        // line.
+        let b = (ptr as u64).wrapping_sub(TAG as u64);
+        if self.in_range(b) {
+            let t = rd(b);
+            let size = (t & SIZE_MASK) as usize;
+            let n = b + size as u64;
+            let tsize = (self.top_tag & SIZE_MASK) as usize;
+            if n == self.top
+                && size >= MIN_BLOCK
+                && t == make_tag(b, size as u64, 0)
+                && size - TAG >= min_size
+                && rd(n) == self.top_tag
+                && n + tsize as u64 == self.sentinel
+            {
+                wr(n, 0); // poison: a later free of that block finds no tag
+                self.set_top(b, size + tsize);
+                self.free_bytes += size as u64;
+                return Ok(size);
+            }
+        }
+        self.free_general(ptr, min_size)
+    }
+
+    /// `free` with every check spelled out and a finding for each, and the
+    /// merges with list neighbours.
+    ///
+    /// # Safety
+    /// As for `free`.
+    #[inline(never)]
+    unsafe fn free_general(&mut self, ptr: *mut u8, min_size: usize) -> Result<usize, Finding> {
         let (b, t) = self.tag_of(ptr)?;
         let size = (t & SIZE_MASK) as usize;
         if size - TAG < min_size {
