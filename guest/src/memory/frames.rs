@@ -346,15 +346,20 @@ pub fn init(allocator: FrameAllocator) {
 
 /// Runs `f` on the global allocator; panics if `init` has not run.
 pub fn with<R>(f: impl FnOnce(&mut FrameAllocator) -> R) -> R {
-    crate::inspect::critical(|| with_locked(f))
+    let s = crate::inspect::begin();
+    let r = with_locked(f);
+    crate::inspect::end(s);
+    r
 }
 
+/// # Panics
+/// If `init` has not run. Callers hold an inspect critical section.
 fn with_locked<R>(f: impl FnOnce(&mut FrameAllocator) -> R) -> R {
     let mut g = FRAMES.lock();
     let fa = g.as_mut().expect("frame allocator not initialised");
     let r = f(fa);
     let (free, bitmap_phys, bits) = (fa.free, fa.bitmap_phys, fa.frames);
-    crate::inspect::update(|b| {
+    crate::inspect::update_in_critical(|b| {
         b.frames_free = free;
         b.bitmap_phys = bitmap_phys;
         b.bitmap_bits = bits;

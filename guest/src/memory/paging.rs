@@ -390,7 +390,10 @@ pub fn set_user_range_in<M: TableMemory>(mem: &mut M, root: u64, start: u64, end
 /// decides permissions.
 pub fn map_page(virt: u64, phys: u64, size: PageSize, flags: PageFlags) -> Result<(), MapError> {
     // One inspect critical section: tables and frame bitmap change together.
-    crate::inspect::critical(|| map_page_in(&mut DirectMap::new(), root(), virt, phys, size, flags))
+    let s = crate::inspect::begin();
+    let r = map_page_in(&mut DirectMap::new(), root(), virt, phys, size, flags);
+    crate::inspect::end(s);
+    r
 }
 
 /// `map_page` on the hierarchy at `root` in `mem`.
@@ -466,7 +469,10 @@ fn bump_count<M: TableMemory>(mem: &mut M, path: &[u64; 5], level: u32, virt: u6
 /// Unmaps the page that starts at `virt` (any size), frees every table that
 /// becomes empty (if this allocator created it), and returns what was mapped.
 pub fn unmap_page(virt: u64) -> Result<Translation, MapError> {
-    crate::inspect::critical(|| unmap_page_in(&mut DirectMap::new(), root(), virt))
+    let s = crate::inspect::begin();
+    let r = unmap_page_in(&mut DirectMap::new(), root(), virt);
+    crate::inspect::end(s);
+    r
 }
 
 /// `unmap_page` on the hierarchy at `root` in `mem`.
