@@ -31,6 +31,7 @@ from rich.console import Console
 from mm.walker import walk_arrays
 
 from ..abi import ExitCode, ReportKind
+from ..inspector.capture import PHASES
 from ..inspector.snapshot import take_snapshot
 from ..inspector.target import LocalTarget
 from ..inspector.views import inspect
@@ -167,7 +168,13 @@ def add_watch_rows(sec: Section, samples: list) -> None:
         held = distribution(s.held_ms, "ms")
         sec.add(f"watch_{w.key}_held", "held per snapshot, all holds", held, indent=1,
                 note=f"p99 {held['p99']:.3f} ms")
-        sec.add(f"watch_{w.key}_work", "copies while held", distribution(s.work_ms, "ms"), indent=1)
+        phases = ""
+        if s.copy_phases_ms:
+            cols = list(zip(*s.copy_phases_ms))
+            phases = "; ".join(f"{name} {distribution(col, 'ms')['p50'] * 1e3:.0f}/{distribution(col, 'ms')['p99'] * 1e3:.0f}"
+                               for name, col in zip(PHASES, cols))
+            phases = f"p50/p99 us by copy: {phases}"
+        sec.add(f"watch_{w.key}_work", "copies while held", distribution(s.work_ms, "ms"), indent=1, note=phases)
         if s.round_trip_ms:
             trip = distribution(s.round_trip_ms, "ms")
             sec.add(f"watch_{w.key}_round_trip", "watcher's round trip: kick, hold, answer", trip, indent=1,

@@ -39,6 +39,12 @@ class Capture:
     bitmap: bytes | None  # both frame bitmaps (used, then managed)
     bitmap_at: tuple[int, int] | None  # where ``bitmap`` was copied from (address, bytes)
     copy_ns: int = 0  # the copies alone
+    #: Each copy's share of ``copy_ns`` (ns), in the order of ``PHASES``.
+    phases_ns: tuple[int, ...] = ()
+
+
+#: What ``capture`` copies, in order (``Capture.phases_ns``).
+PHASES = ("registers", "block", "tables", "heap", "bitmap")
 
 
 def bitmap_span(facts: GuestFacts) -> tuple[int, int] | None:
@@ -67,10 +73,16 @@ def capture(target, physmem, *, block_at: int | None, tables: TableCopier | None
             bitmap_at: tuple[int, int] | None) -> Capture:
     """Copy everything a snapshot needs consistent (the guest held); ``tables``
     is prepared beforehand, with the guest running."""
-    t = time.perf_counter_ns()
+    now = time.perf_counter_ns
+    t0 = now()
     regs = target.control_registers()
+    t1 = now()
     block = physmem.read(block_at, INSPECT_BLOCK_SIZE) if block_at is not None else None
+    t2 = now()
     frames = tables.copy() if tables is not None else None
+    t3 = now()
     words = heap.capture(physmem) if heap is not None else None
+    t4 = now()
     bitmap = physmem.read(*bitmap_at) if bitmap_at is not None else None
-    return Capture(regs, block, frames, words, bitmap, bitmap_at, time.perf_counter_ns() - t)
+    t5 = now()
+    return Capture(regs, block, frames, words, bitmap, bitmap_at, t5 - t0, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4))

@@ -42,6 +42,7 @@ afterwards, without holding the guest.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import random
 import time
@@ -109,6 +110,8 @@ class Snapshot:
     #: to the end of a critical section excluded). ``pause_ms`` is the guest's
     #: side of it: for a local guest, from its exit to its re-entry.
     round_trip_ms: float = 0.0
+    #: What the last hold's copies cost, by ``capture.PHASES`` (ms; empty: a complete read).
+    copy_phases_ms: tuple[float, ...] = ()
 
     @property
     def block(self) -> InspectBlock | None:
@@ -363,8 +366,9 @@ class Snapshotter:
             return ("busy" if busy else "changed"), None
         self._walked = _Walked(walked.cr3, nxe, fixed.trace, fixed.report, fixed.runs, walked.heap, walked.heap_runs,
                                block=block)
-        return "ok", _snapshot(regs, fixed.runs, fixed.report, live, cap.bitmap, walked.heap, tally, held,
-                               cap.copy_ns, parked=True, method=VALIDATED, busy=False)
+        snap = _snapshot(regs, fixed.runs, fixed.report, live, cap.bitmap, walked.heap, tally, held, cap.copy_ns,
+                         parked=True, method=VALIDATED, busy=False)
+        return "ok", dataclasses.replace(snap, copy_phases_ms=tuple(ns / 1e6 for ns in cap.phases_ns))
 
     # -- 4. the guest held -----------------------------------------------------------------
     def _take_stopped(self, facts: GuestFacts, max_tables: int, tally: "_Tally") -> Snapshot:
