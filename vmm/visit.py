@@ -41,12 +41,16 @@ class Visit:
     fn: Callable[[], Any]
     #: Asked at the first stop: the address to run on to first, or None.
     run_on: Callable[[], int | None] | None = None
+    realtime: bool = False  # served at SCHED_FIFO where the process may (a short fn only)
     stage: str = PENDING
     value: Any = None
     error: BaseException | None = None
     #: The guest held out of KVM_RUN for this visit (all its stops), from the
     #: run loop's park point to the end of ``fn``.
     held_ns: int = 0
+    #: The vCPU thread's CPU time in the visit (``time.thread_time_ns``): the
+    #: hold without the time a loaded host's scheduler gave others meanwhile.
+    cpu_ns: int = 0
     #: Stops: 1, or 2 when the guest ran on in between.
     stops: int = 0
     ran_on: bool = False  # it ran on and got there (not kicked out on the way)

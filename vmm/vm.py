@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import signal
 import threading
 import time
@@ -56,6 +57,19 @@ STOP_SIGNAL = signal.SIGUSR1
 # COM1's registers other than THR (the exit storm's scratch): writes to them
 # need no ordering against serial output buffered in the coalesced ring.
 _UNORDERED_PORTS = frozenset(range(COM1_BASE, COM1_BASE + COM1_SIZE)) - {COM1_BASE + Uart16550.THR}
+
+
+_FIFO, _OTHER = os.sched_param(1), os.sched_param(0)
+
+
+def _set_realtime(on: bool) -> bool:
+    """The calling thread to SCHED_FIFO (lowest real-time priority) or back
+    to SCHED_OTHER; False if the process may not (no CAP_SYS_NICE)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO if on else os.SCHED_OTHER, _FIFO if on else _OTHER)
+        return True
+    except (PermissionError, OSError):
+        return False
 
 
 def _install_stop_signal() -> None:
@@ -118,6 +132,7 @@ class Vm:
         self._visit_lock = threading.Lock()  # who takes a pending visit: the vCPU, or its requester giving up
         self._sync_regs: bool | None = None  # KVM stores regs and sregs in kvm_run on request (asked once)
         self._exit_regs = False  # inside a visit's fn: kvm_run holds this exit's registers
+        self._realtime: bool | None = None  # may a visit run at SCHED_FIFO (learnt on the first that asks)
         self.running = False
         self._vcpu_thread: int | None = None
         self._kick_signal = False  # a SIGUSR1 handler is installed (set by run)
@@ -281,22 +296,26 @@ class Vm:
                 self._unparked.wait(0.05)
 
     def visit(self, fn: Callable[[], object], *, run_on: Callable[[], int | None] | None = None,
-              timeout: float = 1.0, run_on_timeout: float = 0.05) -> Visit | None:
+              timeout: float = 1.0, run_on_timeout: float = 0.05, realtime: bool = False) -> Visit | None:
         """Call ``fn`` on the vCPU thread with the guest out of KVM_RUN, from
         any other thread (``vmm.visit``): the vCPU is kicked out, calls ``fn``
         at its park point and goes straight back into the guest; nobody
         else's wake-up is inside the pause. ``run_on`` (asked at the first
         stop) may name an address to let the guest run to first; if it is
         not there within ``run_on_timeout``, it is kicked again and ``fn``
-        runs where it stopped. Returns the served ``Visit`` (``fn``'s
-        value, the time held), or None when the guest is not running here
-        or stopped first (nothing holds it: read as it is). ``fn``'s
-        exceptions are raised here."""
+        runs where it stopped. ``realtime``: for a short ``fn`` only, the
+        vCPU thread runs the visit at real-time priority where the process
+        may (SCHED_FIFO, CAP_SYS_NICE): on a busy host no other task, our
+        own woken requester included, takes its CPU while the guest is
+        out. Returns the served ``Visit`` (``fn``'s value, the time held),
+        or None when the guest is not running here or stopped first
+        (nothing holds it: read as it is). ``fn``'s exceptions are raised
+        here."""
         if not self.running or self._vcpu_thread == threading.get_ident():
             return None
         if self.debugger is not None or self._paused.is_set():
             return self._visit_parked(fn, timeout)  # gdb owns the stops, or the vCPU is parked already
-        v = Visit(fn, run_on)
+        v = Visit(fn, run_on, realtime=realtime)
         if self._sync_regs is None:
             want = K.KVM_SYNC_X86_REGS | K.KVM_SYNC_X86_SREGS
             self._sync_regs = self.vm.check_extension(K.KVM_CAP_SYNC_REGS) & want == want
@@ -336,7 +355,21 @@ class Vm:
         return v
 
     def _serve_visit(self, v: Visit, at: int, interrupted: bool) -> None:
-        """vCPU thread, at the park point: the visit's next step (see ``visit``)."""
+        """vCPU thread, at the park point: the visit's next step (see ``visit``),
+        at real-time priority if it asks and the process may."""
+        rt = False
+        if v.realtime and self._realtime is not False:
+            rt = self._realtime = _set_realtime(True)
+        try:
+            self._visit_step(v, at, interrupted)
+        finally:
+            if rt:
+                # The requester, woken at the end of the step, was placed on
+                # another CPU meanwhile: it cannot preempt this thread here.
+                _set_realtime(False)
+
+    def _visit_step(self, v: Visit, at: int, interrupted: bool) -> None:
+        cpu = time.thread_time_ns()  # the hold on the CPU, without what the host scheduler takes from it
         with self._visit_lock:  # taken: its requester no longer drops it
             if v.stage not in (PENDING, RUNNING_ON):
                 return
@@ -350,10 +383,11 @@ class Vm:
                                           (addr, 0, 0, 0, 0, 0, 0, K.DR7_L0))
                 self.exit_policy.run_to = addr
                 v.stage = RUNNING_ON
+                v.progress.set()
                 now = time.perf_counter_ns()
                 v.held_ns += now - at
+                v.cpu_ns += time.thread_time_ns() - cpu
                 v.ran_ns = -now
-                v.progress.set()
                 return
         else:
             self.exit_policy.run_to = None
@@ -371,9 +405,11 @@ class Vm:
             if self._sync_regs:
                 self.vcpu.request_sync_regs(0)  # other exits need not pay for the copy
         v.exit_ns = at
-        v.held_ns += time.perf_counter_ns() - at
         v.stage = DONE
         v.progress.set()
+        # Timed up to the answer (the way back into KVM_RUN, a few us, is not).
+        v.held_ns += time.perf_counter_ns() - at
+        v.cpu_ns += time.thread_time_ns() - cpu
         v.done.set()
 
     def _drop_visit(self) -> None:

@@ -1,5 +1,6 @@
 """Vm.visit: work done on the vCPU thread with the guest out of KVM_RUN (vmm/visit.py)."""
 
+import os
 import threading
 import time
 
@@ -19,6 +20,23 @@ def _run_watched(vm, watch):
         return vm.run()
     finally:
         t.join()
+
+
+def _may_realtime() -> bool:
+    """Can this process put a thread at SCHED_FIFO (CAP_SYS_NICE)? Asked of a scratch thread."""
+    out = []
+
+    def probe():
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+            out.append(True)
+        except OSError:
+            out.append(False)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return out[0]
 
 
 def _same_registers(vm) -> bool:
@@ -52,6 +70,8 @@ def test_a_visit_runs_on_the_vcpu_thread_and_the_guest_goes_on(guest_image):
                     break
                 seen["visits"].append(v)
                 time.sleep(0.01)
+            v = vm.visit(lambda: os.sched_getscheduler(0), realtime=True)
+            seen["policy"] = v.value if v is not None else None
             try:
                 vm.visit(lambda: 1 / 0)
             except ZeroDivisionError as exc:  # fn's error reaches the requester
@@ -67,6 +87,9 @@ def test_a_visit_runs_on_the_vcpu_thread_and_the_guest_goes_on(guest_image):
     assert len({v.value[1] for v in visits}) > 1, "the guest should have moved on between visits"
     assert vm.visit(lambda: 1) is None
     assert isinstance(seen["error"], ZeroDivisionError)
+    # A real-time visit runs at SCHED_FIFO where the process may, and leaves the thread as it was.
+    assert seen["policy"] in ((os.SCHED_FIFO,) if _may_realtime() else (os.SCHED_OTHER,))
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 def test_a_visit_runs_on_to_the_end_of_a_critical_section(guest_image):

@@ -165,6 +165,10 @@ def add_watch_rows(sec: Section, samples: list) -> None:
             validated = distribution(s.validated_pause_ms, "ms")
             sec.add(f"watch_{w.key}_validated_pause", "pause of the snapshots validated (not stopped)", validated,
                     indent=1, note=f"p99 {validated['p99']:.3f} ms")
+        if s.pause_cpu_ms:
+            cpu = distribution(s.pause_cpu_ms, "ms")
+            sec.add(f"watch_{w.key}_pause_cpu", "the same on the CPU (vCPU thread's CPU time)", cpu, indent=1,
+                    note=f"p99 {cpu['p99']:.3f} ms, max {cpu['max']:.3f} ms (a loaded host's preemptions left out)")
         held = distribution(s.held_ms, "ms")
         sec.add(f"watch_{w.key}_held", "held per snapshot, all holds", held, indent=1,
                 note=f"p99 {held['p99']:.3f} ms")

@@ -60,6 +60,7 @@ class WatchSamples:
     held_ms: list[float] = field(default_factory=list)  # all its holds
     work_ms: list[float] = field(default_factory=list)  # copies (or a complete read) while held
     round_trip_ms: list[float] = field(default_factory=list)  # the last hold as the watcher saw it: kick to answer
+    pause_cpu_ms: list[float] = field(default_factory=list)  # the last hold's CPU time on the vCPU thread
     copy_phases_ms: list[tuple[float, ...]] = field(default_factory=list)  # the last hold's copies, by capture.PHASES
     attempts: list[int] = field(default_factory=list)
     stopped: int = 0  # snapshots that fell back to holding the guest
@@ -112,6 +113,8 @@ def run_once(image, workload: Workload, seconds: float, hz: float | None, out: W
                         out.held_ms.append(snap.held_ms)
                         out.work_ms.append(snap.walk_ms)
                         out.round_trip_ms.append(snap.round_trip_ms)
+                        if snap.pause_cpu_ms is not None:
+                            out.pause_cpu_ms.append(snap.pause_cpu_ms)
                         if snap.copy_phases_ms:
                             out.copy_phases_ms.append(snap.copy_phases_ms)
                         out.attempts.append(snap.attempts)

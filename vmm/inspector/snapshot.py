@@ -110,6 +110,11 @@ class Snapshot:
     #: to the end of a critical section excluded). ``pause_ms`` is the guest's
     #: side of it: for a local guest, from its exit to its re-entry.
     round_trip_ms: float = 0.0
+    #: ``pause_ms`` on the CPU: the vCPU thread's CPU time in the hold (None:
+    #: not known, a remote pause). On a loaded host the difference is time
+    #: the scheduler gave other processes, during which the guest could not
+    #: have run either.
+    pause_cpu_ms: float | None = None
     #: What the last hold's copies cost, by ``capture.PHASES`` (ms; empty: a complete read).
     copy_phases_ms: tuple[float, ...] = ()
 
@@ -287,7 +292,7 @@ class Snapshotter:
             return self.target.paused(quiet=True)
         return self.target.paused()
 
-    def _hold(self, fn, run_on=None) -> "_Held":
+    def _hold(self, fn, run_on=None, *, short: bool = False) -> "_Held":
         """Hold the guest once and call ``fn`` meanwhile: on the vCPU thread
         itself where the target can (``visit``: local guests; ``run_on``
         may let it run to the end of a critical section first), else inside
@@ -296,11 +301,11 @@ class Snapshotter:
         with _no_gc():
             t0 = time.perf_counter_ns()
             if visit is not None:
-                v = visit(fn, run_on)
+                v = visit(fn, run_on, short=short)
                 rt = time.perf_counter_ns() - t0
                 if v is None:
                     return _Held(False, None, 0, rt)
-                return _Held(True, v.value, v.held_ns, rt - v.ran_ns, stops=v.stops)
+                return _Held(True, v.value, v.held_ns, rt - v.ran_ns, stops=v.stops, cpu_ns=v.cpu_ns)
             with self._pause() as parked:
                 t0 += _ran_ns(parked)  # a remote guest's run to its quiet point is not held
                 value = fn() if parked else None
@@ -333,7 +338,7 @@ class Snapshotter:
             # let the guest run to its end (the kernel's quiet hook) and copy there.
             return hook if parked_busy(physmem, block_at) else None
 
-        held = self._hold(copy, run_on if hook and block_at is not None else None)
+        held = self._hold(copy, run_on if hook and block_at is not None else None, short=True)
         if not held.parked:  # not running: every read is consistent as it is
             return "ok", self._read_all(facts, max_tables)(tally, held, parked=False, method=NOT_RUNNING)
         cap: Capture = held.value
@@ -439,6 +444,7 @@ class _Held:
     round_trip_ns: int
     expired: bool = False
     stops: int = 1
+    cpu_ns: int | None = None  # the holding thread's CPU time (vCPU thread: visits only)
 
 
 def _warm_copies(physmem, tables: TableCopier | None, heap: HeapView | None) -> None:
@@ -481,6 +487,7 @@ def _snapshot(regs, runs, report, facts, bitmap, heap, tally, held, work_ns, *, 
         bitmap_raw=bitmap,
         heap=heap,
         round_trip_ms=held.round_trip_ns / 1e6 if parked else 0.0,
+        pause_cpu_ms=held.cpu_ns / 1e6 if parked and held.cpu_ns is not None else None,
     )
 
 

@@ -117,11 +117,12 @@ class LocalTarget:
     def facts(self) -> GuestFacts:
         return facts_from_vm(self.vm)
 
-    def visit(self, fn, run_on=None):
+    def visit(self, fn, run_on=None, *, short: bool = False):
         """Call ``fn`` on the vCPU thread with the guest held at its next exit
         (``Vm.visit``; ``run_on`` may let it run to an address first, for at
-        most ``QUIET_TIMEOUT_S``); None if it is not running."""
-        return self.vm.visit(fn, run_on=run_on, run_on_timeout=QUIET_TIMEOUT_S)
+        most ``QUIET_TIMEOUT_S``; ``short``: a copy of a few hundred us, run
+        at real-time priority where allowed); None if it is not running."""
+        return self.vm.visit(fn, run_on=run_on, run_on_timeout=QUIET_TIMEOUT_S, realtime=short)
 
     def run_to(self, addr: int, timeout: float, meanwhile=None) -> int | None:
         """While paused: run the guest to ``addr`` and hold it there (``Vm.run_to``);
