@@ -332,6 +332,8 @@ class Vm:
                     self._visit = None
                     v.stage = DROPPED
             if v.stage == DROPPED:
+                if self._sync_regs and self.vcpu is not None:
+                    self.vcpu.request_sync_regs(0)  # no exit should go on paying for the copy
                 return None
         if not v.done.wait(run_on_timeout if v.stage == RUNNING_ON else timeout):
             self._kick_vcpu()  # not at the address in time: it stops where it is

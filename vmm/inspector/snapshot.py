@@ -339,6 +339,8 @@ class Snapshotter:
             return hook if parked_busy(physmem, block_at) else None
 
         held = self._hold(copy, run_on if hook and block_at is not None else None, short=True)
+        if not held.parked and getattr(self.target, "running", False):
+            return "changed", None  # running, yet not held in time (a stuck loop): never read it as stopped
         if not held.parked:  # not running: every read is consistent as it is
             return "ok", self._read_all(facts, max_tables)(tally, held, parked=False, method=NOT_RUNNING)
         cap: Capture = held.value
@@ -393,8 +395,14 @@ class Snapshotter:
                 return None if not last and parked_busy(physmem, block_at) else self._read_all(facts, max_tables)
 
             held = self._hold(read_all, run_on if hook and block_at is not None else None)
+            if not held.parked and getattr(self.target, "running", False) and not last:
+                tally.park(0, True)  # running, yet not held in time: try again
+                continue
             if not held.parked:
-                return self._read_all(facts, max_tables)(tally, held, parked=False, method=NOT_RUNNING)
+                # Not running; or, on the last try, running yet never held in
+                # time: then read anyway, and the snapshot says it was not held.
+                method = STOPPED if getattr(self.target, "running", False) else NOT_RUNNING
+                return self._read_all(facts, max_tables)(tally, held, parked=False, method=method)
             if held.value is not None:
                 # A remote pause that ran out let the guest go mid-read: the
                 # snapshot says it was not parked (its reads may be torn).

@@ -117,6 +117,11 @@ class LocalTarget:
     def facts(self) -> GuestFacts:
         return facts_from_vm(self.vm)
 
+    @property
+    def running(self) -> bool:
+        """Is the guest running (its vCPU thread in the run loop)?"""
+        return self.vm.running
+
     def visit(self, fn, run_on=None, *, short: bool = False):
         """Call ``fn`` on the vCPU thread with the guest held at its next exit
         (``Vm.visit``; ``run_on`` may let it run to an address first, for at
