@@ -27,6 +27,11 @@ _RING_ENTRY, _ = K.unpacker((0, K.kvm_coalesced_mmio))
 _RING_ENTRY_SIZE = C.sizeof(K.kvm_coalesced_mmio)
 _RING_FIRST = K.kvm_coalesced_mmio_ring.first.offset
 _U32 = C.c_uint32
+# kvm_run.s as struct kvm_sync_regs: kvm_regs, kvm_sregs, kvm_vcpu_events, packed one after the other.
+_SYNC_AT = K.kvm_run.s.offset
+_SYNC_REGS_SIZE, _SYNC_SREGS_SIZE = C.sizeof(K.kvm_regs), C.sizeof(K.kvm_sregs)
+_SYNC_EVENTS_SIZE = C.sizeof(K.kvm_vcpu_events)
+_SYNC_ALL = K.KVM_SYNC_X86_REGS | K.KVM_SYNC_X86_SREGS | K.KVM_SYNC_X86_EVENTS
 
 
 class KvmError(OSError, HostError):
@@ -303,25 +308,62 @@ class VcpuFd(_FdOwner):
         return (K.kvm_regs.from_buffer_copy(self._map, at),
                 K.kvm_sregs.from_buffer_copy(self._map, at + C.sizeof(K.kvm_regs)))
 
+    # --- state handed to KVM_RUN (KVM_CAP_SYNC_REGS) -------------------------------------
+    def load_synced(self, regs: K.kvm_regs, sregs: K.kvm_sregs, events: K.kvm_vcpu_events) -> None:
+        """Have KVM load ``regs``, ``sregs`` and ``events`` as the next KVM_RUN
+        enters, in that order, from kvm_run.s (``kvm_dirty_regs``,
+        KVM_CAP_SYNC_REGS; the caller checked the capability): the same
+        __set_regs/__set_sregs/set_vcpu_events as their ioctls, without
+        three vCPU ioctls of their own (each a vcpu_load/put, about 5 us on
+        KVM-PVM). Until then they are pending: every other vCPU ioctl here
+        applies them by ioctl first, so nothing reads the old state or
+        writes a value they would then overwrite."""
+        at = self.run_address + _SYNC_AT
+        C.memmove(at, C.addressof(regs), _SYNC_REGS_SIZE)
+        C.memmove(at + _SYNC_REGS_SIZE, C.addressof(sregs), _SYNC_SREGS_SIZE)
+        C.memmove(at + _SYNC_REGS_SIZE + _SYNC_SREGS_SIZE, C.addressof(events), _SYNC_EVENTS_SIZE)
+        self.run_struct.kvm_dirty_regs = _SYNC_ALL
+
+    def _apply_synced(self) -> None:
+        """Load what ``load_synced`` left pending now, by ioctl (order as KVM's sync_regs)."""
+        run = self.run_struct
+        pending, run.kvm_dirty_regs = run.kvm_dirty_regs, 0
+        at = _SYNC_AT
+        if pending & K.KVM_SYNC_X86_REGS:
+            _ioctl(self.fd, K.KVM_SET_REGS, K.kvm_regs.from_buffer_copy(self._map, at), "KVM_SET_REGS")
+        at += _SYNC_REGS_SIZE
+        if pending & K.KVM_SYNC_X86_SREGS:
+            _ioctl(self.fd, K.KVM_SET_SREGS, K.kvm_sregs.from_buffer_copy(self._map, at), "KVM_SET_SREGS")
+        at += _SYNC_SREGS_SIZE
+        if pending & K.KVM_SYNC_X86_EVENTS:
+            _ioctl(self.fd, K.KVM_SET_VCPU_EVENTS, K.kvm_vcpu_events.from_buffer_copy(self._map, at),
+                   "KVM_SET_VCPU_EVENTS")
+
+    def _vcpu_ioctl(self, request: int, arg: Any, what: str) -> int:
+        run = self.run_struct
+        if run is not None and run.kvm_dirty_regs:
+            self._apply_synced()
+        return _ioctl(self.fd, request, arg, what)
+
     def get_regs(self) -> K.kvm_regs:
         regs = K.kvm_regs()
-        _ioctl(self.fd, K.KVM_GET_REGS, regs, "KVM_GET_REGS")
+        self._vcpu_ioctl(K.KVM_GET_REGS, regs, "KVM_GET_REGS")
         return regs
 
     def set_regs(self, regs: K.kvm_regs) -> None:
-        _ioctl(self.fd, K.KVM_SET_REGS, regs, "KVM_SET_REGS")
+        self._vcpu_ioctl(K.KVM_SET_REGS, regs, "KVM_SET_REGS")
 
     def get_sregs(self) -> K.kvm_sregs:
         sregs = K.kvm_sregs()
-        _ioctl(self.fd, K.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        self._vcpu_ioctl(K.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
         return sregs
 
     def set_sregs(self, sregs: K.kvm_sregs) -> None:
-        _ioctl(self.fd, K.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
+        self._vcpu_ioctl(K.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
 
     def set_cpuid2(self, cpuid: C.Structure) -> None:
         """Set CPUID from a kvm_cpuid2 buffer (as get_supported_cpuid returns)."""
-        _ioctl(self.fd, K.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
+        self._vcpu_ioctl(K.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
 
     def translate(self, linear_address: int) -> K.kvm_translation:
         """KVM_TRANSLATE. Not for observing a guest: it walks like the CPU and
@@ -329,7 +371,7 @@ class VcpuFd(_FdOwner):
         addresses and, on PVM, always answers writeable=1, usermode=0
         (shared/HOST.md). Observers use ``mm.walker`` on guest RAM instead."""
         tr = K.kvm_translation(linear_address=linear_address)
-        _ioctl(self.fd, K.KVM_TRANSLATE, tr, "KVM_TRANSLATE")
+        self._vcpu_ioctl(K.KVM_TRANSLATE, tr, "KVM_TRANSLATE")
         return tr
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
@@ -337,7 +379,7 @@ class VcpuFd(_FdOwner):
         buf.nmsrs = len(indices)
         for i, idx in enumerate(indices):
             buf.entries[i].index = idx
-        n = _ioctl(self.fd, K.KVM_GET_MSRS, buf, "KVM_GET_MSRS")
+        n = self._vcpu_ioctl(K.KVM_GET_MSRS, buf, "KVM_GET_MSRS")
         return {buf.entries[i].index: buf.entries[i].data for i in range(n)}
 
     def set_msrs(self, msrs: dict[int, int] | C.Structure) -> None:
@@ -349,7 +391,7 @@ class VcpuFd(_FdOwner):
         (:class:`MsrRefused`).
         """
         batch = msrs if isinstance(msrs, C.Structure) else msr_batch(msrs)
-        n = _ioctl(self.fd, K.KVM_SET_MSRS, batch, "KVM_SET_MSRS")
+        n = self._vcpu_ioctl(K.KVM_SET_MSRS, batch, "KVM_SET_MSRS")
         if n != batch.nmsrs:
             refused = batch.entries[n]
             raise MsrRefused(refused.index, refused.data, n)
@@ -358,43 +400,43 @@ class VcpuFd(_FdOwner):
         dbg = K.kvm_guest_debug(control=control)
         for i, value in enumerate(debugreg or ()):
             dbg.arch.debugreg[i] = value
-        _ioctl(self.fd, K.KVM_SET_GUEST_DEBUG, dbg, "KVM_SET_GUEST_DEBUG")
+        self._vcpu_ioctl(K.KVM_SET_GUEST_DEBUG, dbg, "KVM_SET_GUEST_DEBUG")
 
     def get_tsc_khz(self) -> int:
-        return _ioctl(self.fd, K.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
+        return self._vcpu_ioctl(K.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
 
     # --- the rest of the vCPU's state (snapshots) ------------------------------------
     def _get(self, request: int, ctype: type, what: str):
         value = ctype()
-        _ioctl(self.fd, request, value, what)
+        self._vcpu_ioctl(request, value, what)
         return value
 
     def get_vcpu_events(self) -> K.kvm_vcpu_events:
         return self._get(K.KVM_GET_VCPU_EVENTS, K.kvm_vcpu_events, "KVM_GET_VCPU_EVENTS")
 
     def set_vcpu_events(self, events: K.kvm_vcpu_events) -> None:
-        _ioctl(self.fd, K.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
+        self._vcpu_ioctl(K.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
 
     def get_debugregs(self) -> K.kvm_debugregs:
         return self._get(K.KVM_GET_DEBUGREGS, K.kvm_debugregs, "KVM_GET_DEBUGREGS")
 
     def set_debugregs(self, regs: K.kvm_debugregs) -> None:
-        _ioctl(self.fd, K.KVM_SET_DEBUGREGS, regs, "KVM_SET_DEBUGREGS")
+        self._vcpu_ioctl(K.KVM_SET_DEBUGREGS, regs, "KVM_SET_DEBUGREGS")
 
     def get_xsave(self) -> K.kvm_xsave:
         return self._get(K.KVM_GET_XSAVE, K.kvm_xsave, "KVM_GET_XSAVE")
 
     def set_xsave(self, xsave: K.kvm_xsave) -> None:
-        _ioctl(self.fd, K.KVM_SET_XSAVE, xsave, "KVM_SET_XSAVE")
+        self._vcpu_ioctl(K.KVM_SET_XSAVE, xsave, "KVM_SET_XSAVE")
 
     def get_xcrs(self) -> K.kvm_xcrs:
         return self._get(K.KVM_GET_XCRS, K.kvm_xcrs, "KVM_GET_XCRS")
 
     def set_xcrs(self, xcrs: K.kvm_xcrs) -> None:
-        _ioctl(self.fd, K.KVM_SET_XCRS, xcrs, "KVM_SET_XCRS")
+        self._vcpu_ioctl(K.KVM_SET_XCRS, xcrs, "KVM_SET_XCRS")
 
     def get_mp_state(self) -> K.kvm_mp_state:
         return self._get(K.KVM_GET_MP_STATE, K.kvm_mp_state, "KVM_GET_MP_STATE")
 
     def set_mp_state(self, state: K.kvm_mp_state) -> None:
-        _ioctl(self.fd, K.KVM_SET_MP_STATE, state, "KVM_SET_MP_STATE")
+        self._vcpu_ioctl(K.KVM_SET_MP_STATE, state, "KVM_SET_MP_STATE")

@@ -107,11 +107,22 @@ class FastLoader:
     """``apply`` for the same state again and again (a VM reset in place):
     the MSR batch is built once, leaving out the MSRs KVM refuses to write
     here (its paravirtual MSRs without their CPUID bits: the guest cannot
-    change those either), so each load is one ioctl per structure."""
+    change those either), so each load is one ioctl per structure; with
+    ``synced`` (KVM_CAP_SYNC_REGS for regs, sregs and events) those three
+    go to KVM with the next KVM_RUN instead (``VcpuFd.load_synced``), so
+    they come last here: loaded at KVM_RUN, after the MSRs, as ``apply``
+    orders sregs and events. The MSR write of EFER before sregs is fine:
+    KVM checks a host-initiated EFER write for reserved bits only, and
+    sregs sets EFER again."""
 
     def __init__(self, state: VcpuState):
         self.state = state
         self._msrs = None
+        self._events = None
+        if state.events is not None:
+            ev = K.kvm_vcpu_events.from_buffer_copy(bytes(state.events))
+            ev.flags &= K.KVM_VCPUEVENT_VALID_NMI_PENDING | K.KVM_VCPUEVENT_VALID_SHADOW | K.KVM_VCPUEVENT_VALID_PAYLOAD
+            self._events = ev
 
     def _build(self, vcpu: VcpuFd) -> None:
         values = dict(self.state.msrs)
@@ -125,25 +136,25 @@ class FastLoader:
             self._msrs = batch
             return
 
-    def load(self, vcpu: VcpuFd) -> None:
+    def load(self, vcpu: VcpuFd, synced: bool = False) -> None:
         s = self.state
-        vcpu.set_regs(s.regs)
+        if not synced or self._events is None:
+            vcpu.set_regs(s.regs)
         if s.xsave is not None:
             vcpu.set_xsave(s.xsave)
         if s.xcrs is not None:
             vcpu.set_xcrs(s.xcrs)
-        vcpu.set_sregs(s.sregs)
+        if not synced or self._events is None:
+            vcpu.set_sregs(s.sregs)
         if self._msrs is None:
             self._build(vcpu)
         else:
             vcpu.set_msrs(self._msrs)
-        if s.events is not None:
-            if not hasattr(self, "_events"):
-                ev = K.kvm_vcpu_events.from_buffer_copy(bytes(s.events))
-                ev.flags &= K.KVM_VCPUEVENT_VALID_NMI_PENDING | K.KVM_VCPUEVENT_VALID_SHADOW | K.KVM_VCPUEVENT_VALID_PAYLOAD
-                self._events = ev
-            vcpu.set_vcpu_events(self._events)
         if s.debugregs is not None:
             vcpu.set_debugregs(s.debugregs)
         if s.mp_state is not None:
             vcpu.set_mp_state(s.mp_state)
+        if synced and self._events is not None:
+            vcpu.load_synced(s.regs, s.sregs, self._events)
+        elif self._events is not None:
+            vcpu.set_vcpu_events(self._events)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from .. import kvm_abi as K
 from ..abi import ReportKind
 from ..memory import GuestMemory
 from ..vm import Vm, VmConfig
@@ -97,6 +98,7 @@ class Zygote:
             vm.close()
         self.boot_ms = (time.perf_counter_ns() - t0) / 1e6
         self._loader = FastLoader(self.vcpu_state)
+        self._synced: bool | None = None  # KVM_CAP_SYNC_REGS covers regs, sregs and events (asked at the first reset)
 
     def close(self) -> None:
         if self.memory is not None:
@@ -136,7 +138,10 @@ class Zygote:
         box = self.mailbox & ~(PAGE - 1)
         vm.memory.write(box, self.memory.view(box, PAGE))
         t2 = time.perf_counter_ns()
-        self._loader.load(vm.vcpu)
+        if self._synced is None:  # one answer per host: every fork of this zygote runs here
+            want = K.KVM_SYNC_X86_REGS | K.KVM_SYNC_X86_SREGS | K.KVM_SYNC_X86_EVENTS
+            self._synced = vm.vm.check_extension(K.KVM_CAP_SYNC_REGS) & want == want
+        self._loader.load(vm.vcpu, self._synced)
         t3 = time.perf_counter_ns()
         vm.reset_devices()
         self._give(vm, work)
