@@ -398,6 +398,48 @@ pub fn overflow_into_tag_detected() -> TestResult {
     Ok(())
 }
 
+/// The inline paths on the top block check as much as the general ones, on
+/// a private TLSF heap: an overflow from the block below the top into the
+/// top's tag is refused on free (`overflow`, nothing changed), a second free
+/// of a block merged into the top is a `double_free`, and a broken top tag is
+/// refused on allocation (`bad_tag`, the top dropped, no block handed out).
+pub fn top_block_tag_checked() -> TestResult {
+    let phys = check_ok!(frames::with(|fa| fa.alloc_contiguous(4, PAGE_SIZE)));
+    let base = crate::memory::phys_to_virt(phys);
+    let mut h = heap::PrivateHeap::new(heap::Backing::Tlsf, base, base + 4 * PAGE_SIZE, 4 * PAGE_SIZE);
+    let l = Layout::from_size_align(64, 16).unwrap();
+    // SAFETY: private memory; the overflows and the second free are the
+    // point of the test, and each overwritten tag is restored.
+    unsafe {
+        let a = h.alloc(l);
+        check!(!a.is_null());
+        // 64 payload bytes in an 80-byte block (tag 8, rounded to 16): the
+        // top's tag starts 72 bytes into the payload.
+        let over = a.add(64) as *mut [u8; 16];
+        let saved = over.read();
+        over.write([0xAA; 16]);
+        let e = h.dealloc(a, l);
+        check!(matches!(e, Err(f) if f.kind == heap::FindingKind::Overflow && f.addr == a as u64 + 72), "{:?}", e);
+        over.write(saved);
+        check_ok!(h.check());
+        check_ok!(h.dealloc(a, l));
+        let e = h.dealloc(a, l);
+        check!(matches!(e, Err(f) if f.kind == heap::FindingKind::DoubleFree), "{:?}", e);
+        check_ok!(h.check());
+        let b = h.alloc(l);
+        check_eq!(b, a);
+        let top_tag = b.add(72) as *mut u64;
+        let saved = top_tag.read();
+        top_tag.write(saved ^ (1 << 20)); // a size bit
+        check!(h.alloc(l).is_null());
+        check!(matches!(h.last, Some(f) if f.kind == heap::FindingKind::BadTag && f.addr == b as u64 + 72), "{:?}", h.last);
+        top_tag.write(saved);
+    }
+    check_eq!(h.findings, 3);
+    check_ok!(frames::with(|fa| fa.free_contiguous(phys, 4)));
+    Ok(())
+}
+
 /// The tags of the kernel heap are consistent after the other tests' kind
 /// of traffic, and the index the host reads says which allocator runs.
 pub fn tags_consistent() -> TestResult {

@@ -171,6 +171,7 @@ pub static TESTS: &[Test] = &[
     Test { name: "heap::random_list", func: heap::random_list },
     Test { name: "heap::double_free_detected", func: heap::double_free_detected },
     Test { name: "heap::overflow_into_tag_detected", func: heap::overflow_into_tag_detected },
+    Test { name: "heap::top_block_tag_checked", func: heap::top_block_tag_checked },
     Test { name: "heap::tags_consistent", func: heap::tags_consistent },
     Test { name: "inspect::header", func: inspect::header },
     Test { name: "demand::first_touch_maps_zeroed_page", func: demand::first_touch_maps_zeroed_page },
