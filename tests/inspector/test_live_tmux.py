@@ -23,19 +23,24 @@ STATUS = re.compile(r"(\w+): lines (\d+)-(\d+) of (\d+)")
 
 
 class _Tmux:
-    def __init__(self, name: str, command: str, width: int = 80, height: int = 24):
-        self.name = name
+    """One session on a tmux server of its own (``-S`` socket beside the test's
+    files): two suites running at once on one machine never share a server or
+    a session name."""
+
+    def __init__(self, socket_dir: Path, command: str, width: int = 80, height: int = 24):
+        self.tmux = ["tmux", "-S", str(socket_dir / "tmux.sock")]
+        self.name = "vmm-test"
         self.gone = None  # set to a callable that says the program has ended
-        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
-        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", str(width), "-y", str(height), command],
-                       check=True)
+        subprocess.run([*self.tmux, "kill-server"], capture_output=True)  # a retry's leftover
+        subprocess.run([*self.tmux, "new-session", "-d", "-s", self.name, "-x", str(width), "-y", str(height),
+                        command], check=True)
 
     def screen(self) -> list[str]:
-        out = subprocess.run(["tmux", "capture-pane", "-t", self.name, "-p"], capture_output=True, text=True)
+        out = subprocess.run([*self.tmux, "capture-pane", "-t", self.name, "-p"], capture_output=True, text=True)
         return out.stdout.splitlines()
 
     def keys(self, *keys: str) -> None:
-        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
+        subprocess.run([*self.tmux, "send-keys", "-t", self.name, *keys], check=True)
 
     def wait_for(self, predicate, timeout: float = 60.0, what: str = "") -> list[str]:
         deadline = time.monotonic() + timeout
@@ -61,7 +66,7 @@ class _Tmux:
         return self.wait_for(predicate, 1, what)
 
     def kill(self) -> None:
-        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
+        subprocess.run([*self.tmux, "kill-server"], capture_output=True)
 
 
 def _status(screen: list[str]):
@@ -86,7 +91,7 @@ def _inspect_session(guest_kernel_path, tmp_path, workload_ms: int) -> None:
     cmd = (f"cd {shlex.quote(str(ROOT))} && PYTHONPATH={shlex.quote(str(ROOT))} {sys.executable} vmm.py run "
            f"--kernel {shlex.quote(str(guest_kernel_path))} --inspect -c 'workload=mm workload_ms={workload_ms}'; "
            f"echo $? > {rc_file}; sleep 120")
-    t = _Tmux(f"vmm-test-{tmp_path.name[-12:]}", cmd)
+    t = _Tmux(tmp_path, cmd)
     t.gone = rc_file.exists
     try:
         try:
@@ -162,10 +167,10 @@ def test_inspect_socket_grows_with_the_terminal(guest_kernel_path, tmp_path):
             time.sleep(0.05)
         cmd = (f"cd {shlex.quote(str(ROOT))} && PYTHONPATH={shlex.quote(str(ROOT))} {sys.executable} vmm.py inspect "
                f"{shlex.quote(str(sock))}; echo $? > {rc_file}; sleep 60")
-        t = _Tmux(f"vmm-test-{tmp_path.name[-12:]}", cmd)
+        t = _Tmux(tmp_path, cmd)
         screen = t.wait_for(lambda s: len(_rows(s)) >= 5 and _status(s) is not None, what="page-table rows")
         small = _status(screen)[2]
-        subprocess.run(["tmux", "resize-window", "-t", t.name, "-x", "160", "-y", "50"], check=True)
+        subprocess.run([*t.tmux, "resize-window", "-t", t.name, "-x", "160", "-y", "50"], check=True)
         screen = t.wait_for(lambda s: (_status(s) or (0, 0, 0))[2] > small, 15, "more rows at 160x50")
         assert len(screen) == 50
         t.keys("q")
