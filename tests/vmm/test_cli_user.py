@@ -63,6 +63,10 @@ def test_closed_stdout_ends_the_run_quietly(guest_kernel_path):
     assert "host problem" not in proc.stderr and "exit code" not in proc.stderr
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_until_running(sock, deadline: float) -> None:
     """Ask the control socket (its JSON-lines "status") until the vCPU runs."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
@@ -85,6 +89,9 @@ def test_signals_remove_the_control_socket(guest_kernel_path, tmp_path, sig, cod
         [sys.executable, "vmm.py", "run", "--kernel", str(guest_kernel_path), "-q", "-c", "workload=mm",
          "--control", str(sock)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # As in a terminal: a suite started in the background (`pytest &` without job
+        # control) ignores SIGINT, the child would inherit that and never see the signal.
+        preexec_fn=_default_sigint,
     )
     try:
         deadline = time.monotonic() + 60
