@@ -4,7 +4,6 @@ mapped page must carry the label of what owns it in the guest's own records
 (issue 12: the guest brackets every mutation with the inspect seq; the host
 reads optimistically and validates in a short pause)."""
 
-import threading
 import time
 
 import numpy as np
@@ -17,6 +16,8 @@ from vmm.inspector.physical import physical_view
 from vmm.inspector.snapshot import STOPPED, VALIDATED, Snapshotter, read_block
 from vmm.inspector.target import LocalTarget
 from vmm.layout import PHYS_OFFSET
+
+from tests.watching import run_watched
 
 pytestmark = pytest.mark.kvm
 
@@ -144,16 +145,6 @@ def consistency_problems(snap, physmem, *, damaged_heap_ok: bool = False) -> lis
         out.append(f"{int((~owned).sum())} page(s) mapped in the stack region belong to no recorded stack "
                    f"(first {int(in_stacks[~owned][0]):#x})")
     return out
-
-
-def run_watched(vm, watch):
-    """Run the guest here while ``watch`` looks at it from another thread; the result."""
-    t = threading.Thread(target=watch)
-    t.start()
-    try:
-        return vm.run()
-    finally:
-        t.join()
 
 
 def _huge_scratch_alias(snap) -> bool:

@@ -10,16 +10,9 @@ from vmm.inspector.inspect_block import parked_busy
 from vmm.inspector.target import LocalTarget
 from vmm.vm import Vm, VmConfig
 
+from tests.watching import run_watched
+
 pytestmark = pytest.mark.kvm
-
-
-def _run_watched(vm, watch):
-    t = threading.Thread(target=watch)
-    t.start()
-    try:
-        return vm.run()
-    finally:
-        t.join()
 
 
 def _may_realtime() -> bool:
@@ -77,7 +70,7 @@ def test_a_visit_runs_on_the_vcpu_thread_and_the_guest_goes_on(guest_image):
             except ZeroDivisionError as exc:  # fn's error reaches the requester
                 seen["error"] = exc
 
-        result = _run_watched(vm, watch)
+        result = run_watched(vm, watch)
         vcpu_thread = threading.get_ident()  # vm.run() ran here
     assert result.exit_code == 0, result.message
     visits = seen["visits"]
@@ -117,7 +110,7 @@ def test_a_visit_runs_on_to_the_end_of_a_critical_section(guest_image):
                     assert v.stops == 2 and v.ran_ns > 0
                 time.sleep(0.005)
 
-        result = _run_watched(vm, watch)
+        result = run_watched(vm, watch)
     assert result.exit_code == 0, result.message
     assert found["hook"], "the INSPECT report names no quiet_hook"
     assert found["ran_on"] >= 3, found
