@@ -58,11 +58,27 @@ def bind_private(path: str) -> socket.socket:
     os.fchmod(sock.fileno(), 0o600)
     try:
         sock.bind(path)
-        os.chmod(path, 0o600)
     except OSError as exc:
         sock.close()
         raise SocketPathError(f"cannot listen on {path}: {exc.strerror}") from None
+    with removed_on_failure(sock, path):
+        try:
+            os.chmod(path, 0o600)
+        except OSError as exc:
+            raise SocketPathError(f"cannot make {path} private: {exc.strerror}") from None
     return sock
+
+
+@contextlib.contextmanager
+def removed_on_failure(sock: socket.socket, path: str | None):
+    """Around the steps between binding and handing the listener to its owner:
+    any exception there, a Ctrl-C included, closes it and removes its file
+    (nobody else holds it yet, so nobody else would)."""
+    try:
+        yield
+    except BaseException:
+        close_listener(sock, path)
+        raise
 
 
 def close_listener(sock: socket.socket, path: str | None) -> None:

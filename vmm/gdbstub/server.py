@@ -22,7 +22,7 @@ import socket
 import threading
 from dataclasses import dataclass
 
-from ..unix_socket import SocketPathError, bind_private, close_listener
+from ..unix_socket import SocketPathError, bind_private, close_listener, removed_on_failure
 from .packets import Ack, BadChecksum, Framer, Interrupt, Malformed, Nack, Oversize, Packet, encode
 
 __all__ = ["GdbAddress", "GdbAddressError", "parse_address", "GdbServer", "Connection", "NewClient", "ClientGone"]
@@ -201,9 +201,10 @@ class GdbServer:
                 raise GdbAddressError(f"--gdb: cannot listen on {address}: {exc.strerror}") from None
             if address.port == 0:
                 self.address = GdbAddress("tcp", host=address.host, port=self.sock.getsockname()[1])
-        self.sock.listen(2)
-        self._thread = threading.Thread(target=self._accept_loop, name="vmm-gdb-accept", daemon=True)
-        self._thread.start()
+        with removed_on_failure(self.sock, address.path if address.kind == "unix" else None):
+            self.sock.listen(2)
+            self._thread = threading.Thread(target=self._accept_loop, name="vmm-gdb-accept", daemon=True)
+            self._thread.start()
 
     @staticmethod
     def _unix_socket(path: str) -> socket.socket:

@@ -45,7 +45,7 @@ from mm.physmem import BufferMemory
 
 from ..errors import UsageError
 from ..snapshot.format import SnapshotError
-from ..unix_socket import SocketPathError, bind_private, close_listener
+from ..unix_socket import SocketPathError, bind_private, close_listener, removed_on_failure
 from ..snapshot.machine import save_vm_paused
 from .dirty import dirty_pages
 from ..registers import capture
@@ -111,10 +111,11 @@ class ControlServer:
             self.sock = bind_private(path)
         except SocketPathError as exc:
             raise ControlError(str(exc)) from None
-        self.sock.listen(4)
-        self._closed = False
-        self._thread = threading.Thread(target=self._accept_loop, name="vmm-control", daemon=True)
-        self._thread.start()
+        with removed_on_failure(self.sock, path):
+            self.sock.listen(4)
+            self._closed = False
+            self._thread = threading.Thread(target=self._accept_loop, name="vmm-control", daemon=True)
+            self._thread.start()
 
     def close(self) -> None:
         if self._closed:
