@@ -13,7 +13,6 @@ protocol and the order of buffered serial output.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import os
 import signal
@@ -68,7 +67,7 @@ def _set_realtime(on: bool) -> bool:
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO if on else os.SCHED_OTHER, _FIFO if on else _OTHER)
         return True
-    except (PermissionError, OSError):
+    except OSError:  # PermissionError without CAP_SYS_NICE
         return False
 
 
@@ -381,9 +380,7 @@ class Vm:
             addr = v.run_on() if v.run_on is not None and self.icount.active is None else None
             if addr is not None:
                 # Let it run to ``addr`` first (as run_to does), then come back here.
-                self.vcpu.set_guest_debug(K.KVM_GUESTDBG_ENABLE | K.KVM_GUESTDBG_USE_HW_BP,
-                                          (addr, 0, 0, 0, 0, 0, 0, K.DR7_L0))
-                self.exit_policy.run_to = addr
+                self._arm_run_to(addr)
                 v.stage = RUNNING_ON
                 v.progress.set()
                 now = time.perf_counter_ns()
@@ -392,8 +389,7 @@ class Vm:
                 v.ran_ns = -now
                 return
         else:
-            self.exit_policy.run_to = None
-            self.vcpu.set_guest_debug(0)
+            self._disarm_run_to()
             v.ran_ns += at
             v.ran_on = not interrupted
         self._visit = None
@@ -420,8 +416,7 @@ class Vm:
             v, self._visit = self._visit, None
             if v is not None and v.stage in (PENDING, RUNNING_ON, SERVING):
                 if v.stage == RUNNING_ON:
-                    self.exit_policy.run_to = None
-                    self.vcpu.set_guest_debug(0)
+                    self._disarm_run_to()
                 if self._sync_regs:
                     self.vcpu.request_sync_regs(0)
                 v.stage = DROPPED
@@ -568,13 +563,11 @@ class Vm:
         parked again wherever it was. The inspector uses it to wait for the
         end of a guest critical section without parking over and over, and
         ``meanwhile`` (called once the guest runs) to catch up with it."""
-        vcpu = self.vcpu
         # Not with gdb attached or instructions being counted: they own the debug registers.
         if (not self._paused.is_set() or self._vcpu_thread is None or self.icount.active is not None
                 or self.debugger is not None):
             return False
-        vcpu.set_guest_debug(K.KVM_GUESTDBG_ENABLE | K.KVM_GUESTDBG_USE_HW_BP, (addr, 0, 0, 0, 0, 0, 0, K.DR7_L0))
-        self.exit_policy.run_to = addr
+        self._arm_run_to(addr)
         self._paused.clear()
         self._unparked.clear()
         self._resume.set()
@@ -586,9 +579,20 @@ class Vm:
             if not self._paused.wait(1.0):
                 self.exit_policy.run_to = None
                 return False  # the guest stopped meanwhile
-        self.exit_policy.run_to = None
-        vcpu.set_guest_debug(0)
+        self._disarm_run_to()
         return reached
+
+    def _arm_run_to(self, addr: int) -> None:
+        """Stop the guest when it is about to execute ``addr``: an instruction
+        breakpoint in DR0 (local enable, R/W=00 execute, LEN=00), and the exit
+        policy told to park there instead of reporting a debug exit."""
+        self.vcpu.set_guest_debug(K.KVM_GUESTDBG_ENABLE | K.KVM_GUESTDBG_USE_HW_BP,
+                                  (addr, 0, 0, 0, 0, 0, 0, K.DR7_L0))
+        self.exit_policy.run_to = addr
+
+    def _disarm_run_to(self) -> None:
+        self.exit_policy.run_to = None
+        self.vcpu.set_guest_debug(0)
 
     def _set_single_step(self, on: bool) -> None:
         self.vcpu.set_guest_debug(K.KVM_GUESTDBG_ENABLE | K.KVM_GUESTDBG_SINGLESTEP if on else 0)
