@@ -304,9 +304,8 @@ class VcpuFd(_FdOwner):
         """The registers KVM stored in kvm_run at the last exit, as asked with
         ``request_sync_regs(KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS)``: copies,
         no ioctl."""
-        at = K.kvm_run.s.offset
-        return (K.kvm_regs.from_buffer_copy(self._map, at),
-                K.kvm_sregs.from_buffer_copy(self._map, at + C.sizeof(K.kvm_regs)))
+        return (K.kvm_regs.from_buffer_copy(self._map, _SYNC_AT),
+                K.kvm_sregs.from_buffer_copy(self._map, _SYNC_AT + _SYNC_REGS_SIZE))
 
     # --- state handed to KVM_RUN (KVM_CAP_SYNC_REGS) -------------------------------------
     def load_synced(self, regs: K.kvm_regs, sregs: K.kvm_sregs, events: K.kvm_vcpu_events) -> None:
