@@ -197,6 +197,11 @@ class VmFd(_FdOwner):
     def check_extension(self, cap: int) -> int:
         return _ioctl(self.fd, K.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
 
+    def syncs_regs(self, fields: int) -> bool:
+        """Does KVM_CAP_SYNC_REGS cover every KVM_SYNC_X86_* field in ``fields``
+        (KVM then stores them in kvm_run at exits, or loads them at KVM_RUN)?"""
+        return self.check_extension(K.KVM_CAP_SYNC_REGS) & fields == fields
+
     def register_coalesced_pio(self, port: int, size: int) -> None:
         """Buffer guest writes to ``[port, port+size)`` in the vCPU's coalesced
         ring instead of exiting for each (KVM_CAP_COALESCED_PIO)."""

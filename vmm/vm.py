@@ -316,8 +316,7 @@ class Vm:
             return self._visit_parked(fn, timeout)  # gdb owns the stops, or the vCPU is parked already
         v = Visit(fn, run_on, realtime=realtime)
         if self._sync_regs is None:
-            want = K.KVM_SYNC_X86_REGS | K.KVM_SYNC_X86_SREGS
-            self._sync_regs = self.vm.check_extension(K.KVM_CAP_SYNC_REGS) & want == want
+            self._sync_regs = self.vm.syncs_regs(K.KVM_SYNC_X86_REGS | K.KVM_SYNC_X86_SREGS)
         if self._sync_regs:
             # KVM stores the registers in kvm_run as the kick lands: fn reads
             # them there instead of two ioctls (~20 us of the hold here).

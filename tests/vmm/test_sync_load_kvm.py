@@ -15,8 +15,7 @@ pytestmark = pytest.mark.kvm
 def vcpu():
     with Kvm() as kvm:
         vm = kvm.create_vm()
-        want = K.KVM_SYNC_X86_REGS | K.KVM_SYNC_X86_SREGS | K.KVM_SYNC_X86_EVENTS
-        if vm.check_extension(K.KVM_CAP_SYNC_REGS) & want != want:
+        if not vm.syncs_regs(K.KVM_SYNC_X86_REGS | K.KVM_SYNC_X86_SREGS | K.KVM_SYNC_X86_EVENTS):
             vm.close()
             pytest.skip("KVM_CAP_SYNC_REGS does not cover regs, sregs and events here")
         cpu = vm.create_vcpu(0)

@@ -139,8 +139,7 @@ class Zygote:
         vm.memory.write(box, self.memory.view(box, PAGE))
         t2 = time.perf_counter_ns()
         if self._synced is None:  # one answer per host: every fork of this zygote runs here
-            want = K.KVM_SYNC_X86_REGS | K.KVM_SYNC_X86_SREGS | K.KVM_SYNC_X86_EVENTS
-            self._synced = vm.vm.check_extension(K.KVM_CAP_SYNC_REGS) & want == want
+            self._synced = vm.vm.syncs_regs(K.KVM_SYNC_X86_REGS | K.KVM_SYNC_X86_SREGS | K.KVM_SYNC_X86_EVENTS)
         self._loader.load(vm.vcpu, self._synced)
         t3 = time.perf_counter_ns()
         vm.reset_devices()
