@@ -122,6 +122,11 @@ class Vm:
         self._stop_request: Stop | None = None
         self._pause_requested = False
         self._paused = threading.Event()
+        # One paused() holder at a time: the holder's exit releases the vCPU,
+        # so a second thread inside its own paused() block (the control
+        # server beside a local view) would find the guest running again.
+        self._pause_owner = threading.Lock()
+        self._pause_holder: int | None = None  # thread id inside paused(), for nested blocks
         self._resume = threading.Event()
         # What handle_exit decides with: filled in as the parts exist.
         self.exit_policy = ExitPolicy()
@@ -271,6 +276,8 @@ class Vm:
         Used for consistent snapshots: immediate_exit plus a signal make
         KVM_RUN return, the run loop parks until the block ends. A no-op when
         the guest is not running. Yields True if the vCPU is actually parked.
+        Holders from several threads take turns (a second waits up to
+        ``timeout`` for the first to end, then parks the vCPU itself).
         """
         if not self.running or self._vcpu_thread == threading.get_ident():
             yield False
@@ -278,21 +285,33 @@ class Vm:
         if self.debugger is not None and self.debugger.holding:
             yield True  # gdb holds the vCPU out of the guest already
             return
-        self._resume.clear()
-        self._unparked.clear()
-        self._pause_requested = True
-        self._kick_vcpu()
-        parked = self._paused.wait(timeout)
+        me = threading.get_ident()
+        if self._pause_holder == me:
+            yield self._paused.is_set()  # nested: the outer block owns the pause and its end
+            return
+        if not self._pause_owner.acquire(timeout=timeout):
+            yield False  # another thread has held it longer than we may wait
+            return
+        self._pause_holder = me
         try:
-            yield parked
+            self._resume.clear()
+            self._unparked.clear()
+            self._pause_requested = True
+            self._kick_vcpu()
+            parked = self._paused.wait(timeout)
+            try:
+                yield parked
+            finally:
+                self._pause_requested = False
+                self._resume.set()
+                if parked:
+                    # Block (GIL released) until the vCPU thread is back on its
+                    # way into KVM_RUN; otherwise it could wait for the GIL for a
+                    # whole switch interval (5 ms) while this thread runs Python.
+                    self._unparked.wait(0.05)
         finally:
-            self._pause_requested = False
-            self._resume.set()
-            if parked:
-                # Block (GIL released) until the vCPU thread is back on its
-                # way into KVM_RUN; otherwise it could wait for the GIL for a
-                # whole switch interval (5 ms) while this thread runs Python.
-                self._unparked.wait(0.05)
+            self._pause_holder = None
+            self._pause_owner.release()
 
     def visit(self, fn: Callable[[], object], *, run_on: Callable[[], int | None] | None = None,
               timeout: float = 1.0, run_on_timeout: float = 0.05, realtime: bool = False) -> Visit | None:

@@ -115,3 +115,38 @@ def test_a_visit_runs_on_to_the_end_of_a_critical_section(guest_image):
     assert found["hook"], "the INSPECT report names no quiet_hook"
     assert found["ran_on"] >= 3, found
     assert found["rips"] == {found["hook"]} and found["busy_there"] == 0, found
+
+
+def test_pauses_from_two_threads_take_turns(guest_image):
+    """The control server and a local view may both hold the guest: the first
+    holder's end must not let the guest run inside the second one's block."""
+    with Vm(guest_image, VmConfig(memory=64 << 20, cmdline="workload=compute workload_ms=1500", timeout=60)) as vm:
+        holds, problems = [], []
+
+        def hold(name, before_end):
+            with vm.paused() as parked:
+                if not parked:
+                    problems.append(f"{name}: not parked")
+                    return
+                parked_at = vm.parked_ns
+                before_end()
+                # Still parked, and not parked again since: nobody let it run.
+                if not vm._paused.is_set() or vm.parked_ns != parked_at:
+                    problems.append(f"{name}: the guest ran inside the block")
+                holds.append(name)
+
+        def watch():
+            while not vm.running:
+                time.sleep(0.001)
+            second = threading.Thread(target=hold, args=("second", lambda: time.sleep(0.2)))
+            first = threading.Thread(target=hold, args=("first", lambda: (second.start(), time.sleep(0.1))))
+            first.start()
+            first.join()
+            second.join()
+            with vm.paused() as outer, vm.paused() as inner:  # nested in one thread: one pause
+                problems.extend(["nested: not parked"] if not (outer and inner) else [])
+
+        result = run_watched(vm, watch)
+    assert not problems, problems
+    assert holds == ["first", "second"], holds
+    assert result.exit_code == 0, result.message
