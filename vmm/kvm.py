@@ -235,6 +235,7 @@ class VcpuFd(_FdOwner):
         #: ``ns_in_kvm_run``: the rest of a run loop's time is its own.
         self.run_profiled: Callable[[], X.Exit] = X.decoder_for(self._map, self._timed_enter)
         self.ns_in_kvm_run = 0
+        self._only_runnable: bool | None = None  # only_runnable(), asked once
 
     @property
     def run_buffer(self) -> mmap.mmap:
@@ -344,8 +345,10 @@ class VcpuFd(_FdOwner):
                    "KVM_SET_VCPU_EVENTS")
 
     def _vcpu_ioctl(self, request: int, arg: Any, what: str) -> int:
-        run = self.run_struct
-        if run is not None and run.kvm_dirty_regs:
+        # No view of the kvm_run mapping in a local here: a KvmError's
+        # traceback keeps this frame, and the view would keep close() from
+        # unmapping (BufferError) for as long as the error is kept.
+        if self.run_struct is not None and self.run_struct.kvm_dirty_regs:
             self._apply_synced()
         return _ioctl(self.fd, request, arg, what)
 
@@ -444,3 +447,28 @@ class VcpuFd(_FdOwner):
 
     def set_mp_state(self, state: K.kvm_mp_state) -> None:
         self._vcpu_ioctl(K.KVM_SET_MP_STATE, state, "KVM_SET_MP_STATE")
+
+    def only_runnable(self) -> bool:
+        """Whether KVM keeps this vCPU RUNNABLE whatever the guest does, so
+        that loading a RUNNABLE MP state again is a no-op; asked of KVM once.
+
+        That is the case without a local APIC in the kernel (this VMM creates
+        no irqchip): HLT then exits to user space (KVM_EXIT_HLT) instead of
+        setting HALTED (x86.c, __kvm_emulate_halt), INIT and SIPI need the
+        in-kernel APIC, and KVM_SET_MP_STATE refuses every state but RUNNABLE
+        with EINVAL (kvm_arch_vcpu_ioctl_set_mpstate). The question asked is
+        that last check: set HALTED. Refused: only RUNNABLE. Accepted (an
+        in-kernel APIC): the state read before is put back, and the answer is no.
+        """
+        if self._only_runnable is None:
+            before = self.get_mp_state()
+            try:
+                self.set_mp_state(K.kvm_mp_state(mp_state=K.KVM_MP_STATE_HALTED))
+            except KvmError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._only_runnable = True
+            else:
+                self.set_mp_state(before)
+                self._only_runnable = False
+        return self._only_runnable

@@ -488,6 +488,10 @@ class kvm_mp_state(_Struct):
     _fields_ = [("mp_state", u32)]
 
 
+KVM_MP_STATE_RUNNABLE = 0
+KVM_MP_STATE_HALTED = 3
+
+
 class kvm_msr_list(_Struct):
     """Header only; the u32 indices follow it (flexible array member)."""
 
@@ -511,6 +515,7 @@ KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, kvm_cpuid2)
 KVM_GET_MSR_INDEX_LIST = _IOWR(KVMIO, 0x02, kvm_msr_list)
 # VM ioctls
 KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
+KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)  # not used by the VMM: tests make a VM with an in-kernel APIC
 KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, kvm_dirty_log)
 KVM_CLEAR_DIRTY_LOG = _IOWR(KVMIO, 0xC0, kvm_clear_dirty_log)
 KVM_RESET_DIRTY_RINGS = _IO(KVMIO, 0xC7)

@@ -1,18 +1,24 @@
 """Decoding KVM's dirty bitmap into runs of pages (no KVM needed)."""
 
-import ctypes as C
 import random
 
 import pytest
 
-from vmm.dirty_log import bitmap_runs
+from vmm import dirty_log
+from vmm.dirty_log import SKIP_FROM
 
 
-def _words(pages: set[int], nbits: int):
-    bitmap = (C.c_uint64 * ((nbits + 63) // 64))()
+def bitmap_runs(bitmap: bytearray, first_page: int, runs: list) -> int:
+    with memoryview(bitmap) as raw, raw.cast("Q") as words:
+        return dirty_log.bitmap_runs(bitmap, words, first_page, runs)
+
+
+def _words(pages: set[int], nbits: int) -> bytearray:
+    """KVM's layout: whole little-endian u64 words, bit i of the bitmap is page i."""
+    bitmap = bytearray((nbits + 63) // 64 * 8)
     for p in pages:
-        bitmap[p // 64] |= 1 << (p % 64)
-    return memoryview(bitmap).cast("B").cast("Q")
+        bitmap[p // 8] |= 1 << (p % 8)
+    return bitmap
 
 
 def _expand(runs):
@@ -44,3 +50,47 @@ def test_a_run_that_continues_the_previous_slot_extends_it():
     runs = [(10, 6)]  # pages 10..15, from an earlier slot
     bitmap_runs(_words({0, 1, 5}, 64), 16, runs)
     assert runs == [(10, 8), (21, 1)]
+
+
+# The decoder skips all-zero chunks (32 KiB of bitmap, 262,144 pages) and lines
+# (256 bytes, 2,048 pages) without reading their words: bits on each side of
+# those boundaries, in the last partial line and chunk, and far apart in a
+# 16 GiB slot's bitmap must all be found.
+LINE_PAGES, CHUNK_PAGES = 256 * 8, 32 * 1024 * 8
+
+
+@pytest.mark.parametrize("pages", [
+    {LINE_PAGES - 1, LINE_PAGES}, {CHUNK_PAGES - 1}, {CHUNK_PAGES}, {CHUNK_PAGES - 1, CHUNK_PAGES},
+    set(range(CHUNK_PAGES - 70, CHUNK_PAGES + 70)), {0, 3 * CHUNK_PAGES + 5 * LINE_PAGES + 17},
+    {4 * CHUNK_PAGES + 3 * LINE_PAGES + 63},  # the last page of a bitmap that ends mid-chunk and mid-line
+])
+def test_bits_beside_skipped_chunks_and_lines_are_found(pages):
+    nbits = 4 * CHUNK_PAGES + 3 * LINE_PAGES + 64
+    runs: list[tuple[int, int]] = []
+    assert bitmap_runs(_words(pages, nbits), 0, runs) == len(pages)
+    assert _expand(runs) == sorted(pages)
+
+
+def test_a_16_gib_slot_with_scattered_pages():
+    rng = random.Random(11)
+    nbits = (16 << 30) // 4096
+    pages = {rng.randrange(nbits) for _ in range(300)} | set(range(5000, 5300)) | {nbits - 1}
+    runs: list[tuple[int, int]] = []
+    assert bitmap_runs(_words(pages, nbits), 7, runs) == len(pages)
+    assert _expand(runs) == sorted(p + 7 for p in pages)
+
+
+def test_a_bitmap_of_partial_words_is_refused():
+    with pytest.raises(ValueError, match="whole u64 words"):
+        dirty_log.bitmap_runs(bytearray(12), memoryview(bytearray(8)).cast("Q"), 0, [])
+
+
+def test_small_bitmaps_are_read_word_by_word_and_large_ones_skip_zeros():
+    """Both paths give the same runs, on each side of SKIP_FROM."""
+    rng = random.Random(3)
+    for nbytes in (SKIP_FROM - 8, SKIP_FROM, SKIP_FROM + 8, 4 * SKIP_FROM):
+        nbits = nbytes * 8
+        pages = {rng.randrange(nbits) for _ in range(200)} | {nbits - 1}
+        runs: list[tuple[int, int]] = []
+        assert bitmap_runs(_words(pages, nbits), 0, runs) == len(pages)
+        assert _expand(runs) == sorted(pages)

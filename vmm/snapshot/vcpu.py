@@ -107,7 +107,8 @@ class FastLoader:
     """``apply`` for the same state again and again (a VM reset in place):
     the MSR batch is built once, leaving out the MSRs KVM refuses to write
     here (its paravirtual MSRs without their CPUID bits: the guest cannot
-    change those either), so each load is one ioctl per structure; with
+    change those either), so each load is one ioctl per structure (none for
+    an MP state KVM cannot have changed); with
     ``synced`` (KVM_CAP_SYNC_REGS for regs, sregs and events) those three
     go to KVM with the next KVM_RUN instead (``VcpuFd.load_synced``), so
     they come last here: loaded at KVM_RUN, after the MSRs, as ``apply``
@@ -152,7 +153,10 @@ class FastLoader:
             vcpu.set_msrs(self._msrs)
         if s.debugregs is not None:
             vcpu.set_debugregs(s.debugregs)
-        if s.mp_state is not None:
+        # A RUNNABLE vCPU that KVM keeps RUNNABLE whatever the guest does (no
+        # in-kernel local APIC: VcpuFd.only_runnable) is RUNNABLE now: one
+        # vCPU ioctl less.
+        if s.mp_state is not None and not (s.mp_state.mp_state == K.KVM_MP_STATE_RUNNABLE and vcpu.only_runnable()):
             vcpu.set_mp_state(s.mp_state)
         if synced and self._events is not None:
             vcpu.load_synced(s.regs, s.sregs, self._events)
