@@ -43,8 +43,8 @@ PAGE = 4096
 # (up to SKIP_FROM bytes, a 128 MiB slot; the test suite's guests have 64 MiB)
 # is read word by word: right after KVM_RUN the skipping's own first calls
 # cost more than the 250 words of a 64 MiB slot they save (8-10 us, measured
-# alternating in resets). re.finditer
-# over the bitmap was slower than the word loop: about 20 ns a byte.
+# alternating in resets). re.finditer over the bitmap was slower than the
+# word loop: about 20 ns a byte.
 _CHUNK = 32 * 1024  # bytes of bitmap: 256 Ki pages, 1 GiB of guest RAM
 _LINE = 256  # bytes: 32 words, 2,048 pages, 8 MiB of guest RAM
 SKIP_FROM = 4096  # bytes: bitmaps of slots over 128 MiB skip zeros
@@ -52,64 +52,58 @@ _ZERO_CHUNK = bytes(_CHUNK)
 _ZERO_LINE = bytes(_LINE)
 
 
-def _word_runs(words, lo: int, hi: int, first_page: int, runs: list[tuple[int, int]]) -> int:
-    """bitmap_runs over words [lo, hi)."""
-    found = 0
-    for i in range(lo, hi):
-        word = words[i]
-        if not word:
-            continue
-        pos = first_page + 64 * i
-        while word:
-            tz = (word & -word).bit_length() - 1
-            word >>= tz
-            pos += tz
-            ones = (word ^ (word + 1)).bit_length() - 1  # trailing ones
-            if runs and runs[-1][0] + runs[-1][1] == pos:
-                runs[-1] = (runs[-1][0], runs[-1][1] + ones)
-            else:
-                runs.append((pos, ones))
-            word >>= ones
-            pos += ones
-            found += ones
-    return found
-
-
-def bitmap_runs(bitmap: bytearray | bytes, words, first_page: int, runs: list[tuple[int, int]]) -> int:
+def bitmap_runs(bitmap: bytearray | bytes, words, first_page: int, runs: list[tuple[int, int]],
+                mask=None, others: list[tuple[int, int]] | None = None) -> int:
     """Append to ``runs`` the runs of set bits of a little-endian bitmap of
     whole u64 words (KVM's dirty bitmap), given both as bytes and as
     ``words`` (a ``memoryview.cast("Q")`` of them), bit 0 being
     ``first_page``; a run that continues the last one in ``runs`` extends
-    it. How many bits were set."""
+    it. With ``mask`` (words of the same length), only the bits also set in
+    the mask go to ``runs``, the others to ``others``. How many bits were set."""
     size = len(bitmap)
-    if size % 8 or len(words) * 8 != size:
+    if size % 8 or len(words) * 8 != size or (mask is not None and len(mask) * 8 != size):
         raise ValueError(f"a dirty bitmap is whole u64 words, given as bytes and as words ({size} bytes)")
-    if size <= SKIP_FROM:
-        found = 0
-        for i, word in enumerate(words):  # _word_runs inline: one call less right after KVM_RUN
-            if not word:
-                continue
+    if size > SKIP_FROM:
+        return _skipping_zeros(bitmap, words, first_page, runs, mask, others)
+    found = 0  # one loop, no call per word: right after KVM_RUN each Python call costs cache misses
+    for i, word in enumerate(words):
+        if not word:
+            continue
+        if mask is None:
+            parts = ((word, runs),)
+        else:
+            inside = word & mask[i]
+            parts = ((inside, runs), (word ^ inside, others))
+        for bits, out in parts:
             pos = first_page + 64 * i
-            while word:
-                tz = (word & -word).bit_length() - 1
-                word >>= tz
+            while bits:
+                tz = (bits & -bits).bit_length() - 1
+                bits >>= tz
                 pos += tz
-                ones = (word ^ (word + 1)).bit_length() - 1  # trailing ones
-                if runs and runs[-1][0] + runs[-1][1] == pos:
-                    runs[-1] = (runs[-1][0], runs[-1][1] + ones)
+                ones = (bits ^ (bits + 1)).bit_length() - 1  # trailing ones
+                if out and out[-1][0] + out[-1][1] == pos:
+                    out[-1] = (out[-1][0], out[-1][1] + ones)
                 else:
-                    runs.append((pos, ones))
-                word >>= ones
+                    out.append((pos, ones))
+                bits >>= ones
                 pos += ones
                 found += ones
-        return found
+    return found
+
+
+def _skipping_zeros(bitmap, words, first_page: int, runs, mask, others) -> int:
+    """bitmap_runs of a large bitmap: zero chunks and lines skipped, each
+    other line decoded as a small bitmap of its own."""
+    size = len(bitmap)
     found = 0
     for chunk in range(0, size, _CHUNK):
         if bitmap.startswith(_ZERO_CHUNK, chunk):
             continue
         for line in range(chunk, min(chunk + _CHUNK, size), _LINE):
             if not bitmap.startswith(_ZERO_LINE, line):
-                found += _word_runs(words, line >> 3, min(line + _LINE, size) >> 3, first_page, runs)
+                lo, hi = line >> 3, min(line + _LINE, size) >> 3
+                found += bitmap_runs(bitmap[line : line + _LINE], words[lo:hi], first_page + 64 * lo, runs,
+                                     None if mask is None else mask[lo:hi], others)
     return found
 
 
@@ -131,9 +125,11 @@ class DirtyLog:
             bitmap = bytearray((pages + 63) // 64 * 8)
             self._logs.append((slot, gpa // PAGE, pages, bitmap, (C.c_char * len(bitmap)).from_buffer(bitmap),
                                memoryview(bitmap).cast("Q")))
+        self._split = None  # (the pages take_split was given, the slots' masks cut from them)
 
     def close(self) -> None:
         """Drop the views of the bitmaps."""
+        self._split = None
         for log in self._logs:
             log[5].release()
         self._logs = []
@@ -149,6 +145,26 @@ class DirtyLog:
             if bitmap_runs(bitmap, words, first, runs) and manual:
                 vm.clear_dirty_log(slot, 0, pages, for_kvm)
         return runs
+
+    def take_split(self, pages: bytes) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """``take()`` in two: the runs of written pages whose bit is set in
+        ``pages`` (a bitmap over all of guest RAM, bit p for page p, as
+        ``GuestMemory.data_pages`` gives), and the runs of the others."""
+        if self._split is None or self._split[0] is not pages:
+            every = int.from_bytes(pages, "little")
+            masks = []
+            for _slot, first, n, bitmap, _for_kvm, _words in self._logs:
+                mine = ((every >> first) & ((1 << n) - 1)).to_bytes(len(bitmap), "little")
+                masks.append(memoryview(mine).cast("Q"))
+            self._split = (pages, masks)
+        vm, manual = self._vm, self.mechanism == "manual"
+        inside: list[tuple[int, int]] = []
+        outside: list[tuple[int, int]] = []
+        for (slot, first, n, bitmap, for_kvm, words), mask in zip(self._logs, self._split[1]):
+            vm.get_dirty_log(slot, for_kvm)
+            if bitmap_runs(bitmap, words, first, inside, mask, outside) and manual:
+                vm.clear_dirty_log(slot, 0, n, for_kvm)
+        return inside, outside
 
     def bitmaps(self) -> list[tuple[int, int, bytes]]:
         """``take()`` as ``(first page, pages, little-endian bitmap)`` per

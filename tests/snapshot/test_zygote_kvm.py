@@ -195,6 +195,9 @@ def test_reset_restores_every_page_the_guest_wrote(vmm_kernel, mechanism):
                 assert set(touched) <= differ
                 info = z.reset(vm, "")
                 assert info["pages"] >= pages and info["mechanism"] == mechanism
+                # Both ways back were taken: fresh frames (zero in the zygote) zeroed, others copied.
+                zero_in_zygote = sum(1 for p in touched if not zyg[p].any())
+                assert info["zeroed"] >= zero_in_zygote > 0 and info["pages"] > info["zeroed"]
                 after = np.flatnonzero((frames(vm.memory) != zyg).any(axis=1)).tolist()
                 assert after == [], f"{len(after)} pages not restored, e.g. {after[:8]} (wrote {len(differ)})"
         finally:

@@ -8,9 +8,13 @@ from vmm import dirty_log
 from vmm.dirty_log import SKIP_FROM
 
 
-def bitmap_runs(bitmap: bytearray, first_page: int, runs: list) -> int:
+def bitmap_runs(bitmap: bytearray, first_page: int, runs: list, mask: bytearray | None = None,
+                others: list | None = None) -> int:
     with memoryview(bitmap) as raw, raw.cast("Q") as words:
-        return dirty_log.bitmap_runs(bitmap, words, first_page, runs)
+        if mask is None:
+            return dirty_log.bitmap_runs(bitmap, words, first_page, runs)
+        with memoryview(mask) as mraw, mraw.cast("Q") as mwords:
+            return dirty_log.bitmap_runs(bitmap, words, first_page, runs, mwords, others)
 
 
 def _words(pages: set[int], nbits: int) -> bytearray:
@@ -94,3 +98,20 @@ def test_small_bitmaps_are_read_word_by_word_and_large_ones_skip_zeros():
         runs: list[tuple[int, int]] = []
         assert bitmap_runs(_words(pages, nbits), 0, runs) == len(pages)
         assert _expand(runs) == sorted(pages)
+
+
+@pytest.mark.parametrize("nbits", [4096, SKIP_FROM * 8 - 64, 6 * SKIP_FROM * 8])
+def test_a_mask_splits_the_runs_in_two(nbits):
+    """Bits also set in the mask go to runs, the others to others: together
+    exactly the set bits, each list in maximal runs (small and large bitmaps)."""
+    rng = random.Random(nbits)
+    for _ in range(20):
+        pages = {rng.randrange(nbits) for _ in range(rng.randrange(400))} | set(range(100, 100 + rng.randrange(300)))
+        mask = {rng.randrange(nbits) for _ in range(rng.randrange(2000))} | set(range(150, 250))
+        inside: list[tuple[int, int]] = []
+        outside: list[tuple[int, int]] = []
+        assert bitmap_runs(_words(pages, nbits), 5, inside, _words(mask, nbits), outside) == len(pages)
+        assert _expand(inside) == sorted(p + 5 for p in pages & mask)
+        assert _expand(outside) == sorted(p + 5 for p in pages - mask)
+        for runs in (inside, outside):
+            assert all(a + n < b for (a, n), (b, _m) in zip(runs, runs[1:]))

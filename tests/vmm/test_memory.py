@@ -68,3 +68,47 @@ def test_close_releases_the_mapping():
     mem.close()
     mem.close()  # idempotent
     assert mem.mmap is None and mem.fd is None
+
+
+def _bits(bitmap: bytes) -> set[int]:
+    return {i for i in range(len(bitmap) * 8) if bitmap[i // 8] >> (i % 8) & 1}
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_data_pages_are_the_pages_with_a_nonzero_byte(shared):
+    """Written pages with a nonzero byte (first, last, middle byte) are set;
+    pages never written (holes of the memfd) and pages written with zeros
+    (allocated, still zero) are clear; the last page of RAM counts too."""
+    size = 16 << 20
+    with GuestMemory(size, shared=shared) as mem:
+        mem.write(0, b"\x01")
+        mem.write(5 * 4096 + 4095, b"\x02")
+        mem.write(700 * 4096, bytes(3 * 4096))  # allocated, zero
+        mem.write(701 * 4096 + 2048, b"\x00\x03")
+        mem.write(size - 1, b"\x04")
+        mem.write(2000 * 4096, b"\x05" * (3 * 4096))  # a run across pages (pwrite on a memfd)
+        bits = mem.data_pages()
+        assert len(bits) % 8 == 0 and len(bits) * 8 >= size // 4096
+        assert _bits(bits) == {0, 5, 701, size // 4096 - 1, 2000, 2001, 2002}
+
+
+def test_a_copy_on_write_ram_reads_its_image_for_data_pages():
+    with GuestMemory(16 << 20) as image:
+        image.write(3 * 4096, b"\x09")
+        with GuestMemory(16 << 20, copy_on_write_of=image.fd) as cow:
+            cow.write(4 * 4096, b"\x01")
+            assert _bits(cow.data_pages()) == {3, 4}
+
+
+def test_zero_runs_zero_exactly_those_pages():
+    with GuestMemory(16 << 20) as mem:
+        mem.write(0, b"\xff" * (64 * 4096))
+        mem.zero_runs([(1, 1), (3, 2), (10, 20)])  # short runs (a slice copy) and a long one (memset)
+        data = mem.read(0, 64 * 4096)
+        zeroed = {1, 3, 4} | set(range(10, 30))
+        for page in range(64):
+            chunk = data[page * 4096 : (page + 1) * 4096]
+            assert chunk == (bytes(4096) if page in zeroed else b"\xff" * 4096), page
+        for bad in ([(4095, 2)], [(-1, 1)], [(0, 4097)]):
+            with pytest.raises(OutOfBounds):
+                mem.zero_runs(bad)

@@ -3,7 +3,8 @@
 Each figure beside a cold boot measured in the same run:
 
 - reset in place to the next guest instruction (dirty pages copied back from
-  the zygote, vCPU state loaded), with the pages a trivial test dirtied,
+  the zygote, or zeroed where the zygote's page is zero; vCPU state loaded),
+  with the pages a trivial test dirtied,
   after a busier test (``workload=mm`` for a few dozen iterations: heap,
   page tables, task stacks), and after tests that write exactly 1, 32 and
   256 pages (``workload=touch``: one u64 into each of N free frames through
@@ -122,9 +123,11 @@ def _add_reset_row(sec: Section, key: str, label: str, infos: list[dict], baseli
     steps = ", ".join(f"{name} {summarize([i[k] for i in infos], 'us')['median']:.0f}" for k, name in RESET_STEPS)
     pages = [i["pages"] for i in infos]
     runs = [i["runs"] for i in infos]
+    zeroed = [i["zeroed"] for i in infos]
     sec.add(key, label, distribution([i["total_us"] for i in infos], "us"), baseline=baseline,
             baseline_label="cold boot to exit", indent=1,
-            note=f"{note}; dirty pages seen {min(pages)}-{max(pages)} in {min(runs)}-{max(runs)} runs; "
+            note=f"{note}; dirty pages seen {min(pages)}-{max(pages)} in {min(runs)}-{max(runs)} runs, "
+                 f"{min(zeroed)}-{max(zeroed)} of them zero in the zygote (zeroed, not copied); "
                  f"medians (us): {steps}; dirty log by {infos[0]['mechanism']}")
 
 
