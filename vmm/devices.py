@@ -161,7 +161,10 @@ class WorkMailbox(Device):
     """``zygote=1`` guests ask for work here: an OUT of the mailbox's physical
     address. With work queued (``give``) it is written there (u32 length +
     words) and the guest goes on; without, the run stops ("waiting-for-work")
-    so the host can snapshot the guest at that point."""
+    so the host can snapshot the guest at that point. An IN asks whether
+    the host wants the current work to end (``end_work``): the `workload=`
+    loops ask once per iteration and end as at their deadline. Any VM has
+    this port, zygote or not."""
 
     name = "work"
 
@@ -170,12 +173,19 @@ class WorkMailbox(Device):
         self.mailbox_size = mailbox_size
         self.mailbox: int | None = None
         self.pending: bytes | None = None
+        self.end_requested = False  # set from any thread, read by the vCPU thread at the IN
 
     def give(self, words: str) -> None:
         raw = words.encode("utf-8")
         if len(raw) > self.mailbox_size - 4:
             raise ValueError(f"work is {len(raw)} bytes, the mailbox holds {self.mailbox_size - 4}")
         self.pending = raw
+
+    def end_work(self) -> None:
+        self.end_requested = True
+
+    def io_in(self, offset: int, size: int) -> bytes:
+        return int(self.end_requested).to_bytes(size, "little")
 
     def deliver(self) -> None:
         """Write the queued work into the mailbox (the guest is stopped in its OUT)."""

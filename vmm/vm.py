@@ -201,6 +201,7 @@ class Vm:
         self.reports.errors.clear()
         self.icount.active, self.icount.steps = None, 0
         self.icount.counts.clear()
+        self.work.end_requested = False
         self.ready_ns = None
 
     @property
@@ -263,6 +264,12 @@ class Vm:
     def kick(self) -> None:
         """Make the vCPU leave KVM_RUN once (the run loop then asks the debugger)."""
         self._kick_vcpu()
+
+    def end_work(self) -> None:
+        """Ask the guest to end its `workload=` loop at its next iteration, as
+        at its `workload_ms` deadline (it frees everything and exits 0): for
+        a watcher done with a guest it kept busy. Safe from any thread."""
+        self.work.end_work()
 
     def request_stop(self, stop: Stop) -> None:
         """Ask the vCPU to stop from any thread."""

@@ -190,7 +190,9 @@ pub mod port {
     pub const ICOUNT_STOP: u16 = 0x514;
     /// Work mailbox (`zygote=1`): a 32-bit OUT of the mailbox's physical
     /// address says "waiting for work"; when the run resumes the host has
-    /// written the work (u32 length, then command-line words) there.
+    /// written the work (u32 length, then command-line words) there. A
+    /// 32-bit IN asks whether the host wants the current work to end now
+    /// (non-zero: yes; `workload=` loops poll it once per iteration).
     pub const WORK: u16 = 0x520;
 }
 

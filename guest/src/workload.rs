@@ -7,7 +7,9 @@
 //! short-lived tasks around (they allocate, yield, free) and yields to them.
 //! A status line is printed about once a second (TSC). `workload_ms=N` ends
 //! the loop after N ms, frees everything and returns (exit 0); without it
-//! the loop runs until the host stops the guest. `workload_iters=N` ends it
+//! the loop runs until the host stops the guest. Either way the host can end
+//! it early, the same way (`zygote::end_requested`, polled once per
+//! iteration). `workload_iters=N` ends it
 //! after N iterations instead and prints no timed status lines, so that with
 //! `rng=seed` the whole console output is a function of the saved state
 //! (snapshot determinism tests resume such a guest mid-way).
@@ -111,7 +113,7 @@ pub fn run(ms: Option<u64>, max_iters: Option<u64>) {
             );
             next_status = now + 1000 * khz;
         }
-        if deadline.is_some_and(|d| now >= d) {
+        if deadline.is_some_and(|d| now >= d) || crate::zygote::end_requested() {
             break;
         }
     }
@@ -154,7 +156,8 @@ const COMPUTE_ROUNDS: u32 = 500;
 /// every snapshot). Each iteration also allocates and frees 16 bytes: with
 /// `allocator=list` that changes the head of the free list every iteration
 /// (inside the allocator's critical section), with the default fast path it
-/// touches only the size-class cache. `workload_ms=N` ends the loop.
+/// touches only the size-class cache. `workload_ms=N` ends the loop (or the
+/// host, earlier: `zygote::end_requested`).
 pub fn compute(ms: Option<u64>, frag_blocks: u64) {
     let khz = match crate::boot_info().tsc_khz {
         0 => 2_600_000,
@@ -184,7 +187,7 @@ pub fn compute(ms: Option<u64>, frag_blocks: u64) {
         }
         iters += 1;
         inspect::update(|b| b.workload_iters = iters);
-        if deadline.is_some_and(|d| rdtsc() >= d) {
+        if deadline.is_some_and(|d| rdtsc() >= d) || crate::zygote::end_requested() {
             break;
         }
     }

@@ -26,6 +26,13 @@ unsafe impl Sync for Mailbox {}
 
 static MAILBOX: Mailbox = Mailbox(UnsafeCell::new([0; MAILBOX_SIZE]));
 
+/// Has the host asked the current work to end (one IN exit)? The
+/// `workload=` loops ask once per iteration and end as at their deadline,
+/// so a host done watching a guest need not wait out its `workload_ms`.
+pub fn end_requested() -> bool {
+    cpu::inl(port::WORK) != 0
+}
+
 /// Block (one OUT exit) until the host has put work in the mailbox; returns
 /// the boot command line with the work's words appended.
 pub fn wait_for_work(boot: Cmdline) -> Cmdline {

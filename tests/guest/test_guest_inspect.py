@@ -3,6 +3,9 @@ it through the INSPECT report and reads it from guest memory."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from vmm.abi import INSPECT_BLOCK_MAGIC as MAGIC
@@ -56,3 +59,27 @@ def test_workload_mm_runs_and_keeps_block_current(vmm_boot):
     # Workers were reaped: only task 0's stack is left.
     live = [s for s in b["stacks"] if s["flags"] & 1]
     assert [s["task_id"] for s in live] == [0] and b["stack_count"] == 1
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("workload", ["mm", "compute"])
+def test_the_host_ends_a_workload_early(vmm_vm, workload):
+    """Without `workload_ms` the loop runs until stopped; ``Vm.end_work``
+    ends it as its deadline would (the guest frees everything, exits 0)."""
+    vm = vmm_vm(f"workload={workload}", timeout=30)
+    started = f"workload: {workload}, until stopped".encode()
+
+    def watch():
+        deadline = time.monotonic() + 30
+        while started not in vm.uart.output and time.monotonic() < deadline:
+            time.sleep(0.01)
+        vm.end_work()
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        result = vm.run()
+    finally:
+        t.join()
+    assert result.exit_code == 0, result.message  # not the watchdog's 124
+    assert started in result.serial and b"workload: done, " in result.serial
