@@ -41,8 +41,8 @@ def test_non_loopback_needs_the_explicit_flag(text):
         (["--gdb-wait"], "need --gdb"),
     ],
 )
-def test_bad_gdb_options_exit_2_with_one_line(args, fragment):
-    p = subprocess.run([sys.executable, "vmm.py", "run", *args], capture_output=True, text=True, timeout=60)
+def test_bad_gdb_options_exit_2_with_one_line(vmm_cli, args, fragment):
+    p = vmm_cli("run", *args)
     assert p.returncode == 2
     assert fragment in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 

@@ -9,8 +9,6 @@ import os
 import pwd
 import socket
 import stat
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -130,13 +128,10 @@ def test_regular_file_at_the_path_is_left_alone(vm, tmp_path):
     assert path.read_text() == "precious\n"
 
 
-def test_cli_refuses_a_regular_file_with_one_line(guest_kernel_path, tmp_path):
+def test_cli_refuses_a_regular_file_with_one_line(guest_kernel_path, tmp_path, vmm_cli):
     path = tmp_path / "notes.txt"
     path.write_text("precious\n")
-    proc = subprocess.run(
-        [sys.executable, "vmm.py", "run", "--kernel", str(guest_kernel_path), "--control", str(path), "-q"],
-        capture_output=True, text=True, timeout=60,
-    )
+    proc = vmm_cli("run", "--kernel", guest_kernel_path, "--control", path, "-q")
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert len(proc.stderr.strip().splitlines()) == 1 and "not a socket" in proc.stderr, proc.stderr
     assert path.read_text() == "precious\n"

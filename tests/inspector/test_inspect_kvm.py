@@ -76,8 +76,8 @@ def test_cli_pt_json(guest_kernel_path):
     assert doc["runs"] and all(r["executable"] for r in doc["runs"])
 
 
-def test_cli_pt_missing_socket():
-    proc = subprocess.run([sys.executable, "vmm.py", "pt", "/nonexistent/vm.sock"], capture_output=True, text=True, timeout=60)
+def test_cli_pt_missing_socket(vmm_cli):
+    proc = vmm_cli("pt", "/nonexistent/vm.sock")
     assert proc.returncode != 0 and "no VM control socket" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -127,8 +127,8 @@ def _cli(*args, timeout=120):
         (["regs", "/nonexistent-dir/vm.sock"], "no VM control socket"),
     ],
 )
-def test_bad_input_is_one_line(args, fragment):
-    proc = _cli(*args)
+def test_bad_input_is_one_line(vmm_cli, args, fragment):
+    proc = vmm_cli(*args)
     assert proc.returncode == 2 and fragment in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 

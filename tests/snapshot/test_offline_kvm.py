@@ -94,8 +94,8 @@ def test_pt_diff_between_two_saved_moments(tmp_path, vmm_kernel_path):
         (["pt", "/tmp/some.sock", "--snapshot", "/etc/hostname"], "not both"),
     ],
 )
-def test_offline_bad_input_is_one_line(args, fragment):
-    proc = vmm(*args)
+def test_offline_bad_input_is_one_line(vmm_cli, args, fragment):
+    proc = vmm_cli(*args)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert fragment in proc.stderr

@@ -1,6 +1,8 @@
 """Save a real guest, resume it, and check it goes on exactly as if it had
 never stopped; bad snapshot input is one line and exit 2, and a failed save
-leaves no file behind. Drives the real CLI (`vmm run --save/--restore`)."""
+leaves no file behind. Drives the real CLI (`vmm run --save/--restore`):
+in a fresh process where the console output is compared byte for byte, in
+this process (``vmm_cli``) for the answers to bad input."""
 
 from __future__ import annotations
 
@@ -125,45 +127,45 @@ def saved(tmp_path_factory, vmm_kernel_path):
 
 
 def _one_line_error(proc, fragment):
-    err = proc.stderr.decode()
+    err = proc.stderr if isinstance(proc.stderr, str) else proc.stderr.decode()
     assert proc.returncode == 2, err
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert fragment in err, err
 
 
-def test_restore_refuses_missing_foreign_and_truncated_files(tmp_path, saved, vmm_kernel_path):
+def test_restore_refuses_missing_foreign_and_truncated_files(tmp_path, saved, vmm_kernel_path, vmm_cli):
     k = ["--kernel", str(vmm_kernel_path)]
-    _one_line_error(vmm("run", *k, "--restore", str(tmp_path / "nope.core")), "no such file")
-    _one_line_error(vmm("run", *k, "--restore", str(vmm_kernel_path)), "not a core file")
-    _one_line_error(vmm("run", *k, "--restore", "/etc/hostname"), "ELF")
-    _one_line_error(vmm("run", *k, "--restore", str(tmp_path)), "directory")
+    _one_line_error(vmm_cli("run", *k, "--restore", str(tmp_path / "nope.core")), "no such file")
+    _one_line_error(vmm_cli("run", *k, "--restore", str(vmm_kernel_path)), "not a core file")
+    _one_line_error(vmm_cli("run", *k, "--restore", "/etc/hostname"), "ELF")
+    _one_line_error(vmm_cli("run", *k, "--restore", str(tmp_path)), "directory")
     data = saved.read_bytes()
     for cut in (100, 4096, len(data) - 4096):
         bad = tmp_path / f"cut{cut}.core"
         bad.write_bytes(data[:cut])
-        _one_line_error(vmm("run", *k, "--restore", str(bad)), "snapshot")
+        _one_line_error(vmm_cli("run", *k, "--restore", str(bad)), "snapshot")
 
 
-def test_restore_refuses_another_kernel_unless_told(tmp_path, saved, vmm_kernel_path):
+def test_restore_refuses_another_kernel_unless_told(tmp_path, saved, vmm_kernel_path, vmm_cli):
     other = tmp_path / "kernel-copy"
     other.write_bytes(vmm_kernel_path.read_bytes() + b"\0")  # same ELF, different sha256
-    _one_line_error(vmm("run", "--kernel", str(other), "--restore", str(saved)), "sha256")
-    ok = vmm("run", "--kernel", str(other), "--restore", str(saved), "--kernel-mismatch-ok")
+    _one_line_error(vmm_cli("run", "--kernel", str(other), "--restore", str(saved)), "sha256")
+    ok = vmm_cli("run", "--kernel", str(other), "--restore", str(saved), "--kernel-mismatch-ok")
     assert ok.returncode == 0, ok.stderr
 
 
-def test_restore_refuses_another_memory_size_and_boot_options(saved, vmm_kernel_path):
+def test_restore_refuses_another_memory_size_and_boot_options(saved, vmm_kernel_path, vmm_cli):
     k = ["--kernel", str(vmm_kernel_path), "--restore", str(saved)]
-    _one_line_error(vmm("run", *k, "-m", "128M"), "64 MiB")
-    _one_line_error(vmm("run", *k, "-c", "tests=all"), "--cmdline")
-    _one_line_error(vmm("run", *k, "--slide", "0x200000"), "--slide")
-    _one_line_error(vmm("run", "--kernel", str(vmm_kernel_path), "--save-at", "ready"), "--save")
-    _one_line_error(vmm("run", "--kernel", str(vmm_kernel_path), "--save", "x", "--save-at", "report:NOPE"), "NOPE")
+    _one_line_error(vmm_cli("run", *k, "-m", "128M"), "64 MiB")
+    _one_line_error(vmm_cli("run", *k, "-c", "tests=all"), "--cmdline")
+    _one_line_error(vmm_cli("run", *k, "--slide", "0x200000"), "--slide")
+    _one_line_error(vmm_cli("run", "--kernel", str(vmm_kernel_path), "--save-at", "ready"), "--save")
+    _one_line_error(vmm_cli("run", "--kernel", str(vmm_kernel_path), "--save", "x", "--save-at", "report:NOPE"), "NOPE")
 
 
-def test_a_failed_save_leaves_no_file(tmp_path, vmm_kernel_path):
-    _one_line_error(vmm("run", "--kernel", str(vmm_kernel_path), "-q", "--save", str(tmp_path / "no-dir" / "x.core")),
+def test_a_failed_save_leaves_no_file(tmp_path, vmm_kernel_path, vmm_cli):
+    _one_line_error(vmm_cli("run", "--kernel", str(vmm_kernel_path), "-q", "--save", str(tmp_path / "no-dir" / "x.core")),
                     "cannot save")
     assert os.listdir(tmp_path) == []
 
@@ -187,8 +189,8 @@ def test_a_full_disk_leaves_no_file(tmp_path, vmm_ready):
     assert os.listdir(tmp_path) == ["ok.core"]
 
 
-def test_never_reached_save_point_is_an_error(tmp_path, vmm_kernel_path):
+def test_never_reached_save_point_is_an_error(tmp_path, vmm_kernel_path, vmm_cli):
     target = tmp_path / "x.core"
-    proc = vmm("run", "--kernel", str(vmm_kernel_path), "-q", "-c", "scenario=panic", "--save", str(target))
+    proc = vmm_cli("run", "--kernel", str(vmm_kernel_path), "-q", "-c", "scenario=panic", "--save", str(target))
     _one_line_error(proc, "nothing saved")
     assert not target.exists()

@@ -55,8 +55,7 @@ def test_snapshot_through_the_control_socket(tmp_path, vmm_kernel_path):
     assert resumed.stdout == out[offset:]
 
 
-def test_snapshot_bad_socket_is_one_line(tmp_path):
-    proc = subprocess.run(_vmm("snapshot", str(tmp_path / "none.sock"), str(tmp_path / "x.core")),
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+def test_snapshot_bad_socket_is_one_line(tmp_path, vmm_cli):
+    proc = vmm_cli("snapshot", tmp_path / "none.sock", tmp_path / "x.core")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.core").exists()

@@ -4,7 +4,6 @@ import sys
 
 import pytest
 
-from vmm.cli import main
 from vmm.units import parse_size, parse_timeout
 
 
@@ -42,8 +41,8 @@ def _cli(*args):
         (["memmap", "--kernel", "/"], "is a directory"),
     ],
 )
-def test_bad_input_is_one_line(args, fragment):
-    proc = _cli(*args)
+def test_bad_input_is_one_line(vmm_cli, args, fragment):
+    proc = vmm_cli(*args)
     assert proc.returncode == 2
     assert fragment in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -66,8 +65,8 @@ def test_help_explains_exit_codes():
         (["run", "--slide", "lots"], "not an integer"),
     ],
 )
-def test_more_bad_input(args, fragment):
-    proc = _cli(*args)
+def test_more_bad_input(vmm_cli, args, fragment):
+    proc = vmm_cli(*args)
     assert proc.returncode == 2, proc.stderr
     assert fragment in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -81,8 +80,8 @@ def test_control_socket_path_unusable(guest_kernel_path):
 
 
 @pytest.mark.kvm
-def test_control_socket_path_is_a_regular_file(guest_kernel_path, tmp_path):
+def test_control_socket_path_is_a_regular_file(guest_kernel_path, tmp_path, vmm_cli):
     f = tmp_path / "not-a-socket"
     f.write_text("x")
-    proc = _cli("run", "--kernel", str(guest_kernel_path), "--control", str(f), "-q")
+    proc = vmm_cli("run", "--kernel", str(guest_kernel_path), "--control", str(f), "-q")
     assert proc.returncode == 2 and "is not a socket" in proc.stderr
