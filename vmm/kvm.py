@@ -32,6 +32,13 @@ _SYNC_AT = K.kvm_run.s.offset
 _SYNC_REGS_SIZE, _SYNC_SREGS_SIZE = C.sizeof(K.kvm_regs), C.sizeof(K.kvm_sregs)
 _SYNC_EVENTS_SIZE = C.sizeof(K.kvm_vcpu_events)
 _SYNC_ALL = K.KVM_SYNC_X86_REGS | K.KVM_SYNC_X86_SREGS | K.KVM_SYNC_X86_EVENTS
+_SYNC_IMAGE_SIZE = _SYNC_REGS_SIZE + _SYNC_SREGS_SIZE + _SYNC_EVENTS_SIZE
+
+
+def sync_image(regs: K.kvm_regs, sregs: K.kvm_sregs, events: K.kvm_vcpu_events) -> bytes:
+    """regs, sregs and events as they sit at the start of kvm_run.s
+    (struct kvm_sync_regs), for ``VcpuFd.load_synced_image``."""
+    return bytes(regs) + bytes(sregs) + bytes(events)
 
 
 class KvmError(OSError, HostError):
@@ -323,10 +330,14 @@ class VcpuFd(_FdOwner):
         KVM-PVM). Until then they are pending: every other vCPU ioctl here
         applies them by ioctl first, so nothing reads the old state or
         writes a value they would then overwrite."""
-        at = self.run_address + _SYNC_AT
-        C.memmove(at, C.addressof(regs), _SYNC_REGS_SIZE)
-        C.memmove(at + _SYNC_REGS_SIZE, C.addressof(sregs), _SYNC_SREGS_SIZE)
-        C.memmove(at + _SYNC_REGS_SIZE + _SYNC_SREGS_SIZE, C.addressof(events), _SYNC_EVENTS_SIZE)
+        self.load_synced_image(sync_image(regs, sregs, events))
+
+    def load_synced_image(self, image: bytes) -> None:
+        """``load_synced`` of the bytes ``sync_image`` made of them (one copy
+        into kvm_run: a reset loads the same image every time)."""
+        if len(image) != _SYNC_IMAGE_SIZE:
+            raise ValueError(f"a sync image is {_SYNC_IMAGE_SIZE} bytes, not {len(image)}")
+        self._map[_SYNC_AT : _SYNC_AT + _SYNC_IMAGE_SIZE] = image
         self.run_struct.kvm_dirty_regs = _SYNC_ALL
 
     def _apply_synced(self) -> None:

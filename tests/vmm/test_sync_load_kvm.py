@@ -53,3 +53,20 @@ def test_any_other_ioctl_applies_it_first(vcpu):
     _pending(vcpu)
     vcpu.get_mp_state()
     assert vcpu.run_struct.kvm_dirty_regs == 0 and vcpu.get_regs().rax == 0x1234_5678
+
+
+def test_an_image_made_once_loads_as_the_three_structures(vcpu):
+    """A reset hands the same registers to every KVM_RUN as one image
+    (sync_image, load_synced_image): the same state as load_synced."""
+    from vmm.kvm import sync_image
+
+    regs = vcpu.get_regs()
+    regs.rbx, regs.rip, regs.rflags = 0xB0B, 0xFFF0, 0x2
+    sregs = vcpu.get_sregs()
+    sregs.cr2 = 0xC0DE_0000
+    image = sync_image(regs, sregs, vcpu.get_vcpu_events())
+    vcpu.load_synced_image(image)
+    assert vcpu.run_struct.kvm_dirty_regs == K.KVM_SYNC_X86_REGS | K.KVM_SYNC_X86_SREGS | K.KVM_SYNC_X86_EVENTS
+    assert vcpu.get_regs().rbx == 0xB0B and vcpu.get_sregs().cr2 == 0xC0DE_0000
+    with pytest.raises(ValueError, match="sync image"):
+        vcpu.load_synced_image(image[:-1])

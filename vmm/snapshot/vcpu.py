@@ -10,7 +10,7 @@ setting sregs can clear a pending exception.
 from __future__ import annotations
 
 from .. import kvm_abi as K
-from ..kvm import KvmError, MsrRefused, VcpuFd, msr_batch
+from ..kvm import KvmError, MsrRefused, VcpuFd, msr_batch, sync_image
 from .format import VcpuState
 
 MSR_IA32_TSC = 0x10
@@ -124,6 +124,7 @@ class FastLoader:
             ev = K.kvm_vcpu_events.from_buffer_copy(bytes(state.events))
             ev.flags &= K.KVM_VCPUEVENT_VALID_NMI_PENDING | K.KVM_VCPUEVENT_VALID_SHADOW | K.KVM_VCPUEVENT_VALID_PAYLOAD
             self._events = ev
+            self._image = sync_image(state.regs, state.sregs, ev)  # what load_synced copies, made once
 
     def _build(self, vcpu: VcpuFd) -> None:
         values = dict(self.state.msrs)
@@ -159,6 +160,6 @@ class FastLoader:
         if s.mp_state is not None and not (s.mp_state.mp_state == K.KVM_MP_STATE_RUNNABLE and vcpu.only_runnable()):
             vcpu.set_mp_state(s.mp_state)
         if synced and self._events is not None:
-            vcpu.load_synced(s.regs, s.sregs, self._events)
+            vcpu.load_synced_image(self._image)
         elif self._events is not None:
             vcpu.set_vcpu_events(self._events)

@@ -84,6 +84,8 @@ class Zygote:
             complete_pending_io(vm.vcpu)  # RIP past the OUT
             self.vcpu_state: VcpuState = capture(vm.vcpu, vm.kvm, vm.tsc_khz)
             self.mailbox = vm.work.mailbox
+            last = (self.mailbox + vm.work.mailbox_size - 1) // PAGE
+            self._mailbox_pages = (self.mailbox // PAGE, last - self.mailbox // PAGE + 1)  # a run of pages
             self.slide = vm.slide
             self.tsc_khz = vm.tsc_khz
             self.backend = vm.backend
@@ -142,11 +144,10 @@ class Zygote:
         # frames, zero in the zygote).
         runs, zero = vm.dirty_tracker.take_split(self.data_pages)
         t1 = time.perf_counter_ns()
-        vm.memory.copy_runs_from(self.memory, runs)
+        # And the mailbox's pages: written by the host, so in no dirty log
+        # (copied twice if the guest wrote them too: harmless).
+        vm.memory.copy_runs_from(self.memory, runs + [self._mailbox_pages])
         vm.memory.zero_runs(zero)
-        # The mailbox: written by the host, so in no dirty log.
-        box = self.mailbox & ~(PAGE - 1)
-        vm.memory.write(box, self.memory.view(box, PAGE))
         t2 = time.perf_counter_ns()
         if self._synced is None:  # one answer per host: every fork of this zygote runs here
             self._synced = vm.vm.syncs_regs(K.KVM_SYNC_X86_REGS | K.KVM_SYNC_X86_SREGS | K.KVM_SYNC_X86_EVENTS)
