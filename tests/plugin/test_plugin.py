@@ -1,4 +1,6 @@
-"""The pytest plugin, exercised through pytest itself (pytester)."""
+"""The pytest plugin, exercised through pytest itself (pytester): inline,
+in this process (a fresh config, session and zygote pool each run), except
+where the inner run patches the plugin module, which would outlive it here."""
 
 import pytest
 
@@ -13,20 +15,20 @@ def kernel_opt(guest_kernel_path):
 
 def test_ktest_items_are_collected_from_the_guest(pytester, kernel_opt):
     pytester.makefile(".ktest", kernel="memory = 32M\nselect = frames\n")
-    result = pytester.runpytest_subprocess("-p", "vmm.pytest_plugin", kernel_opt, "--collect-only", "-q")
+    result = pytester.runpytest("-p", "vmm.pytest_plugin", kernel_opt, "--collect-only", "-q")
     names = [line for line in result.outlines if "kernel.ktest::" in line]
     assert names and all("frames::" in n for n in names)
 
 
 def test_ktest_items_run_and_pass(pytester, kernel_opt):
     pytester.makefile(".ktest", kernel="memory = 32M\nselect = frames::alloc_free_single\n")
-    result = pytester.runpytest_subprocess("-p", "vmm.pytest_plugin", kernel_opt, "-q")
+    result = pytester.runpytest("-p", "vmm.pytest_plugin", kernel_opt, "-q")
     result.assert_outcomes(passed=1)
 
 
 def test_guest_that_cannot_list_is_a_collection_error(pytester, kernel_opt):
     pytester.makefile(".ktest", kernel="cmdline = scenario=panic\n")
-    result = pytester.runpytest_subprocess("-p", "vmm.pytest_plugin", kernel_opt, "-q")
+    result = pytester.runpytest("-p", "vmm.pytest_plugin", kernel_opt, "-q")
     result.assert_outcomes(errors=1)
     assert "did not list its tests" in result.stdout.str()
 
@@ -42,7 +44,7 @@ def test_vmm_boot_fixture(pytester, kernel_opt):
             assert "guest stopped" in run.describe()
         """
     )
-    result = pytester.runpytest_subprocess("-p", "vmm.pytest_plugin", kernel_opt, "-q")
+    result = pytester.runpytest("-p", "vmm.pytest_plugin", kernel_opt, "-q")
     result.assert_outcomes(passed=1)
 
 
