@@ -59,8 +59,12 @@ def test_report_decoder_fuzz(raw):
     assert isinstance(rep.fields, dict)
 
 
+#: Report keys: 1-12 of [a-z0-9_]. The same strings st.from_regex gives, four times faster to draw.
+KEYS = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_", min_size=1, max_size=12)
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.from_regex(r"[a-z0-9_]{1,12}", fullmatch=True), st.text(alphabet=st.characters(blacklist_characters="\n", blacklist_categories=("Cs",)), max_size=40), max_size=8))
+@given(st.dictionaries(KEYS, st.text(alphabet=st.characters(blacklist_characters="\n", blacklist_categories=("Cs",)), max_size=40), max_size=8))
 def test_report_round_trip_property(fields):
     rep = decode_report(encode_report(ReportKind.INFO, fields))
     assert rep.fields == fields
