@@ -261,10 +261,11 @@ class BufferMemory:
 class FrameCopy:
     """Some 4 KiB frames of a memory, copied at one instant, read as tables.
 
-    What a snapshot's short pause copies (``mm.rewalk.copy_tables``) so that
-    the tables can be compared and patched after the guest runs again: the
-    walker and ``mm.rewalk.refresh`` read it like the memory it came from
-    (same ``base`` and ``size``), and a read of a frame it does not hold
+    What a snapshot's short pause copies (``mm.rewalk.copy_tables``, and a
+    small heap's pages) so that the tables can be compared and patched, and
+    the heap walked, after the guest runs again: the walker,
+    ``mm.rewalk.refresh`` and the heap walks read it like the memory it came
+    from (same ``base`` and ``size``), and a read of a frame it does not hold
     raises :class:`~mm.errors.NotCopied`. Read-only; reads return copies.
     """
 
@@ -293,3 +294,47 @@ class FrameCopy:
         if paddrs.size == 0:
             return np.zeros((0, ENTRIES_PER_TABLE), dtype=np.uint64)
         return self.rows[self._rows(paddrs.tolist())]
+
+    # Byte and word reads: a heap copied wholesale (its pages, one gather) is
+    # walked on a FrameCopy like on the memory it came from.
+    def read(self, paddr: int, n: int) -> bytes:
+        paddr = int(paddr)
+        if n < 0 or paddr < self.base or paddr + n > self.base + self.size:
+            raise OutOfBounds(paddr, n, self.base, self.size)
+        out = bytearray()
+        while n > 0:
+            frame = paddr & ~(PAGE_4K - 1)
+            off = paddr - frame
+            chunk = min(n, PAGE_4K - off)
+            out += self.rows[self._rows([frame])[0]].view("u1")[off : off + chunk].tobytes()
+            paddr, n = paddr + chunk, n - chunk
+        return bytes(out)
+
+    def read_u64(self, paddr: int) -> int:
+        if paddr % 8:
+            raise Misaligned(int(paddr), 8)
+        return _U64.unpack(self.read(paddr, 8))[0]
+
+    @cached_property
+    def _sorted(self) -> tuple["np.ndarray", "np.ndarray"]:
+        np = _numpy()
+        order = np.argsort(self.frames, kind="stable")
+        return self.frames[order].astype(np.uint64), order
+
+    def read_u64s(self, paddrs: "np.ndarray") -> "np.ndarray":
+        """The u64s at the 8-byte aligned ``paddrs`` (any order), vectorized."""
+        np = _numpy()
+        paddrs = np.asarray(paddrs, dtype=np.uint64)
+        if paddrs.size == 0:
+            return np.zeros(0, dtype=np.uint64)
+        if (paddrs & np.uint64(7)).any():
+            raise Misaligned(int(paddrs[np.argmax(paddrs & np.uint64(7) != 0)]), 8)
+        frames, order = self._sorted
+        page = paddrs & ~np.uint64(PAGE_4K - 1)
+        i = np.minimum(np.searchsorted(frames, page), max(frames.size - 1, 0))
+        missing = frames.size == 0 or (frames[i] != page).any()
+        if missing:
+            bad = page if frames.size == 0 else page[frames[i] != page]
+            raise NotCopied(int(bad[0]))
+        word = (paddrs & np.uint64(PAGE_4K - 1)) >> np.uint64(3)
+        return self.rows.reshape(-1)[order[i] * ENTRIES_PER_TABLE + word.astype(np.intp)]

@@ -159,7 +159,8 @@ def add_watch_rows(sec: Section, samples: list) -> None:
         pause = distribution(s.pause_ms, "ms")
         note = (f"pause p50 {pause['p50']:.3f} ms, p99 {pause['p99']:.3f} ms, max {pause['max']:.3f} ms; "
                 f"{s.snapshots} snapshots: {s.stopped} stopped (held for a complete read), {s.retried} retried "
-                f"(more than one hold, at most {max(s.attempts)}), {s.busy} busy; guest cmdline '{w.cmdline}'")
+                f"(more than one hold, at most {max(s.attempts)}), {s.busy} busy, {s.heap_copied} with the heap "
+                f"copied whole; guest cmdline '{w.cmdline}'")
         sec.add(f"watch_{w.key}_pause", f"{w.label}: snapshot pause (guest held)", pause, note=note)
         if s.stopped and s.validated_pause_ms:
             validated = distribution(s.validated_pause_ms, "ms")

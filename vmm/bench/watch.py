@@ -66,6 +66,7 @@ class WatchSamples:
     stopped: int = 0  # snapshots that fell back to holding the guest
     retried: int = 0  # snapshots that took more than one hold
     busy: int = 0
+    heap_copied: int = 0  # snapshots whose heap was copied whole in the hold
     snapshots: int = 0
     error: str = ""
 
@@ -121,6 +122,7 @@ def run_once(image, workload: Workload, seconds: float, hz: float | None, out: W
                         out.stopped += snap.method == STOPPED
                         out.retried += snap.attempts > 1
                         out.busy += snap.busy
+                        out.heap_copied += snap.heap_copied
                     stop.wait(max(0.0, 1 / hz - (time.perf_counter() - t0)))
 
             watcher = threading.Thread(target=watch, name="vmm-bench-watch", daemon=True)

@@ -105,8 +105,13 @@ class HeapRecord:
     expect: np.ndarray | None = None
 
     def prepare(self, physmem) -> None:
+        # A walk of a copy (``heap_copy``) is never checked again: nothing to prepare.
+        indices = getattr(physmem, "u64_indices", None)
+        if indices is None:
+            self.words = self.expect = None
+            return
         try:
-            self.words = physmem.u64_indices(np.concatenate([self.phys, self.phys + np.uint64(8)]))
+            self.words = indices(np.concatenate([self.phys, self.phys + np.uint64(8)]))
             self.expect = np.concatenate([self.size, self.next])
         except (ValueError, IndexError):
             self.words = self.expect = None
@@ -235,7 +240,7 @@ class _Reuse:
                 m = int(ok.sum())
                 same = (words[:m] == r.size[:n][ok]) & (words[m:] == r.next[:n][ok])
                 ok[np.flatnonzero(ok)[~same]] = False
-            except (ValueError, IndexError):
+            except (ValueError, LookupError):  # outside RAM, or (a copy) outside what was copied
                 ok[:] = False
             ok &= prior.addrs + prior.sizes <= np.uint64(heap_end)
         self.prior, self.ok = prior, ok
@@ -394,8 +399,12 @@ class RecordedReads:
                 expect.append(np.frombuffer(data, dtype="<u8"))
             else:
                 self.odd.append((paddr, data))
+        indices = getattr(self.physmem, "u64_indices", None)
+        if indices is None:  # reads of a copy (``heap_copy``): never checked again
+            self.words = self.expect = None
+            return self
         try:
-            self.words = self.physmem.u64_indices(np.concatenate(addrs) if addrs else _EMPTY)
+            self.words = indices(np.concatenate(addrs) if addrs else _EMPTY)
             self.expect = np.concatenate(expect) if expect else _EMPTY
         except (ValueError, IndexError):
             self.words = self.expect = None

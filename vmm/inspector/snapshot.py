@@ -8,11 +8,17 @@ copy what must be seen at one instant): ``Snapshotter.take``
    there; the previous snapshot's walk, brought up to date, where CR3 is
    unchanged), and walks the heap free list, recording every node it reads
    (reusing the unchanged stretches of the previous walk), while the guest
-   runs;
+   runs; then reads those words again a moment later and walks again until
+   they hold still (a heap being built changes faster than any hold could
+   check it), for at most ``QUIET_WAIT_S``. A small heap (``WHOLE_PAGES``)
+   is not walked now: the hold copies it whole (``heap_copy``), and so it
+   does a larger one (``COPY_PAGES``) that never held still. A guest seen
+   inside a long critical section is left to finish it first;
 2. holds the guest once, only to copy (``capture``: the control
    registers, the inspect block, every traced table in one gather and the
-   tables newly reached below entries that changed, the words the heap
-   walk read, the frame bitmaps). A local guest is held on its own vCPU
+   tables newly reached below entries that changed, the heap's pages or
+   the words the heap walk read, the frame bitmaps; only the first two if
+   the block says the guest is inside a critical section). A local guest is held on its own vCPU
    thread (``Vm.visit``): kicked out of KVM_RUN, it copies and goes
    straight back, with no other thread's wake-up inside the hold. Then,
    with the guest running again, it checks the copies: same CR3 and
@@ -20,8 +26,10 @@ copy what must be seen at one instant): ``Snapshotter.take``
    and head as walked, every heap word unchanged; and brings the walk up
    to date on the copied tables (``mm.rewalk.refresh``: a guest that maps
    and unmaps all the time changes a few leaf tables between any read and
-   any check, and throwing the walk away would never converge). The hold
-   costs copies, not comparisons or walks;
+   any check, and throwing the walk away would never converge); a heap
+   copied whole is walked on its copy, once its pages are known to be
+   where those tables map them. The hold costs copies, not comparisons or
+   walks;
 3. if the guest was held inside a critical section (odd ``seq``), the
    visit lets it run to the section's end first (an instruction breakpoint
    on the kernel's quiet hook) and copies there; a remote server does the
@@ -63,15 +71,31 @@ from mm.walker import Run, RunArrays, WalkTrace, walk_arrays, walk_traced
 
 from ..cpu import EFER_NXE
 from .facts import GuestFacts
-from .heap import HeapView, RunTranslator, prepare_capture
+from .heap import HeapView, RunTranslator, physmem_contains, prepare_capture
 from .capture import Capture, bitmap_span, block_span, capture
-from .inspect_block import InspectBlock, InspectBlockError, parked_busy, parse_inspect_block, read_inspect_block
+from .heap_copy import COPY_PAGES, WHOLE_PAGES, HeapCopier
+from .inspect_block import (SEQ_OFFSET, InspectBlock, InspectBlockError, parked_busy, parse_inspect_block,
+                            read_inspect_block)
 from .labels import Labeler
 from .target import ControlRegisters, Target
 from .tlsf import walk_heap_any
 
 #: Optimistic passes invalidated by guest changes before falling back.
 MAX_ATTEMPTS = 6
+#: A heap that changes between a walk and its hold costs a hold for nothing
+#: (a fragmented heap being built changes on every allocation: every hold
+#: found it changed again). So a hold waits until the heap looks quiet,
+#: checked while the guest runs: walked, then its words unchanged
+#: ``QUIET_GAP_S`` later. After ``QUIET_WAIT_S`` of that, a heap of at most
+#: ``COPY_PAGES`` is copied whole in the hold (``heap_copy``: one moment,
+#: whatever the guest does), a larger one is checked anyway.
+QUIET_WAIT_S = 0.5
+QUIET_GAP_S = 0.001
+#: A guest seen (while it runs) inside one critical section is not held
+#: until that section ends, for at most this long: a long section (the heap
+#: growing page by page, tens of ms of emulated code here) would otherwise
+#: cost a hold that runs on to its end for ``QUIET_TIMEOUT_S`` in vain.
+SECTION_WAIT_S = 0.25
 #: Parks that find the guest inside a critical section before falling back
 #: (each is short: park, read the block's seq, resume).
 BUSY_PARKS = 40
@@ -117,6 +141,8 @@ class Snapshot:
     pause_cpu_ms: float | None = None
     #: What the last hold's copies cost, by ``capture.PHASES`` (ms; empty: a complete read).
     copy_phases_ms: tuple[float, ...] = ()
+    #: The heap was copied whole in the hold and walked on the copy (``heap_copy``).
+    heap_copied: bool = False
 
     @property
     def block(self) -> InspectBlock | None:
@@ -190,17 +216,26 @@ class _Walked:
     #: Linear spans where ``runs`` differs from ``heap_runs`` (None: not known).
     touched: tuple[tuple[int, int], ...] | None = ()
     block: InspectBlock | None = None  # the inspect block as read with the walk
+    #: A small heap is not walked while the guest runs: copied whole in the
+    #: hold instead, and walked on the copy (``heap`` is then None).
+    heap_copy: HeapCopier | None = None
 
 
 class Snapshotter:
     """Takes snapshots of one target; remembers CR3, EFER.NXE and the last heap
     walk between them (the next optimistic pass starts from those)."""
 
-    def __init__(self, target: Target, *, attempts: int = MAX_ATTEMPTS):
+    def __init__(self, target: Target, *, attempts: int = MAX_ATTEMPTS, whole_pages: int = WHOLE_PAGES,
+                 copy_pages: int = COPY_PAGES):
         # ``attempts``: optimistic passes invalidated by changes before the
-        # guest is held for a complete read.
+        # guest is held for a complete read. A heap of at most
+        # ``whole_pages`` pages is always copied whole in the hold; one of at
+        # most ``copy_pages`` when it does not hold still (0: never).
         self.target = target
         self.attempts = max(1, attempts)
+        self.whole_pages, self.copy_pages = whole_pages, max(copy_pages, whole_pages)
+        self._buffers: dict = {}  # what heap copies go into, kept from one snapshot to the next
+        self.quiet_waits = 0  # passes read again because the heap changed while the guest ran (all snapshots)
         self._cr3: int | None = None
         self._nxe = True
         self._heap: HeapView | None = None
@@ -212,10 +247,16 @@ class Snapshotter:
         if self._cr3 is None and facts.report.cr3 is not None:
             self._cr3 = facts.report.cr3 & ADDR_MASK
         tally = _Tally()
-        walked, changed = None, 0
+        walked, changed, whole = None, 0, False
         while changed < self.attempts and tally.busy < BUSY_PARKS:
             if walked is None:
-                walked = self._read_running(facts, max_tables)
+                # The last pass before a complete read copies a small heap whole.
+                whole = whole or changed == self.attempts - 1
+                walked, quiet = (None, False) if whole else self._when_quiet(facts, max_tables)
+                if not quiet:
+                    whole = True
+                    walked = self._read_running(facts, max_tables, whole=True)
+            _after_section(self.target.physmem, block_span(facts, self.target.physmem))
             status, snap = self._validate(facts, walked, max_tables, tally)
             if snap is not None:
                 return snap
@@ -233,8 +274,28 @@ class Snapshotter:
                 time.sleep(0.0002 * changed)
         return self._take_stopped(facts, max_tables, tally)
 
+    def _when_quiet(self, facts: GuestFacts, max_tables: int) -> tuple[_Walked | None, bool]:
+        """A pass made once the heap looks quiet (see ``QUIET_WAIT_S``), and
+        whether it did within that time."""
+        physmem = self.target.physmem
+        deadline = time.monotonic() + QUIET_WAIT_S
+        while time.monotonic() < deadline:
+            walked = self._read_running(facts, max_tables)
+            if walked is None or walked.heap is None:  # (a small heap is copied whole: nothing to check)
+                return walked, True
+            time.sleep(QUIET_GAP_S)
+            block = read_block(physmem, facts)
+            live = facts.with_block(block) if block is not None else facts
+            if (block is None or not block.busy) and _heap_matches(walked.heap, walked.heap.capture(physmem), live):
+                return walked, True
+            self._walked = walked  # the next pass refreshes these tables
+            self.quiet_waits += 1
+        return None, False
+
     # -- 1. while the guest runs ----------------------------------------------------
-    def _read_running(self, facts: GuestFacts, max_tables: int) -> _Walked | None:
+    def _read_running(self, facts: GuestFacts, max_tables: int, *, whole: bool = False) -> _Walked | None:
+        """``whole``: copy the heap whole in the hold if it is small enough,
+        instead of walking it now."""
         if self._cr3 is None:
             return None  # learn CR3 in the first pause
         physmem = self.target.physmem
@@ -246,15 +307,28 @@ class Snapshotter:
             return None
         runs, report, trace, _ = tables
         block = read_block(physmem, facts)
-        heap = walk_heap(physmem, runs, facts.with_block(block) if block else facts, prior=self._heap)
-        if heap is not None:
-            self._heap = heap
-        walked = _Walked(self._cr3, self._nxe, trace, report, runs, heap, runs, block=block)
+        read_as = facts.with_block(block) if block else facts
+        copier = self._heap_copier(physmem, runs, read_as, self.copy_pages if whole else self.whole_pages)
+        heap = None
+        if copier is None:
+            heap = walk_heap(physmem, runs, read_as, prior=self._heap)
+            if heap is not None:
+                self._heap = heap
+        walked = _Walked(self._cr3, self._nxe, trace, report, runs, heap, runs, block=block, heap_copy=copier)
         # Catch up with what the guest changed during the heap walk (a few
         # tables at most), so that the check after the pause finds little
         # to patch.
         self._catch_up(physmem, walked, facts, max_tables)
         return walked
+
+    def _heap_copier(self, physmem, runs: RunArrays, facts: GuestFacts, max_pages: int) -> HeapCopier | None:
+        """A copier for the heap the facts place, if it has at most
+        ``max_pages`` pages (``heap_copy``)."""
+        bounds, head = facts.heap, facts.heap_free_head
+        if not max_pages or bounds is None or head is None:
+            return None
+        index = facts.block.heap_index if facts.block is not None else None
+        return HeapCopier.plan(physmem, runs, *bounds, index, self._buffers, max_pages=max_pages)
 
     def _catch_up(self, physmem, walked: "_Walked | None", facts: GuestFacts, max_tables: int) -> None:
         """While the guest runs: bring ``walked``'s tables up to date."""
@@ -323,15 +397,18 @@ class Snapshotter:
         bitmap_at = bitmap_span(read_as)
         tables = TableCopier(physmem, walked.trace) if walked is not None else None
         heap = walked.heap if walked is not None else None
+        copier = walked.heap_copy if walked is not None else None
         if heap is not None:
             prepare_capture(heap)
         # The same copies once now, thrown away: they bring what the hold
         # reads into the shared cache (guest RAM read cold costs ~3 us a
-        # table here) and run each code path once before it counts.
-        _warm_copies(physmem, tables, heap)
+        # table here), touch the buffers they fill and run each code path
+        # once before it counts.
+        _warm_copies(physmem, tables, heap, copier)
 
         def copy() -> Capture:
-            return capture(self.target, physmem, block_at=block_at, tables=tables, heap=heap, bitmap_at=bitmap_at)
+            return capture(self.target, physmem, block_at=block_at, tables=tables, heap=heap, bitmap_at=bitmap_at,
+                           heap_pages=copier)
 
         def run_on() -> int | None:
             # vCPU thread, first stop: inside a critical section (odd seq),
@@ -358,8 +435,9 @@ class Snapshotter:
             and regs.root == walked.cr3
             and nxe == walked.nxe
             and bitmap_span(live) == cap.bitmap_at
-            and _heap_matches(walked.heap, cap.heap, live)
         )
+        if ok:
+            ok = _heap_covered(copier, live) if copier is not None else _heap_matches(walked.heap, cap.heap, live)
         if ok:
             # The tables as of the hold: the walk, patched (or re-walked below
             # what changed) on the copy, with the guest running again.
@@ -369,13 +447,21 @@ class Snapshotter:
             except NotCopied:  # it built more tables than the copy followed
                 fixed = None
             ok = fixed is not None and _heap_still_mapped(walked, fixed)
+        heap, heap_runs = walked.heap if walked is not None else None, walked.heap_runs if walked is not None else None
+        if ok and copier is not None:
+            # The heap as copied in the hold, walked now: its pages must be
+            # where the tables (as copied in the same hold) map them.
+            heap = _walk_copy(copier, cap.heap_pages, fixed.runs, live, prior=self._heap)
+            ok, heap_runs = heap is not None, fixed.runs
+            if ok:
+                self._heap = heap
         if not ok:
             return ("busy" if busy else "changed"), None
-        self._walked = _Walked(walked.cr3, nxe, fixed.trace, fixed.report, fixed.runs, walked.heap, walked.heap_runs,
-                               block=block)
-        snap = _snapshot(regs, fixed.runs, fixed.report, live, cap.bitmap, walked.heap, tally, held, cap.copy_ns,
+        self._walked = _Walked(walked.cr3, nxe, fixed.trace, fixed.report, fixed.runs, heap, heap_runs, block=block)
+        snap = _snapshot(regs, fixed.runs, fixed.report, live, cap.bitmap, heap, tally, held, cap.copy_ns,
                          parked=True, method=VALIDATED, busy=False)
-        return "ok", dataclasses.replace(snap, copy_phases_ms=tuple(ns / 1e6 for ns in cap.phases_ns))
+        return "ok", dataclasses.replace(snap, copy_phases_ms=tuple(ns / 1e6 for ns in cap.phases_ns),
+                                         heap_copied=copier is not None)
 
     # -- 4. the guest held -----------------------------------------------------------------
     def _take_stopped(self, facts: GuestFacts, max_tables: int, tally: "_Tally") -> Snapshot:
@@ -455,12 +541,14 @@ class _Held:
     cpu_ns: int | None = None  # the holding thread's CPU time (vCPU thread: visits only)
 
 
-def _warm_copies(physmem, tables: TableCopier | None, heap: HeapView | None) -> None:
+def _warm_copies(physmem, tables: TableCopier | None, heap: HeapView | None, copier: HeapCopier | None) -> None:
     try:
         if tables is not None:
             tables.copy()
         if heap is not None:
             heap.capture(physmem)
+        if copier is not None:
+            copier.warm()
     except Exception:  # a torn read of a table being rewritten: the hold copies again
         pass
 
@@ -531,6 +619,41 @@ def _heap_matches(heap: HeapView | None, captured: tuple | None, facts: GuestFac
     if bounds is None or (heap.heap_start, heap.heap_end, heap.head) != (*bounds, head):
         return False
     return heap.matches(captured)
+
+
+def _after_section(physmem, block_at: int | None) -> None:
+    """Guest running: if it is inside a critical section (odd ``seq``), wait
+    until that one ends (``seq`` changes) or ``SECTION_WAIT_S`` passes."""
+    if block_at is None or not physmem_contains(physmem, block_at + SEQ_OFFSET, 8):
+        return
+    seq = physmem.read_u64(block_at + SEQ_OFFSET)
+    if not seq & 1:
+        return
+    deadline = time.monotonic() + SECTION_WAIT_S
+    while physmem.read_u64(block_at + SEQ_OFFSET) == seq and time.monotonic() < deadline:
+        time.sleep(0.0002)
+
+
+def _heap_covered(copier: HeapCopier, facts: GuestFacts) -> bool:
+    """Was the heap the block (as copied in the hold) describes copied whole?"""
+    bounds, head = facts.heap, facts.heap_free_head
+    index = facts.block.heap_index if facts.block is not None else None
+    return bounds is not None and head is not None and copier.covers(*bounds, index)
+
+
+def _walk_copy(copier: HeapCopier, pages, runs: RunArrays, facts: GuestFacts, *,
+               prior: HeapView | None) -> HeapView | None:
+    """The heap walked on its copy (None: the copy does not hold it all as
+    ``runs``, the tables of the same hold, map it)."""
+    translator = RunTranslator(runs)
+    start, end = facts.heap
+    if pages is None or not copier.maps_same(translator, start, end):
+        return None
+    index = facts.block.heap_index if facts.block is not None else None
+    try:
+        return walk_heap_any(pages, translator, start, end, facts.heap_free_head, index, prior=prior)
+    except NotCopied:  # it read outside the heap and its index: never from guest RAM as it is now
+        return None
 
 
 def _heap_still_mapped(walked: _Walked, fixed: Refreshed) -> bool:
