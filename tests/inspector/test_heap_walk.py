@@ -29,6 +29,7 @@ def test_well_formed_list():
     v = walk_free_list(mem, tr, HEAP, HEAP, HEAP + SIZE)
     assert v.blocks == [(HEAP, 0x100), (HEAP + 0x200, 0x40), (HEAP + 0x1000, 0x800)]
     assert v.free_bytes == 0x940 and v.largest_free == 0x800 and not v.findings
+    assert v.free_blocks == 3 and v.free_size(HEAP + 0x200) == 0x40 and v.free_size(HEAP + 0x210) == 0
     assert 0 < v.fragmentation < 1
 
 

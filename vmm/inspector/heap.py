@@ -153,6 +153,16 @@ class HeapView:
         self.sizes = np.array([s for _, s in pairs], dtype=np.uint64)
 
     @property
+    def free_blocks(self) -> int:
+        """How many free blocks (``len(blocks)`` without building the list)."""
+        return int(self.addrs.size)
+
+    def free_size(self, addr: int) -> int:
+        """The size of the free block at ``addr`` (0: none starts there)."""
+        i = int(np.searchsorted(self.addrs, np.uint64(addr)))
+        return int(self.sizes[i]) if i < self.addrs.size and int(self.addrs[i]) == addr else 0
+
+    @property
     def free_bytes(self) -> int:
         return int(self.sizes.sum()) if self.sizes.size else 0
 
@@ -206,7 +216,7 @@ class HeapView:
             "heap_start": self.heap_start,
             "heap_end": self.heap_end,
             "head": self.head,
-            "free_blocks": int(self.addrs.size),
+            "free_blocks": self.free_blocks,
             "free_bytes": self.free_bytes,
             "largest_free": self.largest_free,
             "fragmentation": round(self.fragmentation, 4),

@@ -311,7 +311,7 @@ class Snapshotter:
         copier = self._heap_copier(physmem, runs, read_as, self.copy_pages if whole else self.whole_pages)
         heap = None
         if copier is None:
-            heap = walk_heap(physmem, runs, read_as, prior=self._heap)
+            heap = self._heap_unchanged(physmem, runs, read_as) or walk_heap(physmem, runs, read_as, prior=self._heap)
             if heap is not None:
                 self._heap = heap
         walked = _Walked(self._cr3, self._nxe, trace, report, runs, heap, runs, block=block, heap_copy=copier)
@@ -320,6 +320,17 @@ class Snapshotter:
         # to patch.
         self._catch_up(physmem, walked, facts, max_tables)
         return walked
+
+    def _heap_unchanged(self, physmem, runs: RunArrays, facts: GuestFacts) -> HeapView | None:
+        """The last snapshot's heap walk, if every word it read still holds
+        and its pages are mapped as they were: one gather instead of a walk
+        (tens of ms of Python for a 16,384-block list, at every refresh)."""
+        prior, last = self._heap, self._walked
+        if prior is None or last is None or last.heap is not prior or last.heap_runs is None:
+            return None
+        if not _heap_matches(prior, prior.capture(physmem), facts):
+            return None
+        return prior if same_translation(last.heap_runs, runs, prior.heap_start, prior.heap_end) else None
 
     def _heap_copier(self, physmem, runs: RunArrays, facts: GuestFacts, max_pages: int) -> HeapCopier | None:
         """A copier for the heap the facts place, if it has at most

@@ -222,7 +222,7 @@ def heap_lines(view) -> tuple[str, list[str]]:
     h = view.heap
     if h is None:
         return "", ["the guest did not report its heap"]
-    rows = [f"heap [{h.heap_start:#x}, {h.heap_end:#x}): {len(h.blocks)} free blocks, {human_size(h.free_bytes)} free,",
+    rows = [f"heap [{h.heap_start:#x}, {h.heap_end:#x}): {h.free_blocks} free blocks, {human_size(h.free_bytes)} free,",
             f"largest {human_size(h.largest_free)}, fragmentation {h.fragmentation:.0%}"]
     rows += [f"  finding: {f}" for f in h.findings]
     rows += ["", f"{'free block':<18} {'size':>10}"]

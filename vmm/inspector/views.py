@@ -116,7 +116,7 @@ class Inspection:
         if self.physical is not None:
             parts.append(f"{self.physical.allocated} frames allocated")
         if self.heap is not None:
-            parts.append(f"heap {len(self.heap.blocks)} free blocks")
+            parts.append(f"heap {self.heap.free_blocks} free blocks")
         return ", ".join(parts)
 
     # --- rich --------------------------------------------------------------------------------
@@ -188,13 +188,13 @@ class Inspection:
     def _heap_text(self) -> Text:
         h = self.heap
         text = Text(
-            f"heap ({h.allocator}) [{h.heap_start:#x}, {h.heap_end:#x}): {len(h.blocks)} free blocks, "
+            f"heap ({h.allocator}) [{h.heap_start:#x}, {h.heap_end:#x}): {h.free_blocks} free blocks, "
             f"{human_size(h.free_bytes)} free, largest {human_size(h.largest_free)}, fragmentation {h.fragmentation:.0%}"
         )
         if h.used_blocks is not None:  # TLSF: the tag walk and the segregated lists
             lists = sum(1 for n in h.lists.values() if n)
             text.append(f"\n  {h.used_blocks} blocks in use ({h.cached_blocks} in the size-class caches), "
-                        f"{lists} non-empty lists, top block {human_size(dict(h.blocks).get(h.top, 0)) if h.top else 'none'}")
+                        f"{lists} non-empty lists, top block {human_size(h.free_size(h.top)) if h.top else 'none'}")
         if h.guest_findings:
             text.append(f"\n  the guest's heap refused {h.guest_findings} operation(s)", style="bold yellow")
         for f in h.findings:
