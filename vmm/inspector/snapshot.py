@@ -90,7 +90,7 @@ MAX_ATTEMPTS = 6
 #: ``COPY_PAGES`` is copied whole in the hold (``heap_copy``: one moment,
 #: whatever the guest does), a larger one is checked anyway.
 QUIET_WAIT_S = 0.5
-QUIET_GAP_S = 0.001
+QUIET_GAP_S = 0.003
 #: A guest seen (while it runs) inside one critical section is not held
 #: until that section ends, for at most this long: a long section (the heap
 #: growing page by page, tens of ms of emulated code here) would otherwise
@@ -248,7 +248,10 @@ class Snapshotter:
             self._cr3 = facts.report.cr3 & ADDR_MASK
         tally = _Tally()
         walked, changed, whole = None, 0, False
+        block_at = block_span(facts, self.target.physmem)
         while changed < self.attempts and tally.busy < BUSY_PARKS:
+            if _after_section(self.target.physmem, block_at):
+                walked = None  # it ended a long section: what was read is likely stale
             if walked is None:
                 # The last pass before a complete read copies a small heap whole.
                 whole = whole or changed == self.attempts - 1
@@ -256,7 +259,6 @@ class Snapshotter:
                 if not quiet:
                     whole = True
                     walked = self._read_running(facts, max_tables, whole=True)
-            _after_section(self.target.physmem, block_span(facts, self.target.physmem))
             status, snap = self._validate(facts, walked, max_tables, tally)
             if snap is not None:
                 return snap
@@ -632,17 +634,21 @@ def _heap_matches(heap: HeapView | None, captured: tuple | None, facts: GuestFac
     return heap.matches(captured)
 
 
-def _after_section(physmem, block_at: int | None) -> None:
+def _after_section(physmem, block_at: int | None) -> bool:
     """Guest running: if it is inside a critical section (odd ``seq``), wait
-    until that one ends (``seq`` changes) or ``SECTION_WAIT_S`` passes."""
+    until that one ends (``seq`` changes) or ``SECTION_WAIT_S`` passes. Did
+    it wait for a long one (more than a few sleeps)?"""
     if block_at is None or not physmem_contains(physmem, block_at + SEQ_OFFSET, 8):
-        return
+        return False
     seq = physmem.read_u64(block_at + SEQ_OFFSET)
     if not seq & 1:
-        return
+        return False
     deadline = time.monotonic() + SECTION_WAIT_S
+    sleeps = 0
     while physmem.read_u64(block_at + SEQ_OFFSET) == seq and time.monotonic() < deadline:
         time.sleep(0.0002)
+        sleeps += 1
+    return sleeps > 5
 
 
 def _heap_covered(copier: HeapCopier, facts: GuestFacts) -> bool:

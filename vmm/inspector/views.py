@@ -77,7 +77,7 @@ class Inspection:
             "walk_ms": round(s.walk_ms, 4),
             "tables_visited": s.tables_visited,
             "consistency": {"method": s.method, "attempts": s.attempts, "held_ms": round(s.held_ms, 4),
-                            "busy": s.busy},
+                            "busy": s.busy, "heap_copied": s.heap_copied},
             "runs": [
                 {
                     "virt": r.virt,
