@@ -145,3 +145,14 @@ def report_outside_ram(addr: int = 0xFFFF_F000) -> bytes:
         + b"\xb8\x00\x10\x00\x00" + b"\xef"  # mov eax, 0x1000 (the GDT: not a report) ; out dx, eax
         + EXIT_0
     )
+
+
+def end_flag_at(addr: int) -> bytes:
+    """Name ``addr`` as the end-of-work flag the host writes (port 0x524), then exit 0."""
+    return kernel(
+        b"\xb8" + struct.pack("<I", addr)  # mov eax, addr
+        + b"\x66\xba\x24\x05"  # mov dx, 0x524
+        + b"\xef"  # out dx, eax
+        + EXIT_0,
+        data=bytes(16),
+    )

@@ -79,7 +79,10 @@ ICOUNT_PORT_SIZE = 8
 # Work mailbox (zygote=1): OUT of the mailbox's physical address = "waiting
 # for work"; the host writes u32 length + command-line words there, resumes.
 WORK_PORT = 0x520
-WORK_PORT_SIZE = 4
+# End-of-work doorbell: OUT of a u32 flag's physical address; the host writes
+# non-zero there to ask the guest's work loop to end (no exit per poll).
+WORK_END_PORT = 0x524
+WORK_PORT_SIZE = 8  # both
 WORK_MAILBOX_SIZE = 4096
 
 

@@ -7,11 +7,12 @@ A device answers ``io_out(offset, data)`` and ``io_in(offset, size)``. An
 from __future__ import annotations
 
 import bisect
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .abi import REPORT_HEADER_SIZE, ExitCode
+from .abi import REPORT_HEADER_SIZE, WORK_END_PORT, WORK_PORT, ExitCode
 from .memory import GuestMemory
 from .reports import Report, ReportError, decode_payload, parse_header
 
@@ -157,23 +158,34 @@ def read_report(memory: GuestMemory, addr: int) -> Report:
 
 
 
+#: The doorbell's port within the work device, and what the host writes to ring it.
+END_OFFSET = WORK_END_PORT - WORK_PORT
+END_RUNG = (1).to_bytes(4, "little")
+
+
 class WorkMailbox(Device):
     """``zygote=1`` guests ask for work here: an OUT of the mailbox's physical
     address. With work queued (``give``) it is written there (u32 length +
     words) and the guest goes on; without, the run stops ("waiting-for-work")
-    so the host can snapshot the guest at that point. An IN asks whether
-    the host wants the current work to end (``end_work``): the `workload=`
-    loops ask once per iteration and end as at their deadline. Any VM has
-    this port, zygote or not."""
+    so the host can snapshot the guest at that point.
+
+    The port after it is the end-of-work doorbell (any guest): a work loop
+    OUTs the physical address of a u32 flag, and ``end_work`` writes 1
+    there (now, or as soon as the address is known); the `workload=` loops
+    read it once per iteration and end as at their deadline. A host write is
+    in no dirty log, so ``reset`` puts the flag back to 0 itself."""
 
     name = "work"
 
-    def __init__(self, memory: GuestMemory, mailbox_size: int):
+    def __init__(self, memory: GuestMemory, mailbox_size: int, protected: list[tuple[int, int]] = ()):
         self.memory = memory
+        self.protected = list(protected)  # the read-only kernel slots: never a flag the host writes
         self.mailbox_size = mailbox_size
         self.mailbox: int | None = None
         self.pending: bytes | None = None
-        self.end_requested = False  # set from any thread, read by the vCPU thread at the IN
+        self.end_requested = False  # set from any thread (end_work)
+        self.end_flag: int | None = None  # the guest's doorbell flag (guest-physical), once told
+        self._end_lock = threading.Lock()  # end_work (any thread) vs the guest naming its flag (vCPU thread)
 
     def give(self, words: str) -> None:
         raw = words.encode("utf-8")
@@ -182,10 +194,18 @@ class WorkMailbox(Device):
         self.pending = raw
 
     def end_work(self) -> None:
-        self.end_requested = True
+        with self._end_lock:
+            self.end_requested = True
+            if self.end_flag is not None:
+                self.memory.write(self.end_flag, END_RUNG)
 
-    def io_in(self, offset: int, size: int) -> bytes:
-        return int(self.end_requested).to_bytes(size, "little")
+    def reset(self) -> None:
+        """Back to "no end asked" (a VM reset in place): the flag's page may
+        not be in the dirty log, so a rung flag is cleared here."""
+        with self._end_lock:
+            if self.end_requested and self.end_flag is not None:
+                self.memory.write(self.end_flag, bytes(len(END_RUNG)))
+            self.end_requested, self.end_flag = False, None
 
     def deliver(self) -> None:
         """Write the queued work into the mailbox (the guest is stopped in its OUT)."""
@@ -195,6 +215,8 @@ class WorkMailbox(Device):
 
     def io_out(self, offset: int, data: bytes) -> Stop | None:
         addr = int.from_bytes(data, "little")
+        if offset == END_OFFSET:
+            return self._end_flag_at(addr)
         if addr % 4 or not self.memory.contains(addr, self.mailbox_size):
             return Stop(ExitCode.BAD_REPORT, "bad-mailbox", f"work mailbox at {addr:#x} is not 4 KiB inside guest RAM")
         self.mailbox = addr
@@ -202,6 +224,19 @@ class WorkMailbox(Device):
             self.deliver()
             return None
         return Stop(ExitCode.SUCCESS, "waiting-for-work", "the guest waits for work (zygote=1)")
+
+    def _end_flag_at(self, addr: int) -> Stop | None:
+        # The guest names where the host will write: it must be aligned guest
+        # RAM outside the read-only kernel slots (a host write there would
+        # change what KVM protects from the guest itself).
+        if addr % 4 or not self.memory.contains(addr, len(END_RUNG)) or any(
+                lo < addr + len(END_RUNG) and addr < hi for lo, hi in self.protected):
+            return Stop(ExitCode.BAD_REPORT, "bad-end-flag", f"end-of-work flag at {addr:#x} is not writable guest RAM")
+        with self._end_lock:
+            self.end_flag = addr
+            if self.end_requested:
+                self.memory.write(addr, END_RUNG)
+        return None
 
 
 class InstructionCounter(Device):

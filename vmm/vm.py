@@ -178,7 +178,7 @@ class Vm:
         self.bus.add(ICOUNT_PORT, ICOUNT_PORT_SIZE, self.icount)
         self.exit_policy.read_only = self.protected
         self.exit_policy.icount = self.icount
-        self.work = WorkMailbox(self.memory, WORK_MAILBOX_SIZE)
+        self.work = WorkMailbox(self.memory, WORK_MAILBOX_SIZE, self.protected)
         self.bus.add(WORK_PORT, WORK_PORT_SIZE, self.work)
 
     def _drain_ring(self) -> None:
@@ -201,7 +201,7 @@ class Vm:
         self.reports.errors.clear()
         self.icount.active, self.icount.steps = None, 0
         self.icount.counts.clear()
-        self.work.end_requested = False
+        self.work.reset()
         self.ready_ns = None
 
     @property

@@ -190,10 +190,13 @@ pub mod port {
     pub const ICOUNT_STOP: u16 = 0x514;
     /// Work mailbox (`zygote=1`): a 32-bit OUT of the mailbox's physical
     /// address says "waiting for work"; when the run resumes the host has
-    /// written the work (u32 length, then command-line words) there. A
-    /// 32-bit IN asks whether the host wants the current work to end now
-    /// (non-zero: yes; `workload=` loops poll it once per iteration).
+    /// written the work (u32 length, then command-line words) there.
     pub const WORK: u16 = 0x520;
+    /// End-of-work doorbell: a 32-bit OUT of a u32 flag's physical address
+    /// (any guest, `zygote=1` or not). When the host wants the current work
+    /// to end it writes non-zero there; `workload=` loops read the flag once
+    /// per iteration: a memory read, not an exit.
+    pub const WORK_END: u16 = 0x524;
 }
 
 /// Line status register bit 5: transmit holding register empty.

@@ -166,6 +166,7 @@ const ENTRIES: &[AbiEntry] = &[
     konst!(port::ICOUNT_START),
     konst!(port::ICOUNT_STOP),
     konst!(port::WORK),
+    konst!(port::WORK_END),
     konst!(LSR_THR_EMPTY),
     konst!(exit::SUCCESS),
     konst!(exit::TEST_FAILURE),

@@ -8,8 +8,8 @@
 //! A status line is printed about once a second (TSC). `workload_ms=N` ends
 //! the loop after N ms, frees everything and returns (exit 0); without it
 //! the loop runs until the host stops the guest. Either way the host can end
-//! it early, the same way (`zygote::end_requested`, polled once per
-//! iteration). `workload_iters=N` ends it
+//! it early, the same way (`zygote::end_requested`: a flag the host
+//! writes, read once per iteration). `workload_iters=N` ends it
 //! after N iterations instead and prints no timed status lines, so that with
 //! `rng=seed` the whole console output is a function of the saved state
 //! (snapshot determinism tests resume such a guest mid-way).
@@ -54,6 +54,7 @@ pub fn run(ms: Option<u64>, max_iters: Option<u64>) {
         (Some(m), None) => println!("workload: mm, {} ms", m),
         (None, None) => println!("workload: mm, until stopped"),
     }
+    crate::zygote::watch_for_end();
     loop {
         let r = rand::u64();
         // Heap churn.
@@ -172,6 +173,7 @@ pub fn compute(ms: Option<u64>, frag_blocks: u64) {
     println!("workload: compute, {}", ms.map_or("until stopped".into(), |m| alloc::format!("{} ms", m)));
     let small = Layout::from_size_align(16, 16).unwrap();
     let (mut x, mut iters) = (rdtsc() | 1, 0u64);
+    crate::zygote::watch_for_end();
     loop {
         for _ in 0..COMPUTE_ROUNDS {
             x ^= x << 13;

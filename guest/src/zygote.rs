@@ -15,6 +15,7 @@ use crate::cmdline::Cmdline;
 use crate::image;
 use alloc::string::String;
 use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicU32, Ordering};
 
 const MAILBOX_SIZE: usize = 4096;
 
@@ -26,11 +27,24 @@ unsafe impl Sync for Mailbox {}
 
 static MAILBOX: Mailbox = Mailbox(UnsafeCell::new([0; MAILBOX_SIZE]));
 
-/// Has the host asked the current work to end (one IN exit)? The
-/// `workload=` loops ask once per iteration and end as at their deadline,
-/// so a host done watching a guest need not wait out its `workload_ms`.
+/// Written by the host (non-zero: end the current work), read by the guest.
+/// Its address goes to the host once per work loop (`watch_for_end`), so
+/// asking costs a memory read, not an exit per iteration: an exit would also
+/// make a busy watcher's Python (the GIL) part of the guest's speed.
+static END_FLAG: AtomicU32 = AtomicU32::new(0);
+
+/// Tell the host where to ring when it wants the current work to end (one
+/// OUT exit, at the start of a `workload=` loop).
+pub fn watch_for_end() {
+    cpu::outl(port::WORK_END, image::virt_to_phys(END_FLAG.as_ptr() as u64) as u32);
+}
+
+/// Has the host asked the current work to end? The `workload=` loops ask
+/// once per iteration and end as at their deadline, so a host done
+/// watching a guest need not wait out its `workload_ms`.
+#[inline]
 pub fn end_requested() -> bool {
-    cpu::inl(port::WORK) != 0
+    END_FLAG.load(Ordering::Relaxed) != 0
 }
 
 /// Block (one OUT exit) until the host has put work in the mailbox; returns

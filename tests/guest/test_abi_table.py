@@ -77,6 +77,7 @@ def host_table() -> dict[str, int]:
         "port::ICOUNT_START": abi.ICOUNT_PORT,
         "port::ICOUNT_STOP": abi.ICOUNT_PORT + 4,
         "port::WORK": abi.WORK_PORT,
+        "port::WORK_END": abi.WORK_END_PORT,
         "LSR_THR_EMPTY": Uart16550.LSR_THR_EMPTY,
         "exit::SUCCESS": abi.ExitCode.SUCCESS,
         "exit::TEST_FAILURE": abi.ExitCode.TEST_FAILURE,

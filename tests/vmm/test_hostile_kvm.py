@@ -148,3 +148,27 @@ def test_host_survives_many_hostile_boots_without_leaking_fds():
         for _ in range(5):
             _run(make())
     assert len(os.listdir("/proc/self/fd")) <= before + 2
+
+
+@pytest.mark.parametrize("where", ["kernel text (read-only slot)", "outside RAM", "misaligned"])
+def test_end_flag_the_host_must_not_write_stops_the_run(where):
+    """The guest names the word the host writes when it ends the guest's work:
+    the host never writes into the read-only kernel slots or outside RAM."""
+    addr = {"kernel text (read-only slot)": 0x100000, "outside RAM": RAM + 0x1000, "misaligned": 0x110001}[where]
+    with Vm(parse_kernel(hostile.end_flag_at(addr)), VmConfig(memory=RAM, timeout=20)) as vm:
+        text = vm.memory.read(0x100000, 64)
+        result = vm.run()
+        vm.end_work()
+        assert vm.memory.read(0x100000, 64) == text
+    assert result.exit_code == ExitCode.BAD_REPORT and "end-of-work flag" in result.message, result.message
+
+
+def test_end_flag_is_rung_by_end_work_and_cleared_by_a_reset():
+    with Vm(parse_kernel(hostile.end_flag_at(0x110000)), VmConfig(memory=RAM, timeout=20)) as vm:
+        result = vm.run()
+        assert result.exit_code == 0, result.message
+        assert vm.memory.read(0x110000, 4) == bytes(4)
+        vm.end_work()
+        assert vm.memory.read(0x110000, 4) == (1).to_bytes(4, "little")
+        vm.reset_devices()  # what a reset in place does besides RAM and vCPU (no dirty log sees host writes)
+        assert vm.memory.read(0x110000, 4) == bytes(4)

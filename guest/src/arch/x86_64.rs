@@ -30,15 +30,6 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
-/// Reads a 32-bit value from an I/O port.
-#[inline(always)]
-pub fn inl(port: u16) -> u32 {
-    let value: u32;
-    // SAFETY: as for `outb`.
-    unsafe { asm!("in eax, dx", out("eax") value, in("dx") port, options(nomem, nostack, preserves_flags)) }
-    value
-}
-
 /// CPUID leaf/subleaf; returns (eax, ebx, ecx, edx).
 #[inline]
 pub fn cpuid(leaf: u32, subleaf: u32) -> (u32, u32, u32, u32) {
