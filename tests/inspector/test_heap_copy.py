@@ -16,7 +16,8 @@ from vmm.inspector.heap import RunTranslator, walk_free_list
 from vmm.inspector.heap_copy import HeapCopier
 from vmm.inspector.tlsf import walk_heap_any
 
-from tests.inspector.test_tlsf_walk import HEAP as T_HEAP, INDEX, INDEX_PHYS, LAYOUT, PHYS as T_PHYS, SIZE as T_SIZE, Heap
+from tests.inspector.test_tlsf_walk import HEAP as T_HEAP, INDEX, INDEX_PHYS, LAYOUT, Heap
+from tests.inspector.test_tlsf_walk import PHYS as T_PHYS, SIZE as T_SIZE
 
 HEAP = 0xFFFF_C000_0000_0000
 PHYS = 0x10000

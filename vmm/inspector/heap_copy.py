@@ -128,7 +128,8 @@ class HeapCopier:
         frames copied?"""
         need = (self.virt >= np.uint64(heap_start & ~(PAGE - 1))) & (self.virt < np.uint64(heap_end))
         if self.index:
-            need |= (self.virt >= np.uint64(self.index & ~(PAGE - 1))) & (self.virt < np.uint64(self.index + INDEX_BYTES))
+            first, end = np.uint64(self.index & ~(PAGE - 1)), np.uint64(self.index + INDEX_BYTES)
+            need |= (self.virt >= first) & (self.virt < end)
         now = translator.translate_many(self.virt[need])
         size = int(getattr(self.physmem, "size", 0))
         base = int(getattr(self.physmem, "base", 0))

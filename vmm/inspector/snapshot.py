@@ -86,9 +86,10 @@ MAX_ATTEMPTS = 6
 #: (a fragmented heap being built changes on every allocation: every hold
 #: found it changed again). So a hold waits until the heap looks quiet,
 #: checked while the guest runs: walked, then its words unchanged
-#: ``QUIET_GAP_S`` later. After ``QUIET_WAIT_S`` of that, a heap of at most
-#: ``COPY_PAGES`` is copied whole in the hold (``heap_copy``: one moment,
-#: whatever the guest does), a larger one is checked anyway.
+#: ``QUIET_GAP_S`` later. After ``QUIET_WAIT_S`` of that (in all, per
+#: snapshot), a heap of at most ``COPY_PAGES`` is copied whole in the hold
+#: (``heap_copy``: one moment, whatever the guest does), a larger one is
+#: checked anyway.
 QUIET_WAIT_S = 0.5
 QUIET_GAP_S = 0.003
 #: A guest seen (while it runs) inside one critical section is not held
@@ -249,13 +250,14 @@ class Snapshotter:
         tally = _Tally()
         walked, changed, whole = None, 0, False
         block_at = block_span(facts, self.target.physmem)
+        quiet_by = time.monotonic() + QUIET_WAIT_S  # all of this snapshot's waits for a quiet heap
         while changed < self.attempts and tally.busy < BUSY_PARKS:
             if _after_section(self.target.physmem, block_at):
                 walked = None  # it ended a long section: what was read is likely stale
             if walked is None:
                 # The last pass before a complete read copies a small heap whole.
                 whole = whole or changed == self.attempts - 1
-                walked, quiet = (None, False) if whole else self._when_quiet(facts, max_tables)
+                walked, quiet = (None, False) if whole else self._when_quiet(facts, max_tables, quiet_by)
                 if not quiet:
                     whole = True
                     walked = self._read_running(facts, max_tables, whole=True)
@@ -276,11 +278,10 @@ class Snapshotter:
                 time.sleep(0.0002 * changed)
         return self._take_stopped(facts, max_tables, tally)
 
-    def _when_quiet(self, facts: GuestFacts, max_tables: int) -> tuple[_Walked | None, bool]:
+    def _when_quiet(self, facts: GuestFacts, max_tables: int, deadline: float) -> tuple[_Walked | None, bool]:
         """A pass made once the heap looks quiet (see ``QUIET_WAIT_S``), and
-        whether it did within that time."""
+        whether it did before ``deadline`` (``time.monotonic``)."""
         physmem = self.target.physmem
-        deadline = time.monotonic() + QUIET_WAIT_S
         while time.monotonic() < deadline:
             walked = self._read_running(facts, max_tables)
             if walked is None or walked.heap is None:  # (a small heap is copied whole: nothing to check)
