@@ -58,8 +58,10 @@ def bitmap_runs(bitmap: bytearray | bytes, words, first_page: int, runs: list[tu
     whole u64 words (KVM's dirty bitmap), given both as bytes and as
     ``words`` (a ``memoryview.cast("Q")`` of them), bit 0 being
     ``first_page``; a run that continues the last one in ``runs`` extends
-    it. With ``mask`` (words of the same length), only the bits also set in
-    the mask go to ``runs``, the others to ``others``. How many bits were set."""
+    it. With ``mask`` (words of the same length), the bits also set in the
+    mask go to ``runs``, the others to ``others``, and a dense word's bits
+    may be widened over the clear bits between them (for a reset: see
+    below; ``others`` never gets a bit set in the mask). How many bits were set."""
     size = len(bitmap)
     if size % 8 or len(words) * 8 != size or (mask is not None and len(mask) * 8 != size):
         raise ValueError(f"a dirty bitmap is whole u64 words, given as bytes and as words ({size} bytes)")
@@ -69,13 +71,28 @@ def bitmap_runs(bitmap: bytearray | bytes, words, first_page: int, runs: list[tu
     for i, word in enumerate(words):
         if not word:
             continue
+        found += word.bit_count()
         if mask is None:
-            parts = ((word, runs),)
+            parts = ((word, runs, None),)
         else:
             inside = word & mask[i]
-            parts = ((inside, runs), (word ^ inside, others))
-        for bits, out in parts:
+            # Split, a word's bits may be widened to one run from the lowest to
+            # the highest when at least half of that span is set: the pages
+            # in between are clean, so the zygote's already, and copying one
+            # back (runs) or zeroing one that is zero in the zygote (others:
+            # never a page set in the mask) changes nothing, while each run
+            # saved is a decode and a copy call (every other frame written:
+            # 8 runs instead of 256).
+            parts = ((inside, runs, 0), (word ^ inside, others, mask[i]))
+        for bits, out, keep in parts:
+            if not bits:
+                continue
             pos = first_page + 64 * i
+            if keep is not None:
+                low = (bits & -bits).bit_length() - 1
+                span = bits.bit_length() - low
+                if bits.bit_count() * 2 >= span and not (keep >> low) & ((1 << span) - 1):
+                    bits = ((1 << span) - 1) << low
             while bits:
                 tz = (bits & -bits).bit_length() - 1
                 bits >>= tz
@@ -87,7 +104,6 @@ def bitmap_runs(bitmap: bytearray | bytes, words, first_page: int, runs: list[tu
                     out.append((pos, ones))
                 bits >>= ones
                 pos += ones
-                found += ones
     return found
 
 

@@ -141,7 +141,8 @@ class Zygote:
         # zygote holds data in, copied back, and pages all zero in the
         # zygote, zeroed (a memset moves half the bytes of a copy: the
         # zygote's page is not read; most pages a test writes are fresh
-        # frames, zero in the zygote).
+        # frames, zero in the zygote). Dense scattered runs come widened over
+        # the clean pages between them (vmm.dirty_log.bitmap_runs).
         runs, zero = vm.dirty_tracker.take_split(self.data_pages)
         t1 = time.perf_counter_ns()
         # And the mailbox's pages: written by the host, so in no dirty log
