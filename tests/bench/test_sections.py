@@ -144,7 +144,8 @@ def test_watch_rows_per_workload():
     s = WatchSamples(WORKLOADS[3], iters_plain=[100, 110], iters_watched=[98, 100], pause_ms=[0.3, 0.5, 2.0],
                      held_ms=[0.3, 1.5, 2.0], work_ms=[0.1, 0.2, 1.5], attempts=[1, 3, 7], stopped=1, retried=2,
                      snapshots=3, round_trip_ms=[0.4, 0.6, 2.2],
-                     copy_phases_ms=[(0.02, 0.005, 0.07, 0.1, 0.004)] * 3, pause_cpu_ms=[0.2, 0.3, 0.4])
+                     copy_phases_ms=[(0.02, 0.005, 0.07, 0.1, 0.004)] * 3, pause_cpu_ms=[0.2, 0.3, 0.4],
+                     held_cpu_ms=[0.25, 1.2, 1.8])
     quiet = WatchSamples(WORKLOADS[0], error="guest failed")
     sec = inspector.section_from({"park_ms": [], "pause_ms": [], "entries_per_s_live": [], "refresh_ms": [],
                                   "walk_ms": [], "tables": 0, "runs": 0, "error": ""})
@@ -157,5 +158,6 @@ def test_watch_rows_per_workload():
     assert "p99 2.000 ms" in note and "max 2.000 ms" in note and "1 stopped" in note and "2 retried" in note
     assert sec.figure("watch_frag16k_round_trip")["p99"] == 2.2
     assert sec.figure("watch_frag16k_pause_cpu")["p99"] == 0.4
+    assert sec.figure("watch_frag16k_held_cpu")["p99"] == 1.8
     assert "tables 70/70; heap 100/100" in next(r for r in sec.rows if r.key == "watch_frag16k_work").note
     assert sec.figure("watch_compute_pause") is None and "guest failed" in sec.message

@@ -173,6 +173,10 @@ def add_watch_rows(sec: Section, samples: list) -> None:
         held = distribution(s.held_ms, "ms")
         sec.add(f"watch_{w.key}_held", "held per snapshot, all holds", held, indent=1,
                 note=f"p99 {held['p99']:.3f} ms")
+        if s.held_cpu_ms:
+            held_cpu = distribution(s.held_cpu_ms, "ms")
+            sec.add(f"watch_{w.key}_held_cpu", "the same on the CPU (all holds)", held_cpu, indent=1,
+                    note=f"p99 {held_cpu['p99']:.3f} ms, max {held_cpu['max']:.3f} ms")
         phases = ""
         if s.copy_phases_ms:
             cols = list(zip(*s.copy_phases_ms))

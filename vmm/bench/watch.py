@@ -58,6 +58,7 @@ class WatchSamples:
     pause_ms: list[float] = field(default_factory=list)  # the snapshot's last hold (the guest's side)
     validated_pause_ms: list[float] = field(default_factory=list)  # the same, snapshots not held for a full read
     held_ms: list[float] = field(default_factory=list)  # all its holds
+    held_cpu_ms: list[float] = field(default_factory=list)  # the same on the vCPU thread's CPU
     work_ms: list[float] = field(default_factory=list)  # copies (or a complete read) while held
     round_trip_ms: list[float] = field(default_factory=list)  # the last hold as the watcher saw it: kick to answer
     pause_cpu_ms: list[float] = field(default_factory=list)  # the last hold's CPU time on the vCPU thread
@@ -112,6 +113,8 @@ def run_once(image, workload: Workload, seconds: float, hz: float | None, out: W
                         if snap.method != STOPPED:
                             out.validated_pause_ms.append(snap.pause_ms)
                         out.held_ms.append(snap.held_ms)
+                        if snap.held_cpu_ms is not None:
+                            out.held_cpu_ms.append(snap.held_cpu_ms)
                         out.work_ms.append(snap.walk_ms)
                         out.round_trip_ms.append(snap.round_trip_ms)
                         if snap.pause_cpu_ms is not None:

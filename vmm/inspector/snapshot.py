@@ -144,6 +144,9 @@ class Snapshot:
     copy_phases_ms: tuple[float, ...] = ()
     #: The heap was copied whole in the hold and walked on the copy (``heap_copy``).
     heap_copied: bool = False
+    #: ``held_ms`` on the CPU: the holding thread's CPU time in all the holds
+    #: (None: not known, a remote pause), robust to a loaded host's preemptions.
+    held_cpu_ms: float | None = None
 
     @property
     def block(self) -> InspectBlock | None:
@@ -190,16 +193,19 @@ def _warm_refresh() -> None:
 
 @dataclass
 class _Tally:
-    """Parks of one snapshot: how many, how many found the guest busy, how long in all."""
+    """Parks of one snapshot: how many, how many found the guest busy, how long
+    in all, and on the holding thread's CPU (None once a hold's is not known)."""
 
     parks: int = 0
     busy: int = 0
     held_ns: int = 0
+    cpu_ns: int | None = 0
 
-    def park(self, ns: int, busy: bool) -> None:
+    def park(self, ns: int, busy: bool, cpu_ns: int | None = None) -> None:
         self.parks += 1
         self.busy += busy
         self.held_ns += ns
+        self.cpu_ns = None if self.cpu_ns is None or cpu_ns is None else self.cpu_ns + cpu_ns
 
 
 @dataclass
@@ -437,7 +443,7 @@ class Snapshotter:
         cap: Capture = held.value
         block = _parse_block(cap.block, block_at)
         busy = block is not None and block.busy
-        tally.park(held.held_ns, busy)
+        tally.park(held.held_ns, busy, held.cpu_ns)
         regs, nxe = cap.regs, bool(cap.regs.efer & EFER_NXE)
         self._cr3, self._nxe = regs.root, nxe
         if held.expired:  # a remote pause ran out mid-copy: the guest moved, read again
@@ -496,7 +502,7 @@ class Snapshotter:
 
             held = self._hold(read_all, run_on if hook and block_at is not None else None)
             if not held.parked and getattr(self.target, "running", False) and not last:
-                tally.park(0, True)  # running, yet not held in time: try again
+                tally.park(0, True, 0)  # running, yet not held in time: try again
                 continue
             if not held.parked:
                 # Not running; or, on the last try, running yet never held in
@@ -507,7 +513,7 @@ class Snapshotter:
                 # A remote pause that ran out let the guest go mid-read: the
                 # snapshot says it was not parked (its reads may be torn).
                 return held.value(tally, held, parked=not held.expired, method=STOPPED, expired=held.expired)
-            tally.park(held.held_ns, True)
+            tally.park(held.held_ns, True, held.cpu_ns)
             time.sleep(random.uniform(0.0003, 0.0015))
         raise AssertionError("unreachable: the last hold always reads")
 
@@ -533,7 +539,7 @@ class Snapshotter:
         def finish(tally: _Tally, held: "_Held", *, parked: bool, method: str, expired: bool = False) -> Snapshot:
             busy = bool(parked and block is not None and block.busy)
             if parked or expired:
-                tally.park(held.held_ns, busy)
+                tally.park(held.held_ns, busy, held.cpu_ns)
             return _snapshot(regs, runs, report, live, bitmap, heap, tally, held, work_ns, parked=parked,
                              method=method, busy=busy, expired=expired)
 
@@ -592,6 +598,7 @@ def _snapshot(regs, runs, report, facts, bitmap, heap, tally, held, work_ns, *, 
         method=method,
         attempts=max(1, tally.parks),
         held_ms=tally.held_ns / 1e6,
+        held_cpu_ms=tally.cpu_ns / 1e6 if parked and tally.cpu_ns is not None else None,
         busy=busy,
         pause_expired=expired,
         bitmap_raw=bitmap,
