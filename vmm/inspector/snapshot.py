@@ -90,7 +90,7 @@ MAX_ATTEMPTS = 6
 #: snapshot), a heap of at most ``COPY_PAGES`` is copied whole in the hold
 #: (``heap_copy``: one moment, whatever the guest does), a larger one is
 #: checked anyway.
-QUIET_WAIT_S = 0.5
+QUIET_WAIT_S = 1.0
 QUIET_GAP_S = 0.003
 #: A guest seen (while it runs) inside one critical section is not held
 #: until that section ends, for at most this long: a long section (the heap
