@@ -473,8 +473,15 @@ class GuestTestFile(pytest.File):
             yield GuestTestItem.from_parent(self, name="<kvm unavailable>", test=None, skip_reason=reason)
             return
         image = _kernel_image(self.config)
-        vm, result = boot_guest(image, cmdline=f"{self.extra} tests=list".strip(), memory=self.memory, timeout=60)
-        vm.close()
+        cmdline = f"{self.extra} tests=list".strip()
+        # The listing starts from the zygote its items will (booted here, once).
+        if _use_zygote(self.config, cmdline):
+            pool = _pool(self.config)
+            vm, result = pool.start(image, self.memory, cmdline, 60)
+            pool.release(vm, result)
+        else:
+            vm, result = boot_guest(image, cmdline=cmdline, memory=self.memory, timeout=60)
+            vm.close()
         listing = result.reports_of(ReportKind.TEST_LIST)
         if not listing:
             raise self.CollectError(
