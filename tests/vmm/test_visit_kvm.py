@@ -1,4 +1,5 @@
-"""Vm.visit: work done on the vCPU thread with the guest out of KVM_RUN (vmm/visit.py)."""
+"""Vm.visit: work done on the vCPU thread with the guest out of KVM_RUN (vmm/visit.py). The guests
+are the plugin's (`vmm_vm`: a zygote fork, or cold with --vmm-cold): a visit holds either the same way."""
 
 import os
 import threading
@@ -8,7 +9,6 @@ import pytest
 
 from vmm.inspector.inspect_block import parked_busy
 from vmm.inspector.target import LocalTarget
-from vmm.vm import Vm, VmConfig
 
 from tests.watching import run_watched
 
@@ -49,29 +49,29 @@ def _facts_with_hook(target, vm):
     return facts
 
 
-def test_a_visit_runs_on_the_vcpu_thread_and_the_guest_goes_on(guest_image):
-    with Vm(guest_image, VmConfig(memory=64 << 20, cmdline="workload=compute workload_ms=1500", timeout=60)) as vm:
-        assert vm.visit(lambda: 1) is None  # not running: nothing to hold
-        seen = {"visits": [], "rips": set(), "error": None}
+def test_a_visit_runs_on_the_vcpu_thread_and_the_guest_goes_on(vmm_vm):
+    vm = vmm_vm("workload=compute workload_ms=1500", timeout=60)
+    assert vm.visit(lambda: 1) is None  # not running: nothing to hold
+    seen = {"visits": [], "rips": set(), "error": None}
 
-        def watch():
-            while not vm.running:
-                time.sleep(0.001)
-            while vm.running and len(seen["visits"]) < 20:
-                v = vm.visit(lambda: (threading.get_ident(), vm.vcpu.get_regs().rip, _same_registers(vm)))
-                if v is None:
-                    break
-                seen["visits"].append(v)
-                time.sleep(0.01)
-            v = vm.visit(lambda: os.sched_getscheduler(0), realtime=True)
-            seen["policy"] = v.value if v is not None else None
-            try:
-                vm.visit(lambda: 1 / 0)
-            except ZeroDivisionError as exc:  # fn's error reaches the requester
-                seen["error"] = exc
+    def watch():
+        while not vm.running:
+            time.sleep(0.001)
+        while vm.running and len(seen["visits"]) < 20:
+            v = vm.visit(lambda: (threading.get_ident(), vm.vcpu.get_regs().rip, _same_registers(vm)))
+            if v is None:
+                break
+            seen["visits"].append(v)
+            time.sleep(0.01)
+        v = vm.visit(lambda: os.sched_getscheduler(0), realtime=True)
+        seen["policy"] = v.value if v is not None else None
+        try:
+            vm.visit(lambda: 1 / 0)
+        except ZeroDivisionError as exc:  # fn's error reaches the requester
+            seen["error"] = exc
 
-        result = run_watched(vm, watch)
-        vcpu_thread = threading.get_ident()  # vm.run() ran here
+    result = run_watched(vm, watch)
+    vcpu_thread = threading.get_ident()  # vm.run() ran here
     assert result.exit_code == 0, result.message
     visits = seen["visits"]
     assert len(visits) == 20
@@ -85,68 +85,68 @@ def test_a_visit_runs_on_the_vcpu_thread_and_the_guest_goes_on(guest_image):
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
-def test_a_visit_runs_on_to_the_end_of_a_critical_section(guest_image):
+def test_a_visit_runs_on_to_the_end_of_a_critical_section(vmm_vm):
     """Held inside a critical section, a visit lets the guest run to the
     kernel's quiet hook (an instruction breakpoint) and calls fn there."""
-    with Vm(guest_image, VmConfig(memory=64 << 20, cmdline="workload=mm workload_ms=3000", timeout=60)) as vm:
-        target = LocalTarget(vm)
-        found = {"ran_on": 0, "rips": set(), "busy_there": 0, "hook": None}
+    vm = vmm_vm("workload=mm workload_ms=3000", timeout=60)
+    target = LocalTarget(vm)
+    found = {"ran_on": 0, "rips": set(), "busy_there": 0, "hook": None}
 
-        def watch():
-            while not vm.running:
-                time.sleep(0.001)
-            facts = _facts_with_hook(target, vm)
-            hook = found["hook"] = facts.report.quiet_hook
-            at = facts.report.inspect_block_phys
-            while vm.running and found["ran_on"] < 5:
-                v = target.visit(lambda: (vm.vcpu.get_regs().rip, parked_busy(vm.memory, at)),
-                                 run_on=lambda: hook if parked_busy(vm.memory, at) else None)
-                if v is None:
-                    break
-                if v.ran_on:
-                    found["ran_on"] += 1
-                    found["rips"].add(v.value[0])
-                    found["busy_there"] += v.value[1]
-                    assert v.stops == 2 and v.ran_ns > 0
-                time.sleep(0.005)
+    def watch():
+        while not vm.running:
+            time.sleep(0.001)
+        facts = _facts_with_hook(target, vm)
+        hook = found["hook"] = facts.report.quiet_hook
+        at = facts.report.inspect_block_phys
+        while vm.running and found["ran_on"] < 5:
+            v = target.visit(lambda: (vm.vcpu.get_regs().rip, parked_busy(vm.memory, at)),
+                             run_on=lambda: hook if parked_busy(vm.memory, at) else None)
+            if v is None:
+                break
+            if v.ran_on:
+                found["ran_on"] += 1
+                found["rips"].add(v.value[0])
+                found["busy_there"] += v.value[1]
+                assert v.stops == 2 and v.ran_ns > 0
+            time.sleep(0.005)
 
-        result = run_watched(vm, watch)
+    result = run_watched(vm, watch)
     assert result.exit_code == 0, result.message
     assert found["hook"], "the INSPECT report names no quiet_hook"
     assert found["ran_on"] >= 3, found
     assert found["rips"] == {found["hook"]} and found["busy_there"] == 0, found
 
 
-def test_pauses_from_two_threads_take_turns(guest_image):
+def test_pauses_from_two_threads_take_turns(vmm_vm):
     """The control server and a local view may both hold the guest: the first
     holder's end must not let the guest run inside the second one's block."""
-    with Vm(guest_image, VmConfig(memory=64 << 20, cmdline="workload=compute workload_ms=1500", timeout=60)) as vm:
-        holds, problems = [], []
+    vm = vmm_vm("workload=compute workload_ms=1500", timeout=60)
+    holds, problems = [], []
 
-        def hold(name, before_end):
-            with vm.paused() as parked:
-                if not parked:
-                    problems.append(f"{name}: not parked")
-                    return
-                parked_at = vm.parked_ns
-                before_end()
-                # Still parked, and not parked again since: nobody let it run.
-                if not vm._paused.is_set() or vm.parked_ns != parked_at:
-                    problems.append(f"{name}: the guest ran inside the block")
-                holds.append(name)
+    def hold(name, before_end):
+        with vm.paused() as parked:
+            if not parked:
+                problems.append(f"{name}: not parked")
+                return
+            parked_at = vm.parked_ns
+            before_end()
+            # Still parked, and not parked again since: nobody let it run.
+            if not vm._paused.is_set() or vm.parked_ns != parked_at:
+                problems.append(f"{name}: the guest ran inside the block")
+            holds.append(name)
 
-        def watch():
-            while not vm.running:
-                time.sleep(0.001)
-            second = threading.Thread(target=hold, args=("second", lambda: time.sleep(0.2)))
-            first = threading.Thread(target=hold, args=("first", lambda: (second.start(), time.sleep(0.1))))
-            first.start()
-            first.join()
-            second.join()
-            with vm.paused() as outer, vm.paused() as inner:  # nested in one thread: one pause
-                problems.extend(["nested: not parked"] if not (outer and inner) else [])
+    def watch():
+        while not vm.running:
+            time.sleep(0.001)
+        second = threading.Thread(target=hold, args=("second", lambda: time.sleep(0.2)))
+        first = threading.Thread(target=hold, args=("first", lambda: (second.start(), time.sleep(0.1))))
+        first.start()
+        first.join()
+        second.join()
+        with vm.paused() as outer, vm.paused() as inner:  # nested in one thread: one pause
+            problems.extend(["nested: not parked"] if not (outer and inner) else [])
 
-        result = run_watched(vm, watch)
+    result = run_watched(vm, watch)
     assert not problems, problems
     assert holds == ["first", "second"], holds
     assert result.exit_code == 0, result.message
