@@ -19,6 +19,14 @@ pytestmark = pytest.mark.kvm
 MEM = 64 << 20
 
 
+@pytest.fixture(scope="module")
+def zygote(vmm_kernel):
+    """One zygote of the default guest for this module's tests: none of them
+    changes it (test_the_zygote_image_never_changes checks that forks cannot)."""
+    with Zygote(vmm_kernel, MEM) as z:
+        yield z
+
+
 def test_split_cmdline():
     assert split_cmdline("rng=seed tests=heap allocator=list workload=mm workload_iters=3") == (
         "rng=seed allocator=list", "tests=heap workload=mm workload_iters=3")
@@ -29,69 +37,69 @@ def _outcome(result, name):
     return (result.exit_code, rep.get("status") if rep else None, rep.get("msg") if rep else None)
 
 
-def test_every_in_guest_test_gives_the_same_result_cold_forked_and_reset(vmm_kernel):
+def test_every_in_guest_test_gives_the_same_result_cold_forked_and_reset(vmm_kernel, zygote):
     """The whole *.ktest set (everything the guest lists): cold boot vs a
     fresh fork vs the same VM reset in place, one test per VM as the plugin runs them."""
     vm, listing = boot_guest(vmm_kernel, cmdline="tests=list", memory=MEM, timeout=60)
     vm.close()
     names = [n for n in listing.reports_of(ReportKind.TEST_LIST)[0].get("names").split(",") if n]
     assert len(names) > 20
-    with Zygote(vmm_kernel, MEM) as z:
-        reused = z.fork("tests=list")
-        reused.run()
-        try:
-            for name in names:
-                cold_vm, cold = boot_guest(vmm_kernel, cmdline=f"tests={name}", memory=MEM, timeout=60)
-                cold_vm.close()
-                with z.fork(f"tests={name}") as fork_vm:
-                    forked = fork_vm.run()
-                    assert security_violations(fork_vm) == [], name
-                z.reset(reused, f"tests={name}")
-                again = reused.run()
-                assert security_violations(reused) == [], name
-                want = _outcome(cold, name)
-                assert want[1] in ("pass", "skip"), (name, want)
-                assert _outcome(forked, name) == want, name
-                assert _outcome(again, name) == want, name
-        finally:
-            reused.close()
+    z = zygote
+    reused = z.fork("tests=list")
+    reused.run()
+    try:
+        for name in names:
+            cold_vm, cold = boot_guest(vmm_kernel, cmdline=f"tests={name}", memory=MEM, timeout=60)
+            cold_vm.close()
+            with z.fork(f"tests={name}") as fork_vm:
+                forked = fork_vm.run()
+                assert security_violations(fork_vm) == [], name
+            z.reset(reused, f"tests={name}")
+            again = reused.run()
+            assert security_violations(reused) == [], name
+            want = _outcome(cold, name)
+            assert want[1] in ("pass", "skip"), (name, want)
+            assert _outcome(forked, name) == want, name
+            assert _outcome(again, name) == want, name
+    finally:
+        reused.close()
 
 
-def test_forks_share_the_zygote_slide_and_resets_touch_few_pages(vmm_kernel):
-    with Zygote(vmm_kernel, MEM) as z:
-        slides = set()
-        vm = z.fork("tests=heap::grows")
-        try:
-            r = vm.run()
-            assert r.exit_code == 0
+def test_forks_share_the_zygote_slide_and_resets_touch_few_pages(zygote):
+    z = zygote
+    slides = set()
+    vm = z.fork("tests=heap::grows")
+    try:
+        r = vm.run()
+        assert r.exit_code == 0
+        slides.add(vm.slide)
+        full = z.full_result(r)
+        assert b"kernel: READY" in full.serial and full.reports_of(ReportKind.READY)
+        for _ in range(3):
+            info = z.reset(vm, "")
+            assert vm.run().exit_code == 0
+            assert 0 < info["pages"] < 512  # only what the last run dirtied
             slides.add(vm.slide)
-            full = z.full_result(r)
-            assert b"kernel: READY" in full.serial and full.reports_of(ReportKind.READY)
-            for _ in range(3):
-                info = z.reset(vm, "")
-                assert vm.run().exit_code == 0
-                assert 0 < info["pages"] < 512  # only what the last run dirtied
-                slides.add(vm.slide)
-        finally:
-            vm.close()
-        assert slides == {z.slide}
-        with z.fork("") as other:
-            assert other.slide == z.slide and other.protected  # read-only kernel slot there too
-            # The fork knows where the guest's inspect block is (the zygote's
-            # INSPECT report), so snapshots see its stacks and heap and the
-            # audits check guard pages as on a cold boot.
-            from vmm.inspector.snapshot import take_snapshot
-            from vmm.inspector.target import LocalTarget, facts_from_vm
+    finally:
+        vm.close()
+    assert slides == {z.slide}
+    with z.fork("") as other:
+        assert other.slide == z.slide and other.protected  # read-only kernel slot there too
+        # The fork knows where the guest's inspect block is (the zygote's
+        # INSPECT report), so snapshots see its stacks and heap and the
+        # audits check guard pages as on a cold boot.
+        from vmm.inspector.snapshot import take_snapshot
+        from vmm.inspector.target import LocalTarget, facts_from_vm
 
-            assert facts_from_vm(other).report.inspect_block_phys is not None
-            assert take_snapshot(LocalTarget(other)).facts.stacks
+        assert facts_from_vm(other).report.inspect_block_phys is not None
+        assert take_snapshot(LocalTarget(other)).facts.stacks
 
 
-def test_a_saved_fork_resumes(tmp_path, vmm_kernel):
-    with Zygote(vmm_kernel, MEM) as z:
-        with z.fork("tests=heap") as vm:
-            save_vm(vm, str(tmp_path / "f.core"), "fork")
-            straight = vm.run()
+def test_a_saved_fork_resumes(tmp_path, vmm_kernel, zygote):
+    z = zygote
+    with z.fork("tests=heap") as vm:
+        save_vm(vm, str(tmp_path / "f.core"), "fork")
+        straight = vm.run()
     with open_snapshot(str(tmp_path / "f.core")) as snap:
         assert snap.meta["inspect"] and "zygote=1" in snap.meta["cmdline"]
         with restore_vm(snap, vmm_kernel, VmConfig(memory=0, timeout=60)) as vm2:
@@ -99,15 +107,15 @@ def test_a_saved_fork_resumes(tmp_path, vmm_kernel):
     assert again.exit_code == straight.exit_code == 0 and again.serial == straight.serial
 
 
-def test_the_zygote_image_never_changes(vmm_kernel):
+def test_the_zygote_image_never_changes(zygote):
     """Forks write copy-on-write pages; the zygote's RAM stays as it was."""
     import hashlib
 
-    with Zygote(vmm_kernel, MEM) as z:
-        before = hashlib.sha256(z.memory.view(0, MEM)).hexdigest()
-        with z.fork("workload=mm workload_iters=20 rng=seed") as vm:
-            assert vm.run().exit_code == 0
-        assert hashlib.sha256(z.memory.view(0, MEM)).hexdigest() == before
+    z = zygote
+    before = hashlib.sha256(z.memory.view(0, MEM)).hexdigest()
+    with z.fork("workload=mm workload_iters=20 rng=seed") as vm:
+        assert vm.run().exit_code == 0
+    assert hashlib.sha256(z.memory.view(0, MEM)).hexdigest() == before
 
 
 @pytest.mark.parametrize(
@@ -159,7 +167,7 @@ def test_bench_section_reports_every_figure(vmm_kernel, vmm_kernel_path):
 
 
 @pytest.mark.parametrize("mechanism", ["bitmap", "manual"])
-def test_reset_restores_every_page_the_guest_wrote(vmm_kernel, mechanism):
+def test_reset_restores_every_page_the_guest_wrote(mechanism, zygote):
     """A guest writes known pages (``workload=touch``: one u64, the page's own
     physical address, into each of N pages, N above 256, scattered or in one
     run); after a reset in place every byte of RAM is the zygote's again,
@@ -170,35 +178,35 @@ def test_reset_restores_every_page_the_guest_wrote(vmm_kernel, mechanism):
 
     if mechanism not in offered_dirty_mechanisms():
         pytest.skip(f"this KVM does not offer '{mechanism}' dirty tracking (KVM_CHECK_EXTENSION)")
-    with Zygote(vmm_kernel, MEM) as z:
-        def frames(mem):  # a copy of all of RAM, one row of u64 per page (no view left open)
-            return np.frombuffer(mem.read(0, MEM), dtype=np.uint64).reshape(-1, 512)
+    z = zygote
+    def frames(mem):  # a copy of all of RAM, one row of u64 per page (no view left open)
+        return np.frombuffer(mem.read(0, MEM), dtype=np.uint64).reshape(-1, 512)
 
-        zyg = frames(z.memory)
-        vm = z.fork("", dirty_mechanism=mechanism)
-        try:
-            assert vm.dirty_mechanism == mechanism
-            for pages, stride in ((300, 2), (257, 1), (1, 1), (600, 3), (300, 2)):
-                work = f"workload=touch touch_pages={pages} touch_stride={stride}"
-                z.reset(vm, work)
-                r = vm.run()
-                assert r.exit_code == 0, r.message
-                m = re.search(rb"workload: touch, (\d+) pages from 0x([0-9a-f]+), stride (\d+)", r.serial)
-                assert m and int(m[1]) == pages and int(m[3]) == stride, r.serial[-300:]
-                base = int(m[2], 16)
-                mem = frames(vm.memory)
-                touched = [base // 4096 + i * stride for i in range(pages)]
-                # The guest really wrote them: each holds its own address, and the zygote's did not.
-                assert [int(mem[p, 0]) for p in touched] == [p * 4096 for p in touched]
-                assert all(int(zyg[p, 0]) != p * 4096 for p in touched)
-                differ = set(np.flatnonzero((mem != zyg).any(axis=1)).tolist())
-                assert set(touched) <= differ
-                info = z.reset(vm, "")
-                assert info["pages"] >= pages and info["mechanism"] == mechanism
-                # Both ways back were taken: fresh frames (zero in the zygote) zeroed, others copied.
-                zero_in_zygote = sum(1 for p in touched if not zyg[p].any())
-                assert info["zeroed"] >= zero_in_zygote > 0 and info["pages"] > info["zeroed"]
-                after = np.flatnonzero((frames(vm.memory) != zyg).any(axis=1)).tolist()
-                assert after == [], f"{len(after)} pages not restored, e.g. {after[:8]} (wrote {len(differ)})"
-        finally:
-            vm.close()
+    zyg = frames(z.memory)
+    vm = z.fork("", dirty_mechanism=mechanism)
+    try:
+        assert vm.dirty_mechanism == mechanism
+        for pages, stride in ((300, 2), (257, 1), (1, 1), (600, 3), (300, 2)):
+            work = f"workload=touch touch_pages={pages} touch_stride={stride}"
+            z.reset(vm, work)
+            r = vm.run()
+            assert r.exit_code == 0, r.message
+            m = re.search(rb"workload: touch, (\d+) pages from 0x([0-9a-f]+), stride (\d+)", r.serial)
+            assert m and int(m[1]) == pages and int(m[3]) == stride, r.serial[-300:]
+            base = int(m[2], 16)
+            mem = frames(vm.memory)
+            touched = [base // 4096 + i * stride for i in range(pages)]
+            # The guest really wrote them: each holds its own address, and the zygote's did not.
+            assert [int(mem[p, 0]) for p in touched] == [p * 4096 for p in touched]
+            assert all(int(zyg[p, 0]) != p * 4096 for p in touched)
+            differ = set(np.flatnonzero((mem != zyg).any(axis=1)).tolist())
+            assert set(touched) <= differ
+            info = z.reset(vm, "")
+            assert info["pages"] >= pages and info["mechanism"] == mechanism
+            # Both ways back were taken: fresh frames (zero in the zygote) zeroed, others copied.
+            zero_in_zygote = sum(1 for p in touched if not zyg[p].any())
+            assert info["zeroed"] >= zero_in_zygote > 0 and info["pages"] > info["zeroed"]
+            after = np.flatnonzero((frames(vm.memory) != zyg).any(axis=1)).tolist()
+            assert after == [], f"{len(after)} pages not restored, e.g. {after[:8]} (wrote {len(differ)})"
+    finally:
+        vm.close()
