@@ -11,7 +11,8 @@ import pytest
 
 from vmm.backend import detect_backend
 from vmm.inspector.heap import RunTranslator
-from vmm.inspector.labels import DEMAND, DIRECT_MAP, FRAMEBUFFER, HEAP, SCRATCH, SEGMENT_NAMES, Labeler, stack_label
+from vmm.inspector.labels import (CPL3_RAM_ALIAS, CPL3_STACK, DEMAND, DIRECT_MAP, FRAMEBUFFER, HEAP, SCRATCH, SEGMENT_NAMES,
+                                  Labeler, stack_label)
 from vmm.inspector.physical import physical_view
 from vmm.inspector.snapshot import STOPPED, VALIDATED, Snapshotter, read_block
 from vmm.inspector.target import LocalTarget
@@ -51,6 +52,10 @@ def _owner(facts, page, phys):
         return SCRATCH
     if b.demand_start <= page < b.demand_end:
         return DEMAND
+    if r.cpl3_stack_start <= page < r.cpl3_stack_start + r.cpl3_stack_size:
+        return CPL3_STACK
+    if r.cpl3_ram_alias <= page < r.cpl3_ram_alias + facts.ram_size:
+        return CPL3_RAM_ALIAS
     if PHYS_OFFSET <= page < PHYS_OFFSET + facts.ram_size:
         fb = any(lo <= page - PHYS_OFFSET < hi for lo, hi in facts.framebuffers)
         return FRAMEBUFFER if fb else DIRECT_MAP
@@ -300,3 +305,39 @@ def test_a_quiet_remote_pause_parks_a_busy_guest_outside_its_critical_sections(v
     # The control: a plain pause of this guest lands inside a section most of
     # the time, and the quiet pauses that did had to let it run.
     assert seen["plain_busy"] >= 1 and seen["ran"] >= 1, seen
+
+
+@_HOST_EMULATED
+def test_a_cpl3_run_is_labelled_and_its_ram_alias_proves_nothing(vmm_vm):
+    """Held inside a CPL3 run (a fragmented heap is built in ring 3): its user
+    stack and its alias of all RAM carry their labels page by page, and the
+    alias, which maps free frames as the direct map does, is no
+    "mapped-frame-free" error."""
+    vm = vmm_vm("workload=compute frag_blocks=16384 allocator=list", timeout=60)
+    target = LocalTarget(vm)
+    # bench::user::run calls switch_direct_map once the alias and the user stack are mapped, before ring 3.
+    (enter,) = [s.addr + vm.slide for s in vm.image.symbols if s.name.endswith("5bench4user17switch_direct_map")]
+    seen = {}
+
+    def watch():
+        while not vm.running:
+            time.sleep(0.001)
+        with target.paused() as parked:
+            if parked and target.run_to(enter, 10.0):  # the heap build's ring-3 entry, alias and stack mapped
+                snap = Snapshotter(target).take()
+                facts = snap.facts
+                seen["labels"] = label_problems(snap)
+                seen["findings"] = [f for f in physical_view(snap, vm.memory).findings if f.severity.name == "ERROR"]
+                labeler = Labeler.for_facts(facts)
+                seen["pages"] = {name: sum(p.size for p, _ in pieces) // PAGE for name, pieces in (
+                    (n, [(p, m) for p, m in labeler.label_runs(snap.iter_runs()) if m == n])
+                    for n in (CPL3_STACK, CPL3_RAM_ALIAS))}
+                seen["ram_pages"] = facts.ram_size // PAGE
+
+    result = run_watched(vm, watch)
+    assert result.exit_code == 0, result.message
+    assert "pages" in seen, "never held at the CPL3 entry"
+    assert seen["labels"] == [], seen["labels"][:5]
+    assert seen["findings"] == [], seen["findings"]
+    assert seen["pages"][CPL3_STACK] == 16, seen["pages"]
+    assert seen["pages"][CPL3_RAM_ALIAS] == seen["ram_pages"], seen["pages"]

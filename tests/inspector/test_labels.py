@@ -6,7 +6,8 @@ from mm.flags import PteFlags
 from mm.walker import Run
 from vmm.inspector.facts import GuestFacts, InspectReport
 from vmm.inspector.inspect_block import InspectBlock, Stack
-from vmm.inspector.labels import DEMAND, DIRECT_MAP, FRAMEBUFFER, HEAP, SCRATCH, Labeler, label_ranges, stack_label
+from vmm.inspector.labels import (CPL3_RAM_ALIAS, CPL3_STACK, DEMAND, DIRECT_MAP, FRAMEBUFFER, HEAP, SCRATCH, Labeler,
+                                  label_ranges, stack_label)
 from vmm.layout import PHYS_OFFSET
 
 FLAGS = PteFlags.PRESENT | PteFlags.WRITABLE
@@ -96,3 +97,13 @@ def test_regions_from_the_report_and_the_live_block():
     assert lab.label_of(0xFFFF_C000_0020_F000) == HEAP and lab.label_of(0xFFFF_C000_0021_0000) == ""
     assert lab.label_of(0xFFFF_C800_0000_1000) == stack_label(7) and lab.label_of(0xFFFF_C800_0000_0000) == ""
     assert lab.label_of(0xFFFF_D800_0000_1000) == ""  # the live block's demand end wins
+
+
+def test_a_cpl3_runs_stack_and_ram_alias_are_named_by_the_report():
+    f = _facts()
+    report = InspectReport.parse({**f.report.fields, "cpl3_ram_alias": "0xffffe00000000000",
+                                  "cpl3_stack_start": "0x40000000", "cpl3_stack_size": "0x10000"})
+    lab = Labeler.for_facts(GuestFacts(ram_size=f.ram_size, kaslr_slide=0, report=report, memmap=f.memmap))
+    assert lab.label_of(0x4000_0000) == lab.label_of(0x4000_FFFF) == CPL3_STACK and lab.label_of(0x4001_0000) == ""
+    assert lab.label_of(0xFFFF_E000_0000_0000 + (128 << 20) - 1) == CPL3_RAM_ALIAS
+    assert lab.label_of(0xFFFF_E000_0000_0000 + (128 << 20)) == ""  # the alias is RAM-size long

@@ -39,6 +39,10 @@ class InspectReport:
     demand_size: int | None = None
     scratch_start: int | None = None
     scratch_size: int | None = None
+    #: Mapped only while the kernel runs code at CPL3 (bench=cpl3, a fragmented heap's build).
+    cpl3_ram_alias: int | None = None
+    cpl3_stack_start: int | None = None
+    cpl3_stack_size: int | None = None
     stacks_start: int | None = None
     stack_slot: int | None = None
     stack_slots: int | None = None
@@ -144,6 +148,19 @@ class GuestFacts:
         if r.scratch_start is None or not r.scratch_size:
             return None
         return r.scratch_start, r.scratch_start + r.scratch_size
+
+    @property
+    def cpl3_ram_alias(self) -> tuple[int, int] | None:
+        """``[start, end)`` of the user-accessible alias of all RAM a CPL3 run maps."""
+        start = self.report.cpl3_ram_alias
+        return (start, start + self.ram_size) if start is not None and self.ram_size else None
+
+    @property
+    def cpl3_stack(self) -> tuple[int, int] | None:
+        r = self.report
+        if r.cpl3_stack_start is None or not r.cpl3_stack_size:
+            return None
+        return r.cpl3_stack_start, r.cpl3_stack_start + r.cpl3_stack_size
 
     @property
     def kernel_phys(self) -> tuple[int, int] | None:

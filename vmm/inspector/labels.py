@@ -25,6 +25,8 @@ DIRECT_MAP = "direct map"
 HEAP = "heap"
 SCRATCH = "scratch (tests, workload)"
 DEMAND = "demand-paged region"
+CPL3_RAM_ALIAS = "RAM alias (CPL3 runs)"
+CPL3_STACK = "user stack (CPL3 runs)"
 
 
 def stack_label(task_id: int) -> str:
@@ -44,6 +46,10 @@ def label_ranges(facts: GuestFacts) -> list[tuple[int, int, str]]:
         out.append((*facts.scratch, SCRATCH))
     if facts.demand is not None:
         out.append((*facts.demand, DEMAND))
+    if facts.cpl3_stack is not None:
+        out.append((*facts.cpl3_stack, CPL3_STACK))
+    if facts.cpl3_ram_alias is not None:
+        out.append((*facts.cpl3_ram_alias, CPL3_RAM_ALIAS))
     for lo, hi in facts.framebuffers:
         out.append((PHYS_OFFSET + lo, PHYS_OFFSET + hi, FRAMEBUFFER))
     out.append((PHYS_OFFSET, PHYS_OFFSET + facts.ram_size, DIRECT_MAP))

@@ -124,10 +124,12 @@ def physical_view(snap: Snapshot, physmem) -> PhysicalView | None:
     pt = pt[(pt >= 0) & (pt < frames)]
     reachable[pt] = True
     labeler = Labeler.for_facts(facts)
-    direct_lo, direct_hi = PHYS_OFFSET, PHYS_OFFSET + facts.ram_size
+    aliases = [(PHYS_OFFSET, PHYS_OFFSET + facts.ram_size)]
+    if facts.cpl3_ram_alias is not None:
+        aliases.append(facts.cpl3_ram_alias)
     for run in snap.iter_runs():
-        if direct_lo <= run.virt < direct_hi:
-            continue  # the direct map aliases everything: it proves nothing
+        if any(lo <= run.virt < hi for lo, hi in aliases):
+            continue  # the direct map (and a CPL3 run's alias of it) maps everything: it proves nothing
         for piece, name in labeler.split(run):
             lo, hi = max(0, piece.phys // PAGE), min(frames, -(-(piece.phys + piece.size) // PAGE))
             if lo >= hi:

@@ -33,12 +33,13 @@ use crate::memory::{frames, heap, PAGE_SIZE, SIZE_2M};
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-/// User-accessible alias of guest RAM during a CPL3 run.
-const RAM_ALIAS: u64 = 0xFFFF_E000_0000_0000;
+/// User-accessible alias of guest RAM during a CPL3 run (the INSPECT
+/// report names it: like the direct map it maps free frames too).
+pub const RAM_ALIAS: u64 = 0xFFFF_E000_0000_0000;
 
-/// User stack (user half, below the canonical hole).
-const USER_STACK: u64 = 0x0000_0000_4000_0000;
-const USER_STACK_PAGES: u64 = 16;
+/// User stack (user half, below the canonical hole; in the INSPECT report).
+pub const USER_STACK: u64 = 0x0000_0000_4000_0000;
+pub const USER_STACK_PAGES: u64 = 16;
 
 /// Kernel RSP saved by `user_enter`, restored by `user_resume`.
 #[no_mangle]
