@@ -124,7 +124,8 @@ class GuestMemory(BufferMemory):
         memcmp each). Right only while nothing writes this RAM (a zygote's)."""
         pages = self.size // PAGE
         bits = bytearray((pages + 63) // 64 * 8)
-        for start, end in self._allocated():
+        for start, size in self.allocated_extents():
+            end = start + size
             for off in range(start, end, _SCAN_CHUNK):
                 chunk = self._mem[off : min(off + _SCAN_CHUNK, end)].tobytes()
                 for at in range(0, len(chunk), PAGE):
@@ -133,25 +134,28 @@ class GuestMemory(BufferMemory):
                         bits[page >> 3] |= 1 << (page & 7)
         return bytes(bits)
 
-    def _allocated(self):
-        """Page-aligned [start, end) ranges that may hold data: the memfd's
-        data ranges (SEEK_DATA/SEEK_HOLE), or all of RAM without a memfd."""
+    def allocated_extents(self) -> list[tuple[int, int]]:
+        """Page-aligned (start, size) ranges of RAM that may hold data: the
+        memfd's data ranges (SEEK_DATA/SEEK_HOLE: the kernel knows which pages
+        were never touched, so a 64 GiB guest that touched 5 MiB is 5 MiB to
+        look at), or all of RAM without a memfd or where the file system
+        cannot tell."""
         if self.fd is None:
-            yield 0, self.size
-            return
-        pos = 0
+            return [(0, self.size)]
+        out, pos = [], 0
         while pos < self.size:
             try:
                 start = os.lseek(self.fd, pos, os.SEEK_DATA)
             except OSError as exc:
                 if exc.errno == errno.ENXIO:  # no data after pos
-                    return
-                raise
+                    break
+                return [(0, self.size)]  # no SEEK_DATA here: everything may hold data
             end = min(os.lseek(self.fd, start, os.SEEK_HOLE), self.size)
             start -= start % PAGE
             end = min(-(-end // PAGE) * PAGE, self.size)
-            yield start, end
+            out.append((start, end - start))
             pos = end
+        return out
 
     def read_cstruct(self, paddr: int, ctype: type):
         """A copy of a ctypes structure read from guest memory."""

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from vmm.memory import GuestMemory
-from vmm.snapshot.save import allocated_extents, atomic_write, nonzero_runs
+from vmm.snapshot.save import atomic_write, nonzero_runs
 
 
 def test_nonzero_runs_are_exactly_the_pages_that_are_not_zero():
@@ -18,7 +18,7 @@ def test_nonzero_runs_are_exactly_the_pages_that_are_not_zero():
         mem.write(0xFF_F000, b"\x04" * 4096)  # the last page of RAM
         assert nonzero_runs(mem) == [(0x1000, 0x2000), (0x10_1000, 0x2000), (0xFF_F000, 0x1000)]
         # The scan only looks where the memfd has pages.
-        touched = sum(n for _, n in allocated_extents(mem))
+        touched = sum(n for _, n in mem.allocated_extents())
         assert touched < 1 << 20
 
 

@@ -22,7 +22,7 @@ from ..memory import GuestMemory
 from ..vm import Vm
 from .elfcore import CoreFile, CoreFormatError
 from .format import SnapshotError, SnapshotState, read_snapshot
-from .save import allocated_extents, kernel_sha256, write_snapshot
+from .save import kernel_sha256, write_snapshot
 from .vcpu import apply, capture, complete_pending_io
 
 
@@ -85,7 +85,7 @@ def save_vm_paused(vm, path: str, saved_at: str = "socket", layout: str = "compa
         state = state_of(vm, saved_at)
         copy = GuestMemory(vm.memory.size)
         try:
-            for start, size in allocated_extents(vm.memory):
+            for start, size in vm.memory.allocated_extents():
                 C.memmove(copy.host_address + start, vm.memory.host_address + start, size)
         except BaseException:
             copy.close()

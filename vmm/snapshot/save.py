@@ -26,28 +26,10 @@ from .format import FORMAT_VERSION, SnapshotState, encode_state
 SCAN_CHUNK = 64 << 20
 
 
-def allocated_extents(memory) -> list[tuple[int, int]]:
-    """(start, size) ranges of RAM that have host pages behind them."""
-    if memory.fd is None:
-        return [(0, memory.size)]
-    out, pos = [], 0
-    while pos < memory.size:
-        try:
-            start = os.lseek(memory.fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data after pos
-                break
-            return [(0, memory.size)]  # no SEEK_DATA here: scan everything
-        end = min(os.lseek(memory.fd, start, os.SEEK_HOLE), memory.size)
-        out.append((start, end - start))
-        pos = end
-    return out
-
-
 def nonzero_runs(memory) -> list[tuple[int, int]]:
     """Page-aligned (paddr, size) runs of pages that are not all zero."""
     runs: list[tuple[int, int]] = []
-    for ext_start, ext_size in allocated_extents(memory):
+    for ext_start, ext_size in memory.allocated_extents():
         a = ext_start & ~(PAGE - 1)
         b = min(memory.size, (ext_start + ext_size + PAGE - 1) & ~(PAGE - 1))
         for c in range(a, b, SCAN_CHUNK):
