@@ -1,6 +1,7 @@
 """Shared by the kvm tests that look at a running guest from another thread."""
 
 import threading
+import time
 
 
 def run_watched(vm, watch):
@@ -22,3 +23,19 @@ def run_watched(vm, watch):
         return vm.run()
     finally:
         t.join()
+
+
+def snapshots_while_running(vm, snapper, problems: list[str]):
+    """From the watcher thread: ``snapper``'s snapshots back to back until the
+    guest stops. A snapshot that raises while the guest still runs is a
+    problem; once it has gone, one may (it stopped mid-snapshot)."""
+    while not vm.running:
+        time.sleep(0.001)
+    while vm.running:
+        try:
+            snap = snapper.take()
+        except Exception as exc:
+            if vm.running:
+                problems.append(f"snapshot raised {type(exc).__name__}: {exc}")
+            return
+        yield snap

@@ -18,7 +18,7 @@ from vmm.inspector.snapshot import STOPPED, VALIDATED, Snapshotter, read_block
 from vmm.inspector.target import LocalTarget
 from vmm.layout import PHYS_OFFSET
 
-from tests.watching import run_watched
+from tests.watching import run_watched, snapshots_while_running
 
 pytestmark = pytest.mark.kvm
 
@@ -168,15 +168,7 @@ def _hammer(vmm_vm, cmdline, memory=64 << 20, seconds_limit=120, damaged_heap_ok
     snapper = Snapshotter(LocalTarget(vm))
 
     def watch():
-        while not vm.running:
-            time.sleep(0.001)
-        while vm.running:
-            try:
-                snap = snapper.take()
-            except Exception as exc:  # the guest stopped mid-snapshot
-                if vm.running:
-                    problems.append(f"snapshot raised {type(exc).__name__}: {exc}")
-                return
+        for snap in snapshots_while_running(vm, snapper, problems):
             seen["snaps"] += 1
             if not snap.parked or snap.block is None or snap.block.heap_start == 0:
                 continue  # stopped by now, or before the allocators exist
