@@ -77,6 +77,11 @@ def _span(start: int | None, end: int | None) -> tuple[int, int] | None:
     return start, end
 
 
+def _sized(start: int | None, size: int | None) -> tuple[int, int] | None:
+    """``[start, start + size)`` from a report's start/size pair (None if either is missing or the size is 0)."""
+    return None if start is None or not size else (start, start + size)
+
+
 @dataclass(frozen=True)
 class GuestFacts:
     """What the host knows about the guest's layout (from the ELF, the reports
@@ -137,30 +142,20 @@ class GuestFacts:
         b = self.block
         if b is not None and b.demand_end > b.demand_start:
             return b.demand_start, b.demand_end
-        r = self.report
-        if r.demand_start is None or not r.demand_size:
-            return None
-        return r.demand_start, r.demand_start + r.demand_size
+        return _sized(self.report.demand_start, self.report.demand_size)
 
     @property
     def scratch(self) -> tuple[int, int] | None:
-        r = self.report
-        if r.scratch_start is None or not r.scratch_size:
-            return None
-        return r.scratch_start, r.scratch_start + r.scratch_size
+        return _sized(self.report.scratch_start, self.report.scratch_size)
 
     @property
     def cpl3_ram_alias(self) -> tuple[int, int] | None:
         """``[start, end)`` of the user-accessible alias of all RAM a CPL3 run maps."""
-        start = self.report.cpl3_ram_alias
-        return (start, start + self.ram_size) if start is not None and self.ram_size else None
+        return _sized(self.report.cpl3_ram_alias, self.ram_size)
 
     @property
     def cpl3_stack(self) -> tuple[int, int] | None:
-        r = self.report
-        if r.cpl3_stack_start is None or not r.cpl3_stack_size:
-            return None
-        return r.cpl3_stack_start, r.cpl3_stack_start + r.cpl3_stack_size
+        return _sized(self.report.cpl3_stack_start, self.report.cpl3_stack_size)
 
     @property
     def kernel_phys(self) -> tuple[int, int] | None:
