@@ -154,13 +154,7 @@ class DirtyLog:
         """Runs ``(first page, count)`` of the guest pages written since the
         last call, ascending; the pages are write-protected again, so the
         next call sees new writes."""
-        vm, manual = self._vm, self.mechanism == "manual"
-        runs: list[tuple[int, int]] = []
-        for slot, first, pages, bitmap, for_kvm, words in self._logs:
-            vm.get_dirty_log(slot, for_kvm)
-            if bitmap_runs(bitmap, words, first, runs) and manual:
-                vm.clear_dirty_log(slot, 0, pages, for_kvm)
-        return runs
+        return self._collect(None)[0]
 
     def take_split(self, pages: bytes) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """``take()`` in two: the runs of written pages whose bit is set in
@@ -173,12 +167,17 @@ class DirtyLog:
                 mine = ((every >> first) & ((1 << n) - 1)).to_bytes(len(bitmap), "little")
                 masks.append(memoryview(mine).cast("Q"))
             self._split = (pages, masks)
+        return self._collect(self._split[1])
+
+    def _collect(self, masks) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Read (and, with manual protection, clear) every slot's log; the
+        runs of written pages, split by ``masks`` (one per slot) if given."""
         vm, manual = self._vm, self.mechanism == "manual"
         inside: list[tuple[int, int]] = []
         outside: list[tuple[int, int]] = []
-        for (slot, first, n, bitmap, for_kvm, words), mask in zip(self._logs, self._split[1]):
+        for i, (slot, first, n, bitmap, for_kvm, words) in enumerate(self._logs):
             vm.get_dirty_log(slot, for_kvm)
-            if bitmap_runs(bitmap, words, first, inside, mask, outside) and manual:
+            if bitmap_runs(bitmap, words, first, inside, None if masks is None else masks[i], outside) and manual:
                 vm.clear_dirty_log(slot, 0, n, for_kvm)
         return inside, outside
 

@@ -38,7 +38,8 @@ PWRITE_MIN = 4096
 
 PAGE = 4096
 _ZERO_PAGE = bytes(PAGE)
-_SCAN_CHUNK = 1 << 20  # data_pages copies RAM out a MiB at a time
+_SCAN_CHUNK = 1 << 20  # nonzero_runs copies RAM out a MiB at a time
+_ZERO_CHUNK = bytes(_SCAN_CHUNK)
 _ZERO_RUN_PAGES = 8  # zero_runs: runs up to this long are copied from _ZERO_RUN
 _ZERO_RUN = memoryview(bytes(_ZERO_RUN_PAGES * PAGE))
 
@@ -97,11 +98,11 @@ class GuestMemory(BufferMemory):
         a RAM of the same size: one slice copy per run."""
         if other.size != self.size:
             raise ValueError(f"page copy between RAMs of {other.size:#x} and {self.size:#x} bytes")
-        src, dst, pages = other._mem, self._mem, self.size // 4096
+        src, dst, pages = other._mem, self._mem, self.size // PAGE
         for first, n in runs:
             if first < 0 or n < 0 or first + n > pages:
-                raise OutOfBounds(first * 4096, n * 4096, 0, self.size)
-            dst[first * 4096 : (first + n) * 4096] = src[first * 4096 : (first + n) * 4096]
+                raise OutOfBounds(first * PAGE, n * PAGE, 0, self.size)
+            dst[first * PAGE : (first + n) * PAGE] = src[first * PAGE : (first + n) * PAGE]
 
     def zero_runs(self, runs) -> None:
         """Zero runs of 4 KiB pages, ``(first page, count)``. A short run is
@@ -116,23 +117,37 @@ class GuestMemory(BufferMemory):
             else:
                 C.memset(self.host_address + first * PAGE, 0, n * PAGE)
 
-    def data_pages(self) -> bytes:
-        """Which 4 KiB pages hold a byte other than zero now: a bitmap, bit
-        ``p`` for page ``p`` (little-endian, whole u64 words, as KVM's dirty
-        bitmaps). Pages the memfd never allocated (SEEK_HOLE) are zero
-        without being read; the others are compared with a zero page (one
-        memcmp each). Right only while nothing writes this RAM (a zygote's)."""
-        pages = self.size // PAGE
-        bits = bytearray((pages + 63) // 64 * 8)
+    def nonzero_runs(self) -> list[tuple[int, int]]:
+        """Runs ``(first page, count)``, ascending and joined, of the 4 KiB
+        pages that hold a byte other than zero now. Pages the memfd never
+        allocated (SEEK_HOLE) are zero without being read; the others are
+        compared with zeros a MiB at a time, then page by page (one memcmp
+        each). Right only while nothing writes this RAM (a zygote's, a
+        stopped guest's)."""
+        runs: list[tuple[int, int]] = []
         for start, size in self.allocated_extents():
             end = start + size
             for off in range(start, end, _SCAN_CHUNK):
                 chunk = self._mem[off : min(off + _SCAN_CHUNK, end)].tobytes()
+                if chunk == _ZERO_CHUNK[: len(chunk)]:
+                    continue
                 for at in range(0, len(chunk), PAGE):
                     if not chunk.startswith(_ZERO_PAGE, at):
                         page = (off + at) // PAGE
-                        bits[page >> 3] |= 1 << (page & 7)
-        return bytes(bits)
+                        if runs and runs[-1][0] + runs[-1][1] == page:
+                            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+                        else:
+                            runs.append((page, 1))
+        return runs
+
+    def data_pages(self) -> bytes:
+        """``nonzero_runs`` as a bitmap, bit ``p`` for page ``p``
+        (little-endian, whole u64 words, as KVM's dirty bitmaps)."""
+        pages = self.size // PAGE
+        bits = 0
+        for first, n in self.nonzero_runs():
+            bits |= ((1 << n) - 1) << first
+        return bits.to_bytes((pages + 63) // 64 * 8, "little")
 
     def allocated_extents(self) -> list[tuple[int, int]]:
         """Page-aligned (start, size) ranges of RAM that may hold data: the

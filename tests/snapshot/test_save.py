@@ -7,7 +7,7 @@ import os
 import pytest
 
 from vmm.memory import GuestMemory
-from vmm.snapshot.save import atomic_write, nonzero_runs
+from vmm.snapshot.save import atomic_write
 
 
 def test_nonzero_runs_are_exactly_the_pages_that_are_not_zero():
@@ -16,7 +16,7 @@ def test_nonzero_runs_are_exactly_the_pages_that_are_not_zero():
         mem.write(0x2FFF, b"\x02")  # last byte of the next page: same run
         mem.write(0x10_0000, bytes(4096) + b"\x03" * 8192)  # a written zero page is not stored
         mem.write(0xFF_F000, b"\x04" * 4096)  # the last page of RAM
-        assert nonzero_runs(mem) == [(0x1000, 0x2000), (0x10_1000, 0x2000), (0xFF_F000, 0x1000)]
+        assert mem.nonzero_runs() == [(0x1, 2), (0x101, 2), (0xFFF, 1)]
         # The scan only looks where the memfd has pages.
         touched = sum(n for _, n in mem.allocated_extents())
         assert touched < 1 << 20
@@ -25,13 +25,13 @@ def test_nonzero_runs_are_exactly_the_pages_that_are_not_zero():
 def test_huge_untouched_ram_costs_nothing_to_scan():
     with GuestMemory(64 << 30) as mem:
         mem.write((64 << 30) - 4096, b"\xff")
-        assert nonzero_runs(mem) == [((64 << 30) - 4096, 4096)]
+        assert mem.nonzero_runs() == [((64 << 30) // 4096 - 1, 1)]
 
 
 def test_private_memory_is_scanned_whole():
     with GuestMemory(16 << 20, shared=False) as mem:
         mem.write(0x5000, b"\x07")
-        assert nonzero_runs(mem) == [(0x5000, 0x1000)]
+        assert mem.nonzero_runs() == [(5, 1)]
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError(28, "No space left on device"), RuntimeError("boom")])

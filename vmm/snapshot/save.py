@@ -17,33 +17,10 @@ import hashlib
 import os
 import time
 
-import numpy as np
 
 from ..layout import PHYS_OFFSET
 from .elfcore import PAGE, merge_runs, write_core
 from .format import FORMAT_VERSION, SnapshotState, encode_state
-
-SCAN_CHUNK = 64 << 20
-
-
-def nonzero_runs(memory) -> list[tuple[int, int]]:
-    """Page-aligned (paddr, size) runs of pages that are not all zero."""
-    runs: list[tuple[int, int]] = []
-    for ext_start, ext_size in memory.allocated_extents():
-        a = ext_start & ~(PAGE - 1)
-        b = min(memory.size, (ext_start + ext_size + PAGE - 1) & ~(PAGE - 1))
-        for c in range(a, b, SCAN_CHUNK):
-            n = min(SCAN_CHUNK, b - c)
-            pages = np.frombuffer(memory.view(c, n), dtype=np.uint64).reshape(-1, PAGE // 8)
-            live = pages.any(axis=1)
-            if not live.any():
-                continue
-            # Edges of runs of True: starts where live goes 0->1, ends 1->0.
-            edges = np.flatnonzero(np.diff(np.concatenate(([False], live, [False])).astype(np.int8)))
-            for s, e in zip(edges[0::2], edges[1::2]):
-                runs.append((c + int(s) * PAGE, int(e - s) * PAGE))
-    return merge_runs(runs)
-
 
 def _copier(memory):
     """How guest RAM gets into the file: sendfile from the memfd (no copy
@@ -139,7 +116,7 @@ def write_snapshot(path: str, memory, state: SnapshotState, layout: str = "compa
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
     t0 = time.perf_counter_ns()
-    runs = nonzero_runs(memory)
+    runs = merge_runs([(first * PAGE, n * PAGE) for first, n in memory.nonzero_runs()])
     t1 = time.perf_counter_ns()
     notes = encode_state(state)
     copy = _copier(memory)
