@@ -270,7 +270,7 @@ class _ZygotePool:
 
     def start(self, image, memory: int, cmdline: str, timeout: float):
         """(vm, result) of ``cmdline`` run from the zygote point (or cold, if
-        its boot-time words end the run before READY: scenario=panic, ...)."""
+        its boot-time words end the run before READY)."""
         boot, work = split_cmdline(cmdline)
         key, z = self.zygote(image, memory, boot, timeout)
         if z is None:
@@ -323,12 +323,10 @@ def pytest_unconfigure(config):
         pool.close()
 
 
-def _use_zygote(config, cmdline: str) -> bool:
-    """Cold for --vmm-cold and for the failure scenarios (they end the run
-    before READY: there is no zygote point to start from)."""
-    if config.getoption("--vmm-cold", False):
-        return False
-    return not any(w.startswith("scenario=") for w in cmdline.split())
+def _use_zygote(config) -> bool:
+    """From a zygote unless --vmm-cold (the failure scenarios too: they act
+    after READY, so a fork stops where a cold boot does)."""
+    return not config.getoption("--vmm-cold", False)
 
 
 @pytest.fixture
@@ -356,7 +354,7 @@ def vmm_boot(request, pytestconfig):
         if tests:
             cmdline = f"{cmdline} tests={tests}".strip()
         timeout = timeout or default_timeout
-        if not fresh and not kw and kernel is None and _use_zygote(pytestconfig, cmdline):
+        if not fresh and not kw and kernel is None and _use_zygote(pytestconfig):
             vm, result = pool.start(image, memory, cmdline, timeout)
             opened.append((vm, result))
         else:
@@ -387,9 +385,8 @@ def vmm_vm(pytestconfig):
     By default it is a fork of the zygote for ``cmdline``'s boot-time words,
     parked after READY with the work words in its mailbox: ``run()`` returns
     what comes after READY (``on_report`` never sees the boot's reports), and
-    the VM shares the zygote's KASLR slide. ``fresh=True``, ``--vmm-cold`` and
-    ``scenario=`` words give ``Vm(...)`` itself, to run from its first
-    instruction."""
+    the VM shares the zygote's KASLR slide. ``fresh=True`` and ``--vmm-cold``
+    give ``Vm(...)`` itself, to run from its first instruction."""
     reason = kvm_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
@@ -401,7 +398,7 @@ def vmm_vm(pytestconfig):
         image = _kernel_image(pytestconfig)
         timeout = timeout or default_timeout
         z = None
-        if not fresh and _use_zygote(pytestconfig, cmdline):
+        if not fresh and _use_zygote(pytestconfig):
             boot, work = split_cmdline(cmdline)
             _, z = _pool(pytestconfig).zygote(image, memory, boot, timeout)
         if z is not None:
@@ -475,7 +472,7 @@ class GuestTestFile(pytest.File):
         image = _kernel_image(self.config)
         cmdline = f"{self.extra} tests=list".strip()
         # The listing starts from the zygote its items will (booted here, once).
-        if _use_zygote(self.config, cmdline):
+        if _use_zygote(self.config):
             pool = _pool(self.config)
             vm, result = pool.start(image, self.memory, cmdline, 60)
             pool.release(vm, result)
@@ -517,7 +514,7 @@ class GuestTestItem(pytest.Item):
         timeout = parent.timeout or self.config.getoption("--vmm-timeout", DEFAULT_TIMEOUT)
         cmdline = f"{parent.extra} tests={self.test}".strip()
         image = _kernel_image(self.config)
-        zygote = _use_zygote(self.config, cmdline)
+        zygote = _use_zygote(self.config)
         if zygote:
             vm, result = _pool(self.config).start(image, parent.memory, cmdline, timeout)
         else:

@@ -214,6 +214,14 @@ extern "sysv64" fn kernel_main(arg: u64) -> ! {
     });
     send_inspect();
 
+    println!("kernel: READY");
+    report::send(ReportKind::Ready, |_| {});
+    // A zygote waits here for the host to say what to run (see zygote.rs).
+    let cmdline = if cmdline.get("zygote") == Some("1") { zygote::wait_for_work(cmdline) } else { cmdline };
+
+    // Scenarios act after READY (and after a zygote's wait for work): they
+    // are work like `tests=`, so a test VM forked from a zygote runs them
+    // too, and a cold boot and a fork stop in the same place.
     match cmdline.get("scenario") {
         Some("panic") => panic!("scenario panic"),
         Some("triplefault") => scenario_triple_fault(),
@@ -226,11 +234,6 @@ extern "sysv64" fn kernel_main(arg: u64) -> ! {
         Some(other) if !other.is_empty() => println!("kernel: unknown scenario '{}', ignored", other),
         _ => {}
     }
-
-    println!("kernel: READY");
-    report::send(ReportKind::Ready, |_| {});
-    // A zygote waits here for the host to say what to run (see zygote.rs).
-    let cmdline = if cmdline.get("zygote") == Some("1") { zygote::wait_for_work(cmdline) } else { cmdline };
 
     if let Some(words) = cmdline.get("bench") {
         bench::run(words);

@@ -191,6 +191,8 @@ def test_a_full_disk_leaves_no_file(tmp_path, vmm_ready):
 
 def test_never_reached_save_point_is_an_error(tmp_path, vmm_kernel_path, vmm_cli):
     target = tmp_path / "x.core"
-    proc = vmm_cli("run", "--kernel", str(vmm_kernel_path), "-q", "-c", "scenario=panic", "--save", str(target))
+    # The panic comes before any test reports (scenarios act after READY).
+    proc = vmm_cli("run", "--kernel", str(vmm_kernel_path), "-q", "-c", "scenario=panic tests=all", "--save", str(target),
+                   "--save-at", "report:TEST_RESULT")
     _one_line_error(proc, "nothing saved")
     assert not target.exists()

@@ -28,8 +28,8 @@ def zygote(vmm_kernel):
 
 
 def test_split_cmdline():
-    assert split_cmdline("rng=seed tests=heap allocator=list workload=mm workload_iters=3") == (
-        "rng=seed allocator=list", "tests=heap workload=mm workload_iters=3")
+    assert split_cmdline("rng=seed tests=heap allocator=list workload=mm workload_iters=3 scenario=panic") == (
+        "rng=seed allocator=list", "tests=heap workload=mm workload_iters=3 scenario=panic")
 
 
 def _outcome(result, name):

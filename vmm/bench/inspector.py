@@ -1,7 +1,7 @@
 """Host inspector: walker throughput, view refresh rate, snapshot pause.
 
-The guest is booted with ``scenario=loop`` (it reports INFO and INSPECT,
-then spins at CPL0), so the inspector works on a running vCPU as
+The guest is booted with ``scenario=loop`` (it reports INFO, INSPECT and
+READY, then spins at CPL0), so the inspector works on a running vCPU as
 ``vmm run --inspect`` does: the vCPU runs in the main thread, the
 measurements in another one, which stops the guest when done.
 

@@ -33,10 +33,11 @@ from .vcpu import FastLoader, apply, capture, complete_pending_io
 
 PAGE = 4096
 
-# Command-line words the guest only reads after READY: the work. Every other
-# word shapes the boot and so belongs to the zygote's identity.
+# Command-line words the guest only reads after READY: the work (the failure
+# scenarios too: they act after READY). Every other word shapes the boot and
+# so belongs to the zygote's identity.
 WORK_WORDS = frozenset({"tests", "bench", "workload", "workload_ms", "workload_iters", "frag_blocks",
-                        "touch_pages", "touch_stride"})
+                        "touch_pages", "touch_stride", "scenario"})
 
 
 def split_cmdline(cmdline: str) -> tuple[str, str]:
