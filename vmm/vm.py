@@ -261,6 +261,19 @@ class Vm:
             except (ProcessLookupError, OSError):
                 pass
 
+    def vcpu_thread_time(self) -> float | None:
+        """The vCPU thread's CPU time so far, in seconds (the guest's own time
+        in KVM_RUN included), or None when the guest is not running: beside
+        wall time it tells a guest slowed by sharing a core (less CPU for the
+        same wall) from one slowed on the CPU it got. Any thread may ask."""
+        tid = self._vcpu_thread
+        if tid is None:
+            return None
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(tid))
+        except OSError:  # the thread ended meanwhile
+            return None
+
     def kick(self) -> None:
         """Make the vCPU leave KVM_RUN once (the run loop then asks the debugger)."""
         self._kick_vcpu()

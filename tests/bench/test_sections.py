@@ -138,10 +138,25 @@ def test_inspector_section_error_without_samples():
     assert sec.status == "error" and not sec.rows
 
 
-def test_watch_rows_per_workload():
-    from vmm.bench.watch import WORKLOADS, WatchSamples
+def test_pair_slowdowns_compare_each_watched_window_with_its_neighbours():
+    from vmm.bench.watch import Window, pair_slowdowns
 
-    s = WatchSamples(WORKLOADS[3], iters_plain=[100, 110], iters_watched=[98, 100], pause_ms=[0.3, 0.5, 2.0],
+    # A drifting host: the guest speeds up over the run; each watched window
+    # is judged against the unwatched windows on either side of it only.
+    ws = [Window(False, 100, 1.0, 0.5), Window(True, 95, 1.0, 0.5), Window(False, 120, 1.0, 0.5),
+          Window(True, 114, 1.0, None), Window(False, 130, 1.0, 0.5), Window(True, 0, 1.0, 0.5)]
+    assert pair_slowdowns(ws) == pytest.approx([110 / 95 - 1, 125 / 114 - 1])  # the last: no window after it
+    assert pair_slowdowns(ws, cpu=True) == pytest.approx([220 / 190 - 1])  # the second: CPU time not known
+    assert pair_slowdowns([Window(False, 100, 1.0), Window(True, 100, 1.0)]) == []
+
+
+def test_watch_rows_per_workload():
+    from vmm.bench.watch import WORKLOADS, WatchSamples, Window
+
+    # off 100 it/s, on 98, off 100, on 90 (1 s of wall each; the vCPU thread had 0.9 s of each watched one)
+    windows = [Window(False, 100, 1.0, 1.0), Window(True, 98, 1.0, 0.9), Window(False, 100, 1.0, 1.0),
+               Window(True, 90, 1.0, 0.9), Window(False, 100, 1.0, 1.0)]
+    s = WatchSamples(WORKLOADS[3], windows=windows, refresh_cpu_ms=[3.0, 4.0, 5.0], pause_ms=[0.3, 0.5, 2.0],
                      held_ms=[0.3, 1.5, 2.0], work_ms=[0.1, 0.2, 1.5], attempts=[1, 3, 7], stopped=1, retried=2,
                      snapshots=3, round_trip_ms=[0.4, 0.6, 2.2],
                      copy_phases_ms=[(0.02, 0.005, 0.07, 0.1, 0.004)] * 3, pause_cpu_ms=[0.2, 0.3, 0.4],
@@ -153,7 +168,12 @@ def test_watch_rows_per_workload():
     pause = sec.figure("watch_frag16k_pause")
     assert pause["p50"] == 0.5 and pause["p99"] == 2.0 and pause["n"] == 3
     slow = sec.figure("watch_frag16k_slowdown")
-    assert slow["unit"] == "%" and slow["median"] == pytest.approx((100 / 98 - 1 + 110 / 100 - 1) / 2 * 100)
+    assert slow["unit"] == "%" and slow["median"] == pytest.approx((100 / 98 - 1 + 100 / 90 - 1) / 2 * 100)
+    assert slow["n"] == 2 and "2 watched windows" in next(r for r in sec.rows if r.key == "watch_frag16k_slowdown").note
+    cpu = sec.figure("watch_frag16k_slowdown_cpu")
+    assert cpu["median"] == pytest.approx((100 / (98 / 0.9) - 1 + 100 / (90 / 0.9) - 1) / 2 * 100)
+    assert "100 % of a CPU unwatched, 90 % watched" in next(r for r in sec.rows if r.key == "watch_frag16k_slowdown_cpu").note
+    assert sec.figure("watch_frag16k_refresh_cpu")["p50"] == 4.0
     note = next(r for r in sec.rows if r.key == "watch_frag16k_pause").note
     assert "p99 2.000 ms" in note and "max 2.000 ms" in note and "1 stopped" in note and "2 retried" in note
     assert sec.figure("watch_frag16k_round_trip")["p99"] == 2.2

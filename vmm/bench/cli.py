@@ -72,9 +72,10 @@ def run(args) -> int:
 
     def inspector() -> Section:
         _say(f"inspector: {plan.inspector_iterations} snapshots and refreshes of a running guest, then "
-             f"{plan.watch_runs} x {plan.watch_seconds:g} s of each workload unwatched and watched at 10 Hz ...")
-        return inspector_section.run(image, plan.inspector_iterations, backend, watch_runs=plan.watch_runs,
-                                     watch_seconds=plan.watch_seconds)
+             f"each workload in one guest, {plan.watch_pairs} windows of {plan.watch_window:g} s watched at 10 Hz "
+             f"between unwatched ones ...")
+        return inspector_section.run(image, plan.inspector_iterations, backend, watch_pairs=plan.watch_pairs,
+                                     watch_window=plan.watch_window)
 
     def gdb() -> Section:
         runs = 2 if plan.quick else min(plan.runs, 5)

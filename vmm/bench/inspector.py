@@ -16,13 +16,16 @@ measurements in another one, which stops the guest when done.
   fragmented into 1,024 and 16,384 free blocks), watched at 10 Hz as the
   live view does: pause per snapshot (p50/p99/max), total held per snapshot
   (all its holds), the watcher's round trip, how many snapshots were
-  stopped (held for a complete read) or retried, and the guest's slowdown
-  against unwatched runs.
+  stopped (held for a complete read) or retried, the watcher's CPU per
+  refresh, and the guest's slowdown: watched windows alternated with
+  unwatched ones in one guest, on wall time and per second of the vCPU
+  thread's CPU.
 """
 
 from __future__ import annotations
 
 import io
+import statistics
 import threading
 import time
 
@@ -188,15 +191,41 @@ def add_watch_rows(sec: Section, samples: list) -> None:
             trip = distribution(s.round_trip_ms, "ms")
             sec.add(f"watch_{w.key}_round_trip", "watcher's round trip: kick, hold, answer", trip, indent=1,
                     note=f"p99 {trip['p99']:.3f} ms (the guest runs until the kick lands)")
-        if s.slowdowns:
-            sec.add(f"watch_{w.key}_slowdown", "guest slowdown watched at 10 Hz",
-                    summarize([100 * x for x in s.slowdowns], "%"), indent=1,
-                    note=f"iterations unwatched {s.iters_plain}, watched {s.iters_watched}")
+        if s.refresh_cpu_ms:
+            refresh = distribution(s.refresh_cpu_ms, "ms")
+            sec.add(f"watch_{w.key}_refresh_cpu", "the watcher's CPU per refresh (snapshot, views, render)", refresh,
+                    indent=1, note=f"p99 {refresh['p99']:.3f} ms: on a host with no idle core, time the guest loses")
+        _slowdown_rows(sec, s)
 
 
-def run(image, iterations: int, backend=None, *, watch_runs: int = 0, watch_seconds: float = 3.0) -> Section:
+def _slowdown_rows(sec: Section, s) -> None:
+    """The alternated windows' slowdowns (``watch.pair_slowdowns``): on wall
+    time, and per second of the vCPU thread's CPU."""
+    w = s.workload
+    on = [x for x in s.windows if x.watched]
+    off = [x for x in s.windows if not x.watched]
+    for key, label, values, cpu in (("slowdown", "guest slowdown watched at 10 Hz (wall)", s.slowdowns, False),
+                                    ("slowdown_cpu", "the same per second of the vCPU thread's CPU",
+                                     s.cpu_slowdowns, True)):
+        if not values:
+            continue
+        pct = [100 * x for x in values]
+        q = statistics.quantiles(pct, n=4, method="inclusive") if len(pct) > 1 else [pct[0]] * 3
+        note = (f"median of {len(pct)} watched windows, each against the unwatched ones around it "
+                f"({on[0].wall_s:.1f} s each); quartiles {q[0]:+.1f} .. {q[2]:+.1f} %")
+        if cpu:
+            share = [sum(x.cpu_s for x in ws) / sum(x.wall_s for x in ws) if all(x.cpu_s is not None for x in ws)
+                     else None for ws in (off, on)]
+            if None not in share:
+                note += f"; the vCPU thread got {100 * share[0]:.0f} % of a CPU unwatched, {100 * share[1]:.0f} % watched"
+        else:
+            note += f"; iterations per s unwatched {sum(x.iters for x in off) / sum(x.wall_s for x in off):,.0f}"
+        sec.add(f"watch_{w.key}_{key}", label, summarize(pct, "%"), indent=1, note=note)
+
+
+def run(image, iterations: int, backend=None, *, watch_pairs: int = 0, watch_window: float = 1.0) -> Section:
     sec = section_from(measure(image, iterations, backend))
-    if watch_runs:
-        add_watch_rows(sec, [watch.measure(image, w, seconds=watch_seconds, runs=watch_runs, backend=backend)
+    if watch_pairs:
+        add_watch_rows(sec, [watch.measure(image, w, window=watch_window, pairs=watch_pairs, backend=backend)
                              for w in watch.WORKLOADS])
     return sec

@@ -64,8 +64,8 @@ class Plan:
     exits: int
     guest_boots: int
     inspector_iterations: int
-    watch_runs: int
-    watch_seconds: float
+    watch_pairs: int  # watched windows, each between two unwatched ones, per workload
+    watch_window: float  # seconds
     scale_runs: int
 
     @classmethod
@@ -80,8 +80,8 @@ class Plan:
             exits=args.exits or (5000 if quick else 20000),
             guest_boots=1 if quick else min(runs, 3),
             inspector_iterations=10 if quick else max(10, 3 * runs),
-            watch_runs=1 if quick else min(runs, 3),
-            watch_seconds=1.5 if quick else 3.0,
+            watch_pairs=4 if quick else 12,
+            watch_window=0.5 if quick else 1.0,
             scale_runs=1 if quick else min(runs, 3),
         )
 

@@ -1,11 +1,23 @@
 """What watching costs a guest: snapshot pauses and slowdown per workload.
 
-Each workload runs for a fixed time (``workload_ms``) and counts its
-iterations in the inspect block (``workload_iters``), so iterations per run
-measure the guest's speed. It runs unwatched, then watched the way the live
-view watches (``hz`` refreshes a second, each a snapshot, every view and a
-render to an off-screen console), alternating. Slowdown = unwatched / watched
-iterations - 1, per pair of runs; pauses are every snapshot's vCPU pause.
+Each workload runs in one guest and counts its iterations in the inspect
+block (``workload_iters``), which the host reads without holding it, so
+iterations per second measure the guest's speed. The guest is watched the
+way the live view watches (``hz`` refreshes a second, each a snapshot,
+every view and a render to an off-screen console) in windows alternated
+with windows unwatched: off, on, off, on, ..., off. Each watched window is
+compared with the unwatched windows on either side of it (``slowdowns``):
+a host whose load drifts moves both alike, where separate boots (the way
+this was measured before) differ by 10-20 points on a shared machine. The
+figure is the median over the pairs, with its spread.
+
+Beside wall time, each window records the vCPU thread's own CPU time
+(``Vm.vcpu_thread_time``): iterations per CPU second (``cpu_slowdowns``)
+leave out the time the host gave other threads, the watcher's own
+included, so they show what watching costs the guest on the CPU it gets
+(the holds, the kicks, caches), apart from what sharing a core costs it.
+The watcher's CPU per refresh is recorded too: on a host with no idle
+core that is the time the guest loses to it.
 
 Workloads (guest command lines):
 
@@ -53,8 +65,8 @@ WORKLOADS = (
 @dataclass
 class WatchSamples:
     workload: Workload
-    iters_plain: list[int] = field(default_factory=list)
-    iters_watched: list[int] = field(default_factory=list)
+    windows: list[Window] = field(default_factory=list)  # alternated: off, on, off, ..., off
+    refresh_cpu_ms: list[float] = field(default_factory=list)  # the watcher's CPU per refresh
     pause_ms: list[float] = field(default_factory=list)  # the snapshot's last hold (the guest's side)
     validated_pause_ms: list[float] = field(default_factory=list)  # the same, snapshots not held for a full read
     held_ms: list[float] = field(default_factory=list)  # all its holds
@@ -73,83 +85,154 @@ class WatchSamples:
 
     @property
     def slowdowns(self) -> list[float]:
-        return [p / w - 1 for p, w in zip(self.iters_plain, self.iters_watched) if w > 0]
+        """Per watched window: unwatched speed around it / its speed - 1 (wall)."""
+        return pair_slowdowns(self.windows)
+
+    @property
+    def cpu_slowdowns(self) -> list[float]:
+        """The same per second of the vCPU thread's CPU."""
+        return pair_slowdowns(self.windows, cpu=True)
 
 
-def _iterations(vm) -> int:
-    block = read_block(vm.memory, facts_from_vm(vm))
+@dataclass(frozen=True)
+class Window:
+    """One stretch of a run, watched or not: the guest's iterations in it, its
+    wall time and the vCPU thread's CPU time (None: not known)."""
+
+    watched: bool
+    iters: int
+    wall_s: float
+    cpu_s: float | None = None
+
+
+def pair_slowdowns(windows: list[Window], *, cpu: bool = False) -> list[float]:
+    """Each watched window against the unwatched windows just before and
+    after it (pure): their iterations per second (of wall, or of the vCPU
+    thread's CPU with ``cpu``) over its own, minus 1. Windows without the
+    time asked for, or without iterations, are left out."""
+    def span(w: Window) -> float | None:
+        return w.cpu_s if cpu else w.wall_s
+
+    out = []
+    for k in range(1, len(windows) - 1):
+        before, on, after = windows[k - 1], windows[k], windows[k + 1]
+        if not on.watched or before.watched or after.watched:
+            continue
+        spans = [span(before), span(on), span(after)]
+        if any(t is None or t <= 0 for t in spans) or on.iters <= 0 or before.iters + after.iters <= 0:
+            continue
+        plain = (before.iters + after.iters) / (spans[0] + spans[2])
+        out.append(plain / (on.iters / spans[1]) - 1)
+    return out
+
+
+def _iterations(vm, facts) -> int:
+    """The guest's iterations so far, read while it runs (one aligned u64)."""
+    block = read_block(vm.memory, facts)
     return block.workload_iters if block is not None else 0
 
 
-def run_once(image, workload: Workload, seconds: float, hz: float | None, out: WatchSamples, backend=None) -> int:
-    """One run; returns the iterations the guest completed (0 on failure)."""
-    cmdline = f"{workload.cmdline} workload_ms={int(seconds * 1000)}"
-    with Vm(image, VmConfig(memory=GUEST_RAM, cmdline=cmdline, timeout=120), backend=backend) as vm:
+def run_windows(image, workload: Workload, *, window: float, pairs: int, hz: float, out: WatchSamples,
+                backend=None) -> None:
+    """One guest, ``pairs`` watched windows of ``window`` seconds between
+    ``pairs + 1`` unwatched ones (``out.windows``); every snapshot's figures
+    into ``out``."""
+    seconds = (2 * pairs + 1) * window
+    # The guest's own deadline is only a backstop: the watcher ends the
+    # loop (``Vm.end_work``) after the last window.
+    cmdline = f"{workload.cmdline} workload_ms={int((seconds + 60) * 1000)}"
+    config = VmConfig(memory=GUEST_RAM, cmdline=cmdline, timeout=seconds + 180)
+    with Vm(image, config, backend=backend) as vm:
         stop = threading.Event()
-        watcher = None
-        if hz:
-            snapper = Snapshotter(LocalTarget(vm))
-            console = Console(file=io.StringIO(), width=160, force_terminal=False)
 
-            def watch():
-                while not vm.running and not stop.is_set():
-                    time.sleep(0.0005)
-                previous = None
-                while not stop.is_set() and vm.running:
-                    t0 = time.perf_counter()
-                    try:
-                        snap = snapper.take()
-                    except Exception as exc:  # the guest went away mid-snapshot
-                        if vm.running:
-                            out.error = f"{type(exc).__name__}: {exc}"
-                        break
-                    view = inspect(snap, vm.memory, previous=previous)
-                    console.file = io.StringIO()
-                    console.print(view.render(max_rows=25))
-                    previous = snap
-                    if snap.parked:
-                        out.snapshots += 1
-                        out.pause_ms.append(snap.pause_ms)
-                        if snap.method != STOPPED:
-                            out.validated_pause_ms.append(snap.pause_ms)
-                        out.held_ms.append(snap.held_ms)
-                        if snap.held_cpu_ms is not None:
-                            out.held_cpu_ms.append(snap.held_cpu_ms)
-                        out.work_ms.append(snap.walk_ms)
-                        out.round_trip_ms.append(snap.round_trip_ms)
-                        if snap.pause_cpu_ms is not None:
-                            out.pause_cpu_ms.append(snap.pause_cpu_ms)
-                        if snap.copy_phases_ms:
-                            out.copy_phases_ms.append(snap.copy_phases_ms)
-                        out.attempts.append(snap.attempts)
-                        out.stopped += snap.method == STOPPED
-                        out.retried += snap.attempts > 1
-                        out.busy += snap.busy
-                        out.heap_copied += snap.heap_copied
-                    stop.wait(max(0.0, 1 / hz - (time.perf_counter() - t0)))
+        def watch():
+            try:
+                _watch(vm, window, pairs, hz, stop, out)
+            except Exception as exc:  # the guest went away mid-snapshot
+                if vm.running:
+                    out.error = f"{type(exc).__name__}: {exc}"
+            finally:
+                vm.end_work()
 
-            watcher = threading.Thread(target=watch, name="vmm-bench-watch", daemon=True)
-            watcher.start()
+        watcher = threading.Thread(target=watch, name="vmm-bench-watch", daemon=True)
+        watcher.start()
         result = vm.run()
         stop.set()
-        if watcher is not None:
-            watcher.join(30)
+        watcher.join(30)
         if result.exit_code != 0:
             out.error = f"guest failed ({workload.cmdline}): {result.message}"
-            return 0
-        return _iterations(vm)
 
 
-def measure(image, workload: Workload, *, seconds: float = 2.0, runs: int = 3, hz: float = 10.0,
+def _watch(vm, window: float, pairs: int, hz: float, stop: threading.Event, out: WatchSamples) -> None:
+    facts = None
+    deadline = time.monotonic() + 60
+    while not stop.is_set() and time.monotonic() < deadline:
+        if vm.running:
+            facts = facts_from_vm(vm)  # (the block's place is known once the guest has reported it)
+            if _iterations(vm, facts) > 0:  # past READY and any heap building
+                break
+        time.sleep(0.005)
+    else:
+        if not stop.is_set():
+            out.error = f"{out.workload.label}: the guest's workload did not start within 60 s"
+        return
+    snapper = Snapshotter(LocalTarget(vm))
+    console = Console(file=io.StringIO(), width=160, force_terminal=False)
+    previous = None
+
+    def refresh():
+        nonlocal previous
+        c0 = time.thread_time()
+        snap = snapper.take()
+        view = inspect(snap, vm.memory, previous=previous)
+        console.file = io.StringIO()
+        console.print(view.render(max_rows=25))
+        previous = snap
+        out.refresh_cpu_ms.append((time.thread_time() - c0) * 1e3)
+        _record(snap, out)
+
+    for k in range(2 * pairs + 1):
+        watched = k % 2 == 1
+        i0, t0, c0 = _iterations(vm, facts), time.perf_counter(), vm.vcpu_thread_time()
+        end = t0 + window
+        while not stop.is_set() and vm.running and time.perf_counter() < end:
+            tick = time.perf_counter()
+            if watched:
+                refresh()
+            stop.wait(max(0.0, min(end, tick + 1 / hz) - time.perf_counter()))
+        i1, t1, c1 = _iterations(vm, facts), time.perf_counter(), vm.vcpu_thread_time()
+        if stop.is_set() or not vm.running:
+            return
+        out.windows.append(Window(watched, i1 - i0, t1 - t0, None if c0 is None or c1 is None else c1 - c0))
+
+
+def _record(snap, out: WatchSamples) -> None:
+    if not snap.parked:
+        return
+    out.snapshots += 1
+    out.pause_ms.append(snap.pause_ms)
+    if snap.method != STOPPED:
+        out.validated_pause_ms.append(snap.pause_ms)
+    out.held_ms.append(snap.held_ms)
+    if snap.held_cpu_ms is not None:
+        out.held_cpu_ms.append(snap.held_cpu_ms)
+    out.work_ms.append(snap.walk_ms)
+    out.round_trip_ms.append(snap.round_trip_ms)
+    if snap.pause_cpu_ms is not None:
+        out.pause_cpu_ms.append(snap.pause_cpu_ms)
+    if snap.copy_phases_ms:
+        out.copy_phases_ms.append(snap.copy_phases_ms)
+    out.attempts.append(snap.attempts)
+    out.stopped += snap.method == STOPPED
+    out.retried += snap.attempts > 1
+    out.busy += snap.busy
+    out.heap_copied += snap.heap_copied
+
+
+def measure(image, workload: Workload, *, window: float = 1.0, pairs: int = 10, hz: float = 10.0,
             backend=None) -> WatchSamples:
     out = WatchSamples(workload)
-    for _ in range(runs):
-        plain = run_once(image, workload, seconds, None, out, backend)
-        watched = run_once(image, workload, seconds, hz, out, backend)
-        if out.error:
-            break
-        out.iters_plain.append(plain)
-        out.iters_watched.append(watched)
+    run_windows(image, workload, window=window, pairs=pairs, hz=hz, out=out, backend=backend)
     return out
 
 
@@ -162,4 +245,4 @@ def summary_line(s: WatchSamples) -> str:
     return (f"{s.workload.label}: pause p50 {d['p50']:.3f} ms, p99 {d['p99']:.3f} ms, max {d['max']:.2f} ms "
             f"over {s.snapshots} snapshots ({s.stopped} stopped, {s.retried} retried, {s.busy} busy, "
             f"holds max {max(s.attempts)}); "
-            f"slowdown {slow:.1f} % (iterations {s.iters_plain} unwatched, {s.iters_watched} watched)")
+            f"slowdown {slow:.1f} % (median of {len(s.slowdowns)} alternated windows)")
