@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 from rich.console import Group
 from rich.panel import Panel
-from rich.table import Table
 from rich.text import Text
 
 from mm.audit import audit_user_in_kernel_half, audit_wx, pt_alias_findings
 from mm.findings import Finding, Severity, WalkReport
 
+from ..box_table import BoxTable
 from ..cpu import decode_bits
 from ..layout import PHYS_OFFSET
 from ..render import flags_str
@@ -140,8 +140,8 @@ class Inspection:
             parts.append(self._heap_text())
         return Group(*parts)
 
-    def _runs_table(self, max_rows: int) -> Table:
-        t = Table(title="page tables (effective flags)", expand=False, pad_edge=False)
+    def _runs_table(self, max_rows: int) -> BoxTable:
+        t = BoxTable(title="page tables (effective flags)", pad_edge=False)
         for col in ("virtual", "physical", "size", "page", "flags", "what"):
             t.add_column(col, no_wrap=True, justify="right" if col in ("size", "page") else "left")
         for run, label in self.runs[:max_rows]:
@@ -151,10 +151,10 @@ class Inspection:
             t.add_row("...", "", "", "", "", f"{len(self.runs) - max_rows} more")
         return t
 
-    def _findings_table(self) -> Table | Text:
+    def _findings_table(self) -> BoxTable | Text:
         if not self.findings:
             return Text("audits: no findings (no W+X, no user page in the kernel half, guard pages unmapped)", style="green")
-        t = Table(title=f"audits: {len(self.findings)} findings")
+        t = BoxTable(title=f"audits: {len(self.findings)} findings")
         for col in ("severity", "kind", "where", "detail"):
             t.add_column(col)
         style = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "dim"}
@@ -163,10 +163,10 @@ class Inspection:
                       f.detail)
         return t
 
-    def _diff_table(self) -> Table | Text:
+    def _diff_table(self) -> BoxTable | Text:
         if not self.changes:
             return Text("diff: no change since the previous snapshot", style="dim")
-        t = Table(title=f"changes since previous snapshot ({len(self.changes)})")
+        t = BoxTable(title=f"changes since previous snapshot ({len(self.changes)})")
         for col in ("change", "virtual", "size", "old", "new"):
             t.add_column(col, no_wrap=True)
         colour = {"mapped": "green", "unmapped": "red", "moved": "magenta", "flags": "yellow"}
@@ -176,9 +176,9 @@ class Inspection:
             t.add_row(Text(c.kind, style=colour[c.kind]), hex_addr(c.virt), human_size(c.size), old, new)
         return t
 
-    def _physical_table(self) -> Table:
+    def _physical_table(self) -> BoxTable:
         p = self.physical
-        t = Table(title=f"physical memory: {p.allocated} frames allocated, {p.free} free, {p.leaked_frames} unreachable")
+        t = BoxTable(title=f"physical memory: {p.allocated} frames allocated, {p.free} free, {p.leaked_frames} unreachable")
         for col in ("region", "start", "frames", "allocated", "free"):
             t.add_column(col, no_wrap=True)
         for r in p.regions:
