@@ -44,13 +44,13 @@ class BoxTable:
     #: Pad the outer edge of the first and last columns (rich's ``pad_edge``).
     pad_edge: bool = True
     columns: list[_Column] = field(default_factory=list)
-    rows: list[list[Text]] = field(default_factory=list)
+    rows: list[list[str | Text]] = field(default_factory=list)
 
     def add_column(self, header: str, *, justify: str = "left", no_wrap: bool = False) -> None:
         self.columns.append(_Column(header, justify, no_wrap))
 
     def add_row(self, *cells: str | Text) -> None:
-        self.rows.append([c if isinstance(c, Text) else Text(str(c)) for c in cells])
+        self.rows.append([c if isinstance(c, (str, Text)) else str(c) for c in cells])
 
     def _pads(self) -> list[tuple[int, int]]:
         n = len(self.columns)
@@ -58,7 +58,7 @@ class BoxTable:
                 for k in range(n)]
 
     def _widths(self, max_width: int) -> list[int]:
-        widths = [max([len(c.header)] + [len(row[k].plain) for row in self.rows])
+        widths = [max([len(c.header)] + [len(_plain(row[k])) for row in self.rows])
                   for k, c in enumerate(self.columns)]
         pads = self._pads()
         total = sum(widths) + sum(a + b for a, b in pads) + len(widths) + 1
@@ -86,36 +86,37 @@ class BoxTable:
             left, across, between, right = chars
             return Segment(left + between.join(across * s for s in spans) + right)
 
-        def cells_row(chars, cells: list[Text], style: Style | None) -> list[Segment]:
-            edge = chars[0]
+        def cells_row(chars, cells: list[str | Text], style: Style | None) -> list[Segment]:
+            edge, between, right = chars[0], chars[2], chars[3]
             columns = []
             for k, cell in enumerate(cells):
-                text = cell.plain
-                if len(text) > widths[k]:
-                    columns.append(textwrap.wrap(text, widths[k]) or [""])
-                else:
-                    columns.append([text])
+                text = _plain(cell)
+                columns.append(textwrap.wrap(text, widths[k]) or [""] if len(text) > widths[k] else [text])
+            styles = [style if style is not None else _style(console, cell) for cell in cells]
             out = []
             for i in range(max(len(c) for c in columns)):
-                out.append(Segment(edge))
-                for k, cell in enumerate(cells):
+                # Unstyled stretches are joined into one segment: rich's cost is per segment.
+                plain = [edge]
+                for k in range(len(cells)):
                     text = columns[k][i] if i < len(columns[k]) else ""
                     fill = widths[k] - len(text)
                     a, b = pads[k]
-                    if self.columns[k].justify == "right":
-                        before, after = a + fill, b
+                    before, after = (a + fill, b) if self.columns[k].justify == "right" else (a, b + fill)
+                    plain.append(" " * before)
+                    if styles[k] is not None and text:
+                        out.append(Segment("".join(plain)))
+                        out.append(Segment(text, styles[k]))
+                        plain = []
                     else:
-                        before, after = a, b + fill
-                    out.append(Segment(" " * before))
-                    cell_style = style if style is not None else _style(console, cell)
-                    out.append(Segment(text, cell_style) if cell_style else Segment(text))
-                    out.append(Segment(" " * after + (chars[2] if k < len(cells) - 1 else chars[3])))
+                        plain.append(text)
+                    plain.append(" " * after + (between if k < len(cells) - 1 else right))
+                out.append(Segment("".join(plain)))
                 out.append(line)
             return out
 
         yield rule(_TOP)
         yield line
-        yield from cells_row(_HEAD, [Text(c.header) for c in self.columns], console.get_style("table.header"))
+        yield from cells_row(_HEAD, [c.header for c in self.columns], console.get_style("table.header"))
         yield rule(_HEAD_BOTTOM)
         yield line
         for row in self.rows:
@@ -124,7 +125,11 @@ class BoxTable:
         yield line
 
 
-def _style(console: Console, cell: Text) -> Style | None:
-    if not cell.style:
+def _plain(cell: str | Text) -> str:
+    return cell if isinstance(cell, str) else cell.plain
+
+
+def _style(console: Console, cell: str | Text) -> Style | None:
+    if isinstance(cell, str) or not cell.style:
         return None
     return cell.style if isinstance(cell.style, Style) else console.get_style(cell.style)
