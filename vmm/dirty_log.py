@@ -50,6 +50,7 @@ _LINE = 256  # bytes: 32 words, 2,048 pages, 8 MiB of guest RAM
 SKIP_FROM = 4096  # bytes: bitmaps of slots over 128 MiB skip zeros
 _ZERO_CHUNK = bytes(_CHUNK)
 _ZERO_LINE = bytes(_LINE)
+_NONZERO = bytes([0] + [1] * 255)  # bytes.translate table: 0 stays 0, any other byte becomes 1
 
 
 def bitmap_runs(bitmap: bytearray | bytes, words, first_page: int, runs: list[tuple[int, int]],
@@ -68,9 +69,15 @@ def bitmap_runs(bitmap: bytearray | bytes, words, first_page: int, runs: list[tu
     if size > SKIP_FROM:
         return _skipping_zeros(bitmap, words, first_page, runs, mask, others)
     found = 0  # one loop, no call per word: right after KVM_RUN each Python call costs cache misses
-    for i, word in enumerate(words):
-        if not word:
-            continue
+    # The words with a bit set, found in C: a byte is 1 in ``flags`` where the
+    # bitmap's byte is not zero, and find() is a memchr. The loop below runs
+    # once per dirty word, not once per word (a 64 MiB slot: ~5 of 251).
+    flags = bitmap.translate(_NONZERO)
+    at = flags.find(1)
+    while at >= 0:
+        i = at >> 3
+        at = flags.find(1, (i + 1) << 3)
+        word = words[i]
         found += word.bit_count()
         if mask is None:
             parts = ((word, runs, None),)
