@@ -183,15 +183,29 @@ class WorkMailbox(Device):
         self.mailbox_size = mailbox_size
         self.mailbox: int | None = None
         self.pending: bytes | None = None
+        self.written = 0  # bytes from the mailbox on that the host wrote (the last work's message)
         self.end_requested = False  # set from any thread (end_work)
         self.end_flag: int | None = None  # the guest's doorbell flag (guest-physical), once told
         self._end_lock = threading.Lock()  # end_work (any thread) vs the guest naming its flag (vCPU thread)
 
     def give(self, words: str) -> None:
+        self.message(words)  # too long: refused now, not at delivery
+        self.pending = words.encode("utf-8")
+
+    def message(self, words: str) -> bytes:
+        """What ``deliver`` writes at the mailbox for ``words``: u32 length, then the words."""
         raw = words.encode("utf-8")
         if len(raw) > self.mailbox_size - 4:
             raise ValueError(f"work is {len(raw)} bytes, the mailbox holds {self.mailbox_size - 4}")
-        self.pending = raw
+        return len(raw).to_bytes(4, "little") + raw
+
+    def delivered(self, mailbox: int, written: int) -> None:
+        """The host wrote the work into the mailbox at ``mailbox`` itself, its
+        first ``written`` bytes (a reset in place writes the zygote's bytes
+        there with the next work already in them): nothing is pending."""
+        self.mailbox = mailbox
+        self.pending = None
+        self.written = written
 
     def end_work(self) -> None:
         with self._end_lock:
@@ -210,8 +224,10 @@ class WorkMailbox(Device):
     def deliver(self) -> None:
         """Write the queued work into the mailbox (the guest is stopped in its OUT)."""
         if self.mailbox is not None and self.pending is not None:
-            self.memory.write(self.mailbox, len(self.pending).to_bytes(4, "little") + self.pending)
+            message = len(self.pending).to_bytes(4, "little") + self.pending
+            self.memory.write(self.mailbox, message)
             self.pending = None
+            self.written = len(message)
 
     def io_out(self, offset: int, data: bytes) -> Stop | None:
         addr = int.from_bytes(data, "little")

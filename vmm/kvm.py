@@ -87,6 +87,16 @@ class _FdOwner:
             raise ValueError(f"{type(self).__name__} is closed")
         return self._fd
 
+    def prepared(self, request: int, arg: Any) -> Callable[[], int]:
+        """The ioctl ``request`` with ``arg`` (kept alive here) as a call of
+        no arguments: ``fcntl.ioctl`` itself, no layer of ours, so a failure
+        is a plain ``OSError``. For ioctls repeated with the same argument
+        on a hot path (a reset in place, right after KVM_RUN, when each
+        Python frame and argument built costs cache misses). Nothing pending
+        in kvm_run is applied first (``VcpuFd.load_synced``): a caller that
+        loads synced registers does so after these."""
+        return functools.partial(fcntl.ioctl, self.fd, request, arg)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -182,8 +192,13 @@ class VmFd(_FdOwner):
         _ioctl(self.fd, K.KVM_SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR")
 
     def get_dirty_log(self, slot: int, bitmap: C.Array) -> None:
-        log = K.kvm_dirty_log(slot=slot, dirty_bitmap=C.addressof(bitmap))
-        _ioctl(self.fd, K.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
+        _ioctl(self.fd, K.KVM_GET_DIRTY_LOG, self.dirty_log_arg(slot, bitmap), "KVM_GET_DIRTY_LOG")
+
+    @staticmethod
+    def dirty_log_arg(slot: int, bitmap: C.Array) -> K.kvm_dirty_log:
+        """KVM_GET_DIRTY_LOG's argument: ``slot``'s log goes into ``bitmap``
+        (which must outlive it: KVM is given its address)."""
+        return K.kvm_dirty_log(slot=slot, dirty_bitmap=C.addressof(bitmap))
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: C.Array) -> None:
         """KVM_CLEAR_DIRTY_LOG: write-protect again (and clear in the log) the

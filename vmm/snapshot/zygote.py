@@ -32,6 +32,7 @@ from .format import SnapshotError, VcpuState
 from .vcpu import FastLoader, apply, capture, complete_pending_io
 
 PAGE = 4096
+_BOXES_KEPT = 64  # mailbox images (one per distinct work) a zygote keeps
 
 # Command-line words the guest only reads after READY: the work (the failure
 # scenarios too: they act after READY). Every other word shapes the boot and
@@ -85,8 +86,6 @@ class Zygote:
             complete_pending_io(vm.vcpu)  # RIP past the OUT
             self.vcpu_state: VcpuState = capture(vm.vcpu, vm.kvm, vm.tsc_khz)
             self.mailbox = vm.work.mailbox
-            last = (self.mailbox + vm.work.mailbox_size - 1) // PAGE
-            self._mailbox_pages = (self.mailbox // PAGE, last - self.mailbox // PAGE + 1)  # a run of pages
             self.slide = vm.slide
             self.tsc_khz = vm.tsc_khz
             self.backend = vm.backend
@@ -105,6 +104,7 @@ class Zygote:
             vm.close()
         self.boot_ms = (time.perf_counter_ns() - t0) / 1e6
         self._loader = FastLoader(self.vcpu_state)
+        self._boxes: dict[tuple[str, int], tuple[bytes, int]] = {}  # (work, bytes written before) -> _box_image
         self._synced: bool | None = None  # KVM_CAP_SYNC_REGS covers regs, sregs and events (asked at the first reset)
 
     def close(self) -> None:
@@ -146,22 +146,45 @@ class Zygote:
         # the clean pages between them (vmm.dirty_log.bitmap_runs).
         runs, zero = vm.dirty_tracker.take_split(self.data_pages)
         t1 = time.perf_counter_ns()
-        # And the mailbox's pages: written by the host, so in no dirty log
-        # (copied twice if the guest wrote them too: harmless).
-        vm.memory.copy_runs_from(self.memory, runs + [self._mailbox_pages])
+        vm.memory.copy_runs_from(self.memory, runs)
         vm.memory.zero_runs(zero)
+        # And the mailbox: the host wrote the last work there, so that is in
+        # no dirty log (the rest of its pages, if the guest wrote them, is
+        # restored above). The zygote's bytes over the last work's message
+        # and the next one, with the next one in them: one small write
+        # instead of the zygote's pages and then the work
+        # (WorkMailbox.deliver), ~15 us less right after KVM_RUN.
+        box = self._boxes.get((work, vm.work.written))
+        if box is None:
+            box = self._box_image(vm, work)
+        vm.memory.write(self.mailbox, box[0])
         t2 = time.perf_counter_ns()
         if self._synced is None:  # one answer per host: every fork of this zygote runs here
             self._synced = vm.vm.syncs_regs(K.KVM_SYNC_X86_REGS | K.KVM_SYNC_X86_SREGS | K.KVM_SYNC_X86_EVENTS)
         self._loader.load(vm.vcpu, self._synced)
         t3 = time.perf_counter_ns()
         vm.reset_devices()
-        self._give(vm, work)
+        vm.work.delivered(self.mailbox, box[1])
         t4 = time.perf_counter_ns()
         zeroed = sum(n for _first, n in zero)
         return {"pages": sum(n for _first, n in runs) + zeroed, "zeroed": zeroed, "runs": len(runs) + len(zero), "log_us": (t1 - t0) / 1e3, "copy_us": (t2 - t1) / 1e3,
                 "vcpu_us": (t3 - t2) / 1e3, "devices_us": (t4 - t3) / 1e3, "total_us": (t4 - t0) / 1e3,
                 "mechanism": vm.dirty_mechanism}
+
+    def _box_image(self, vm: Vm, work: str) -> tuple[bytes, int]:
+        """What a reset writes at the mailbox of ``vm`` for ``work``: the
+        zygote's bytes over the message the host wrote last (``written``)
+        and the next one, with the next one in them. Kept, by work and
+        length written before: a test suite resets to a few works, each
+        many times. With the length of the message in it."""
+        message = vm.work.message(work)
+        key = (work, vm.work.written)
+        image = bytearray(self.memory.read(self.mailbox, max(len(message), key[1])))
+        image[: len(message)] = message
+        if len(self._boxes) >= _BOXES_KEPT:
+            self._boxes.clear()
+        box = self._boxes[key] = (bytes(image), len(message))
+        return box
 
     def _give(self, vm: Vm, work: str) -> None:
         vm.work.mailbox = self.mailbox
