@@ -8,6 +8,7 @@ tests/vmm/test_kvm_abi.py against the values of the installed header.
 from __future__ import annotations
 
 import ctypes as C
+import functools
 import struct
 
 # --- _IOC encoding (include/uapi/asm-generic/ioctl.h) ----------------------
@@ -229,6 +230,7 @@ class kvm_cpuid2(_Struct):
     _fields_ = [("nent", u32), ("padding", u32)]
 
 
+@functools.cache  # one class per length: making a ctypes class costs ~50 us
 def kvm_cpuid2_with(n: int) -> type[C.Structure]:
     """A kvm_cpuid2 header followed by room for ``n`` entries."""
 
@@ -248,6 +250,7 @@ class kvm_msrs(_Struct):
     _fields_ = [("nmsrs", u32), ("pad", u32)]
 
 
+@functools.cache  # one class per length: making a ctypes class costs ~50 us
 def kvm_msrs_with(n: int) -> type[C.Structure]:
     class _kvm_msrs_n(_Struct):
         _fields_ = [("nmsrs", u32), ("pad", u32), ("entries", kvm_msr_entry * n)]
@@ -498,6 +501,7 @@ class kvm_msr_list(_Struct):
     _fields_ = [("nmsrs", u32)]
 
 
+@functools.cache  # one class per length: making a ctypes class costs ~50 us
 def kvm_msr_list_with(n: int) -> type[C.Structure]:
     class _kvm_msr_list_n(_Struct):
         _fields_ = [("nmsrs", u32), ("indices", u32 * n)]

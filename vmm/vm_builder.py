@@ -29,11 +29,13 @@ from .memory import GuestMemory
 _CPUID_CACHE = None
 
 
-def supported_cpuid(kvm: Kvm):
-    """KVM_GET_SUPPORTED_CPUID does not change while the process runs: ask once."""
+def supported_cpuid(kvm: Kvm) -> tuple:
+    """KVM_GET_SUPPORTED_CPUID, and what it offers (``CpuFeatures``): it
+    does not change while the process runs, so both are made once."""
     global _CPUID_CACHE
     if _CPUID_CACHE is None:
-        _CPUID_CACHE = kvm.get_supported_cpuid()
+        cpuid = kvm.get_supported_cpuid()
+        _CPUID_CACHE = (cpuid, cpu_features(cpuid_leaves(cpuid)))
     return _CPUID_CACHE
 
 
@@ -227,8 +229,7 @@ def build_machine(image: KernelImage, config, backend: BackendInfo, restore=None
         # tables' page sizes depend on what that CPUID offers.
         m.kvm = Kvm()
         t_open = t()
-        cpuid = supported_cpuid(m.kvm)
-        m.cpu_features = cpu_features(cpuid_leaves(cpuid))
+        cpuid, m.cpu_features = supported_cpuid(m.kvm)
         t_cpuid = t()
         # Guest RAM is prepared before the VM exists: once KVM_CREATE_VM has
         # attached KVM's MMU notifier to this process, every first touch of a

@@ -29,7 +29,7 @@ from ..abi import ReportKind
 from ..memory import GuestMemory
 from ..vm import Vm, VmConfig
 from .format import SnapshotError, VcpuState
-from .vcpu import FastLoader, apply, capture, complete_pending_io
+from .vcpu import FastLoader, capture, complete_pending_io
 
 PAGE = 4096
 _BOXES_KEPT = 64  # mailbox images (one per distinct work) a zygote keeps
@@ -64,7 +64,9 @@ class _ForkSource:
         return GuestMemory(self.zygote.memory.size, copy_on_write_of=self.zygote.memory.fd)
 
     def load_vcpu(self, vcpu) -> None:
-        apply(vcpu, self.zygote.vcpu_state)
+        # The reset's loader: its MSR batch is made once per zygote, so a
+        # fork reads no MSRs and builds no ctypes buffer.
+        self.zygote._loader.load(vcpu)
 
 
 class Zygote:
