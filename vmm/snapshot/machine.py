@@ -254,6 +254,11 @@ class RestoreSource:
     def load_vcpu(self, vcpu) -> None:
         apply(vcpu, self.snap.state.vcpu)
 
+    def take_machine(self, config):
+        """A machine prepared ahead for ``config`` (``vmm.vm_builder.Machine``
+        without its vCPU state), or None: a file is loaded once, so none."""
+        return None
+
 
 def restore_vm(snap: LoadedSnapshot, image, config, **vm_kwargs):
     """A ``Vm`` that resumes ``snap`` (checked with ``check_compatible`` first)."""

@@ -28,7 +28,9 @@ from .. import kvm_abi as K
 from ..abi import ReportKind
 from ..memory import GuestMemory
 from ..vm import Vm, VmConfig
+from ..vm_builder import build_machine
 from .format import SnapshotError, VcpuState
+from .spare import SpareMachines
 from .vcpu import FastLoader, capture, complete_pending_io
 
 PAGE = 4096
@@ -52,8 +54,9 @@ def split_cmdline(cmdline: str) -> tuple[str, str]:
 class _ForkSource:
     """``Vm(restore=...)`` from a zygote: CoW RAM, saved vCPU state."""
 
-    def __init__(self, zygote: "Zygote"):
+    def __init__(self, zygote: "Zygote", spare: bool = False):
         self.zygote = zygote
+        self.spare = spare
         self.slide = zygote.slide
         self.inspect_fields = zygote.inspect_fields
         # What a save of a fork records about where it came from (machine.state_of).
@@ -63,10 +66,20 @@ class _ForkSource:
     def make_memory(self, config):
         return GuestMemory(self.zygote.memory.size, copy_on_write_of=self.zygote.memory.fd)
 
+    def take_machine(self, config):
+        """The zygote's spare machine for ``config``, if one is ready or being built."""
+        return self.zygote._spares.take(_machine_key(config)) if self.spare else None
+
     def load_vcpu(self, vcpu) -> None:
         # The reset's loader: its MSR batch is made once per zygote, so a
         # fork reads no MSRs and builds no ctypes buffer.
         self.zygote._loader.load(vcpu)
+
+
+def _machine_key(config: VmConfig) -> tuple:
+    """What a fork's machine depends on, before its vCPU state."""
+    return (config.memory, config.shared_memory, config.protect_kernel, config.dirty_log, config.dirty_mechanism,
+            config.coalesce_serial)
 
 
 class Zygote:
@@ -108,8 +121,19 @@ class Zygote:
         self._loader = FastLoader(self.vcpu_state)
         self._boxes: dict[tuple[str, int], tuple[bytes, int]] = {}  # (work, bytes written before) -> _box_image
         self._synced: bool | None = None  # KVM_CAP_SYNC_REGS covers regs, sregs and events (asked at the first reset)
+        # The next fork's machine, built while the last fork runs (vmm.snapshot.spare).
+        self._spares = SpareMachines(self._build_spare, name="zygote-spare")
+
+    def _build_spare(self, key: tuple):
+        memory, shared, protect, dirty_log, mechanism, coalesce = key
+        config = VmConfig(memory=memory, shared_memory=shared, protect_kernel=protect, dirty_log=dirty_log,
+                          dirty_mechanism=mechanism, coalesce_serial=coalesce, slide=self.slide)
+        return build_machine(self.image, config, self.backend, _ForkSource(self), load_state=False)
 
     def close(self) -> None:
+        spares = getattr(self, "_spares", None)
+        if spares is not None:
+            spares.close()
         if self.memory is not None:
             self.memory.close()
             self.memory = None
@@ -122,16 +146,21 @@ class Zygote:
 
     # --- making VMs -------------------------------------------------------------------
     def fork(self, work: str = "", *, console=None, on_report=None, dirty_log: bool = True, timeout=None,
-             dirty_mechanism: str = "auto") -> Vm:
+             dirty_mechanism: str = "auto", spare: bool = True) -> Vm:
         """A fresh VM at the zygote point with ``work`` in its mailbox
-        (``dirty_mechanism``: see ``vmm.vm_builder.choose_dirty_tracking``)."""
+        (``dirty_mechanism``: see ``vmm.vm_builder.choose_dirty_tracking``).
+        ``spare``: take the machine built ahead for this configuration, if
+        there is one, and have the next one built (``vmm.snapshot.spare``);
+        False builds everything now (what ``vmm bench`` compares with)."""
         config = VmConfig(memory=self.memory.size, cmdline=self.boot_cmdline, slide=self.slide,
                           timeout=timeout if timeout is not None else self.timeout, dirty_log=dirty_log,
                           dirty_mechanism=dirty_mechanism)
-        vm = Vm(self.image, config, restore=_ForkSource(self), backend=self.backend, console=console,
+        vm = Vm(self.image, config, restore=_ForkSource(self, spare), backend=self.backend, console=console,
                 on_report=on_report)
         vm.forked_from = self
         self._give(vm, work)
+        if spare:
+            self._spares.request(_machine_key(config))
         return vm
 
     def reset(self, vm: Vm, work: str = "") -> dict:
