@@ -29,6 +29,10 @@ DEFERRED_IMPORTS_ALLOWED = {
     "vmm.commands.memmap": "rich and the snapshot reader only when asked (`vmm memmap --json` stays light)",
     "vmm.vm": "mm decodes a restored guest's memory map only when something inspects it (fast start)",
     "vmm.diagnostics": "capstone and mm's walker (numpy) only when a fault is reported (fast start)",
+    "vmm.commands.run_full": "the inspector (numpy, rich) and the PNG writer only with --inspect, --control or "
+                             "--screenshot: `vmm run --save/--restore` starts as light as a plain run",
+    "vmm.gdbstub.cli": "the debugger (mm's walker, numpy, the inspector's views) only with --gdb: every run with "
+                       "a feature option checks the gdb options",
     "vmm.cli": "each command's option modules only when that command is parsed; importlib.metadata only "
                "for --version (fast start)",
 }

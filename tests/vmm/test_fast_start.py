@@ -138,6 +138,34 @@ def test_plain_run_imports_no_numpy_rich_or_pyelftools(tmp_path, guest_kernel_pa
 
 
 @pytest.mark.kvm
+def test_kernel_option_naming_the_built_guest_is_as_light(tmp_path, guest_kernel_path):
+    """`vmm run --kernel <the built guest>` (what scripts and tests pass) uses
+    the kernel's cache as a run without --kernel does: no boot plan built."""
+    subprocess.run([sys.executable, str(REPO / "vmm.py"), "run", "--quiet"], env={**os.environ, "PYTHONPATH": str(REPO)},
+                   capture_output=True, timeout=120)  # the plan for 128 MiB is cached now
+    modules, proc = _imports_of(["run", "--quiet", "--kernel", str(guest_kernel_path)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not _heavy(modules), _heavy(modules)
+
+
+@pytest.mark.kvm
+def test_save_and_restore_runs_import_no_numpy_rich_or_pyelftools(tmp_path, guest_kernel_path):
+    """`vmm run --save` and `--restore` take the light path too: the inspector
+    and the gdb stub are imported only when their options ask for them."""
+    snap = tmp_path / "g.core"
+    subprocess.run([sys.executable, str(REPO / "vmm.py"), "run", "--quiet", "--kernel", str(guest_kernel_path)],
+                   env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, timeout=120)  # the plan is cached now
+    modules, proc = _imports_of(["run", "--quiet", "--kernel", str(guest_kernel_path), "--save", str(snap)], tmp_path)
+    assert proc.returncode == 0 and snap.exists(), proc.stderr[-2000:]
+    heavy = {m.split(".")[0] for m in modules} & set(HEAVY)  # mm's memory map model is light (no numpy)
+    assert not heavy, sorted(heavy)
+    modules, proc = _imports_of(["run", "--quiet", "--kernel", str(guest_kernel_path), "--restore", str(snap)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    heavy = {m.split(".")[0] for m in modules} & set(HEAVY)
+    assert not heavy, sorted(heavy)
+
+
+@pytest.mark.kvm
 def test_memmap_json_imports_no_numpy(tmp_path, guest_kernel_path):
     """`vmm memmap --json` reads the memory map from the kernel's cached boot plan."""
     subprocess.run([sys.executable, str(REPO / "vmm.py"), "run", "--quiet"], env={**os.environ, "PYTHONPATH": str(REPO)},

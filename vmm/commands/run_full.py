@@ -1,7 +1,11 @@
 """``vmm run`` with the inspector, snapshots or the gdb stub: ``--inspect``,
 ``--control``, ``--screenshot``, ``--save``/``--save-at``, ``--restore`` and
 ``--gdb``. The plain run of ``vmm.commands.run`` with these attached through
-its ``RunExtras``."""
+its ``RunExtras``.
+
+The inspector (numpy, rich) and the PNG writer are imported when their
+option is given, as the gdb stub is (``vmm.gdbstub.cli``): a ``--save`` or
+``--restore`` run starts as light as a plain one."""
 
 from __future__ import annotations
 
@@ -13,23 +17,18 @@ import time
 from ..errors import UsageError
 from ..gdbstub.cli import check_run_arguments as check_gdb_arguments
 from ..gdbstub.cli import serving
-from ..inspector.control import ControlServer
-from ..inspector.live import LineSink, ViewedConsole, live_view
-from ..inspector.target import LocalTarget
-from ..inspector.tui import ConsoleHistory, run_tui
 from ..snapshot.commands import check_run_arguments, open_for_run, plan_for_run
 from ..snapshot.machine import restore_vm
 from ..run_result import RunResult
 from ..vm import Vm, VmConfig
 from .run import RunExtras, Say, run
-from .screenshot import save_screenshot
 
 
 class FullRun(RunExtras):
     def __init__(self, args):
         self.args = args
-        self.viewed: ViewedConsole | None = None  # full screen: the console goes into the view
-        self.sink: LineSink | None = None  # piped --inspect: status lines between whole console lines
+        self.viewed = None  # full screen (inspector.live.ViewedConsole): the console goes into the view
+        self.sink = None  # piped --inspect (inspector.live.LineSink): status lines between whole console lines
         self.restore = None
         self.saver = None
 
@@ -46,6 +45,9 @@ class FullRun(RunExtras):
         args = self.args
         if not args.inspect:
             return None
+        from ..inspector.live import LineSink, ViewedConsole
+        from ..inspector.tui import ConsoleHistory
+
         if sys.stdout.isatty() and sys.stdin.isatty():
             # out again when the view closes (q), as if there had been no view
             self.viewed = ViewedConsole(None if args.quiet else stream, ConsoleHistory())
@@ -78,6 +80,8 @@ class FullRun(RunExtras):
         errors: list[str] = []
         try:
             if args.control:
+                from ..inspector.control import ControlServer
+
                 server = ControlServer(vm, args.control)
                 say(f"control socket: {args.control} (attach with `vmm inspect {args.control}`)")
             if args.inspect:
@@ -105,6 +109,10 @@ class FullRun(RunExtras):
     def _start_view(self, vm: Vm, stop_view: threading.Event, errors: list[str]) -> threading.Thread:
         """The live view in its own thread (the vCPU runs in this one): full screen
         with keys on a terminal, one status line a second otherwise."""
+        from ..inspector.live import live_view
+        from ..inspector.target import LocalTarget
+        from ..inspector.tui import run_tui
+
         target = LocalTarget(vm)
         args = self.args
 
@@ -133,6 +141,8 @@ class FullRun(RunExtras):
         if self.saver is not None:
             self.saver.finish(result)
         if self.args.screenshot:
+            from .screenshot import save_screenshot
+
             save_screenshot(vm.memory, vm.memory.size, self.args.screenshot)
             say(f"framebuffer saved to {self.args.screenshot}")
 

@@ -1,11 +1,12 @@
 """`vmm run --gdb ...`: checking the options and starting the stub for a run
-(the options themselves are in ``vmm.gdbstub.options``)."""
+(the options themselves are in ``vmm.gdbstub.options``). The debugger (mm's
+walker, numpy, the inspector's views) is imported only when --gdb is given:
+every `vmm run` with a feature option checks these options."""
 
 from __future__ import annotations
 
 import contextlib
 
-from .debugger import Debugger
 from .options import add_run_arguments
 from .server import GdbAddressError, parse_address
 
@@ -31,6 +32,8 @@ def serving(vm, args, say, warn, kernel_path: str, usage_error):
     if getattr(args, "gdb", None) is None:
         yield None
         return
+    from .debugger import Debugger  # heavy: only with --gdb (see the module's docstring)
+
     addr = args.gdb_address
     if not addr.is_loopback:
         warn(f"gdb stub listening on {addr} without authentication: anyone who can connect controls the guest")
