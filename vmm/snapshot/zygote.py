@@ -177,18 +177,16 @@ class Zygote:
         # the clean pages between them (vmm.dirty_log.bitmap_runs).
         runs, zero = vm.dirty_tracker.take_split(self.data_pages)
         t1 = time.perf_counter_ns()
-        vm.memory.copy_runs_from(self.memory, runs)
-        vm.memory.zero_runs(zero)
         # And the mailbox: the host wrote the last work there, so that is in
         # no dirty log (the rest of its pages, if the guest wrote them, is
-        # restored above). The zygote's bytes over the last work's message
-        # and the next one, with the next one in them: one small write
-        # instead of the zygote's pages and then the work
+        # restored with the runs). The zygote's bytes over the last work's
+        # message and the next one, with the next one in them: one small
+        # write instead of the zygote's pages and then the work
         # (WorkMailbox.deliver), ~15 us less right after KVM_RUN.
         box = self._boxes.get((work, vm.work.written))
         if box is None:
             box = self._box_image(vm, work)
-        vm.memory.write(self.mailbox, box[0])
+        vm.memory.put_back(self.memory, runs, zero, self.mailbox, box[0])
         t2 = time.perf_counter_ns()
         if self._synced is None:  # one answer per host: every fork of this zygote runs here
             self._synced = vm.vm.syncs_regs(K.KVM_SYNC_X86_REGS | K.KVM_SYNC_X86_SREGS | K.KVM_SYNC_X86_EVENTS)
