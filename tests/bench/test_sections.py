@@ -150,6 +150,24 @@ def test_pair_slowdowns_compare_each_watched_window_with_its_neighbours():
     assert pair_slowdowns([Window(False, 100, 1.0), Window(True, 100, 1.0)]) == []
 
 
+def test_pooled_slowdown_weighs_every_second_and_brackets_itself():
+    from vmm.bench.watch import Window, pooled_slowdown
+
+    # Three pairs: watched at 90, 100 and 80 % of the unwatched speed around them.
+    ws = [Window(False, 100, 1.0, 0.5), Window(True, 90, 1.0, 0.5), Window(False, 100, 1.0, 0.5),
+          Window(True, 200, 2.0, 1.0), Window(False, 100, 1.0, 0.5), Window(True, 80, 1.0, 0.5),
+          Window(False, 100, 1.0, 0.5)]
+    mid, lo, hi = pooled_slowdown(ws)
+    assert mid == pytest.approx(100 / ((90 + 200 + 80) / 4.0) - 1)  # sums: the 2 s window weighs double
+    assert lo <= mid <= hi and lo >= 100 / 100 - 1 - 1e-12 and hi <= 100 / 80 - 1 + 1e-12
+    assert pooled_slowdown(ws) == (mid, lo, hi)  # a fixed seed: the same windows, the same interval
+    # The same run timed by the vCPU thread's CPU: half of every window, so the same ratios.
+    assert pooled_slowdown(ws, cpu=True)[0] == pytest.approx(mid)
+    steady = [Window(i % 2 == 1, 100, 1.0) for i in range(9)]
+    assert pooled_slowdown(steady) == pytest.approx((0.0, 0.0, 0.0))
+    assert pooled_slowdown([Window(False, 100, 1.0)]) is None
+
+
 def test_watch_rows_per_workload():
     from vmm.bench.watch import WORKLOADS, WatchSamples, Window
 
@@ -169,7 +187,9 @@ def test_watch_rows_per_workload():
     assert pause["p50"] == 0.5 and pause["p99"] == 2.0 and pause["n"] == 3
     slow = sec.figure("watch_frag16k_slowdown")
     assert slow["unit"] == "%" and slow["median"] == pytest.approx((100 / 98 - 1 + 100 / 90 - 1) / 2 * 100)
-    assert slow["n"] == 2 and "2 watched windows" in next(r for r in sec.rows if r.key == "watch_frag16k_slowdown").note
+    slow_note = next(r for r in sec.rows if r.key == "watch_frag16k_slowdown").note
+    assert slow["n"] == 2 and "2 watched windows" in slow_note
+    assert f"pooled {100 * (200 / 188 - 1):+.1f} %" in slow_note
     cpu = sec.figure("watch_frag16k_slowdown_cpu")
     assert cpu["median"] == pytest.approx((100 / (98 / 0.9) - 1 + 100 / (90 / 0.9) - 1) / 2 * 100)
     assert "100 % of a CPU unwatched, 90 % watched" in next(r for r in sec.rows if r.key == "watch_frag16k_slowdown_cpu").note

@@ -211,8 +211,11 @@ def _slowdown_rows(sec: Section, s) -> None:
             continue
         pct = [100 * x for x in values]
         q = statistics.quantiles(pct, n=4, method="inclusive") if len(pct) > 1 else [pct[0]] * 3
+        pooled = watch.pooled_slowdown(s.windows, cpu=cpu)
         note = (f"median of {len(pct)} watched windows, each against the unwatched ones around it "
-                f"({on[0].wall_s:.1f} s each); quartiles {q[0]:+.1f} .. {q[2]:+.1f} %")
+                f"({on[0].wall_s:.1f} s each), quartiles {q[0]:+.1f} .. {q[2]:+.1f} %; all of them pooled "
+                f"{100 * pooled[0]:+.1f} %, 90 % interval {100 * pooled[1]:+.1f} .. {100 * pooled[2]:+.1f} % "
+                f"(pairs resampled)")
         if cpu:
             share = [sum(x.cpu_s for x in ws) / sum(x.wall_s for x in ws) if all(x.cpu_s is not None for x in ws)
                      else None for ws in (off, on)]
@@ -223,7 +226,7 @@ def _slowdown_rows(sec: Section, s) -> None:
         sec.add(f"watch_{w.key}_{key}", label, summarize(pct, "%"), indent=1, note=note)
 
 
-def run(image, iterations: int, backend=None, *, watch_pairs: int = 0, watch_window: float = 1.0) -> Section:
+def run(image, iterations: int, backend=None, *, watch_pairs: int = 0, watch_window: float = 0.5) -> Section:
     sec = section_from(measure(image, iterations, backend))
     if watch_pairs:
         add_watch_rows(sec, [watch.measure(image, w, window=watch_window, pairs=watch_pairs, backend=backend)

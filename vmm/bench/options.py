@@ -80,8 +80,8 @@ class Plan:
             exits=args.exits or (5000 if quick else 20000),
             guest_boots=1 if quick else min(runs, 3),
             inspector_iterations=10 if quick else max(10, 3 * runs),
-            watch_pairs=4 if quick else 12,
-            watch_window=0.5 if quick else 1.0,
+            watch_pairs=6 if quick else 24,
+            watch_window=0.5,
             scale_runs=1 if quick else min(runs, 3),
         )
 
