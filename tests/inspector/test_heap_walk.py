@@ -139,3 +139,18 @@ def test_unchanged_list_is_reused_without_reading_it_again():
     assert again.nodes_read == 1  # only the changed node; both stretches around it reused
     _same(again, walk_free_list(mem, tr, head, HEAP, HEAP + SLOTS * 16))
     assert again.unchanged(mem)
+
+
+def test_the_copy_made_in_a_pause_matches_until_any_word_the_walk_read_changes():
+    nodes = [(0x0, 0x100, HEAP + 0x200), (0x200, 0x40, HEAP + 0x1000), (0x1000, 0x800, 0)]
+    mem, tr = _setup(nodes)
+    v = walk_free_list(mem, tr, HEAP, HEAP, HEAP + SIZE)
+    assert v.matches(v.capture(mem))
+    mem.write(PHYS + 0x110, b"\xff" * 8)  # inside a free block, not a word the walk read
+    assert v.matches(v.capture(mem))
+    for off, size, nxt in nodes:
+        for word, value in ((0, size), (8, nxt)):
+            mem.write(PHYS + off + word, struct.pack("<Q", value ^ 0x10))
+            assert not v.matches(v.capture(mem)), (off, word)
+            mem.write(PHYS + off + word, struct.pack("<Q", value))
+            assert v.matches(v.capture(mem))

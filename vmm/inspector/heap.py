@@ -111,8 +111,14 @@ class HeapRecord:
             self.words = self.expect = None
             return
         try:
-            self.words = indices(np.concatenate([self.phys, self.phys + np.uint64(8)]))
-            self.expect = np.concatenate([self.size, self.next])
+            # Each node's two words side by side and all of them in address
+            # order: the gather in the pause then streams through the heap
+            # once, each cache line fetched once (size then next, two passes
+            # over 16,384 nodes, fetched every line twice: ~25 % slower cold).
+            paddrs = np.stack([self.phys, self.phys + np.uint64(8)], axis=1).ravel()
+            order = np.argsort(paddrs, kind="stable")
+            self.words = indices(paddrs[order])
+            self.expect = np.stack([self.size, self.next], axis=1).ravel()[order]
         except (ValueError, IndexError):
             self.words = self.expect = None
 
