@@ -251,8 +251,14 @@ class Snapshotter:
     def take(self, facts: GuestFacts | None = None, *, max_tables: int = 1 << 16) -> Snapshot:
         facts = facts or self.target.facts()
         _warm_up(self.target.physmem)
-        if self._cr3 is None and facts.report.cr3 is not None:
-            self._cr3 = facts.report.cr3 & ADDR_MASK
+        if self._cr3 is None:
+            # Known before any hold, the first pass reads the tables while the
+            # guest runs; unknown, the first hold only learns CR3 and a second
+            # one copies.
+            hint = getattr(self.target, "cr3_hint", None)
+            cr3 = facts.report.cr3 if facts.report.cr3 is not None else hint() if hint is not None else None
+            if cr3 is not None:
+                self._cr3 = cr3 & ADDR_MASK
         tally = _Tally()
         walked, changed, whole = None, 0, False
         block_at = block_span(facts, self.target.physmem)

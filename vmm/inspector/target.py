@@ -117,6 +117,14 @@ class LocalTarget:
     def facts(self) -> GuestFacts:
         return facts_from_vm(self.vm)
 
+    def cr3_hint(self) -> int | None:
+        """Where the guest's tables most likely are before it has said so in
+        its INSPECT report: the CR3 this VMM booted it with (our kernel keeps
+        it; a guest that switched is found out by the first hold, which
+        costs what having no hint costs). None: not booted here."""
+        layout = getattr(self.vm, "layout", None)
+        return layout.cr3 if layout is not None else None
+
     @property
     def running(self) -> bool:
         """Is the guest running (its vCPU thread in the run loop)?"""
