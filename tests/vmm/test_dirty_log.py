@@ -144,3 +144,19 @@ def test_every_other_page_becomes_one_run_unless_a_data_page_is_between():
     runs: list[tuple[int, int]] = []
     bitmap_runs(_words(pages, 256), 0, runs)
     assert _expand(runs) == sorted(pages)
+
+
+@pytest.mark.parametrize("nruns", [1, dirty_log._FEW_RUNS, dirty_log._FEW_RUNS + 1, 300])
+def test_runs_are_exact_with_few_runs_and_many(nruns):
+    """Both ways of cutting runs off the int (one by one; by their edges,
+    a byte at a time) give exactly the pages set, runs of any length."""
+    rng = random.Random(nruns)
+    pages, at = set(), rng.randrange(70)
+    for _ in range(nruns):
+        n = rng.choice([1, 2, 7, 8, 9, 63, 64, 65])
+        pages |= set(range(at, at + n))
+        at += n + rng.randrange(1, 40)
+    nbits = (at + 64) // 64 * 64
+    runs: list[tuple[int, int]] = []
+    assert bitmap_runs(_words(pages, nbits), 3, runs) == len(pages)
+    assert len(runs) == nruns and _expand(runs) == sorted(p + 3 for p in pages)

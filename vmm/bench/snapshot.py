@@ -126,8 +126,8 @@ def _add_reset_row(sec: Section, key: str, label: str, infos: list[dict], baseli
     zeroed = [i["zeroed"] for i in infos]
     sec.add(key, label, distribution([i["total_us"] for i in infos], "us"), baseline=baseline,
             baseline_label="cold boot to exit", indent=1,
-            note=f"{note}; pages restored {min(pages)}-{max(pages)} (the dirty ones, and clean ones between "
-                 f"dense dirty pages) in {min(runs)}-{max(runs)} runs, {min(zeroed)}-{max(zeroed)} of them "
+            note=f"{note}; pages restored {min(pages)}-{max(pages)} (the dirty ones, and clean ones each between "
+                 f"two dirty pages) in {min(runs)}-{max(runs)} runs, {min(zeroed)}-{max(zeroed)} of them "
                  f"zeroed (zero in the zygote), the others copied; "
                  f"medians (us): {steps}; dirty log by {infos[0]['mechanism']}")
 
