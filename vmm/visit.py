@@ -46,7 +46,8 @@ class Visit:
     value: Any = None
     error: BaseException | None = None
     #: The guest held out of KVM_RUN for this visit (all its stops), from the
-    #: run loop's park point to the end of ``fn``.
+    #: run loop's park point to the end of ``fn`` and, for a real-time visit,
+    #: the vCPU thread's return to SCHED_OTHER (the guest waits for that too).
     held_ns: int = 0
     #: The vCPU thread's CPU time in the visit (``time.thread_time_ns``): the
     #: hold without the time a loaded host's scheduler gave others meanwhile.

@@ -137,6 +137,7 @@ class Vm:
         self._sync_regs: bool | None = None  # KVM stores regs and sregs in kvm_run on request (asked once)
         self._exit_regs = False  # inside a visit's fn: kvm_run holds this exit's registers
         self._realtime: bool | None = None  # may a visit run at SCHED_FIFO (learnt on the first that asks)
+        self._rt_on = False  # the vCPU thread is at SCHED_FIFO for the visit it serves
         self.running = False
         self._vcpu_thread: int | None = None
         self._kick_signal = False  # a SIGUSR1 handler is installed (set by run)
@@ -396,16 +397,12 @@ class Vm:
     def _serve_visit(self, v: Visit, at: int, interrupted: bool) -> None:
         """vCPU thread, at the park point: the visit's next step (see ``visit``),
         at real-time priority if it asks and the process may."""
-        rt = False
         if v.realtime and self._realtime is not False:
-            rt = self._realtime = _set_realtime(True)
+            self._rt_on = self._realtime = _set_realtime(True)
         try:
             self._visit_step(v, at, interrupted)
         finally:
-            if rt:
-                # The requester, woken at the end of the step, was placed on
-                # another CPU meanwhile: it cannot preempt this thread here.
-                _set_realtime(False)
+            self._leave_realtime()  # (the step leaves it inside the timed hold; not if it raised)
 
     def _visit_step(self, v: Visit, at: int, interrupted: bool) -> None:
         cpu = time.thread_time_ns()  # the hold on the CPU, without what the host scheduler takes from it
@@ -421,6 +418,7 @@ class Vm:
                 self._arm_run_to(addr)
                 v.stage = RUNNING_ON
                 v.progress.set()
+                self._leave_realtime()
                 now = time.perf_counter_ns()
                 v.held_ns += now - at
                 v.cpu_ns += time.thread_time_ns() - cpu
@@ -443,10 +441,21 @@ class Vm:
         v.exit_ns = at
         v.stage = DONE
         v.progress.set()
-        # Timed up to the answer (the way back into KVM_RUN, a few us, is not).
+        # Back to SCHED_OTHER inside the timed hold: the guest waits for it,
+        # and for whatever the scheduler runs first when this thread drops
+        # (measured here: ~15 us, and under load now and then milliseconds,
+        # which the CPU time leaves out). Timed up to here; the way back
+        # into KVM_RUN, a few us, is not.
+        self._leave_realtime()
         v.held_ns += time.perf_counter_ns() - at
         v.cpu_ns += time.thread_time_ns() - cpu
         v.done.set()
+
+    def _leave_realtime(self) -> None:
+        """vCPU thread: back to SCHED_OTHER if a visit put it at SCHED_FIFO."""
+        if self._rt_on:
+            _set_realtime(False)
+            self._rt_on = False
 
     def _drop_visit(self) -> None:
         """The run ends: a pending visit will not be served."""

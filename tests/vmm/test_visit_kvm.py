@@ -65,10 +65,14 @@ def test_a_visit_runs_on_the_vcpu_thread_and_the_guest_goes_on(vmm_vm):
             time.sleep(0.01)
         v = vm.visit(lambda: os.sched_getscheduler(0), realtime=True)
         seen["policy"] = v.value if v is not None else None
+        v = vm.visit(lambda: os.sched_getscheduler(0))
+        seen["policy_after"] = v.value if v is not None else None
         try:
-            vm.visit(lambda: 1 / 0)
+            vm.visit(lambda: 1 / 0, realtime=True)
         except ZeroDivisionError as exc:  # fn's error reaches the requester
             seen["error"] = exc
+        v = vm.visit(lambda: os.sched_getscheduler(0))
+        seen["policy_after_error"] = v.value if v is not None else None
 
     result = run_watched(vm, watch)
     vcpu_thread = threading.get_ident()  # vm.run() ran here
@@ -82,6 +86,8 @@ def test_a_visit_runs_on_the_vcpu_thread_and_the_guest_goes_on(vmm_vm):
     assert isinstance(seen["error"], ZeroDivisionError)
     # A real-time visit runs at SCHED_FIFO where the process may, and leaves the thread as it was.
     assert seen["policy"] in ((os.SCHED_FIFO,) if _may_realtime() else (os.SCHED_OTHER,))
+    # The next visit (and the guest) runs at SCHED_OTHER again, after a real-time fn that raised too.
+    assert seen["policy_after"] == seen["policy_after_error"] == os.SCHED_OTHER
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
@@ -90,7 +96,7 @@ def test_a_visit_runs_on_to_the_end_of_a_critical_section(vmm_vm):
     kernel's quiet hook (an instruction breakpoint) and calls fn there."""
     vm = vmm_vm("workload=mm workload_ms=3000", timeout=60)
     target = LocalTarget(vm)
-    found = {"ran_on": 0, "rips": set(), "busy_there": 0, "hook": None}
+    found = {"ran_on": 0, "rips": set(), "busy_there": 0, "hook": None, "policies": set(), "policies_there": set()}
 
     def watch():
         while not vm.running:
@@ -99,12 +105,16 @@ def test_a_visit_runs_on_to_the_end_of_a_critical_section(vmm_vm):
         hook = found["hook"] = facts.report.quiet_hook
         at = facts.report.inspect_block_phys
         while vm.running and found["ran_on"] < 5:
-            v = target.visit(lambda: (vm.vcpu.get_regs().rip, parked_busy(vm.memory, at)),
-                             run_on=lambda: hook if parked_busy(vm.memory, at) else None)
+            v = target.visit(lambda: (vm.vcpu.get_regs().rip, parked_busy(vm.memory, at), os.sched_getscheduler(0)),
+                             run_on=lambda: hook if parked_busy(vm.memory, at) else None, short=True)
             if v is None:
                 break
             if v.ran_on:
                 found["ran_on"] += 1
+                found["policies_there"].add(v.value[2])
+                # Run on and come back at real-time priority, then let go of it.
+                again = target.visit(lambda: os.sched_getscheduler(0))
+                found["policies"].add(again.value if again is not None else os.SCHED_OTHER)
                 found["rips"].add(v.value[0])
                 found["busy_there"] += v.value[1]
                 assert v.stops == 2 and v.ran_ns > 0
@@ -115,6 +125,8 @@ def test_a_visit_runs_on_to_the_end_of_a_critical_section(vmm_vm):
     assert found["hook"], "the INSPECT report names no quiet_hook"
     assert found["ran_on"] >= 3, found
     assert found["rips"] == {found["hook"]} and found["busy_there"] == 0, found
+    assert found["policies"] == {os.SCHED_OTHER}, found
+    assert found["policies_there"] == {os.SCHED_FIFO if _may_realtime() else os.SCHED_OTHER}, found
 
 
 def test_pauses_from_two_threads_take_turns(vmm_vm):
