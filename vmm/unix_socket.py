@@ -49,23 +49,42 @@ def clear_stale_socket(path: str) -> None:
     raise SocketPathError(f"{path} is in use by another VM")
 
 
-def bind_private(path: str) -> socket.socket:
-    """A UNIX stream socket bound at ``path`` (cleared of a stale socket first), mode 0600."""
+#: Longest AF_UNIX path Linux takes (sun_path is 108 bytes, NUL included).
+_SUN_PATH_MAX = 107
+
+
+def bind_private(path: str, backlog: int = 4) -> socket.socket:
+    """A UNIX stream socket listening at ``path`` (cleared of a stale socket
+    first), mode 0600. The path appears only once the socket listens: it is
+    bound and listening under a temporary name in the same directory, then
+    linked to ``path``, so a client that connects as soon as the file exists
+    (a script waiting for it) is never refused."""
     clear_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Linux gives the bound file the socket inode's mode (masked by the
     # umask), so set 0600 on the inode before bind, and again on the file.
     os.fchmod(sock.fileno(), 0o600)
+    head, tail = os.path.split(path)
+    temp = os.path.join(head, f".{tail}.{os.getpid()}")
+    if len(os.fsencode(temp)) > _SUN_PATH_MAX:
+        temp = None  # no room for a longer name: bind at the path itself (then listen at once)
     try:
-        sock.bind(path)
+        sock.bind(temp or path)
     except OSError as exc:
         sock.close()
         raise SocketPathError(f"cannot listen on {path}: {exc.strerror}") from None
-    with removed_on_failure(sock, path):
+    with removed_on_failure(sock, temp or path):
         try:
-            os.chmod(path, 0o600)
+            os.chmod(temp or path, 0o600)
         except OSError as exc:
             raise SocketPathError(f"cannot make {path} private: {exc.strerror}") from None
+        sock.listen(backlog)
+        if temp is not None:
+            try:
+                os.link(temp, path)  # fails if anything appeared at path meanwhile: never replaced
+            except OSError as exc:
+                raise SocketPathError(f"cannot listen on {path}: {exc.strerror}") from None
+            os.unlink(temp)
     return sock
 
 

@@ -73,3 +73,50 @@ def test_control_server_cleans_up_when_interrupted_while_starting(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         ControlServer(vm, path)
     assert not os.path.exists(path)
+
+
+def test_the_path_appears_only_once_the_socket_listens(tmp_path):
+    """A client that connects as soon as the file exists (a script waiting
+    for `vmm run --control PATH`) is never refused: at every C call made
+    while the socket is set up, either the path is absent or a connection
+    to it is accepted."""
+    import sys
+
+    path = str(tmp_path / "s.sock")
+    refused = []
+
+    def probe(frame, event, arg):
+        if event != "c_call" or not os.path.exists(path):
+            return
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            client.connect(path)
+        except ConnectionRefusedError:
+            refused.append(getattr(arg, "__name__", str(arg)))
+        finally:
+            client.close()
+
+    sys.setprofile(probe)
+    try:
+        sock = bind_private(path)
+    finally:
+        sys.setprofile(None)
+    try:
+        assert refused == [], f"refused while the path existed, at {refused}"
+        assert os.listdir(tmp_path) == ["s.sock"]  # no temporary name left behind
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        close_listener(sock, path)
+
+
+def test_a_path_too_long_for_a_temporary_name_still_listens(tmp_path):
+    base = str(tmp_path) + "/"
+    path = base + "s" * (107 - len(base))  # exactly the longest path AF_UNIX takes
+    if len(path) != 107:
+        pytest.skip("tmp_path itself is too long for this test")
+    sock = bind_private(path)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(path)
+    finally:
+        close_listener(sock, path)

@@ -209,7 +209,7 @@ class GdbServer:
     @staticmethod
     def _unix_socket(path: str) -> socket.socket:
         try:
-            return bind_private(path)  # owner-only, stale sockets of ours replaced
+            return bind_private(path, backlog=2)  # owner-only, stale sockets of ours replaced
         except SocketPathError as exc:
             raise GdbAddressError(f"--gdb: {exc}") from None
 

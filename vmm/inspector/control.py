@@ -108,11 +108,10 @@ class ControlServer:
         # Whoever can connect can pause the guest and map all of its RAM: the
         # socket is its owner's alone whatever the umask (vmm.unix_socket).
         try:
-            self.sock = bind_private(path)
+            self.sock = bind_private(path, backlog=4)
         except SocketPathError as exc:
             raise ControlError(str(exc)) from None
         with removed_on_failure(self.sock, path):
-            self.sock.listen(4)
             self._closed = False
             self._thread = threading.Thread(target=self._accept_loop, name="vmm-control", daemon=True)
             self._thread.start()
