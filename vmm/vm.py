@@ -315,6 +315,14 @@ class Vm:
             return
         self._pause_holder = me
         try:
+            # With the turn ours, a park still marked is the last holder's: it
+            # let the vCPU go, which has not left the park yet (a loaded host
+            # can take longer than that holder waited). Until it has, this
+            # holder would read that stale mark as its own park while the
+            # guest is about to run.
+            leave_by = time.monotonic() + timeout
+            while self._paused.is_set() and self.running and time.monotonic() < leave_by:
+                time.sleep(0.0002)
             self._resume.clear()
             self._unparked.clear()
             self._pause_requested = True

@@ -162,3 +162,45 @@ def test_pauses_from_two_threads_take_turns(vmm_vm):
     assert not problems, problems
     assert holds == ["first", "second"], holds
     assert result.exit_code == 0, result.message
+
+
+def test_the_next_holder_waits_for_a_slow_vcpu_to_leave_the_last_park(vmm_vm):
+    """A loaded host: the vCPU thread takes longer to leave its park than the
+    first holder waits for it (here a thread that keeps the GIL for long
+    switch intervals delays it). The second holder must still get a park of
+    its own, not the first one's stale mark with the guest about to run."""
+    import sys
+
+    vm = vmm_vm("workload=compute workload_ms=60000", timeout=120)  # ended by run_watched
+    problems, stop = [], threading.Event()
+
+    def spin():  # pure Python: it lets the GIL go only when the interval forces it
+        while not stop.is_set():
+            sum(range(1000))
+
+    def watch():
+        while not vm.running:
+            time.sleep(0.001)
+        interval = sys.getswitchinterval()
+        for _ in range(6):
+            with vm.paused() as parked:
+                if not parked:
+                    problems.append("first: not parked")
+                sys.setswitchinterval(0.2)
+                spinner = threading.Thread(target=spin)
+                spinner.start()  # takes the GIL as this block ends and the vCPU wakes
+            try:
+                with vm.paused() as parked:
+                    parked_at = vm.parked_ns
+                    time.sleep(0.05)
+                    if parked and (not vm._paused.is_set() or vm.parked_ns != parked_at):
+                        problems.append("second: the guest ran inside the block")
+            finally:
+                stop.set()
+                spinner.join()
+                stop.clear()
+                sys.setswitchinterval(interval)
+
+    result = run_watched(vm, watch)
+    assert not problems, problems
+    assert result.exit_code == 0, result.message
