@@ -40,7 +40,7 @@ PAGE = 4096
 _ZERO_PAGE = bytes(PAGE)
 _SCAN_CHUNK = 1 << 20  # nonzero_runs copies RAM out a MiB at a time
 _ZERO_CHUNK = bytes(_SCAN_CHUNK)
-_ZERO_RUN_PAGES = 8  # zero_runs: runs up to this long are copied from _ZERO_RUN
+_ZERO_RUN_PAGES = 8  # put_back: zero runs up to this long are copied from _ZERO_RUN
 _ZERO_RUN = memoryview(bytes(_ZERO_RUN_PAGES * PAGE))
 
 
@@ -92,15 +92,6 @@ class GuestMemory(BufferMemory):
         done = os.pwrite(self.fd, src, paddr)
         if done < src.nbytes:
             super().write(paddr + done, src.cast("B")[done:])
-
-    def copy_runs_from(self, other: "GuestMemory", runs) -> None:
-        """Copy runs of 4 KiB pages, ``(first page, count)``, from ``other``,
-        a RAM of the same size: one slice copy per run."""
-        self.put_back(other, runs, ())
-
-    def zero_runs(self, runs) -> None:
-        """Zero runs of 4 KiB pages, ``(first page, count)``."""
-        self.put_back(None, (), runs)
 
     def put_back(self, other: "GuestMemory | None", copied, zeroed, at: int = 0, data: bytes = b"") -> None:
         """Runs of 4 KiB pages, ``(first page, count)``: ``copied`` from

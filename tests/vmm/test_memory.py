@@ -100,10 +100,10 @@ def test_a_copy_on_write_ram_reads_its_image_for_data_pages():
             assert _bits(cow.data_pages()) == {3, 4}
 
 
-def test_zero_runs_zero_exactly_those_pages():
+def test_put_back_zeroes_exactly_the_zero_runs():
     with GuestMemory(16 << 20) as mem:
         mem.write(0, b"\xff" * (64 * 4096))
-        mem.zero_runs([(1, 1), (3, 2), (10, 20)])  # short runs (a slice copy) and a long one (memset)
+        mem.put_back(None, (), [(1, 1), (3, 2), (10, 20)])  # short runs (a slice copy) and a long one (memset)
         data = mem.read(0, 64 * 4096)
         zeroed = {1, 3, 4} | set(range(10, 30))
         for page in range(64):
@@ -111,4 +111,4 @@ def test_zero_runs_zero_exactly_those_pages():
             assert chunk == (bytes(4096) if page in zeroed else b"\xff" * 4096), page
         for bad in ([(4095, 2)], [(-1, 1)], [(0, 4097)]):
             with pytest.raises(OutOfBounds):
-                mem.zero_runs(bad)
+                mem.put_back(None, (), bad)
