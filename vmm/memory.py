@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes as C
 import errno
+import functools
 import mmap
 import os
 
@@ -39,9 +40,16 @@ PWRITE_MIN = 4096
 PAGE = 4096
 _ZERO_PAGE = bytes(PAGE)
 _SCAN_CHUNK = 1 << 20  # nonzero_runs copies RAM out a MiB at a time
-_ZERO_CHUNK = bytes(_SCAN_CHUNK)
 _ZERO_RUN_PAGES = 8  # put_back: zero runs up to this long are copied from _ZERO_RUN
 _ZERO_RUN = memoryview(bytes(_ZERO_RUN_PAGES * PAGE))
+
+
+@functools.cache
+def _zeros(size: int) -> bytes:
+    """``size`` zero bytes, made on first use: nonzero_runs compares a MiB
+    at a time, and a MiB made at import would be paid by every start of the
+    VMM, most of which never scan RAM."""
+    return bytes(size)
 
 
 class GuestMemory(BufferMemory):
@@ -135,7 +143,7 @@ class GuestMemory(BufferMemory):
             end = start + size
             for off in range(start, end, _SCAN_CHUNK):
                 chunk = self._mem[off : min(off + _SCAN_CHUNK, end)].tobytes()
-                if chunk == _ZERO_CHUNK[: len(chunk)]:
+                if chunk == _zeros(len(chunk)):
                     continue
                 for at in range(0, len(chunk), PAGE):
                     if not chunk.startswith(_ZERO_PAGE, at):

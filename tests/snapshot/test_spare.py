@@ -29,6 +29,22 @@ def test_a_requested_spare_is_handed_out_once_for_its_key():
         spares.close()
 
 
+def test_a_spare_is_built_from_the_spec_of_the_request_that_asked_for_it():
+    # The zygote keys spares by what a machine depends on and builds them
+    # from the asking fork's whole configuration.
+    built = []
+    spares = SpareMachines(lambda spec: built.append(Thing(spec)) or built[-1])
+    try:
+        spares.request("a", {"memory": 64, "timeout": 5})
+        got = spares.take("a")
+        assert got.key == {"memory": 64, "timeout": 5}
+        spares.request("b", {"memory": 128})
+        assert spares.take("a") is None  # built for key b, closed
+        assert built[-1].key == {"memory": 128} and built[-1].closed
+    finally:
+        spares.close()
+
+
 def test_a_spare_for_another_key_is_closed_not_handed_out():
     built = []
     spares = SpareMachines(lambda key: built.append(Thing(key)) or built[-1])

@@ -18,16 +18,17 @@ from typing import Callable, Hashable
 
 
 class SpareMachines:
-    """Builds one machine ahead, on request, with ``build(key)``; hands it
-    out with ``take(key)``. Thread-safe; ``close()`` waits for a build in
-    flight and closes what is left."""
+    """Builds one machine ahead, on request, with ``build(spec)``; hands it
+    out with ``take(key)`` to whoever asks with the same key (``spec`` is
+    what to build, ``key`` the part of it a machine depends on). Thread-safe;
+    ``close()`` waits for a build in flight and closes what is left."""
 
-    def __init__(self, build: Callable[[Hashable], object], name: str = "spare-machine"):
+    def __init__(self, build: Callable[[object], object], name: str = "spare-machine"):
         self._build = build
         self._name = name
         self._cond = threading.Condition()
         self._spare: tuple[Hashable, object] | None = None
-        self._pending: Hashable | None = None
+        self._pending: tuple[Hashable, object] | None = None  # (key, spec) to build next
         self._building: Hashable | None = None  # the key of the build in flight
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -51,23 +52,24 @@ class SpareMachines:
         self.taken += 1
         return spare[1]
 
-    def request(self, key: Hashable) -> None:
-        """Have a spare for ``key`` built in the background: nothing to do if
-        one is there or on its way; asked for during a build for another
-        key, that one is dropped when done and ``key``'s built next."""
+    def request(self, key: Hashable, spec: object = None) -> None:
+        """Have a spare for ``key`` built in the background from ``spec``
+        (``key`` itself if None): nothing to do if one is there or on its
+        way; asked for during a build for another key, that one is dropped
+        when done and ``key``'s built next."""
         with self._cond:
             if self._closed:
                 return
             if self._building is not None or self._pending is not None:
                 if self._building != key:
-                    self._pending = key
+                    self._pending = (key, key if spec is None else spec)
                 return
             if self._spare is not None:
                 if self._spare[0] == key:
                     return
                 self._spare[1].close()
                 self._spare = None
-            self._pending = key
+            self._pending = (key, key if spec is None else spec)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
                 self._thread.start()
@@ -80,9 +82,9 @@ class SpareMachines:
                     self._cond.wait()
                 if self._closed:
                     return
-                key, self._pending, self._building = self._pending, None, self._pending
+                (key, spec), self._pending, self._building = self._pending, None, self._pending[0]
             try:
-                machine = self._build(key)
+                machine = self._build(spec)
             except Exception:  # the fork builds its own and reports whatever fails there
                 machine = None
                 self.failed += 1

@@ -124,10 +124,9 @@ class Zygote:
         # The next fork's machine, built while the last fork runs (vmm.snapshot.spare).
         self._spares = SpareMachines(self._build_spare, name="zygote-spare")
 
-    def _build_spare(self, key: tuple):
-        memory, shared, protect, dirty_log, mechanism, coalesce = key
-        config = VmConfig(memory=memory, shared_memory=shared, protect_kernel=protect, dirty_log=dirty_log,
-                          dirty_mechanism=mechanism, coalesce_serial=coalesce, slide=self.slide)
+    def _build_spare(self, config: VmConfig):
+        """A machine for forks with ``config`` (that of the fork that asked
+        for it: what it depends on is ``_machine_key``), vCPU state not loaded."""
         return build_machine(self.image, config, self.backend, _ForkSource(self), load_state=False)
 
     def close(self) -> None:
@@ -160,7 +159,7 @@ class Zygote:
         vm.forked_from = self
         self._give(vm, work)
         if spare:
-            self._spares.request(_machine_key(config))
+            self._spares.request(_machine_key(config), config)
         return vm
 
     def reset(self, vm: Vm, work: str = "") -> dict:
