@@ -2,8 +2,12 @@
 in this process (a fresh config, session and zygote pool each run), except
 where the inner run patches the plugin module, which would outlive it here."""
 
+import os
+from pathlib import Path
+
 import pytest
 
+ROOT = Path(__file__).resolve().parents[2]
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.kvm
 
@@ -48,7 +52,7 @@ def test_vmm_boot_fixture(pytester, kernel_opt):
     result.assert_outcomes(passed=1)
 
 
-def test_failure_report_shows_serial_registers_and_symbol(pytester, kernel_opt):
+def test_failure_report_shows_serial_registers_and_symbol(pytester, kernel_opt, monkeypatch):
     """A guest that stops before reporting its test: the failure carries the
     stop reason, the serial tail, the registers and the symbolized RIP."""
     # The listing boot is normal; the test's own boot halts (scenario=hlt).
@@ -65,7 +69,9 @@ def test_failure_report_shows_serial_registers_and_symbol(pytester, kernel_opt):
         """
     )
     # --vmm-cold: the injected scenario goes through boot_guest, which a
-    # zygote-started VM does not call.
+    # zygote-started VM does not call. The inner pytest imports the plugin of
+    # this checkout, not whatever an installed package points at.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
     result = pytester.runpytest_subprocess("-p", "vmm.pytest_plugin", kernel_opt, "-q", "--vmm-cold")
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
