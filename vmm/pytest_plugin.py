@@ -42,6 +42,7 @@ from .kernel_cache import load_cached_kernel
 from .kvm import Kvm
 from .snapshot.format import SnapshotError
 from .snapshot.zygote import Zygote, split_cmdline
+from .start_tally import COLD, FORK, RESET, StartTally
 from .units import parse_size
 from .vm import Vm, VmConfig
 
@@ -238,6 +239,20 @@ def boot_guest(image, *, cmdline: str = "", memory: int = DEFAULT_MEMORY, timeou
         raise
 
 
+def _cold_start_ms(vm) -> float | None:
+    """A cold VM's time to a booted guest: setup, then the run to READY
+    (None if it never reported READY: nothing comparable to a start)."""
+    if vm.ready_ns is None or vm.setup_done_ns is None:
+        return None
+    return vm.timings_ms.get("setup_total", 0.0) + (vm.ready_ns - vm.setup_done_ns) / 1e6
+
+
+def _count_cold(config, vm, reason: str) -> None:
+    ms = _cold_start_ms(vm)
+    if ms is not None:
+        _pool(config).starts.add(COLD, ms, reason)
+
+
 # --- zygotes: test VMs that start after READY -------------------------------------------------
 class _ZygotePool:
     """One zygote per (kernel, memory, boot words) for the session, and the
@@ -253,6 +268,7 @@ class _ZygotePool:
         # Every image keyed so far, by id(): held for the session, so that no
         # later object (a rebuilt kernel at the same path) can take an id in a key.
         self.images: dict[int, object] = {}
+        self.starts = StartTally()  # the session's summary line (pytest_terminal_summary)
 
     def zygote(self, image, memory: int, boot: str, timeout: float):
         """(key, Zygote) for these boot-time words, booted on first use; the
@@ -264,6 +280,7 @@ class _ZygotePool:
             try:
                 z = self.zygotes[key] = Zygote(image, memory, boot, timeout=max(timeout, 60.0))
                 self.idle[key] = []
+                self.starts.add_zygote_boot(z.boot_ms)
             except SnapshotError:
                 self.cold.add(key)
         return key, z
@@ -274,13 +291,18 @@ class _ZygotePool:
         boot, work = split_cmdline(cmdline)
         key, z = self.zygote(image, memory, boot, timeout)
         if z is None:
-            return boot_guest(image, cmdline=cmdline, memory=memory, timeout=timeout)
+            vm, result = boot_guest(image, cmdline=cmdline, memory=memory, timeout=timeout)
+            ms = _cold_start_ms(vm)
+            if ms is not None:
+                self.starts.add(COLD, ms, "boot-time words that end before the wait for work")
+            return vm, result
         idle = self.idle[key]
         if idle:
             vm = idle.pop()
-            z.reset(vm, work)
+            self.starts.add(RESET, z.reset(vm, work)["total_us"] / 1e3)
         else:
             vm = z.fork(work)
+            self.starts.add(FORK, vm.timings_ms.get("setup_total", 0.0))
         vm.config.timeout = timeout
         vm.zygote_key = key
         try:
@@ -315,6 +337,24 @@ def _pool(config) -> _ZygotePool:
     if pool is None:
         pool = config._vmm_zygotes = _ZygotePool()
     return pool
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    pool = getattr(config, "_vmm_zygotes", None)
+    line = pool.starts.summary() if pool is not None else None
+    if line is not None:
+        terminalreporter.write_line(line)
+
+
+def _cold_reason(config, *, fresh: bool = False, kernel=None, fields=()) -> str:
+    """Why a test VM boots cold, as the summary line names it."""
+    if not _use_zygote(config):
+        return "--vmm-cold"
+    if fresh:
+        return "fresh=True"
+    if kernel is not None:
+        return "a kernel of the test's own"
+    return "VmConfig fields: " + ", ".join(sorted(fields))
 
 
 def pytest_unconfigure(config):
@@ -360,6 +400,7 @@ def vmm_boot(request, pytestconfig):
         else:
             vm, result = boot_guest(image, cmdline=cmdline, memory=memory, timeout=timeout, **kw)
             opened.append((vm, None))
+            _count_cold(pytestconfig, vm, _cold_reason(pytestconfig, fresh=fresh, kernel=kernel, fields=kw))
         return GuestRun(result, vm, cmdline)
 
     yield _boot
@@ -405,13 +446,18 @@ def vmm_vm(pytestconfig):
             # Dirty logging only if asked, as for a cold VM: the inspector
             # reads the log when it has one, and both modes must take one path.
             vm = z.fork(work, console=console, on_report=on_report, timeout=timeout, dirty_log=dirty_log)
+            _pool(pytestconfig).starts.add(FORK, vm.timings_ms.get("setup_total", 0.0))
         else:
             vm = Vm(image, VmConfig(memory=memory, cmdline=cmdline, timeout=timeout, dirty_log=dirty_log),
                     console=console, on_report=on_report)
+            cold.append((vm, _cold_reason(pytestconfig, fresh=fresh)))
         opened.append(vm)
         return vm
 
+    cold: list = []
     yield _vm
+    for vm, reason in cold:  # counted once run: the start of a cold VM ends at its READY
+        _count_cold(pytestconfig, vm, reason)
     for vm in opened:
         vm.close()
 
@@ -478,6 +524,7 @@ class GuestTestFile(pytest.File):
             pool.release(vm, result)
         else:
             vm, result = boot_guest(image, cmdline=cmdline, memory=self.memory, timeout=60)
+            _count_cold(self.config, vm, "--vmm-cold")
             vm.close()
         listing = result.reports_of(ReportKind.TEST_LIST)
         if not listing:
@@ -519,6 +566,7 @@ class GuestTestItem(pytest.Item):
             vm, result = _pool(self.config).start(image, parent.memory, cmdline, timeout)
         else:
             vm, result = boot_guest(image, cmdline=cmdline, memory=parent.memory, timeout=timeout)
+            _count_cold(self.config, vm, "--vmm-cold")
         try:
             run = GuestRun(result, vm, cmdline)
             report = run.test_results.get(self.test)
