@@ -230,6 +230,14 @@ class DirtyLog:
                 vm.clear_dirty_log(slot, 0, n, for_kvm)
         return inside, outside
 
+    def reads(self) -> list:
+        """The KVM_GET_DIRTY_LOG of each writable slot, prepared (calls of no
+        arguments; the bitmaps land in this log's buffers, undecoded): ``vmm
+        bench`` times them alone. A read takes what was dirty, so call them
+        only where nothing is pending (right after ``take``, the guest not
+        run since)."""
+        return [log[6] for log in self._logs]
+
     def bitmaps(self) -> list[tuple[int, int, bytes]]:
         """``take()`` as ``(first page, pages, little-endian bitmap)`` per
         slot, read-only slots included (all clear)."""

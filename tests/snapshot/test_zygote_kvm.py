@@ -183,7 +183,7 @@ def test_bench_section_reports_every_figure(vmm_kernel, vmm_kernel_path):
     sec = bench.run(vmm_kernel, str(vmm_kernel_path), 1, detect_backend(), quick=True, sizes=(32 << 20,))
     keys = {r.key for r in sec.rows}
     assert {"reset", "fork", "fork_built", "reset_cycle", "fork_cycle", "vms_per_s_reset_2", "vms_per_s_fork_2",
-            f"save_{32 << 20}", f"load_{32 << 20}", "reset_touch_1", "reset_touch_32", "reset_touch_256",
+            f"save_{32 << 20}", f"load_{32 << 20}", "reset_touch_1", "reset_touch_32", "reset_touch_256", "reset_floor",
             "reset_touch_256_stride2"} <= keys
     for n in (1, 32, 256):
         fig = sec.figure(f"reset_touch_{n}")

@@ -11,7 +11,11 @@ Each figure beside a cold boot measured in the same run:
   the direct map, contiguous, and for 256 also every other frame), each
   with its breakdown: reading the dirty log, copying pages back, loading the
   vCPU state, resetting devices and giving the next work; the 256-page
-  reset also with each other dirty-log mechanism the host offers;
+  reset also with each other dirty-log mechanism the host offers; beside it
+  the reset's floor on this host: its KVM calls (each writable slot's
+  KVM_GET_DIRTY_LOG, the vCPU ioctls of the state load) and a memset of as
+  many bytes as it zeroed, timed alone and warm, back to back (what is left
+  of a reset is Python and the cold caches it meets after KVM_RUN);
 - a fresh VM from the zygote (KVM VM + vCPU, RAM a copy-on-write mapping of
   the zygote's memfd, state loaded), to its first instruction;
 - trivial test VMs per second (work ``""``: READY -> SUMMARY -> exit), one
@@ -24,6 +28,7 @@ Each figure beside a cold boot measured in the same run:
 
 from __future__ import annotations
 
+import ctypes as C
 import multiprocessing
 import os
 import tempfile
@@ -119,6 +124,37 @@ def _reset_after(z: Zygote, work: str, iters: int, mechanism: str = "auto") -> l
         vm.close()
 
 
+def _reset_floor(z: Zygote, zero_bytes: int, iters: int) -> tuple[list[float], dict[str, float], int, int]:
+    """``iters`` rounds of what a reset cannot do without, back to back and
+    warm: every writable slot's KVM_GET_DIRTY_LOG (on a log with nothing
+    pending), every vCPU ioctl of the state load, a memset of ``zero_bytes``.
+    (Round totals in us, the median us of each part, how many dirty-log and
+    vCPU ioctls.)"""
+    vm = z.fork("")
+    try:
+        vm.run()
+        z.reset(vm, "")  # prepares the loader for this vCPU; the log is taken
+        reads, calls = vm.dirty_tracker.reads(), z.load_ioctls(vm)
+        scratch = (C.c_char * max(zero_bytes, 1))()
+        totals, parts = [], {"log": [], "vcpu": [], "zero": []}
+        for _ in range(iters):
+            t0 = _ns()
+            for read in reads:
+                read()
+            t1 = _ns()
+            for call in calls:
+                call()
+            t2 = _ns()
+            C.memset(scratch, 0, zero_bytes)
+            t3 = _ns()
+            totals.append((t3 - t0) / 1e3)
+            for key, dt in (("log", t1 - t0), ("vcpu", t2 - t1), ("zero", t3 - t2)):
+                parts[key].append(dt / 1e3)
+        return totals, {k: summarize(v, "us")["median"] for k, v in parts.items()}, len(reads), len(calls)
+    finally:
+        vm.close()
+
+
 def _add_reset_row(sec: Section, key: str, label: str, infos: list[dict], baseline: dict, note: str) -> None:
     steps = ", ".join(f"{name} {summarize([i[k] for i in infos], 'us')['median']:.0f}" for k, name in RESET_STEPS)
     pages = [i["pages"] for i in infos]
@@ -194,6 +230,8 @@ def run(image, kernel_path: str, runs: int, backend, *, quick: bool = False, siz
         auto = touch[(256, 1)][0]["mechanism"]
         others = {m: _reset_after(z, touch_work(256, 1), touch_iters, m)
                   for m in offered_dirty_mechanisms() if m != auto}
+        zeroed = sorted(i["zeroed"] for i in touch[(256, 1)])[len(touch[(256, 1)]) // 2]
+        floor, floor_parts, n_reads, n_calls = _reset_floor(z, zeroed * 4096, touch_iters)
         forks, fork_cycles = [], []
         for _ in range(iters):
             t0 = _ns()
@@ -223,6 +261,13 @@ def run(image, kernel_path: str, runs: int, backend, *, quick: bool = False, siz
         how = "contiguous" if stride == 1 else f"every {stride}nd frame" if stride == 2 else f"every {stride}th frame"
         _add_reset_row(sec, key, f"reset after a test that wrote {n} page{'s' if n > 1 else ''}"
                        + (f" ({how})" if n > 1 else ""), infos, cold_fig, f"'{touch_work(n, stride)}'")
+        if (n, stride) == (256, 1):
+            sec.add("reset_floor", "floor of that reset here: its KVM calls and zeroing alone, warm",
+                    distribution(floor, "us"), indent=1,
+                    note=f"{n_reads} x KVM_GET_DIRTY_LOG {floor_parts['log']:.0f} us, {n_calls} vCPU ioctls "
+                         f"{floor_parts['vcpu']:.0f} us, memset of {zeroed * 4096 >> 10} KiB "
+                         f"{floor_parts['zero']:.0f} us (medians); the rest of a reset is Python and the "
+                         f"caches KVM_RUN left cold")
     for m, infos in others.items():
         _add_reset_row(sec, f"reset_touch_256_{m}", f"the same, 256 pages, dirty log by {m}", infos, cold_fig,
                        f"'{touch_work(256, 1)}'")

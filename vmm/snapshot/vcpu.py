@@ -143,12 +143,22 @@ class FastLoader:
             self._msrs = batch
             return
 
-    def load(self, vcpu: VcpuFd, synced: bool = False) -> None:
+    def _prepared_for(self, vcpu: VcpuFd, synced: bool) -> tuple:
         prepared = self._prepared
         if prepared is None or prepared[0] is not vcpu or prepared[1] != vcpu.fd or prepared[2] != synced:
             if self._msrs is None:
                 self._build(vcpu)
             prepared = self._prepared = (vcpu, vcpu.fd, synced, self._calls(vcpu, synced))
+        return prepared
+
+    def ioctls(self, vcpu: VcpuFd, synced: bool = False) -> list:
+        """The vCPU ioctls a ``load`` into ``vcpu`` makes, prepared (calls of
+        no arguments): ``vmm bench`` times them alone, against a reset. Each
+        sets part of this state again."""
+        return list(self._prepared_for(vcpu, synced)[3])
+
+    def load(self, vcpu: VcpuFd, synced: bool = False) -> None:
+        prepared = self._prepared_for(vcpu, synced)
         # Each a bare fcntl.ioctl with its argument built once: through our
         # layers (an argument check, the synced-state check of each vCPU
         # ioctl) the vCPU step of a reset took ~15 us more right after

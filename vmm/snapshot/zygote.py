@@ -199,6 +199,11 @@ class Zygote:
                 "vcpu_us": (t3 - t2) / 1e3, "devices_us": (t4 - t3) / 1e3, "total_us": (t4 - t0) / 1e3,
                 "mechanism": vm.dirty_mechanism}
 
+    def load_ioctls(self, vm: Vm) -> list:
+        """The vCPU ioctls ``reset`` makes to load ``vm``'s state, prepared
+        (``vmm bench`` times them alone). After a first reset of ``vm``."""
+        return self._loader.ioctls(vm.vcpu, bool(self._synced))
+
     def _box_image(self, vm: Vm, work: str) -> tuple[bytes, int]:
         """What a reset writes at the mailbox of ``vm`` for ``work``: the
         zygote's bytes over the message the host wrote last (``written``)
