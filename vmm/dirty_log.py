@@ -56,21 +56,21 @@ _NONZERO = bytes([0] + [1] * 255)  # bytes.translate table: 0 stays 0, any other
 _FEW_RUNS = 16  # _append_runs: up to this many runs, cut off the int one by one
 
 
-def bitmap_runs(bitmap: bytearray | bytes, words, first_page: int, runs: list[tuple[int, int]],
-                mask=None, others: list[tuple[int, int]] | None = None) -> int:
+def bitmap_runs(bitmap: bytearray | bytes, first_page: int, runs: list[tuple[int, int]],
+                mask: bytes | None = None, others: list[tuple[int, int]] | None = None) -> int:
     """Append to ``runs`` the runs of set bits of a little-endian bitmap of
-    whole u64 words (KVM's dirty bitmap), given both as bytes and as
-    ``words`` (a ``memoryview.cast("Q")`` of them), bit 0 being
-    ``first_page``; a run that continues the last one in ``runs`` extends
-    it. With ``mask`` (words of the same length), the bits also set in the
+    whole u64 words (KVM's dirty bitmap), bit 0 being ``first_page``; a run
+    that continues the last one in ``runs`` extends it. With ``mask`` (a
+    bitmap of the same length), the bits also set in the
     mask go to ``runs``, the others to ``others``, and a clear bit between
     two set bits of one list may join them (for a reset: see below;
     ``others`` never gets a bit set in the mask). How many bits were set."""
     size = len(bitmap)
-    if size % 8 or len(words) * 8 != size or (mask is not None and len(mask) * 8 != size):
-        raise ValueError(f"a dirty bitmap is whole u64 words, given as bytes and as words ({size} bytes)")
+    if size % 8 or (mask is not None and len(mask) != size):
+        raise ValueError(f"a dirty bitmap (and its mask) is whole u64 words ({size} bytes"
+                         + (f", mask {len(mask)})" if mask is not None else ")"))
     if size > SKIP_FROM:
-        return _skipping_zeros(bitmap, words, first_page, runs, mask, others)
+        return _skipping_zeros(bitmap, first_page, runs, mask, others)
     # The span from the first to the last byte with a bit set, found in C (a
     # byte is 1 in ``flags`` where the bitmap's is not zero; find and rfind
     # are memchr), read as one int: the split and the joining below are a
@@ -89,7 +89,7 @@ def bitmap_runs(bitmap: bytearray | bytes, words, first_page: int, runs: list[tu
     if mask is None:
         _append_runs(dirty, pos, runs)
         return dirty.bit_count()
-    data = int.from_bytes(mask[lo >> 3 : (hi + 7) >> 3], "little")
+    data = int.from_bytes(mask[lo:hi], "little")
     inside = dirty & data
     outside = dirty ^ inside
     # A reset may also restore a clean page between two written ones (it is
@@ -149,7 +149,7 @@ def _append_runs(bits: int, pos: int, out: list[tuple[int, int]]) -> None:
         at = flags.find(1, at + 1)
 
 
-def _skipping_zeros(bitmap, words, first_page: int, runs, mask, others) -> int:
+def _skipping_zeros(bitmap, first_page: int, runs, mask, others) -> int:
     """bitmap_runs of a large bitmap: zero chunks and lines skipped, each
     other line decoded as a small bitmap of its own."""
     size = len(bitmap)
@@ -159,9 +159,9 @@ def _skipping_zeros(bitmap, words, first_page: int, runs, mask, others) -> int:
             continue
         for line in range(chunk, min(chunk + _CHUNK, size), _LINE):
             if not bitmap.startswith(_ZERO_LINE, line):
-                lo, hi = line >> 3, min(line + _LINE, size) >> 3
-                found += bitmap_runs(bitmap[line : line + _LINE], words[lo:hi], first_page + 64 * lo, runs,
-                                     None if mask is None else mask[lo:hi], others)
+                end = min(line + _LINE, size)
+                found += bitmap_runs(bitmap[line:end], first_page + 8 * line, runs,
+                                     None if mask is None else mask[line:end], others)
     return found
 
 
@@ -172,10 +172,10 @@ class DirtyLog:
         self.mechanism = mechanism
         self._vm = vm_fd
         self.slots = slots
-        # (slot id, first page, pages, bitmap, KVM's view of it, its words,
+        # (slot id, first page, pages, bitmap, KVM's view of it,
         # KVM_GET_DIRTY_LOG of it prepared) of every writable slot: KVM
         # writes the bitmap through the ctypes view, bitmap_runs reads the
-        # bytearray and the words. The ioctl's argument is built once: built
+        # bytearray. The ioctl's argument is built once: built
         # per call, with a layer of ours around the ioctl, a reset's dirty
         # log step took ~20 us more (measured alternating in resets).
         self._logs = []
@@ -186,14 +186,12 @@ class DirtyLog:
             bitmap = bytearray((pages + 63) // 64 * 8)
             for_kvm = (C.c_char * len(bitmap)).from_buffer(bitmap)
             read = vm_fd.prepared(K.KVM_GET_DIRTY_LOG, vm_fd.dirty_log_arg(slot, for_kvm))
-            self._logs.append((slot, gpa // PAGE, pages, bitmap, for_kvm, memoryview(bitmap).cast("Q"), read))
+            self._logs.append((slot, gpa // PAGE, pages, bitmap, for_kvm, read))
         self._split = None  # (the pages take_split was given, the slots' masks cut from them)
 
     def close(self) -> None:
-        """Drop the views of the bitmaps."""
+        """Drop the bitmaps and the prepared reads."""
         self._split = None
-        for log in self._logs:
-            log[5].release()
         self._logs = []
 
     def take(self) -> list[tuple[int, int]]:
@@ -209,9 +207,8 @@ class DirtyLog:
         if self._split is None or self._split[0] is not pages:
             every = int.from_bytes(pages, "little")
             masks = []
-            for _slot, first, n, bitmap, *_views in self._logs:
-                mine = ((every >> first) & ((1 << n) - 1)).to_bytes(len(bitmap), "little")
-                masks.append(memoryview(mine).cast("Q"))
+            for _slot, first, n, bitmap, *_rest in self._logs:
+                masks.append(((every >> first) & ((1 << n) - 1)).to_bytes(len(bitmap), "little"))
             self._split = (pages, masks)
         return self._collect(self._split[1])
 
@@ -221,12 +218,12 @@ class DirtyLog:
         vm, manual = self._vm, self.mechanism == "manual"
         inside: list[tuple[int, int]] = []
         outside: list[tuple[int, int]] = []
-        for i, (slot, first, n, bitmap, for_kvm, words, read) in enumerate(self._logs):
+        for i, (slot, first, n, bitmap, for_kvm, read) in enumerate(self._logs):
             try:
                 read()  # KVM_GET_DIRTY_LOG
             except OSError as exc:
                 raise KvmError(exc.errno or errno.EIO, "KVM_GET_DIRTY_LOG") from None
-            if bitmap_runs(bitmap, words, first, inside, None if masks is None else masks[i], outside) and manual:
+            if bitmap_runs(bitmap, first, inside, None if masks is None else masks[i], outside) and manual:
                 vm.clear_dirty_log(slot, 0, n, for_kvm)
         return inside, outside
 
@@ -236,7 +233,7 @@ class DirtyLog:
         bench`` times them alone. A read takes what was dirty, so call them
         only where nothing is pending (right after ``take``, the guest not
         run since)."""
-        return [log[6] for log in self._logs]
+        return [log[5] for log in self._logs]
 
     def bitmaps(self) -> list[tuple[int, int, bytes]]:
         """``take()`` as ``(first page, pages, little-endian bitmap)`` per

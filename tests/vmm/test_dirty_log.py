@@ -10,11 +10,9 @@ from vmm.dirty_log import SKIP_FROM
 
 def bitmap_runs(bitmap: bytearray, first_page: int, runs: list, mask: bytearray | None = None,
                 others: list | None = None) -> int:
-    with memoryview(bitmap) as raw, raw.cast("Q") as words:
-        if mask is None:
-            return dirty_log.bitmap_runs(bitmap, words, first_page, runs)
-        with memoryview(mask) as mraw, mraw.cast("Q") as mwords:
-            return dirty_log.bitmap_runs(bitmap, words, first_page, runs, mwords, others)
+    if mask is None:
+        return dirty_log.bitmap_runs(bitmap, first_page, runs)
+    return dirty_log.bitmap_runs(bitmap, first_page, runs, bytes(mask), others)
 
 
 def _words(pages: set[int], nbits: int) -> bytearray:
@@ -86,7 +84,12 @@ def test_a_16_gib_slot_with_scattered_pages():
 
 def test_a_bitmap_of_partial_words_is_refused():
     with pytest.raises(ValueError, match="whole u64 words"):
-        dirty_log.bitmap_runs(bytearray(12), memoryview(bytearray(8)).cast("Q"), 0, [])
+        dirty_log.bitmap_runs(bytearray(12), 0, [])
+
+
+def test_a_mask_of_another_length_is_refused():
+    with pytest.raises(ValueError, match="mask 8"):
+        dirty_log.bitmap_runs(bytearray(16), 0, [], bytes(8), [])
 
 
 def test_small_bitmaps_are_read_word_by_word_and_large_ones_skip_zeros():
