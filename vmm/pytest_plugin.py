@@ -299,10 +299,10 @@ class _ZygotePool:
         idle = self.idle[key]
         if idle:
             vm = idle.pop()
-            self.starts.add(RESET, z.reset(vm, work)["total_us"] / 1e3)
+            self.starts.add(RESET, z.reset(vm, work)["total_us"] / 1e3, cold_equivalent_ms=z.cold_start_ms)
         else:
             vm = z.fork(work)
-            self.starts.add(FORK, vm.timings_ms.get("setup_total", 0.0))
+            self.starts.add(FORK, vm.timings_ms.get("setup_total", 0.0), cold_equivalent_ms=z.cold_start_ms)
         vm.config.timeout = timeout
         vm.zygote_key = key
         try:
@@ -446,7 +446,7 @@ def vmm_vm(pytestconfig):
             # Dirty logging only if asked, as for a cold VM: the inspector
             # reads the log when it has one, and both modes must take one path.
             vm = z.fork(work, console=console, on_report=on_report, timeout=timeout, dirty_log=dirty_log)
-            _pool(pytestconfig).starts.add(FORK, vm.timings_ms.get("setup_total", 0.0))
+            _pool(pytestconfig).starts.add(FORK, vm.timings_ms.get("setup_total", 0.0), cold_equivalent_ms=z.cold_start_ms)
         else:
             vm = Vm(image, VmConfig(memory=memory, cmdline=cmdline, timeout=timeout, dirty_log=dirty_log),
                     console=console, on_report=on_report)

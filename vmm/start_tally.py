@@ -29,13 +29,21 @@ class StartTally:
         self.ms: dict[str, list[float]] = {RESET: [], FORK: [], COLD: []}
         self.cold_reasons: Counter[str] = Counter()
         self.zygote_boots_ms: list[float] = []
+        #: what each start would have cost booted cold: a cold boot its own
+        #: time, a VM from a zygote the zygote's own boot to READY (the same
+        #: kernel, memory and boot words); None where a caller did not say
+        self.cold_equivalent_ms: list[float | None] = []
 
-    def add(self, kind: str, ms: float, reason: str | None = None) -> None:
+    def add(self, kind: str, ms: float, reason: str | None = None, cold_equivalent_ms: float | None = None) -> None:
+        """A start of ``kind`` that took ``ms``; a cold one with why it was
+        cold, one from a zygote with what it would have cost cold."""
         if kind not in self.ms:
             raise ValueError(f"unknown start kind {kind!r} (one of {', '.join(self.ms)})")
         self.ms[kind].append(ms)
         if kind == COLD:
             self.cold_reasons[reason or "unknown"] += 1
+            cold_equivalent_ms = ms
+        self.cold_equivalent_ms.append(cold_equivalent_ms)
 
     def add_zygote_boot(self, ms: float) -> None:
         self.zygote_boots_ms.append(ms)
@@ -62,9 +70,8 @@ class StartTally:
         line = f"vmm: {self.total} test VMs: " + "; ".join(parts) + f"; {spent / 1e3:.2f} s to booted guests"
         if self.zygote_boots_ms:
             line += f" (zygote boots {sum(self.zygote_boots_ms) / 1e3:.2f} s of it)"
-        if from_zygote and cold:
-            # What the same VMs would have cost booted like this session's cold ones.
-            all_cold = self.total * statistics.median(cold)
+        if from_zygote and None not in self.cold_equivalent_ms:
+            all_cold = sum(self.cold_equivalent_ms)
             line += f"; about {all_cold / 1e3:.2f} s if all booted cold"
         return line
 

@@ -16,8 +16,8 @@ def test_line_names_each_kind_its_median_and_why_vms_booted_cold():
     t = StartTally()
     t.add_zygote_boot(70.0)
     for ms in (0.2, 0.3, 0.4):
-        t.add(RESET, ms)
-    t.add(FORK, 1.5)
+        t.add(RESET, ms, cold_equivalent_ms=72.0)
+    t.add(FORK, 1.5, cold_equivalent_ms=72.0)
     t.add(COLD, 60.0, "fresh=True")
     t.add(COLD, 80.0, "fresh=True")
     t.add(COLD, 65.0, "a kernel of the test's own")
@@ -26,7 +26,14 @@ def test_line_names_each_kind_its_median_and_why_vms_booted_cold():
     assert "3 booted cold median 65.00 ms (2 fresh=True, 1 a kernel of the test's own)" in line
     # 0.9 + 1.5 + 205 + the zygote's 70
     assert "; 0.28 s to booted guests (zygote boots 0.07 s of it)" in line
-    assert line.endswith("; about 0.46 s if all booted cold")  # 7 x the cold median
+    assert line.endswith("; about 0.49 s if all booted cold")  # 4 x 72 (the zygote config cold) + the cold ones' 205
+
+
+def test_no_estimate_without_every_start_s_cold_equivalent():
+    t = StartTally()
+    t.add(FORK, 1.0)
+    t.add(COLD, 60.0, "fresh=True")
+    assert "if all booted cold" not in t.summary()
 
 
 def test_only_cold_starts_make_no_estimate():

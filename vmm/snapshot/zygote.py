@@ -124,6 +124,13 @@ class Zygote:
         # The next fork's machine, built while the last fork runs (vmm.snapshot.spare).
         self._spares = SpareMachines(self._build_spare, name="zygote-spare")
 
+    @property
+    def cold_start_ms(self) -> float:
+        """What its boot took to READY (setup and run): the cost of a cold
+        start of the same kernel, memory and boot words."""
+        t = self.boot_result.timings_ms
+        return t.get("setup_total", 0.0) + t.get("to_ready", t.get("run", 0.0))
+
     def _build_spare(self, config: VmConfig):
         """A machine for forks with ``config`` (that of the fork that asked
         for it: what it depends on is ``_machine_key``), vCPU state not loaded."""
