@@ -339,6 +339,22 @@ def _pool(config) -> _ZygotePool:
     return pool
 
 
+def pytest_sessionfinish(session):
+    # An xdist worker: its tally goes to the controller, which prints one line for all.
+    workeroutput = getattr(session.config, "workeroutput", None)
+    pool = getattr(session.config, "_vmm_zygotes", None)
+    if workeroutput is not None and pool is not None:
+        workeroutput["vmm_starts"] = pool.starts.to_json()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist: a worker is done; its VM starts join the controller's."""
+    data = getattr(node, "workeroutput", {}).get("vmm_starts")
+    if data:
+        _pool(node.config).starts.merge(data)
+
+
 def pytest_terminal_summary(terminalreporter, config):
     pool = getattr(config, "_vmm_zygotes", None)
     line = pool.starts.summary() if pool is not None else None

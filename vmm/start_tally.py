@@ -48,6 +48,19 @@ class StartTally:
     def add_zygote_boot(self, ms: float) -> None:
         self.zygote_boots_ms.append(ms)
 
+    def to_json(self) -> dict:
+        """Everything recorded, as JSON types (an xdist worker hands it to the controller)."""
+        return {"ms": self.ms, "cold_reasons": dict(self.cold_reasons), "zygote_boots_ms": self.zygote_boots_ms,
+                "cold_equivalent_ms": self.cold_equivalent_ms}
+
+    def merge(self, data: dict) -> None:
+        """Add another tally's ``to_json()`` (a worker's, at the end of its session)."""
+        for kind, values in data["ms"].items():
+            self.ms[kind].extend(values)
+        self.cold_reasons.update(data["cold_reasons"])
+        self.zygote_boots_ms.extend(data["zygote_boots_ms"])
+        self.cold_equivalent_ms.extend(data["cold_equivalent_ms"])
+
     @property
     def total(self) -> int:
         return sum(len(v) for v in self.ms.values())

@@ -1,7 +1,10 @@
 """The session's summary line of how test VMs started (vmm.start_tally):
 the pure text here; what the plugin prints, through pytest itself."""
 
+import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +45,22 @@ def test_only_cold_starts_make_no_estimate():
     assert t.summary() == "vmm: 1 test VMs: 1 booted cold median 50.00 ms (1 --vmm-cold); 0.05 s to booted guests"
 
 
+def test_tallies_merge_as_an_xdist_controller_adds_its_workers():
+    a, b = StartTally(), StartTally()
+    a.add_zygote_boot(70.0)
+    a.add(RESET, 0.2, cold_equivalent_ms=70.0)
+    b.add_zygote_boot(75.0)
+    b.add(FORK, 1.0, cold_equivalent_ms=75.0)
+    b.add(COLD, 60.0, "fresh=True")
+    total = StartTally()
+    for t in (a, b):
+        total.merge(json.loads(json.dumps(t.to_json())))  # what crosses from worker to controller
+    line = total.summary()
+    assert line.startswith("vmm: 3 test VMs: 2 from 2 zygotes (1 reset median 0.20 ms, 1 fork median 1.00 ms); "
+                           "1 booted cold median 60.00 ms (1 fresh=True)")
+    assert line.endswith("about 0.20 s if all booted cold")  # 70 + 75 + 60
+
+
 def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="unknown start kind"):
         StartTally().add("teleport", 1.0)
@@ -76,3 +95,25 @@ def test_the_session_ends_with_how_its_vms_started(pytester, guest_kernel_path, 
     else:
         assert "3 from 1 zygote" in rest and "1 booted cold" in rest and "(1 fresh=True)" in rest
         assert "if all booted cold" in rest
+
+
+@pytest.mark.kvm
+def test_under_xdist_the_controller_prints_every_worker_s_starts(pytester, guest_kernel_path, monkeypatch):
+    # Each of the 2 workers collects the .ktest (its own zygote and listing
+    # boot); the 3 tests run wherever xdist sends them: 5 VMs in one line.
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH")))))
+    pytester.makefile(".ktest", kernel="memory = 32M\nselect = frames::alloc_free_single,frames::only_conventional\n")
+    pytester.makepyfile(
+        """
+        def test_fresh(vmm_boot):
+            assert vmm_boot("", memory=32 << 20, fresh=True).exit_code == 0
+        """
+    )
+    result = pytester.runpytest("-p", "vmm.pytest_plugin", "-p", "xdist", "-p", "no:benchmark", "-n", "2",
+                                f"--vmm-kernel={guest_kernel_path}", "-q")
+    result.assert_outcomes(passed=3)
+    found = _LINE.search(result.stdout.str())
+    assert found, result.stdout.str()
+    assert int(found.group(1)) == 5
+    assert "4 from 2 zygotes" in found.group(2) and "1 booted cold" in found.group(2)
