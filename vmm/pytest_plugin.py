@@ -247,10 +247,14 @@ def _cold_start_ms(vm) -> float | None:
     return vm.timings_ms.get("setup_total", 0.0) + (vm.ready_ns - vm.setup_done_ns) / 1e6
 
 
-def _count_cold(config, vm, reason: str) -> None:
+def _count_cold(starts: StartTally, vm, reason: str) -> None:
     ms = _cold_start_ms(vm)
     if ms is not None:
-        _pool(config).starts.add(COLD, ms, reason)
+        starts.add(COLD, ms, reason)
+
+
+def _count_fork(starts: StartTally, zygote: Zygote, vm) -> None:
+    starts.add(FORK, vm.timings_ms.get("setup_total", 0.0), cold_equivalent_ms=zygote.cold_start_ms)
 
 
 # --- zygotes: test VMs that start after READY -------------------------------------------------
@@ -292,9 +296,7 @@ class _ZygotePool:
         key, z = self.zygote(image, memory, boot, timeout)
         if z is None:
             vm, result = boot_guest(image, cmdline=cmdline, memory=memory, timeout=timeout)
-            ms = _cold_start_ms(vm)
-            if ms is not None:
-                self.starts.add(COLD, ms, "boot-time words that end before the wait for work")
+            _count_cold(self.starts, vm, "boot-time words that end before the wait for work")
             return vm, result
         idle = self.idle[key]
         if idle:
@@ -302,7 +304,7 @@ class _ZygotePool:
             self.starts.add(RESET, z.reset(vm, work)["total_us"] / 1e3, cold_equivalent_ms=z.cold_start_ms)
         else:
             vm = z.fork(work)
-            self.starts.add(FORK, vm.timings_ms.get("setup_total", 0.0), cold_equivalent_ms=z.cold_start_ms)
+            _count_fork(self.starts, z, vm)
         vm.config.timeout = timeout
         vm.zygote_key = key
         try:
@@ -416,7 +418,7 @@ def vmm_boot(request, pytestconfig):
         else:
             vm, result = boot_guest(image, cmdline=cmdline, memory=memory, timeout=timeout, **kw)
             opened.append((vm, None))
-            _count_cold(pytestconfig, vm, _cold_reason(pytestconfig, fresh=fresh, kernel=kernel, fields=kw))
+            _count_cold(pool.starts, vm, _cold_reason(pytestconfig, fresh=fresh, kernel=kernel, fields=kw))
         return GuestRun(result, vm, cmdline)
 
     yield _boot
@@ -462,7 +464,7 @@ def vmm_vm(pytestconfig):
             # Dirty logging only if asked, as for a cold VM: the inspector
             # reads the log when it has one, and both modes must take one path.
             vm = z.fork(work, console=console, on_report=on_report, timeout=timeout, dirty_log=dirty_log)
-            _pool(pytestconfig).starts.add(FORK, vm.timings_ms.get("setup_total", 0.0), cold_equivalent_ms=z.cold_start_ms)
+            _count_fork(_pool(pytestconfig).starts, z, vm)
         else:
             vm = Vm(image, VmConfig(memory=memory, cmdline=cmdline, timeout=timeout, dirty_log=dirty_log),
                     console=console, on_report=on_report)
@@ -473,7 +475,7 @@ def vmm_vm(pytestconfig):
     cold: list = []
     yield _vm
     for vm, reason in cold:  # counted once run: the start of a cold VM ends at its READY
-        _count_cold(pytestconfig, vm, reason)
+        _count_cold(_pool(pytestconfig).starts, vm, reason)
     for vm in opened:
         vm.close()
 
@@ -540,7 +542,7 @@ class GuestTestFile(pytest.File):
             pool.release(vm, result)
         else:
             vm, result = boot_guest(image, cmdline=cmdline, memory=self.memory, timeout=60)
-            _count_cold(self.config, vm, "--vmm-cold")
+            _count_cold(_pool(self.config).starts, vm, "--vmm-cold")
             vm.close()
         listing = result.reports_of(ReportKind.TEST_LIST)
         if not listing:
@@ -582,7 +584,7 @@ class GuestTestItem(pytest.Item):
             vm, result = _pool(self.config).start(image, parent.memory, cmdline, timeout)
         else:
             vm, result = boot_guest(image, cmdline=cmdline, memory=parent.memory, timeout=timeout)
-            _count_cold(self.config, vm, "--vmm-cold")
+            _count_cold(_pool(self.config).starts, vm, "--vmm-cold")
         try:
             run = GuestRun(result, vm, cmdline)
             report = run.test_results.get(self.test)
